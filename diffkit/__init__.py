@@ -1,0 +1,31 @@
+"""diffkit: denoising diffusion probabilistic models for scientific data of any shape.
+
+The engine follows Turner et al. (2024), "Denoising Diffusion Probabilistic Models in Six
+Simple Steps" (arXiv:2402.04384).  ``import diffkit`` stays light: it never imports xarray
+or netCDF4; domain plugins load them when used.
+"""
+from . import registry
+from ._shape import append_dims, bcast, check_finite
+from .analytic import GaussianDenoiser, GaussianMixtureDenoiser
+from .denoiser import BoundDenoiser, Cond, Denoiser
+from .errors import (ConfigError, DiffkitError, NonFiniteError, PluginError, ShapeError,
+                     UnknownComponentError)
+from .hookspecs import hookimpl, hookspec
+from .layout import Layout
+from .losses import diffusion_loss
+from .metrics import sliced_wasserstein
+from .process import posterior, posterior_sample, q_sample
+from .registry import PluginWarning
+from .samplers import sample, sampler_info, timesteps
+from .schedules import Schedule, cosine, from_alpha_bar, get_schedule, linear, sigmoid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BoundDenoiser", "Cond", "ConfigError", "Denoiser", "DiffkitError", "GaussianDenoiser",
+    "GaussianMixtureDenoiser", "Layout", "NonFiniteError", "PluginError", "PluginWarning", "Schedule",
+    "ShapeError", "UnknownComponentError", "append_dims", "bcast", "check_finite", "cosine",
+    "diffusion_loss", "from_alpha_bar", "get_schedule", "hookimpl", "hookspec", "linear", "posterior",
+    "posterior_sample", "q_sample", "registry", "sample", "sampler_info", "sigmoid", "sliced_wasserstein",
+    "timesteps", "__version__",
+]

@@ -1,0 +1,23 @@
+"""diffkit's own schedules, samplers and metrics, registered through the public hooks."""
+from .hookspecs import hookimpl
+
+
+@hookimpl
+def diffkit_schedules():
+    from . import schedules as S
+
+    return {"linear": S.linear, "cosine": S.cosine, "sigmoid": S.sigmoid, "alpha_bar": S.from_alpha_bar}
+
+
+@hookimpl
+def diffkit_samplers():
+    from .samplers import BUILTIN_SAMPLERS
+
+    return dict(BUILTIN_SAMPLERS)
+
+
+@hookimpl
+def diffkit_metrics():
+    from .metrics import BUILTIN_METRICS
+
+    return dict(BUILTIN_METRICS)

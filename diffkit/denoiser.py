@@ -1,0 +1,165 @@
+"""The :class:`Denoiser`: one contract between any network and every sampler.
+
+A backbone network predicts eps, x0 or v (Turner et al. 2024, step 5) from a noisy input,
+conditioned on the noise level through FiLM (step 4).  The Denoiser wraps it with the
+schedule and parameterisation so that samplers only ever see
+
+    denoiser(x_t, t, **extra_args) -> estimate of x0   (and denoiser.schedule)
+
+as in k-diffusion's "predict the clean sample" contract.  The network is conditioned on the
+log-SNR of ``t`` rather than on ``t`` itself, so a trained model can be sampled on any
+time grid.  Conditioning (fields, scalars, class labels) is carried by :class:`Cond`, and
+classifier-free guidance (Ho & Salimans 2022) is applied here, in one batched forward pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import param as P
+from ._shape import as_batch_time, check_finite
+from .errors import ShapeError
+from .layout import Layout
+from .schedules import Schedule, get_schedule
+
+
+@dataclass(frozen=True)
+class Cond:
+    """Conditioning passed through to the network.
+
+    - ``fields``: ``(B, len(layout.cond_channels), *spatial)``, concatenated to x as channels;
+    - ``scalars``: ``(B, len(layout.scalars))``, embedded by FiLM beside the noise level;
+    - ``labels``: ``(B,)`` integer class labels in ``[0, layout.num_classes)``.
+    """
+
+    fields: torch.Tensor | None = None
+    scalars: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+    def to(self, device) -> "Cond":
+        mv = lambda v: None if v is None else v.to(device)
+        return Cond(mv(self.fields), mv(self.scalars), mv(self.labels))
+
+    def index(self, idx) -> "Cond":
+        """Select or repeat batch entries (``idx`` a tensor of indices or a slice)."""
+        sel = lambda v: None if v is None else v[idx]
+        return Cond(sel(self.fields), sel(self.scalars), sel(self.labels))
+
+    def repeat_interleave(self, n: int) -> "Cond":
+        """Repeat each batch entry ``n`` times (one condition, ``n`` ensemble members)."""
+        rep = lambda v: None if v is None else v.repeat_interleave(n, dim=0)
+        return Cond(rep(self.fields), rep(self.scalars), rep(self.labels))
+
+    def check(self, layout: Layout, x: torch.Tensor) -> None:
+        """Raise :class:`ShapeError` unless the conditioning matches the layout and ``x``."""
+        B, spatial = x.shape[0], tuple(x.shape[2:])
+        nf = len(layout.cond_channels)
+        if nf:
+            if self.fields is None:
+                raise ShapeError(f"the layout declares {nf} conditioning fields {layout.cond_channels} "
+                                 "but Cond.fields is None")
+            want = (B, nf, *spatial)
+            if tuple(self.fields.shape) != want:
+                raise ShapeError(f"Cond.fields has shape {tuple(self.fields.shape)}, expected {want} "
+                                 f"(batch, cond channel, *spatial of x)")
+            check_finite(self.fields, "Cond.fields")
+        elif self.fields is not None:
+            raise ShapeError("Cond.fields was given but the layout declares no cond_channels")
+        ns = len(layout.scalars)
+        if ns:
+            if self.scalars is None:
+                raise ShapeError(f"the layout declares scalar conditions {layout.scalars} but Cond.scalars is None")
+            if tuple(self.scalars.shape) != (B, ns):
+                raise ShapeError(f"Cond.scalars has shape {tuple(self.scalars.shape)}, expected {(B, ns)}")
+            check_finite(self.scalars, "Cond.scalars")
+        elif self.scalars is not None:
+            raise ShapeError("Cond.scalars was given but the layout declares no scalars")
+        if self.labels is not None:
+            if not layout.num_classes:
+                raise ShapeError("Cond.labels was given but the layout has num_classes = 0")
+            if tuple(self.labels.shape) != (B,):
+                raise ShapeError(f"Cond.labels has shape {tuple(self.labels.shape)}, expected {(B,)}")
+            if self.labels.is_floating_point():
+                raise ShapeError("Cond.labels must be an integer tensor")
+            if bool(((self.labels < 0) | (self.labels > layout.num_classes)).any()):
+                raise ShapeError(f"Cond.labels must lie in [0, {layout.num_classes}] "
+                                 f"({layout.num_classes} is the null label)")
+
+
+class Denoiser(nn.Module):
+    """Wrap a backbone ``net`` as an x0-estimator over the VP process of ``schedule``.
+
+    ``net(x_in, c_noise, scalars=None, labels=None)`` is called with ``x_in`` the noisy
+    sample (with conditioning fields concatenated as channels) and ``c_noise`` its log-SNR.
+    """
+
+    def __init__(self, net: nn.Module, schedule: Schedule | str | dict, parameterization: str = "eps",
+                 layout: Layout | None = None, *, logsnr_clip: float = 30.0):
+        super().__init__()
+        self.net = net
+        self.schedule = get_schedule(schedule)
+        self.parameterization = P.check_parameterization(parameterization)
+        self.layout = layout if layout is not None else getattr(net, "layout", None)
+        self.logsnr_clip = float(logsnr_clip)
+
+    # -- raw network call --------------------------------------------------------------
+    def net_output(self, x: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
+        """The backbone's raw output (in its parameterisation) at noisy ``x`` and time ``t``."""
+        B = x.shape[0]
+        t = as_batch_time(t, B, device=x.device)
+        cond = cond or Cond()
+        if self.layout is not None:
+            self.layout.check(x, "x", spatial=False)
+            cond.check(self.layout, x)
+        c_noise = self.schedule.logsnr(t).clamp(-self.logsnr_clip, self.logsnr_clip).to(torch.float32)
+        x_in = x if cond.fields is None else torch.cat([x, cond.fields.to(x.dtype)], dim=1)
+        return self.net(x_in, c_noise, scalars=cond.scalars, labels=cond.labels)
+
+    def predict(self, x: torch.Tensor, t, cond: Cond | None = None, guidance: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0_hat, eps_hat)`` at ``(x, t)``, with optional classifier-free guidance."""
+        B = x.shape[0]
+        t = as_batch_time(t, B, device=x.device)
+        if bool(((t <= 0) | (t > 1)).any()):
+            raise ValueError("the denoiser is evaluated at t in (0, 1]; t = 0 is the clean data")
+        out = self._guided_output(x, t, cond, guidance)
+        a, s = self.schedule.coeffs(t)
+        p = self.parameterization
+        return P.to_x0(p, out, x, a, s), P.to_eps(p, out, x, a, s)
+
+    def _guided_output(self, x, t, cond, guidance):
+        if guidance is None or guidance == 1.0:
+            return self.net_output(x, t, cond)
+        if cond is None or cond.labels is None:
+            raise ValueError("classifier-free guidance needs class labels in Cond.labels")
+        null = torch.full_like(cond.labels, self.layout.num_classes)
+        both = Cond(
+            fields=None if cond.fields is None else torch.cat([cond.fields, cond.fields]),
+            scalars=None if cond.scalars is None else torch.cat([cond.scalars, cond.scalars]),
+            labels=torch.cat([cond.labels, null]),
+        )
+        out_c, out_u = self.net_output(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        # The conversions to x0/eps are affine in the output, so guidance in output space
+        # equals guidance in eps space (Ho & Salimans 2022) and in x0 space.
+        return out_u + guidance * (out_c - out_u)
+
+    def forward(self, x: torch.Tensor, t, cond: Cond | None = None, guidance: float | None = None) -> torch.Tensor:
+        """Estimate of x0 -- the contract every sampler relies on."""
+        return self.predict(x, t, cond, guidance)[0]
+
+    def bind(self, cond: Cond | None = None, guidance: float | None = None) -> "BoundDenoiser":
+        """A denoiser with the conditioning fixed, for samplers."""
+        return BoundDenoiser(self, cond, guidance)
+
+
+class BoundDenoiser:
+    """``denoiser(x, t)`` with conditioning and guidance fixed; exposes ``schedule``."""
+
+    def __init__(self, denoiser: Denoiser, cond: Cond | None, guidance: float | None):
+        self.denoiser, self.cond, self.guidance = denoiser, cond, guidance
+        self.schedule = denoiser.schedule
+
+    def __call__(self, x, t):
+        return self.denoiser(x, t, self.cond, self.guidance)

@@ -1,0 +1,86 @@
+"""Hook specifications: how a plugin adds components to diffkit.
+
+A plugin is any module or object carrying functions marked with :data:`hookimpl` whose
+names match the specs below.  Installed plugins are found through the ``diffkit``
+entry-point group::
+
+    # pyproject.toml of a plugin package
+    [project.entry-points.diffkit]
+    my_domain = "my_domain_package"
+
+    # my_domain_package/__init__.py
+    from diffkit import hookimpl
+
+    @hookimpl
+    def diffkit_backbones():
+        return {"my_net": build_my_net}
+
+Every registration hook returns a ``dict`` mapping a component name to the object that
+provides it.  diffkit merges the dicts of all plugins; two plugins giving the same name
+is an error naming both.  The first line of each object's docstring is its description in
+``diffkit plugins``.  diffkit's own schedules, samplers, metrics and backbones register
+through these same hooks.
+"""
+from __future__ import annotations
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("diffkit")
+hookimpl = pluggy.HookimplMarker("diffkit")
+
+
+@hookspec
+def diffkit_backbones() -> dict:
+    """Register denoiser backbones: ``{name: factory}``.
+
+    ``factory(layout: Layout, **options) -> torch.nn.Module``.  The module's forward is
+    ``forward(x, c_noise, scalars=None, labels=None) -> Tensor`` where
+
+    - ``x`` has shape ``(B, layout.in_channels, *spatial)`` (data plus conditioning fields);
+    - ``c_noise`` has shape ``(B,)``: the log signal-to-noise ratio of the noise level;
+    - ``scalars`` is ``None`` or ``(B, len(layout.scalars))``, embedded by FiLM;
+    - ``labels`` is ``None`` or a ``(B,)`` long tensor in ``[0, layout.num_classes]``, where
+      ``num_classes`` is the null label used by classifier-free guidance;
+
+    and the output has shape ``(B, out_channels, *spatial)`` with ``out_channels`` given as
+    an option (default ``layout.num_channels``).  Backbones must pad circularly along
+    ``layout.periodic`` axes.  Options must be keyword arguments with defaults, so that
+    configs can name them.
+    """
+
+
+@hookspec
+def diffkit_adapters() -> dict:
+    """Register data adapters: ``{name: adapter_class}``.
+
+    An adapter turns a domain's files into torch Datasets of standardised tensors and
+    declares their :class:`~diffkit.layout.Layout`; its decoder turns samples back into the
+    domain's format (netCDF, PNG, ...).  See ``docs/plugins.md`` for the full protocol.
+    """
+
+
+@hookspec
+def diffkit_schedules() -> dict:
+    """Register noise schedules: ``{name: factory}``, ``factory(**options) -> Schedule``.
+
+    A :class:`~diffkit.schedules.Schedule` defines ``log_alpha_bar(t)`` for continuous
+    ``t`` in ``[0, 1]`` with ``alpha_bar(0) = 1``; everything else (SNR, AR(1)
+    coefficients, posteriors) derives from it.
+    """
+
+
+@hookspec
+def diffkit_samplers() -> dict:
+    """Register samplers: ``{name: function}``.
+
+    Every sampler has the signature
+    ``sampler(denoiser, x, ts, *, generator=None, callback=None, **options) -> Tensor``,
+    is decorated with :func:`diffkit.samplers.sampler_info` to declare its order, whether it
+    is stochastic and how many denoiser calls a grid costs, and keeps any multistep history
+    in local variables.
+    """
+
+
+@hookspec
+def diffkit_metrics() -> dict:
+    """Register metrics: ``{name: function}``.  Metrics take tensors and return tensors."""

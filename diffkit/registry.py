@@ -1,0 +1,191 @@
+"""Plugin discovery and the component registry.
+
+Modelled on pytest and xarray's backends: diffkit's own components are plugins too
+(:mod:`diffkit._builtins`, registered directly like pytest's built-ins); installed plugins
+come from the ``diffkit`` entry-point group.  Discovery is lazy and cached; :func:`refresh`
+rebuilds it.  A plugin that fails to import, or whose hook raises, becomes a
+:class:`PluginWarning` naming it and the rest keep working.
+
+Environment switches:
+
+- ``DIFFKIT_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry points (only diffkit's core built-ins
+  and plugins registered by hand with :func:`register_plugin`);
+- ``DIFFKIT_PLUGINS=a,b`` loads only the named entry points.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownComponentError
+
+ENTRY_POINT_GROUP = "diffkit"
+KINDS = ("backbone", "adapter", "schedule", "sampler", "metric")
+_HOOKS = {
+    "backbone": "diffkit_backbones",
+    "adapter": "diffkit_adapters",
+    "schedule": "diffkit_schedules",
+    "sampler": "diffkit_samplers",
+    "metric": "diffkit_metrics",
+}
+
+
+class PluginWarning(UserWarning):
+    """A plugin could not be loaded or failed while registering; it was skipped."""
+
+
+@dataclass(frozen=True)
+class Component:
+    """One registered component."""
+
+    kind: str
+    name: str
+    plugin: str
+    obj: Any
+
+    @property
+    def description(self) -> str:
+        doc = getattr(self.obj, "__doc__", None) or ""
+        for line in doc.strip().splitlines():
+            if line.strip():
+                return line.strip()
+        return ""
+
+
+_manager: pluggy.PluginManager | None = None
+_table: dict[str, dict[str, Component]] | None = None
+_extra: list[tuple[str, Any]] = []  # plugins registered by hand
+
+
+def _entry_points():
+    return metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def _autoload_disabled() -> bool:
+    return os.environ.get("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def plugin_manager() -> pluggy.PluginManager:
+    """The cached plugin manager, discovering plugins on first use."""
+    global _manager
+    if _manager is None:
+        pm = pluggy.PluginManager("diffkit")
+        pm.add_hookspecs(hookspecs)
+        from . import _builtins
+
+        pm.register(_builtins, name="diffkit")
+        if not _autoload_disabled():
+            only = os.environ.get("DIFFKIT_PLUGINS")
+            only = {s.strip() for s in only.split(",") if s.strip()} if only else None
+            for ep in _entry_points():
+                if only is not None and ep.name not in only:
+                    continue
+                if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                    continue
+                try:
+                    plugin = ep.load()
+                    pm.register(plugin, name=ep.name)
+                except Exception as e:  # a broken plugin must not break diffkit
+                    warnings.warn(
+                        f"diffkit plugin {ep.name!r} ({ep.value}) failed to load and is skipped: "
+                        f"{type(e).__name__}: {e}",
+                        PluginWarning,
+                        stacklevel=2,
+                    )
+        for name, plugin in _extra:
+            if pm.get_plugin(name) is None:
+                pm.register(plugin, name=name)
+        _manager = pm
+    return _manager
+
+
+def register_plugin(plugin: Any, name: str) -> None:
+    """Register a plugin object (module or instance with hookimpls) by hand, then refresh."""
+    _extra.append((name, plugin))
+    refresh()
+
+
+def unregister_plugin(name: str) -> None:
+    """Remove a plugin registered with :func:`register_plugin`."""
+    _extra[:] = [(n, p) for n, p in _extra if n != name]
+    refresh()
+
+
+def refresh() -> None:
+    """Forget the cached discovery; the next lookup discovers plugins again."""
+    global _manager, _table
+    _manager = None
+    _table = None
+
+
+def _build_table() -> dict[str, dict[str, Component]]:
+    pm = plugin_manager()
+    table: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+    for kind, hook_name in _HOOKS.items():
+        hook = getattr(pm.hook, hook_name)
+        for impl in hook.get_hookimpls():
+            plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+            try:
+                got = impl.function()
+                if got is None:
+                    continue
+                if not isinstance(got, dict):
+                    raise TypeError(f"{hook_name}() must return a dict of name -> object, got {type(got).__name__}")
+            except Exception as e:
+                warnings.warn(
+                    f"diffkit plugin {plugin_name!r} failed in {hook_name}() and its {kind}s are skipped: "
+                    f"{type(e).__name__}: {e}",
+                    PluginWarning,
+                    stacklevel=3,
+                )
+                continue
+            for name, obj in got.items():
+                if not isinstance(name, str) or not name:
+                    warnings.warn(f"diffkit plugin {plugin_name!r} registered a {kind} with invalid name {name!r}; skipped", PluginWarning, stacklevel=3)
+                    continue
+                if name in table[kind]:
+                    other = table[kind][name].plugin
+                    raise PluginError(
+                        f"{kind} {name!r} is registered by two plugins, {other!r} and {plugin_name!r}; "
+                        f"uninstall one of them or block it with DIFFKIT_PLUGINS"
+                    )
+                table[kind][name] = Component(kind, name, plugin_name, obj)
+    return table
+
+
+def components(kind: str | None = None) -> list[Component]:
+    """Every registered component (of one ``kind``), sorted by kind and name."""
+    global _table
+    if _table is None:
+        _table = _build_table()
+    if kind is not None:
+        _check_kind(kind)
+        return sorted(_table[kind].values(), key=lambda c: c.name)
+    return [c for k in KINDS for c in sorted(_table[k].values(), key=lambda c: c.name)]
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown component kind {kind!r}; kinds are {', '.join(KINDS)}")
+
+
+def get(kind: str, name: str) -> Any:
+    """The object registered as ``name`` of ``kind``; an error lists what is installed."""
+    _check_kind(kind)
+    comps = {c.name: c for c in components(kind)}
+    if name not in comps:
+        avail = ", ".join(sorted(comps)) or "none"
+        hint = ""
+        if _autoload_disabled():
+            hint = " (plugin autoload is off: DIFFKIT_DISABLE_PLUGIN_AUTOLOAD is set)"
+        raise UnknownComponentError(
+            f"unknown {kind} {name!r}; installed {kind}s: {avail}{hint}. "
+            f"Check the spelling, or install the plugin that provides it (`diffkit plugins` lists them)"
+        )
+    return comps[name].obj
