@@ -13,15 +13,17 @@ def _cmd_plugins(args) -> int:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", registry.PluginWarning)
-        comps = registry.components(args.kind)
+        try:
+            comps = registry.components(args.kind)
+        finally:  # plugin warnings explain most failures, so show them first
+            for w in caught:
+                print(f"warning: {w.message}", file=sys.stderr)
     rows = [(c.kind, c.name, c.plugin, c.description) for c in comps]
     head = ("KIND", "NAME", "PLUGIN", "DESCRIPTION")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(3)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)) + "  " + head[3])
     for r in rows:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths)) + "  " + r[3])
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
     return 0
 
 
@@ -59,7 +61,8 @@ def main(argv=None) -> int:
     except Exception as e:
         if getattr(args, "debug", False):
             raise
-        print(f"diffkit {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"diffkit {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 1
 
 

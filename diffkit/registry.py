@@ -11,10 +11,15 @@ Environment switches:
 - ``DIFFKIT_DISABLE_PLUGIN_AUTOLOAD=1`` loads no entry points (only diffkit's core built-ins
   and plugins registered by hand with :func:`register_plugin`);
 - ``DIFFKIT_PLUGINS=a,b`` loads only the named entry points.
+
+Both are read when discovery runs; call :func:`refresh` after changing them.  Two plugins
+registering the same name of the same kind is a :class:`~diffkit.errors.PluginError`
+naming both.
 """
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from importlib import metadata
@@ -51,11 +56,9 @@ class Component:
 
     @property
     def description(self) -> str:
-        doc = getattr(self.obj, "__doc__", None) or ""
-        for line in doc.strip().splitlines():
-            if line.strip():
-                return line.strip()
-        return ""
+        """The first paragraph of the object's docstring, on one line."""
+        doc = (getattr(self.obj, "__doc__", None) or "").strip()
+        return " ".join(re.split(r"\n\s*\n", doc, maxsplit=1)[0].split())
 
 
 _manager: pluggy.PluginManager | None = None
@@ -71,6 +74,56 @@ def _autoload_disabled() -> bool:
     return os.environ.get("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "").strip().lower() not in ("", "0", "false", "no")
 
 
+def _only() -> set[str] | None:
+    """The entry-point names allowed by ``DIFFKIT_PLUGINS``, or ``None`` for all."""
+    only = os.environ.get("DIFFKIT_PLUGINS", "")
+    names = {s.strip() for s in only.split(",") if s.strip()}
+    return names or None
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, PluginWarning, stacklevel=4)
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    """Register ``plugin``; hooks with bad signatures leave no half-registered plugin behind."""
+    try:
+        pm.register(plugin, name=name)
+    except Exception:
+        if pm.has_plugin(name):
+            pm.unregister(name=name)
+        raise
+    unknown = sorted(h.name for h in pm.get_hookcallers(plugin) or () if not h.has_spec())
+    if unknown:
+        _warn(f"diffkit plugin {name!r} implements unknown hooks {', '.join(unknown)} (a typo?); "
+              f"the hooks are {', '.join(_HOOKS.values())}")
+
+
+def _load_entry_points(pm: pluggy.PluginManager) -> None:
+    only = _only()
+    seen: dict[str, str] = {}
+    for ep in _entry_points():
+        if only is not None and ep.name not in only:
+            continue
+        if ep.name in seen:  # the same name from two distributions: keep the first
+            if seen[ep.name] != ep.value:
+                _warn(f"two installed diffkit plugins use the entry-point name {ep.name!r} "
+                      f"({seen[ep.name]} and {ep.value}); {ep.value} is skipped")
+            continue
+        seen[ep.name] = ep.value
+        if pm.is_blocked(ep.name):
+            continue
+        try:
+            _register(pm, ep.load(), ep.name)
+        except Exception as e:  # a broken plugin must not break diffkit
+            _warn(f"diffkit plugin {ep.name!r} ({ep.value}) failed to load and is skipped: "
+                  f"{type(e).__name__}: {e}")
+    if only is not None:
+        missing = sorted(only - set(seen))
+        if missing:
+            _warn(f"DIFFKIT_PLUGINS names {', '.join(missing)}, which no installed plugin provides")
+
+
 def plugin_manager() -> pluggy.PluginManager:
     """The cached plugin manager, discovering plugins on first use."""
     global _manager
@@ -81,26 +134,16 @@ def plugin_manager() -> pluggy.PluginManager:
 
         pm.register(_builtins, name="diffkit")
         if not _autoload_disabled():
-            only = os.environ.get("DIFFKIT_PLUGINS")
-            only = {s.strip() for s in only.split(",") if s.strip()} if only else None
-            for ep in _entry_points():
-                if only is not None and ep.name not in only:
-                    continue
-                if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
-                    continue
-                try:
-                    plugin = ep.load()
-                    pm.register(plugin, name=ep.name)
-                except Exception as e:  # a broken plugin must not break diffkit
-                    warnings.warn(
-                        f"diffkit plugin {ep.name!r} ({ep.value}) failed to load and is skipped: "
-                        f"{type(e).__name__}: {e}",
-                        PluginWarning,
-                        stacklevel=2,
-                    )
+            _load_entry_points(pm)
         for name, plugin in _extra:
-            if pm.get_plugin(name) is None:
-                pm.register(plugin, name=name)
+            if pm.has_plugin(name):
+                _warn(f"plugin name {name!r} passed to register_plugin() is already taken by an "
+                      f"installed plugin; the hand-registered one is skipped")
+                continue
+            try:
+                _register(pm, plugin, name)
+            except Exception as e:
+                _warn(f"diffkit plugin {name!r} could not be registered and is skipped: {type(e).__name__}: {e}")
         _manager = pm
     return _manager
 
@@ -138,22 +181,19 @@ def _build_table() -> dict[str, dict[str, Component]]:
                 if not isinstance(got, dict):
                     raise TypeError(f"{hook_name}() must return a dict of name -> object, got {type(got).__name__}")
             except Exception as e:
-                warnings.warn(
-                    f"diffkit plugin {plugin_name!r} failed in {hook_name}() and its {kind}s are skipped: "
-                    f"{type(e).__name__}: {e}",
-                    PluginWarning,
-                    stacklevel=3,
-                )
+                _warn(f"diffkit plugin {plugin_name!r} failed in {hook_name}() and its {kind}s are skipped: "
+                      f"{type(e).__name__}: {e}")
                 continue
             for name, obj in got.items():
                 if not isinstance(name, str) or not name:
-                    warnings.warn(f"diffkit plugin {plugin_name!r} registered a {kind} with invalid name {name!r}; skipped", PluginWarning, stacklevel=3)
+                    _warn(f"diffkit plugin {plugin_name!r} registered a {kind} with invalid name {name!r}; skipped")
                     continue
                 if name in table[kind]:
                     other = table[kind][name].plugin
                     raise PluginError(
                         f"{kind} {name!r} is registered by two plugins, {other!r} and {plugin_name!r}; "
-                        f"uninstall one of them or block it with DIFFKIT_PLUGINS"
+                        f"rename it in one of them, uninstall one, or choose the plugins to load with "
+                        f"DIFFKIT_PLUGINS=name,..."
                     )
                 table[kind][name] = Component(kind, name, plugin_name, obj)
     return table
@@ -184,6 +224,8 @@ def get(kind: str, name: str) -> Any:
         hint = ""
         if _autoload_disabled():
             hint = " (plugin autoload is off: DIFFKIT_DISABLE_PLUGIN_AUTOLOAD is set)"
+        elif _only() is not None:
+            hint = f" (only the plugins in DIFFKIT_PLUGINS={os.environ['DIFFKIT_PLUGINS']} are loaded)"
         raise UnknownComponentError(
             f"unknown {kind} {name!r}; installed {kind}s: {avail}{hint}. "
             f"Check the spelling, or install the plugin that provides it (`diffkit plugins` lists them)"

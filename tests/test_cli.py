@@ -1,0 +1,216 @@
+"""The ``diffkit`` command line: help, ``diffkit plugins``, warnings and error reporting.
+
+The subprocess tests run the installed console script and ``python -m diffkit`` from a
+scratch directory; fake plugins are real distributions (``*.dist-info`` plus a module) put on
+``PYTHONPATH``, so the child process discovers them exactly as it would installed ones.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import diffkit
+from diffkit import registry
+from diffkit.cli import main
+
+HAVE_BACKBONES = importlib.util.find_spec("diffkit_backbones") is not None
+ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
+BUILTINS = [("schedule", n) for n in ("alpha_bar", "cosine", "linear", "sigmoid")] + \
+           [("sampler", n) for n in ("ddim", "ddpm", "dpmpp_2m", "euler", "heun")] + [("metric", "sliced_wasserstein")]
+
+
+@pytest.fixture(autouse=True)
+def clean_registry(monkeypatch):
+    for var in ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    registry.refresh()
+    yield
+    registry.refresh()
+
+
+def console_script() -> str:
+    exe = shutil.which("diffkit", path=os.path.dirname(sys.executable)) or shutil.which("diffkit")
+    if exe is None:
+        pytest.skip("the diffkit console script is not installed (pip install -e .)")
+    return exe
+
+
+def write_distribution(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str]) -> None:
+    info = site / f"{dist}-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[diffkit]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    for mod, source in modules.items():
+        (site / f"{mod}.py").write_text(textwrap.dedent(source))
+
+
+SCHEDULE_PLUGIN = '''
+    from diffkit import hookimpl, cosine
+
+    def my_schedule(**options):
+        """A schedule from a fake plugin."""
+        return cosine(**options)
+
+    @hookimpl
+    def diffkit_schedules():
+        return {"shared_name": my_schedule}
+    '''
+
+
+def run(args: list[str], tmp_path: Path, *, site: Path | None = None, module: bool = False, **env_extra):
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    env.update(env_extra)
+    cmd = [sys.executable, "-m", "diffkit", *args] if module else [console_script(), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+
+
+def table(stdout: str) -> list[tuple[str, str, str, str]]:
+    """Rows of ``diffkit plugins`` output, as (kind, name, plugin, description)."""
+    lines = stdout.strip().splitlines()
+    assert re.split(r"\s{2,}", lines[0].strip()) == ["KIND", "NAME", "PLUGIN", "DESCRIPTION"]
+    rows = []
+    for line in lines[1:]:
+        parts = re.split(r"\s{2,}", line.strip(), maxsplit=3)
+        rows.append(tuple(parts + [""] * (4 - len(parts))))
+    return rows
+
+
+# -- help -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("module", [False, True], ids=["console-script", "python-m"])
+def test_help(tmp_path, module):
+    top = run(["--help"], tmp_path, module=module)
+    assert top.returncode == 0, top.stderr
+    assert "usage: diffkit" in top.stdout and "plugins" in top.stdout
+    sub = run(["plugins", "--help"], tmp_path, module=module)
+    assert sub.returncode == 0, sub.stderr
+    assert "usage: diffkit plugins" in sub.stdout and "--kind" in sub.stdout and "--debug" in sub.stdout
+
+
+def test_version_and_no_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"diffkit {diffkit.__version__}"
+    assert main([]) == 0
+    assert "usage: diffkit" in capsys.readouterr().out
+
+
+# -- diffkit plugins ------------------------------------------------------------------------
+def test_plugins_lists_every_component(capsys):
+    assert main(["plugins"]) == 0
+    out, err = capsys.readouterr()
+    rows = table(out)
+    by_key = {(k, n): (p, d) for k, n, p, d in rows}
+    for kind, name in BUILTINS:
+        plugin, desc = by_key[(kind, name)]
+        assert plugin == "diffkit"
+        assert desc == registry.Component(kind, name, plugin, registry.get(kind, name)).description != ""
+    assert len(rows) == len(registry.components())
+    assert err == ""
+    if HAVE_BACKBONES:
+        for name in ("unet", "dit", "mlp"):
+            assert by_key[("backbone", name)][0] == "backbones" and by_key[("backbone", name)][1]
+
+
+def test_plugins_kind_filter(capsys):
+    assert main(["plugins", "--kind", "sampler"]) == 0
+    rows = table(capsys.readouterr().out)
+    assert {r[0] for r in rows} == {"sampler"}
+    assert {r[1] for r in rows} == {"ddim", "ddpm", "dpmpp_2m", "euler", "heun"}
+    assert main(["plugins", "--kind", "adapter"]) == 0
+    assert table(capsys.readouterr().out) == []
+
+
+def test_plugins_bad_kind_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["plugins", "--kind", "bogus"])
+    assert e.value.code == 2
+    assert "invalid choice: 'bogus'" in capsys.readouterr().err
+
+
+def test_plugins_subprocess_includes_backbones(tmp_path):
+    proc = run(["plugins"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = table(proc.stdout)
+    assert {(k, n) for k, n, _, _ in rows} >= set(BUILTINS)
+    if not HAVE_BACKBONES:
+        pytest.skip("diffkit_backbones is not installed yet")
+    assert {(k, n, p) for k, n, p, _ in rows} >= {("backbone", n, "backbones") for n in ("unet", "dit", "mlp")}
+
+
+def test_broken_plugin_is_a_warning_and_exit_0(tmp_path):
+    site = tmp_path / "site"
+    write_distribution(site, "brokenplugin", {"broken": "brokenplugin"},
+                       {"brokenplugin": "raise ImportError('No module named frobnicate')\n"})
+    proc = run(["plugins"], tmp_path, site=site)
+    assert proc.returncode == 0, proc.stderr
+    warn = [l for l in proc.stderr.splitlines() if l.startswith("warning:")]
+    assert len(warn) == 1 and "'broken'" in warn[0] and "frobnicate" in warn[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {(k, n) for k, n, _, _ in table(proc.stdout)} >= set(BUILTINS)
+    quiet = run(["plugins"], tmp_path, site=site, DIFFKIT_DISABLE_PLUGIN_AUTOLOAD="1")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    assert {r[0] for r in table(quiet.stdout)} == {"schedule", "sampler", "metric"}
+
+
+def test_plugin_from_dist_info_is_listed(tmp_path):
+    site = tmp_path / "site"
+    write_distribution(site, "oneplugin", {"one": "oneplugin"}, {"oneplugin": SCHEDULE_PLUGIN})
+    proc = run(["plugins", "--kind", "schedule"], tmp_path, site=site)
+    assert proc.returncode == 0, proc.stderr
+    assert ("schedule", "shared_name", "one", "A schedule from a fake plugin.") in table(proc.stdout)
+
+
+# -- errors -----------------------------------------------------------------------------------
+@pytest.fixture
+def clashing_site(tmp_path) -> Path:
+    """Two installed plugins registering the same schedule name: ``diffkit plugins`` must fail."""
+    site = tmp_path / "site"
+    write_distribution(site, "oneplugin", {"one": "oneplugin"}, {"oneplugin": SCHEDULE_PLUGIN})
+    write_distribution(site, "twoplugin", {"two": "twoplugin"}, {"twoplugin": SCHEDULE_PLUGIN})
+    return site
+
+
+def test_error_is_one_line_without_traceback(tmp_path, clashing_site):
+    proc = run(["plugins"], tmp_path, site=clashing_site)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("diffkit plugins: error: schedule 'shared_name' is registered by two plugins")
+    assert "'one'" in lines[0] and "'two'" in lines[0] and "--debug" in lines[0]
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_error_with_debug_shows_traceback(tmp_path, clashing_site):
+    proc = run(["plugins", "--debug"], tmp_path, site=clashing_site, module=True)
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "diffkit.errors.PluginError: schedule 'shared_name'" in proc.stderr
+
+
+def test_env_switch_resolves_the_clash(tmp_path, clashing_site):
+    proc = run(["plugins", "--kind", "schedule"], tmp_path, site=clashing_site, DIFFKIT_PLUGINS="two")
+    assert proc.returncode == 0, proc.stderr
+    assert ("schedule", "shared_name", "two", "A schedule from a fake plugin.") in table(proc.stdout)
+
+
+def test_in_process_error_path(monkeypatch, capsys):
+    def boom(kind=None):
+        raise diffkit.PluginError("two plugins\nclash")
+
+    monkeypatch.setattr(registry, "components", boom)
+    assert main(["plugins"]) == 1
+    err = capsys.readouterr().err
+    assert err == "diffkit plugins: error: two plugins clash (--debug shows the traceback)\n"
+    with pytest.raises(diffkit.PluginError):
+        main(["plugins", "--debug"])
