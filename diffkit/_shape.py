@@ -60,10 +60,11 @@ def reduce_per_sample(err: torch.Tensor, weight: torch.Tensor | None = None) -> 
     ``weight`` broadcasts against ``err`` (for example area weights of shape ``spatial`` or a
     mask of shape ``(B, C, *spatial)``).  Samples whose weights are all zero give 0.
     """
-    if err.ndim == 1:
+    w = None if weight is None else torch.broadcast_to(weight.to(err.dtype), err.shape)
+    if err.ndim == 1:  # one value per sample: the reduction is the identity
         err = err[:, None]
+        w = None if w is None else w[:, None]
     dims = tuple(range(1, err.ndim))
-    if weight is None:
+    if w is None:
         return err.mean(dim=dims)
-    w = torch.broadcast_to(weight.to(err.dtype), err.shape)
     return (w * err).sum(dim=dims) / w.sum(dim=dims).clamp_min(torch.finfo(err.dtype).tiny)

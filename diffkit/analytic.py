@@ -23,7 +23,9 @@ class GaussianMixtureDenoiser:
 
     def __init__(self, schedule, means, stds, weights=None):
         self.schedule = schedule
-        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, *sample_shape)
+        self.means = torch.as_tensor(means, dtype=torch.float64)  # (K, *shape broadcastable to a sample)
+        if self.means.ndim < 1:
+            raise ValueError("means must have a leading component axis: shape (K, ...)")
         K = self.means.shape[0]
         self.stds = torch.as_tensor(stds, dtype=torch.float64).expand(K).clone()
         w = torch.ones(K, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
@@ -36,10 +38,15 @@ class GaussianMixtureDenoiser:
         t = as_batch_time(t, B, device=x.device)
         a, s = self.schedule.coeffs(t)  # (B,)
         xd = x.to(torch.float64)
-        mu = self.means.to(x.device)
+        K = self.means.shape[0]
+        try:
+            mu = torch.broadcast_to(self.means.to(x.device), (K, *x.shape[1:]))
+        except RuntimeError:
+            raise ValueError(f"mixture means of shape {tuple(self.means.shape[1:])} do not broadcast "
+                             f"against a sample of shape {tuple(x.shape[1:])}") from None
         d = xd[0].numel()
         flat = xd.reshape(B, -1)  # (B, d) -- rank-agnostic flattening of each sample
-        muf = mu.reshape(mu.shape[0], -1)  # (K, d)
+        muf = mu.reshape(K, -1)  # (K, d)
         var = a[:, None] ** 2 * self.stds.to(x.device)[None] ** 2 + s[:, None] ** 2  # (B, K)
         diff = flat[:, None, :] - a[:, None, None] * muf[None]  # (B, K, d)
         logp = self.log_w.to(x.device)[None] - 0.5 * (diff**2).sum(-1) / var - 0.5 * d * var.log()
@@ -49,11 +56,15 @@ class GaussianMixtureDenoiser:
         x0 = (r[..., None] * post).sum(1)
         return x0.reshape(x.shape).to(x.dtype)
 
-    def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Exact samples of the data distribution, shape ``(n, *sample_shape)``."""
+    def sample_data(self, n: int, generator: torch.Generator | None = None, sample_shape=None) -> torch.Tensor:
+        """Exact samples of the data distribution, shape ``(n, *sample_shape)``.
+
+        ``sample_shape`` defaults to the shape of the means; give it when the means broadcast."""
+        shape = tuple(self.means.shape[1:]) if sample_shape is None else tuple(sample_shape)
+        mu = torch.broadcast_to(self.means, (self.means.shape[0], *shape))
         k = torch.multinomial(self.log_w.exp(), n, replacement=True, generator=generator)
-        z = torch.randn((n, *self.means.shape[1:]), generator=generator, dtype=torch.float64)
-        return self.means[k] + bcast(self.stds[k], z) * z
+        z = torch.randn((n, *shape), generator=generator, dtype=torch.float64)
+        return mu[k] + bcast(self.stds[k], z) * z
 
 
 class GaussianDenoiser(GaussianMixtureDenoiser):

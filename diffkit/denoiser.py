@@ -134,6 +134,9 @@ class Denoiser(nn.Module):
             return self.net_output(x, t, cond)
         if cond is None or cond.labels is None:
             raise ValueError("classifier-free guidance needs class labels in Cond.labels")
+        if self.layout is None or not self.layout.num_classes:
+            raise ValueError("classifier-free guidance needs a layout with num_classes > 0 "
+                             "(the null label is num_classes); pass layout= to Denoiser")
         null = torch.full_like(cond.labels, self.layout.num_classes)
         both = Cond(
             fields=None if cond.fields is None else torch.cat([cond.fields, cond.fields]),

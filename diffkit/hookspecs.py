@@ -17,7 +17,7 @@ entry-point group::
 
 Every registration hook returns a ``dict`` mapping a component name to the object that
 provides it.  diffkit merges the dicts of all plugins; two plugins giving the same name
-is an error naming both.  The first line of each object's docstring is its description in
+is an error naming both.  The first paragraph of each object's docstring is its description in
 ``diffkit plugins``.  diffkit's own schedules, samplers, metrics and backbones register
 through these same hooks.
 """

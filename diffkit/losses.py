@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from . import param as P
-from ._shape import check_finite, reduce_per_sample
+from ._shape import as_batch_time, check_finite, reduce_per_sample
 from .denoiser import Cond, Denoiser
 from .process import q_sample
 
@@ -74,7 +74,12 @@ def diffusion_loss(denoiser: Denoiser, x0: torch.Tensor, *, cond: Cond | None = 
     B = x0.shape[0]
     if t is None:
         t = sample_times(schedule, B, continuous=(weighting == "vdm"), generator=generator, device=x0.device)
+    else:
+        t = as_batch_time(t, B, device=x0.device)
     if cond is not None and p_uncond > 0 and cond.labels is not None:
+        if denoiser.layout is None or not denoiser.layout.num_classes:
+            raise ValueError("label dropout (p_uncond > 0) needs a layout with num_classes > 0; "
+                             "pass layout= to Denoiser")
         drop = torch.rand(B, generator=generator, device=x0.device) < p_uncond
         null = torch.full_like(cond.labels, denoiser.layout.num_classes)
         cond = Cond(cond.fields, cond.scalars, torch.where(drop, null, cond.labels))
@@ -82,7 +87,8 @@ def diffusion_loss(denoiser: Denoiser, x0: torch.Tensor, *, cond: Cond | None = 
     out = denoiser.net_output(x_t, t, cond)
     a, s = schedule.coeffs(t)
     p = denoiser.parameterization
-    err = (out.float() - P.target(p, x0, eps, a, s).float()) ** 2
+    acc = torch.promote_types(out.dtype, torch.float32)  # bf16/fp16 outputs are reduced in fp32
+    err = (out.to(acc) - P.target(p, x0, eps, a, s).to(acc)) ** 2
     per_sample = reduce_per_sample(err, weight)
     w = eps_weight(weighting, schedule, t, p, gamma=gamma) / P.eps_error_factor(p, a, s)
     return per_sample * w.to(per_sample)

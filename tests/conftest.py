@@ -1,0 +1,86 @@
+"""Shared fixtures for the engine, sampler and loss tests.
+
+The fake networks here stand in for real backbones so that these tests depend on nothing but
+the core package: each one is a fixed, known function of its inputs, so that every quantity a
+test checks can be recomputed by hand.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+# Tiny tensors: thread wake-up costs dominate, and on small shared CPU boxes torch's intra-op
+# pool can make a 4-element softmax take ~20 ms.  One thread keeps the suite fast and
+# deterministic; set DIFFKIT_TEST_THREADS to override.
+torch.set_num_threads(int(os.environ.get("DIFFKIT_TEST_THREADS", "1")))
+
+#: one batch shape per tensor rank 1..5: (B,), (B,C), (B,C,L), (B,C,H,W), (B,C,D,H,W)
+SHAPES = [(5,), (5, 3), (4, 2, 7), (3, 2, 4, 5), (3, 2, 3, 2, 4)]
+SHAPE_IDS = [f"rank{len(s)}" for s in SHAPES]
+
+
+@pytest.fixture(params=SHAPES, ids=SHAPE_IDS)
+def shape(request) -> tuple[int, ...]:
+    """A batch shape, once for every rank 1..5."""
+    return request.param
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A seeded CPU generator (fresh for every test)."""
+    return torch.Generator().manual_seed(1234)
+
+
+class AffineNet(nn.Module):
+    """``out = a * x[:, :C] + b * c_noise (+ c * scalars.sum) (+ d * labels)``, broadcast over any rank.
+
+    Records the last inputs it saw in ``self.seen`` and counts calls in ``self.calls``.
+    """
+
+    def __init__(self, out_channels: int | None = None, a: float = 0.3, b: float = 0.01,
+                 c: float = 0.0, d: float = 0.0):
+        super().__init__()
+        self.out_channels, self.a, self.b, self.c, self.d = out_channels, a, b, c, d
+        self.calls = 0
+        self.seen: dict = {}
+
+    def forward(self, x, c_noise, scalars=None, labels=None):
+        self.calls += 1
+        self.seen = {"x": x, "c_noise": c_noise, "scalars": scalars, "labels": labels}
+        xs = x if self.out_channels is None else x[:, : self.out_channels]
+        per = lambda v: v.to(xs.dtype)[(...,) + (None,) * (xs.ndim - 1)]
+        out = self.a * xs + self.b * per(c_noise)
+        if scalars is not None and self.c:
+            out = out + self.c * per(scalars.sum(1))
+        if labels is not None and self.d:
+            out = out + self.d * per(labels.to(xs.dtype) + 1.0)
+        return out
+
+
+@pytest.fixture
+def affine_net():
+    """Factory of :class:`AffineNet` instances."""
+    return AffineNet
+
+
+class CountingDenoiser:
+    """Wrap a sampler-contract denoiser and count its calls and the times it was called at."""
+
+    def __init__(self, inner):
+        self.inner, self.schedule = inner, inner.schedule
+        self.calls = 0
+        self.times: list[float] = []
+
+    def __call__(self, x, t, **kw):
+        self.calls += 1
+        self.times.append(float(torch.as_tensor(t).flatten()[0]))
+        return self.inner(x, t, **kw)
+
+
+@pytest.fixture
+def counting():
+    """Factory: ``counting(denoiser)`` -> :class:`CountingDenoiser`."""
+    return CountingDenoiser

@@ -1,0 +1,437 @@
+"""Tests of the samplers against exact solutions.
+
+For data ``x0 ~ N(mu, sd^2 I)`` the exact denoiser is linear and the probability-flow ODE has
+an affine flow map, from ``t_a`` to ``t_b``:
+
+    x_b = alpha_b mu + sqrt(alpha_b^2 sd^2 + sigma_b^2) / sqrt(alpha_a^2 sd^2 + sigma_a^2) (x_a - alpha_a mu)
+
+so each deterministic sampler's global error, and from it its empirical order of convergence,
+can be measured exactly.  Stochastic samplers are checked in distribution by Monte Carlo.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import diffkit as dk
+from diffkit import samplers as S
+from diffkit.errors import NonFiniteError, UnknownComponentError
+
+F64 = torch.float64
+ALL = ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
+DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m"]
+
+
+class ExactGaussian:
+    """Closed-form E[x0 | x_t] for x0 ~ N(mu, sd^2 I), written independently of diffkit.analytic.
+
+    ``mu`` is one sample's mean (broadcast against x[0]).  All times in a call must be equal
+    (true for every sampler), so the coefficients are computed once: fast for large batches.
+    """
+
+    def __init__(self, schedule, mu, sd):
+        self.schedule, self.mu, self.sd = schedule, torch.as_tensor(mu, dtype=F64), float(sd)
+        self.calls = 0
+
+    def __call__(self, x, t):
+        self.calls += 1
+        t = torch.as_tensor(t, dtype=F64).flatten()
+        assert bool((t == t[0]).all()) and 0 < float(t[0]) <= 1
+        a, s = (float(v) for v in self.schedule.coeffs(t[0]))
+        return self.mu + a * self.sd**2 / (a * a * self.sd**2 + s * s) * (x - a * self.mu)
+
+
+def flow_map(schedule, mu, sd, x_a, t_a, t_b):
+    """Exact probability-flow map of Gaussian data from t_a to t_b."""
+    co = lambda t: (1.0, 0.0) if t == 0 else tuple(float(v) for v in schedule.coeffs(torch.tensor(t, dtype=F64)))
+    aa, sa = co(t_a)
+    ab, sb = co(t_b)
+    return ab * mu + math.sqrt(ab**2 * sd**2 + sb**2) / math.sqrt(aa**2 * sd**2 + sa**2) * (x_a - aa * mu)
+
+
+def logsnr_grid(schedule, n, t_end=0.05):
+    """n steps from t = 1 to t_end, uniform in log-SNR (no final step onto t = 0)."""
+    l = torch.linspace(float(schedule.logsnr(1.0)), float(schedule.logsnr(t_end)), n + 1, dtype=F64)
+    ts = schedule.t_from_logsnr(l)
+    ts[0], ts[-1] = 1.0, t_end
+    assert bool((ts[1:] < ts[:-1]).all())
+    return ts
+
+
+def normal_quantiles(n):
+    """Deterministic 'samples' of N(0, 1) with no Monte-Carlo noise (exact mean 0)."""
+    from scipy.stats import norm
+
+    q = torch.tensor(norm.ppf((np.arange(n) + 0.5) / n), dtype=F64)
+    return q - q.mean()
+
+
+# ------------------------------------------------------------------------------------------
+# declared properties
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, order, stochastic", [
+    ("ddpm", 1, True), ("ddim", 1, False), ("dpmpp_2m", 2, False), ("euler", 1, False), ("heun", 2, False)])
+def test_samplers_declare_order_and_stochasticity(name, order, stochastic):
+    fn = dk.registry.get("sampler", name)
+    assert fn is S.BUILTIN_SAMPLERS[name]
+    info = fn.info
+    assert info.order == order and info.stochastic is stochastic
+    assert info.default_spacing in S.SPACINGS
+    for nfe in range(1, 13):
+        n, opts = info.plan(nfe)
+        assert 1 <= n <= nfe and isinstance(opts, dict)
+
+
+# ------------------------------------------------------------------------------------------
+# convergence order of the deterministic samplers
+# ------------------------------------------------------------------------------------------
+ORDER_CASES = [(name, sched, rank) for i, (name, sched) in
+               enumerate((n, s) for n in DETERMINISTIC for s in ("linear", "cosine"))
+               for rank in [(1, 2, 3, 4, 5, 3, 4, 5)[i]]]
+
+
+@pytest.mark.parametrize("name, which, rank", ORDER_CASES)
+def test_empirical_order_of_convergence(name, which, rank):
+    schedule = dk.linear() if which == "linear" else dk.cosine()
+    shape = [(6,), (3, 2), (2, 2, 3), (2, 1, 2, 3), (2, 1, 2, 1, 3)][rank - 1]
+    g = torch.Generator().manual_seed(rank)
+    mu = 0.5 + torch.randn(shape[1:], generator=g, dtype=F64)
+    sd = 0.3
+    D = ExactGaussian(schedule, mu, sd)
+    x_a = 1.5 * torch.randn(shape, generator=g, dtype=F64)
+    exact = flow_map(schedule, mu, sd, x_a, 1.0, 0.05)
+    fn = S.BUILTIN_SAMPLERS[name]
+    ns = np.array([64, 128, 256, 512])
+    errs = []
+    for n in ns:
+        out = fn(D, x_a.clone(), logsnr_grid(schedule, int(n)))
+        assert out.shape == shape
+        errs.append(float((out - exact).abs().max()))
+    errs = np.array(errs)
+    assert bool((np.diff(errs) < 0).all()), errs
+    order = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+    assert abs(order - fn.info.order) <= 0.3, (name, which, errs, order)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_exact_for_constant_data(name):
+    """Data x0 = c (sd -> 0): the denoiser is constant and every solver lands on c exactly
+    after its first step onto t = 0."""
+    sch = dk.cosine()
+    D = ExactGaussian(sch, torch.tensor(1.3, dtype=F64), 0.0)
+    x = torch.randn(7, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    out = S.BUILTIN_SAMPLERS[name](D, x, S.timesteps(sch, 5, S.BUILTIN_SAMPLERS[name].info.default_spacing))
+    torch.testing.assert_close(out, torch.full_like(x, 1.3), rtol=0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------
+# full grids to t = 0: convergence in distribution
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("which", ["linear", "cosine"])
+@pytest.mark.parametrize("name, nfe", [("ddim", 400), ("euler", 800), ("heun", 99), ("dpmpp_2m", 40)])
+def test_deterministic_samplers_reach_data_moments(name, nfe, which):
+    schedule = dk.linear() if which == "linear" else dk.cosine()
+    mu, sd, N = 0.7, 0.5, 20000
+    D = ExactGaussian(schedule, mu, sd)
+    a1, s1 = (float(v) for v in schedule.coeffs(1.0))
+    q = normal_quantiles(N)
+    x1 = a1 * mu + math.sqrt(a1**2 * sd**2 + s1**2) * q  # the exact marginal at t = 1
+    x = dk.sample(D, (N,), sampler=name, nfe=nfe, x_init=x1)
+    assert D.calls == nfe and x.shape == (N,)
+    assert abs(float(x.mean()) - mu) < 0.005 * sd
+    assert abs(float(x.std()) / float(q.std()) - sd) < 0.02 * sd
+    # the flow map itself: out - mu ~ sd * q
+    slope = float(((x - mu) * q).sum() / (q * q).sum())
+    assert abs(slope / sd - 1) < 0.02
+
+
+def test_fewer_steps_means_larger_error():
+    sch = dk.cosine()
+    D = ExactGaussian(sch, 0.7, 0.5)
+    x1 = torch.linspace(-2, 2, 9, dtype=F64)
+    exact = flow_map(sch, 0.7, 0.5, x1, 1.0, 0.0)
+    for name in DETERMINISTIC:
+        errs = [float((dk.sample(D, (9,), sampler=name, nfe=nfe, x_init=x1) - exact).abs().max())
+                for nfe in (10, 40, 160)]
+        assert errs[0] > errs[1] > errs[2], (name, errs)
+
+
+def test_dpmpp_2m_recovers_mixture_weights():
+    sch = dk.cosine()
+    D = dk.GaussianMixtureDenoiser(sch, torch.tensor([-2.0, 2.0], dtype=F64), [0.3, 0.3], weights=[0.3, 0.7])
+    N = 10000
+    x = dk.sample(D, (N,), sampler="dpmpp_2m", nfe=30, generator=torch.Generator().manual_seed(0), dtype=F64)
+    frac = float((x > 0).double().mean())
+    assert abs(frac - 0.7) < 5 * math.sqrt(0.21 / N)
+    pos = x[x > 0]
+    assert abs(float(pos.mean()) - 2.0) < 0.03 and abs(float(pos.std()) - 0.3) < 0.03
+
+
+# ------------------------------------------------------------------------------------------
+# stochastic samplers: Monte Carlo moments
+# ------------------------------------------------------------------------------------------
+MU2 = torch.tensor([0.7, -1.2], dtype=F64)
+
+
+def _mc_check(x, mu, sd, *, std_bias=0.0):
+    """x: (N, d) samples of N(mu, sd^2 I); per-coordinate 5-sigma checks of mean and std."""
+    N = x.shape[0]
+    se_m, se_s = sd / math.sqrt(N), sd / math.sqrt(2 * (N - 1))
+    zm = (x.mean(0) - mu) / se_m
+    ds = (x.std(0) - sd).abs()
+    assert float(zm.abs().max()) < 5, zm
+    assert float(ds.max()) < 5 * se_s + std_bias, (x.std(0), sd)
+
+
+@pytest.mark.parametrize("which, name, opts", [
+    ("linear", "ddpm", {"variance": "small"}),
+    ("cosine", "ddpm", {"variance": "large"}),
+    ("linear", "ddim", {"eta": 1.0}),
+])
+def test_ancestral_sampling_reproduces_data_moments(which, name, opts):
+    schedule = dk.linear() if which == "linear" else dk.cosine()
+    sd, N = 0.5, 10000
+    D = ExactGaussian(schedule, MU2, sd)
+    g = torch.Generator().manual_seed(42)
+    ts = torch.linspace(1.0, 0.0, 1001, dtype=F64)  # T = 1000 uniform steps
+    x = S.BUILTIN_SAMPLERS[name](D, torch.randn(N, 2, generator=g, dtype=F64), ts, generator=g, **opts)
+    _mc_check(x, MU2, sd)
+
+
+def test_ddim_eta1_equals_ddpm_small_variance():
+    """Both draw from q(x_s | x_t, x0_hat); with the same noise they agree."""
+    sch = dk.linear()
+    D = ExactGaussian(sch, MU2, 0.5)
+    ts = S.timesteps(sch, 20)
+    x = torch.randn(50, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    a = S.ddpm(D, x, ts, generator=torch.Generator().manual_seed(1))
+    b = S.ddim(D, x, ts, generator=torch.Generator().manual_seed(1), eta=1.0)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    c = S.ddpm(D, x, ts, generator=torch.Generator().manual_seed(1), variance="large")
+    assert not torch.allclose(a, c)
+
+
+def test_heun_with_churn_converges_in_distribution():
+    sch = dk.cosine()
+    sd, N = 0.5, 10000
+    D = ExactGaussian(sch, MU2, sd)
+    g = torch.Generator().manual_seed(5)
+    x = dk.sample(D, (N, 2), sampler="heun", nfe=199, churn=30.0, generator=g, dtype=F64)
+    assert D.calls == 199
+    _mc_check(x, MU2, sd, std_bias=0.02 * sd)
+
+
+# ------------------------------------------------------------------------------------------
+# sample(): NFE accounting, callback, reproducibility, ranks
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, opts", [(n, {}) for n in ALL] + [("ddim", {"eta": 1.0}), ("heun", {"churn": 3.0}),
+                                                               ("euler", {"churn": 3.0})])
+def test_sample_spends_exactly_nfe_calls(name, opts):
+    sch = dk.linear()
+    spacings = (None, "uniform", "quadratic", "karras", "logsnr") if not opts else (None,)
+    for spacing in spacings:
+        for nfe in range(1, 13):
+            D = dk.GaussianMixtureDenoiser(sch, torch.tensor([[-1.0, 1.0], [1.0, 0.0]]), [0.3, 0.5])
+            x = dk.sample(D, (3, 2), sampler=name, nfe=nfe, spacing=spacing,
+                          generator=torch.Generator().manual_seed(nfe), **opts)
+            assert D.nfe == nfe, (name, spacing, nfe, D.nfe)
+            assert x.shape == (3, 2) and x.dtype == torch.float32 and bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("name, opts", [(n, {}) for n in ALL] + [("ddpm", {"variance": "large"}), ("ddim", {"eta": 1.0})])
+def test_callback_once_per_step_with_documented_keys(name, opts, counting):
+    sch = dk.cosine()
+    D = counting(ExactGaussian(sch, MU2, 0.5))
+    infos = []
+    nfe = 9
+    x = dk.sample(D, (4, 2), sampler=name, nfe=nfe, generator=torch.Generator().manual_seed(0),
+                  dtype=F64, callback=infos.append, **opts)
+    fn = S.BUILTIN_SAMPLERS[name]
+    n, _ = fn.info.plan(nfe)
+    ts = S.timesteps(sch, n, fn.info.default_spacing)
+    assert len(infos) == n and D.calls == nfe
+    for i, info in enumerate(infos):
+        assert set(info) == {"i", "n", "t", "t_next", "x", "x0"}
+        assert info["i"] == i and info["n"] == n
+        assert info["t"] == pytest.approx(float(ts[i]), abs=1e-12)
+        assert info["t_next"] == pytest.approx(float(ts[i + 1]), abs=1e-12)
+        assert info["x"].shape == (4, 2) and info["x0"].shape == (4, 2)
+    assert infos[-1]["t_next"] == 0.0
+    torch.testing.assert_close(infos[-1]["x"], x)
+    # the last step onto t = 0 adds no noise and returns the denoiser's x0 estimate
+    torch.testing.assert_close(x, infos[-1]["x0"], rtol=1e-12, atol=1e-12)
+    # every denoiser call was at a time in (0, 1]
+    assert all(0 < t <= 1 for t in D.times)
+
+
+def test_progress_bar_does_not_change_nfe():
+    pytest.importorskip("tqdm")
+    D = dk.GaussianDenoiser(dk.cosine(), torch.zeros(2), 1.0)
+    dk.sample(D, (2, 2), sampler="heun", nfe=7, progress=True)
+    assert D.nfe == 7
+
+
+STOCHASTIC = [("ddpm", {}), ("ddpm", {"variance": "large"}), ("ddim", {"eta": 1.0}), ("ddim", {"eta": 0.3}),
+              ("euler", {"churn": 5.0}), ("heun", {"churn": 5.0})]
+
+
+@pytest.mark.parametrize("name, opts", STOCHASTIC)
+def test_stochastic_samplers_reproducible_with_generator(name, opts):
+    D = ExactGaussian(dk.cosine(), MU2, 0.5)
+    run = lambda seed: dk.sample(D, (6, 2), sampler=name, nfe=8, generator=torch.Generator().manual_seed(seed), **opts)
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # with x_init fixed the randomness comes from the injected noise alone
+    x1 = torch.randn(6, 2)
+    run2 = lambda seed: dk.sample(D, (6, 2), sampler=name, nfe=8, x_init=x1,
+                                  generator=torch.Generator().manual_seed(seed), **opts)
+    assert not torch.allclose(run2(0), run2(1))
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_deterministic_samplers_ignore_generator(name):
+    D = ExactGaussian(dk.cosine(), MU2, 0.5)
+    x1 = torch.randn(6, 2)
+    a = dk.sample(D, (6, 2), sampler=name, nfe=8, x_init=x1, generator=torch.Generator().manual_seed(0))
+    b = dk.sample(D, (6, 2), sampler=name, nfe=8, x_init=x1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, opts", [(n, {}) for n in ALL] + [("heun", {"churn": 2.0})])
+def test_samplers_work_on_any_rank(name, opts, shape):
+    """Element-wise data: a rank-k batch gives the same result as the flattened (B, d) batch."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(shape[1:], generator=g, dtype=F64)
+    sch = dk.linear()
+    x1 = torch.randn(shape, generator=g, dtype=F64)
+    out = dk.sample(ExactGaussian(sch, mu, 0.4), shape, sampler=name, nfe=6, x_init=x1,
+                    generator=torch.Generator().manual_seed(9), **opts)
+    flat_shape = (shape[0], int(np.prod(shape[1:])))
+    ref = dk.sample(ExactGaussian(sch, mu.reshape(-1), 0.4), flat_shape, sampler=name, nfe=6,
+                    x_init=x1.reshape(flat_shape), generator=torch.Generator().manual_seed(9), **opts)
+    assert out.shape == shape and out.dtype == F64
+    torch.testing.assert_close(out.reshape(flat_shape), ref, rtol=1e-12, atol=1e-12)
+    # the analytic denoiser of diffkit gives the same answer as the independent one
+    out2 = dk.sample(dk.GaussianDenoiser(sch, mu, 0.4), shape, sampler=name, nfe=6, x_init=x1,
+                     generator=torch.Generator().manual_seed(9), **opts)
+    torch.testing.assert_close(out2, out, rtol=1e-9, atol=1e-9)
+
+
+def test_sample_with_a_conditioned_denoiser_and_guidance(affine_net):
+    layout = dk.Layout(channels=("u", "v"), spatial=("x",), shape=(5,), cond_channels=("f",), num_classes=2)
+    net = affine_net(out_channels=2, d=0.3)
+    D = dk.Denoiser(net, "cosine", "v", layout=layout)
+    cond = dk.Cond(fields=torch.randn(3, 1, 5), labels=torch.tensor([0, 1, 0]))
+    for guidance in (None, 1.0, 3.0):
+        net.calls = 0
+        x = dk.sample(D, (3, 2, 5), sampler="dpmpp_2m", nfe=7, extra_args={"cond": cond, "guidance": guidance},
+                      generator=torch.Generator().manual_seed(0))
+        assert net.calls == 7 and x.shape == (3, 2, 5)  # CFG is one batched call per NFE
+    bound = D.bind(cond, 3.0)
+    y = dk.sample(bound, (3, 2, 5), sampler="dpmpp_2m", nfe=7, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(y, x)
+
+
+# ------------------------------------------------------------------------------------------
+# time grids
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spacing", ["uniform", "quadratic", "karras", "logsnr"])
+@pytest.mark.parametrize("which", ["linear", "cosine"])
+def test_timesteps_spacings(spacing, which):
+    sch = dk.linear() if which == "linear" else dk.cosine()
+    for n in (1, 2, 5, 17):
+        for t_max in (1.0, 0.8):
+            ts = S.timesteps(sch, n, spacing, t_max=t_max)
+            assert ts.shape == (n + 1,) and ts.dtype == F64
+            assert float(ts[0]) == t_max and float(ts[-1]) == 0.0
+            assert bool((ts[1:] < ts[:-1]).all())
+            if n < 3:
+                continue
+            inner = ts[:-1]
+            if spacing == "uniform":
+                torch.testing.assert_close(ts, torch.linspace(t_max, 0, n + 1, dtype=F64))
+            elif spacing == "quadratic":
+                torch.testing.assert_close(ts, t_max * (torch.arange(n, -1, -1, dtype=F64) / n) ** 2)
+            else:
+                sig_min = max(0.002, float(sch.sigma(1e-3) / sch.alpha(1e-3))) if which == "linear" else 0.002
+                a, s = sch.coeffs(inner)
+                sig = s / a
+                assert float(sig[-1]) == pytest.approx(sig_min, rel=1e-6)
+                v = sig ** (1 / 7) if spacing == "karras" else sch.logsnr(inner)
+                d = v[1:] - v[:-1]
+                torch.testing.assert_close(d, d.mean().expand_as(d), rtol=1e-6, atol=1e-9)
+
+
+def test_timesteps_errors():
+    sch = dk.cosine()
+    for bad_n in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="NFE must be >= 1|integer >= 1"):
+            S.timesteps(sch, bad_n)
+    for t_max in (0.0, 1.5):
+        with pytest.raises(ValueError, match="t_max"):
+            S.timesteps(sch, 4, t_max=t_max)
+    with pytest.raises(ValueError, match="uniform, quadratic, karras, logsnr"):
+        S.timesteps(sch, 4, "geometric")
+    with pytest.raises(ValueError, match="sigma_min"):
+        S.timesteps(sch, 4, "karras", sigma_min=1e6)
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("nfe", [0, -3, 2.5])
+def test_sample_rejects_bad_nfe(nfe):
+    D = ExactGaussian(dk.cosine(), 0.0, 1.0)
+    with pytest.raises(ValueError, match="nfe"):
+        dk.sample(D, (2, 2), nfe=nfe)
+    assert D.calls == 0
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("ts", [[1.0, 0.5, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.5, 1.0], [1.0], [1.5, 0.5, 0.0],
+                                [1.0, 0.5, -0.1]])
+def test_samplers_reject_bad_grids(name, ts):
+    D = ExactGaussian(dk.cosine(), 0.0, 1.0)
+    with pytest.raises(ValueError):
+        S.BUILTIN_SAMPLERS[name](D, torch.zeros(2, 2), torch.tensor(ts, dtype=F64))
+    assert D.calls == 0
+
+
+def test_unknown_sampler_lists_installed():
+    D = ExactGaussian(dk.cosine(), 0.0, 1.0)
+    with pytest.raises(UnknownComponentError) as e:
+        dk.sample(D, (2, 2), sampler="dpmpp_3m", nfe=4)
+    msg = str(e.value)
+    assert "dpmpp_3m" in msg
+    for name in ALL:
+        assert name in msg
+    assert isinstance(e.value, KeyError)
+
+
+def test_unknown_spacing_and_options_raise():
+    D = ExactGaussian(dk.cosine(), 0.0, 1.0)
+    with pytest.raises(ValueError, match="spacing"):
+        dk.sample(D, (2, 2), sampler="ddim", nfe=4, spacing="cubic")
+    with pytest.raises(ValueError, match="variance"):
+        dk.sample(D, (2, 2), sampler="ddpm", nfe=4, variance="medium")
+    with pytest.raises(TypeError, match="info"):
+        dk.sample(D, (2, 2), sampler=lambda d, x, ts, **k: x, nfe=4)
+    with pytest.raises(NonFiniteError):
+        dk.sample(D, (2, 2), nfe=4, x_init=torch.tensor([[0.0, float("nan")], [0.0, 0.0]]))
+
+
+def test_custom_sampler_function_is_accepted():
+    @S.sampler_info(order=1, stochastic=False)
+    def last_x0(denoiser, x, ts, *, extra_args=None, generator=None, callback=None):
+        for i in range(len(ts) - 1):
+            x0 = denoiser(x, ts[i].expand(x.shape[0]))
+        return x0
+
+    D = ExactGaussian(dk.cosine(), 0.25, 0.0)
+    out = dk.sample(D, (3,), sampler=last_x0, nfe=5, dtype=F64)
+    assert D.calls == 5
+    torch.testing.assert_close(out, torch.full((3,), 0.25, dtype=F64))
