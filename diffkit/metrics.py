@@ -18,12 +18,13 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 25
         raise ValueError(f"sample sizes differ: {x.shape[1]} vs {y.shape[1]} values per sample")
     theta = torch.randn(x.shape[1], n_projections, generator=generator, dtype=torch.float64)
     theta = theta / theta.norm(dim=0, keepdim=True)
-    px = (x @ theta.to(x.device)).sort(dim=0).values
-    py = (y @ theta.to(y.device)).sort(dim=0).values
-    if px.shape[0] != py.shape[0]:
-        q = torch.linspace(0, 1, max(px.shape[0], py.shape[0]), dtype=torch.float64, device=x.device)
-        px = torch.quantile(px, q, dim=0)
-        py = torch.quantile(py, q, dim=0)
+    theta = theta.to(x.device)
+    px = (theta.T @ x.T).sort(dim=-1).values  # (P, N): sort contiguous rows
+    py = (theta.T @ y.T).sort(dim=-1).values
+    if px.shape[1] != py.shape[1]:
+        q = torch.linspace(0, 1, max(px.shape[1], py.shape[1]), dtype=torch.float64, device=x.device)
+        px = torch.quantile(px, q, dim=-1)
+        py = torch.quantile(py, q, dim=-1)
     return ((px - py).abs() ** p).mean() ** (1.0 / p)
 
 

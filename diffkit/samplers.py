@@ -22,17 +22,19 @@ variance-exploding variables of Karras et al. (2022), ``x~ = x / alpha`` and
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ._shape import bcast, check_finite
-from .process import posterior_coeffs
+from ._shape import check_finite
 
-#: sigma~ = sigma/alpha at which spacings that need a lower end (karras, logsnr) stop by default
+#: sigma~ = sigma/alpha at which the noise-level spacings (karras, logsnr) stop and start by
+#: default (Karras et al. 2022)
 SIGMA_MIN = 0.002
+SIGMA_MAX = 80.0
 
 
 @dataclass(frozen=True)
@@ -60,41 +62,48 @@ def sampler_info(*, order: int, stochastic: bool, default_spacing: str = "unifor
 
 
 # -- helpers -------------------------------------------------------------------------------
-def _bt(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample time tensor ``(B,)`` (float64) from a 0-d grid entry."""
-    return t.to(device=x.device, dtype=torch.float64).expand(x.shape[0])
+class _Grid:
+    """Everything a sampler needs about its time grid, computed once per call.
+
+    Per-step coefficients are Python floats, so the loop does no schedule arithmetic (the
+    only tensor work per step is on ``x``).  ``tb[i]`` is the per-sample time tensor that the
+    denoiser receives.
+    """
+
+    __slots__ = ("t", "a", "s", "tb", "n")
+
+    def __init__(self, schedule, ts, x: torch.Tensor):
+        ts = torch.as_tensor(ts, dtype=torch.float64).flatten().cpu()
+        self.t = ts.tolist()
+        self.a, self.s = _grid_coeffs(schedule, tuple(self.t))
+        self.n = len(self.t) - 1
+        self.tb = ts.to(x.device)[:, None].expand(-1, x.shape[0])
+
+    def sigma_tilde(self, i: int) -> float:
+        """Karras et al.'s noise level ``sigma / alpha`` at grid point ``i``."""
+        return self.s[i] / self.a[i]
 
 
-def _coeffs(schedule, t: torch.Tensor) -> tuple[float, float]:
-    """``(alpha, sigma)`` at a grid time, as Python floats; ``(1, 0)`` at ``t = 0``."""
-    if float(t) == 0.0:
-        return 1.0, 0.0
-    a, s = schedule.coeffs(t)
-    return float(a), float(s)
-
-
-def _check_grid(ts: torch.Tensor) -> torch.Tensor:
-    ts = torch.as_tensor(ts, dtype=torch.float64).flatten().cpu()
-    if ts.numel() < 2:
+@functools.lru_cache(maxsize=128)
+def _grid_coeffs(schedule, t: tuple) -> tuple[list, list]:
+    """Check a grid and return its ``(alpha, sigma)`` lists; cached, since grids are reused."""
+    if len(t) < 2:
         raise ValueError("the time grid needs at least 2 points (one step); NFE must be >= 1")
-    if bool((ts[1:] >= ts[:-1]).any()):
+    if any(b >= a for a, b in zip(t, t[1:])):
         raise ValueError("the time grid must be strictly decreasing")
-    if float(ts[0]) > 1 or float(ts[-1]) < 0:
-        raise ValueError(f"time grid values must lie in [0, 1], got {float(ts[0])} .. {float(ts[-1])}")
-    return ts
+    if t[0] > 1 or t[-1] < 0:
+        raise ValueError(f"time grid values must lie in [0, 1], got {t[0]} .. {t[-1]}")
+    a, s = schedule.coeffs(torch.tensor(t, dtype=torch.float64))  # (1, 0) exactly at t = 0
+    return a.tolist(), s.tolist()
 
 
 def _noise(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
-def _call(denoiser, x, t, extra_args):
-    return denoiser(x, _bt(t, x), **(extra_args or {}))
-
-
-def _report(callback, i, n, t, t_next, x, x0):
+def _report(callback, g: _Grid, i, x, x0):
     if callback is not None:
-        callback({"i": i, "n": n, "t": float(t), "t_next": float(t_next), "x": x, "x0": x0})
+        callback({"i": i, "n": g.n, "t": g.t[i], "t_next": g.t[i + 1], "x": x, "x0": x0})
 
 
 # -- samplers ------------------------------------------------------------------------------
@@ -107,18 +116,18 @@ def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, var
     """
     if variance not in ("small", "large"):
         raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
-    ts = _check_grid(ts)
-    sched, n = denoiser.schedule, len(ts) - 1
-    for i in range(n):
-        t, s = ts[i], ts[i + 1]
-        x0 = _call(denoiser, x, t, extra_args)
-        c_x0, c_xt, var = posterior_coeffs(sched, s, t)
-        if variance == "large":
-            var = 1.0 - sched.transition(s, t)[0] ** 2
-        x = float(c_x0) * x0 + float(c_xt) * x
-        if i < n - 1:
-            x = x + math.sqrt(float(var)) * _noise(x, generator)
-        _report(callback, i, n, t, s, x, x0)
+    g = _Grid(denoiser.schedule, ts, x)
+    kw = extra_args or {}
+    for i in range(g.n):
+        x0 = denoiser(x, g.tb[i], **kw)
+        a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
+        lam = a_t / a_s  # AR(1) coefficient of q(x_t | x_s); posterior as in process.posterior_coeffs
+        sig2 = max(1.0 - lam * lam, 0.0)
+        x = (a_s * sig2 / s_t**2) * x0 + (lam * s_s**2 / s_t**2) * x
+        if i < g.n - 1:
+            var = sig2 * s_s**2 / s_t**2 if variance == "small" else sig2
+            x = x + math.sqrt(var) * _noise(x, generator)
+        _report(callback, g, i, x, x0)
     return x
 
 
@@ -126,72 +135,107 @@ def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, var
 def ddim(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, eta: float = 0.0):
     """DDIM (Song et al. 2021a).  ``eta = 0`` is deterministic (the probability-flow ODE's
     exponential-Euler step); ``eta = 1`` has the ancestral DDPM marginals."""
-    ts = _check_grid(ts)
-    sched, n = denoiser.schedule, len(ts) - 1
-    for i in range(n):
-        t, s = ts[i], ts[i + 1]
-        x0 = _call(denoiser, x, t, extra_args)
-        a_t, s_t = _coeffs(sched, t)
-        a_s, s_s = _coeffs(sched, s)
-        eps = (x - a_t * x0) / s_t
+    g = _Grid(denoiser.schedule, ts, x)
+    kw = extra_args or {}
+    for i in range(g.n):
+        x0 = denoiser(x, g.tb[i], **kw)
+        a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
         c = 0.0
         if eta > 0 and s_s > 0:
             c = eta * math.sqrt((s_s**2 / s_t**2) * (1 - (a_t / a_s) ** 2))
-        x = a_s * x0 + math.sqrt(max(s_s**2 - c**2, 0.0)) * eps
+        k = math.sqrt(max(s_s**2 - c**2, 0.0)) / s_t  # x_s = a_s x0 + k (x - a_t x0) [+ c z]
+        x = torch.add(x0, x - a_t * x0, alpha=k / a_s).mul_(a_s) if k else a_s * x0
         if c > 0:
             x = x + c * _noise(x, generator)
-        _report(callback, i, n, t, s, x, x0)
+        _report(callback, g, i, x, x0)
     return x
 
 
-@sampler_info(order=2, stochastic=False, default_spacing="logsnr")
+def _half_logsnr(g: _Grid, i: int) -> float:
+    return math.log(g.a[i] / g.s[i])
+
+
+@sampler_info(order=2, stochastic=False, default_spacing="uniform")
 def dpmpp_2m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order data-prediction solver.
 
     The last step onto t = 0 is first order (it returns the x0 estimate)."""
-    ts = _check_grid(ts)
-    sched, n = denoiser.schedule, len(ts) - 1
+    g = _Grid(denoiser.schedule, ts, x)
+    kw = extra_args or {}
     x0_prev, h_prev = None, None
-    for i in range(n):
-        t, s = ts[i], ts[i + 1]
-        x0 = _call(denoiser, x, t, extra_args)
-        a_t, s_t = _coeffs(sched, t)
-        a_s, s_s = _coeffs(sched, s)
-        if s_s == 0:
+    for i in range(g.n):
+        x0 = denoiser(x, g.tb[i], **kw)
+        if g.s[i + 1] == 0:
             x = x0
         else:
-            lam_t, lam_s = math.log(a_t / s_t), math.log(a_s / s_s)
-            h = lam_s - lam_t
+            h = _half_logsnr(g, i + 1) - _half_logsnr(g, i)
             d = x0
             if x0_prev is not None:
                 r = h_prev / h
                 d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (s_s / s_t) * x - a_s * math.expm1(-h) * d
+            x = (g.s[i + 1] / g.s[i]) * x - (g.a[i + 1] * math.expm1(-h)) * d
             h_prev = h
         x0_prev = x0
-        _report(callback, i, n, t, s, x, x0)
+        _report(callback, g, i, x, x0)
     return x
 
 
-def _sigma_tilde(sched, t) -> float:
-    a, s = _coeffs(sched, t)
-    return s / a
+@sampler_info(order=3, stochastic=False, default_spacing="uniform")
+def dpmpp_3m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None):
+    """DPM-Solver++(3M) (Lu et al. 2022), multistep third order in log-SNR.
+
+    The data-prediction ODE solution is expanded to second order in the half-log-SNR step h
+    with divided differences of the last three x0 estimates (phi_2, phi_3 of the exponential
+    integrator).  Lower order on the first steps, order <= 2 on the step before the final
+    one, and the final step onto t = 0 returns the x0 estimate."""
+    g = _Grid(denoiser.schedule, ts, x)
+    kw = extra_args or {}
+    x0_1 = x0_2 = h_1 = h_2 = None
+    for i in range(g.n):
+        x0 = denoiser(x, g.tb[i], **kw)
+        if g.s[i + 1] == 0:
+            x = x0
+        else:
+            h = _half_logsnr(g, i + 1) - _half_logsnr(g, i)
+            a_s = g.a[i + 1]
+            em = math.expm1(-h)
+            x = (g.s[i + 1] / g.s[i]) * x - (a_s * em) * x0
+            phi2 = em / h + 1.0  # int_0^h e^{u-h} u du / h
+            last_before_final = g.s[-1] == 0 and i == g.n - 2
+            if h_2 is not None and not last_before_final:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (x0 - x0_1) / r0
+                d1_1 = (x0_1 - x0_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))  # ~ h x0'    (quadratic fit)
+                d2 = (d1_0 - d1_1) / (r0 + r1)  # ~ h^2 x0'' / 2
+                phi3 = 0.5 - phi2 / h  # int_0^h e^{u-h} u^2/2 du / h^2
+                x = x + (a_s * phi2) * d1 + (2.0 * a_s * phi3) * d2
+            elif h_1 is not None:
+                x = x + (a_s * phi2 * h / h_1) * (x0 - x0_1)
+            h_2, h_1 = h_1, h
+        x0_2, x0_1 = x0_1, x0
+        _report(callback, g, i, x, x0)
+    return x
 
 
-def _churn(sched, x, t, sigma_t, n, churn, churn_tmin, churn_tmax, churn_noise, generator):
+def _churn(sched, g: _Grid, i, xt, n, churn, churn_tmin, churn_tmax, churn_noise, generator):
     """EDM stochastic churn (Karras et al. 2022, Alg. 2): raise the noise level of ``x~``
-    from sigma~ to sigma^ = sigma~ (1 + gamma) by adding fresh noise.  Returns ``(x~, t^, sigma^)``."""
-    if churn <= 0 or not (churn_tmin <= sigma_t <= churn_tmax):
-        return x, t, sigma_t
+    from sigma~ to sigma^ = sigma~ (1 + gamma) by adding fresh noise.
+
+    Returns ``(x~, t^ tensor, alpha^, sigma^)``."""
+    sig = g.sigma_tilde(i)
+    if churn <= 0 or not (churn_tmin <= sig <= churn_tmax):
+        return xt, g.tb[i], g.a[i], sig
     gamma = min(churn / n, math.sqrt(2.0) - 1.0)
-    sigma_max = _sigma_tilde(sched, torch.tensor(1.0, dtype=torch.float64))
-    sigma_hat = min(sigma_t * (1 + gamma), sigma_max)
-    if sigma_hat <= sigma_t:
-        return x, t, sigma_t
-    x = x + math.sqrt(sigma_hat**2 - sigma_t**2) * churn_noise * _noise(x, generator)
-    t_hat = sched.t_from_logsnr(torch.tensor(-2.0 * math.log(sigma_hat), dtype=torch.float64))
-    t_hat = torch.maximum(t_hat, t)  # bisection round-off must not move t below the grid point
-    return x, t_hat, _sigma_tilde(sched, t_hat)
+    a1, s1 = sched.coeffs(torch.tensor(1.0, dtype=torch.float64))
+    sig_hat = min(sig * (1 + gamma), float(s1 / a1))
+    if sig_hat <= sig:
+        return xt, g.tb[i], g.a[i], sig
+    xt = xt + (math.sqrt(sig_hat**2 - sig**2) * churn_noise) * _noise(xt, generator)
+    t_hat = sched.t_from_logsnr(torch.tensor(-2.0 * math.log(sig_hat), dtype=torch.float64))
+    t_hat = torch.clamp(t_hat, min=g.t[i], max=1.0)  # round-off must not move t below the grid point
+    a_hat, s_hat = (float(v) for v in sched.coeffs(t_hat))
+    return xt, t_hat.to(xt.device).expand(xt.shape[0]), a_hat, s_hat / a_hat
 
 
 def _heun_plan(nfe: int) -> tuple[int, dict]:
@@ -201,28 +245,29 @@ def _heun_plan(nfe: int) -> tuple[int, dict]:
 
 def _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn_tmin, churn_tmax,
                   churn_noise, second_order_steps):
-    ts = _check_grid(ts)
-    sched, n = denoiser.schedule, len(ts) - 1
-    a0, _ = _coeffs(sched, ts[0])
-    xt = x / a0  # x~ = x / alpha
-    for i in range(n):
-        t, s = ts[i], ts[i + 1]
-        sig_t = _sigma_tilde(sched, t)
-        xt, t_hat, sig_hat = _churn(sched, xt, t, sig_t, n, churn, churn_tmin, churn_tmax, churn_noise, generator)
-        a_hat, _ = _coeffs(sched, t_hat)
-        x0 = _call(denoiser, a_hat * xt, t_hat, extra_args)
-        a_s, s_s = _coeffs(sched, s)
-        sig_s = s_s / a_s
-        d = (xt - x0) / sig_hat
-        x_next = xt + (sig_s - sig_hat) * d
+    sched = denoiser.schedule
+    g = _Grid(sched, ts, x)
+    kw = extra_args or {}
+    xt = x / g.a[0]  # x~ = x / alpha
+    for i in range(g.n):
+        xt, tb_hat, a_hat, sig_hat = _churn(sched, g, i, xt, g.n, churn, churn_tmin, churn_tmax, churn_noise,
+                                            generator)
+        x0 = denoiser(a_hat * xt, tb_hat, **kw)
+        a_s, sig_s = g.a[i + 1], g.sigma_tilde(i + 1)
+        # Euler: x~' = x~ + (sig_s - sig) (x~ - x0) / sig = lerp(x0, x~, sig_s / sig)
+        if x0.dtype != xt.dtype:  # follow type promotion, as the other samplers' arithmetic does
+            dt = torch.promote_types(x0.dtype, xt.dtype)
+            x0, xt = x0.to(dt), xt.to(dt)
+        x_next = torch.lerp(x0, xt, sig_s / sig_hat)
         if sig_s > 0 and i < second_order_steps:
-            x0_2 = _call(denoiser, a_s * x_next, s, extra_args)
-            d2 = (x_next - x0_2) / sig_s
-            x_next = xt + (sig_s - sig_hat) * 0.5 * (d + d2)
+            x0_2 = denoiser(a_s * x_next, g.tb[i + 1], **kw)
+            # Heun: x~ + (sig_s - sig)/2 (d + d'), d = (x~ - x0)/sig, d' = (x~' - x0')/sig_s
+            half = 0.5 * (sig_s - sig_hat)
+            x_next = torch.add(xt, xt - x0, alpha=half / sig_hat).add_(x_next - x0_2, alpha=half / sig_s)
         xt = x_next
-        _report(callback, i, n, t, s, a_s * xt, x0)
-    a_end, _ = _coeffs(sched, ts[-1])
-    return a_end * xt
+        if callback is not None:
+            _report(callback, g, i, a_s * xt, x0)
+    return g.a[-1] * xt
 
 
 @sampler_info(order=1, stochastic=False, default_spacing="karras")
@@ -249,7 +294,8 @@ def heun(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
                          churn_noise, second_order_steps=k)
 
 
-BUILTIN_SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun}
+BUILTIN_SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m,
+                    "euler": euler, "heun": heun}
 
 
 # -- time grids ----------------------------------------------------------------------------
@@ -257,18 +303,29 @@ SPACINGS = ("uniform", "quadratic", "karras", "logsnr")
 
 
 def timesteps(schedule, n: int, spacing: str = "uniform", *, t_max: float = 1.0,
-              sigma_min: float | None = None, rho: float = 7.0) -> torch.Tensor:
-    """A decreasing grid of ``n + 1`` times from ``t_max`` to ``0``.
+              sigma_min: float | None = None, sigma_max: float | None = SIGMA_MAX,
+              rho: float = 7.0) -> torch.Tensor:
+    """A decreasing grid of ``n + 1`` times ending in ``0``.
 
-    - ``uniform``: equal steps in t (DDIM's "trailing" spacing);
+    - ``uniform``: equal steps in t from ``t_max`` (DDIM's "trailing" spacing);
     - ``quadratic``: ``t = t_max (i/n)^2`` (Song et al. 2021a);
-    - ``karras``: ``sigma~^(1/rho)`` uniform from sigma~(t_max) to ``sigma_min``
+    - ``karras``: ``sigma~^(1/rho)`` uniform from ``sigma_max`` to ``sigma_min``
       (Karras et al. 2022), then 0;
-    - ``logsnr``: uniform in log-SNR from t_max to ``sigma_min`` (Lu et al. 2022), then 0.
+    - ``logsnr``: uniform in log-SNR from ``sigma_max`` to ``sigma_min`` (Lu et al. 2022), then 0.
 
-    ``sigma_min`` (in sigma~ = sigma/alpha units) defaults to 0.002, or to the first
-    training step ``t = 1/T`` of a discrete schedule if that is noisier.
+    Noise levels are in Karras et al.'s units, sigma~ = sigma/alpha.  The noise-level spacings
+    start at ``min(t_max, t(sigma_max))``: schedules whose sigma~ at t = 1 is far above EDM's
+    80 (cosine: ~1800) otherwise spend their first steps where nothing happens, which makes
+    Heun unstable at low NFE.  The prior N(0, I) differs from the true marginal at sigma~ = 80
+    by ``alpha ~ 0.0125`` times the data.  ``sigma_max=None`` starts at ``t_max``.
+    ``sigma_min`` defaults to 0.002, or to the first training step ``t = 1/T`` of a discrete
+    schedule if that is noisier.  Grids are cached: repeated calls cost nothing.
     """
+    return _timesteps(schedule, n, spacing, float(t_max), sigma_min, sigma_max, float(rho)).clone()
+
+
+@functools.lru_cache(maxsize=128)
+def _timesteps(schedule, n, spacing, t_max, sigma_min, sigma_max, rho) -> torch.Tensor:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"number of steps must be an integer >= 1, got {n!r}; NFE must be >= 1")
     if not 0 < t_max <= 1:
@@ -285,6 +342,8 @@ def timesteps(schedule, n: int, spacing: str = "uniform", *, t_max: float = 1.0,
         if schedule.T:
             a, s = schedule.coeffs(torch.tensor(1.0 / schedule.T, dtype=dt))
             sigma_min = max(sigma_min, float(s / a))
+    if sigma_max is not None:
+        t_max = min(t_max, float(schedule.t_from_logsnr(torch.tensor(-2.0 * math.log(sigma_max), dtype=dt))))
     l_hi = float(schedule.logsnr(torch.tensor(t_max, dtype=dt)))
     l_lo_cap = -2.0 * math.log(sigma_min)
     if n == 1:
@@ -316,11 +375,15 @@ def get_sampler(name_or_fn):
 def sample(denoiser, shape, *, sampler="dpmpp_2m", nfe: int = 20, spacing: str | None = None,
            generator: torch.Generator | None = None, device=None, dtype=torch.float32,
            x_init: torch.Tensor | None = None, extra_args: dict | None = None,
-           progress: bool = False, callback=None, t_max: float = 1.0, **options) -> torch.Tensor:
+           progress: bool = False, callback=None, t_max: float = 1.0, sigma_min: float | None = None,
+           sigma_max: float | None = SIGMA_MAX, **options) -> torch.Tensor:
     """Draw samples of ``shape = (B, C, *spatial)`` with exactly ``nfe`` denoiser calls.
 
     ``sampler`` is a registered name or a sampler function; ``spacing`` defaults to the
-    sampler's own (``sampler.info.default_spacing``).  ``progress=True`` shows a tqdm bar.
+    sampler's own (``sampler.info.default_spacing``); ``t_max``, ``sigma_min`` and
+    ``sigma_max`` go to :func:`timesteps`.  ``x_init`` (default: standard normal noise) is
+    the state at the grid's first time.  ``progress=True`` shows a tqdm bar; other keyword
+    arguments are the sampler's options (e.g. ``eta``, ``churn``).
     """
     fn = get_sampler(sampler)
     info: SamplerInfo | None = getattr(fn, "info", None)
@@ -329,7 +392,8 @@ def sample(denoiser, shape, *, sampler="dpmpp_2m", nfe: int = 20, spacing: str |
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
     n, plan_opts = info.plan(nfe)
-    ts = timesteps(denoiser.schedule, n, spacing or info.default_spacing, t_max=t_max)
+    ts = timesteps(denoiser.schedule, n, spacing or info.default_spacing, t_max=t_max, sigma_min=sigma_min,
+                   sigma_max=sigma_max)
     if x_init is None:
         x_init = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     else:

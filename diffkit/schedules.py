@@ -96,14 +96,18 @@ class Schedule:
             raise ValueError("transition(s, t) needs s <= t")
         return (0.5 * d).exp(), (-torch.expm1(d)).clamp_min(0).sqrt()
 
-    def t_from_logsnr(self, logsnr, *, iters: int = 100) -> torch.Tensor:
-        """Inverse of :meth:`logsnr` by bisection (schedules are strictly decreasing in t)."""
-        target = torch.as_tensor(logsnr, dtype=_DT)
+    def t_from_logsnr(self, logsnr, *, iters: int = 60) -> torch.Tensor:
+        """Inverse of :meth:`logsnr`: the time at which the log-SNR equals ``logsnr``.
+
+        Generic version: bisection on ``log alpha_bar`` (monotone in t) to ~1e-18; schedules
+        with a closed-form inverse override it.  Values outside the schedule's range map to
+        the ends of ``[0, 1]``."""
+        target = torch.nn.functional.logsigmoid(torch.as_tensor(logsnr, dtype=_DT))  # log alpha_bar
         lo = torch.zeros_like(target)
         hi = torch.ones_like(target)
         for _ in range(iters):
             mid = 0.5 * (lo + hi)
-            above = self.logsnr(mid) > target
+            above = self._log_alpha_bar(mid) > target
             lo = torch.where(above, mid, lo)
             hi = torch.where(above, hi, mid)
         return 0.5 * (lo + hi)
@@ -151,6 +155,16 @@ class DiscreteSchedule(Schedule):
         w = x - i
         g = self._grid
         return g[i] * (1 - w) + g[i + 1] * w
+
+    def t_from_logsnr(self, logsnr, **_) -> torch.Tensor:
+        """Exact inverse of the piecewise-linear ``log alpha_bar``."""
+        la = torch.nn.functional.logsigmoid(torch.as_tensor(logsnr, dtype=_DT))
+        g = self._grid  # decreasing
+        la = la.clamp(min=float(g[-1]), max=0.0)
+        idx = torch.searchsorted(-g, -la).clamp(1, self.T)
+        lo, hi = g[idx - 1], g[idx]
+        frac = torch.where(hi < lo, (la - lo) / (hi - lo), torch.zeros_like(la))
+        return (idx - 1 + frac) / self.T
 
     def __repr__(self):
         return f"DiscreteSchedule(name={self.name!r}, T={self.T})"

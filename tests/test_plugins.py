@@ -30,7 +30,7 @@ needs_backbones = pytest.mark.skipif(not HAVE_BACKBONES, reason="diffkit_backbon
 
 CORE = {
     "schedule": {"linear", "cosine", "sigmoid", "alpha_bar"},
-    "sampler": {"ddpm", "ddim", "dpmpp_2m", "euler", "heun"},
+    "sampler": {"ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "euler", "heun"},
     "metric": {"sliced_wasserstein"},
 }
 ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
@@ -298,9 +298,9 @@ def test_installed_backbones_entry_point_is_discovered():
 # -- errors and switches ------------------------------------------------------------------
 def test_unknown_name_lists_the_installed_names():
     with pytest.raises(UnknownComponentError) as e:
-        registry.get("sampler", "dpmpp_3m")
+        registry.get("sampler", "dpmpp_9m")
     msg = str(e.value)
-    assert "'dpmpp_3m'" in msg and "ddim, ddpm, dpmpp_2m, euler, heun" in msg
+    assert "'dpmpp_9m'" in msg and "ddim, ddpm, dpmpp_2m, dpmpp_3m, euler, heun" in msg
     assert "autoload is off" not in msg
     assert isinstance(e.value, KeyError) and not msg.startswith('"')
     with pytest.raises(UnknownComponentError, match="installed adapters: none"):

@@ -21,8 +21,8 @@ from diffkit import samplers as S
 from diffkit.errors import NonFiniteError, UnknownComponentError
 
 F64 = torch.float64
-ALL = ["ddpm", "ddim", "dpmpp_2m", "euler", "heun"]
-DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m"]
+ALL = ["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "euler", "heun"]
+DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m"]
 
 
 class ExactGaussian:
@@ -73,7 +73,7 @@ def normal_quantiles(n):
 # declared properties
 # ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name, order, stochastic", [
-    ("ddpm", 1, True), ("ddim", 1, False), ("dpmpp_2m", 2, False), ("euler", 1, False), ("heun", 2, False)])
+    ("ddpm", 1, True), ("ddim", 1, False), ("dpmpp_2m", 2, False), ("dpmpp_3m", 3, False), ("euler", 1, False), ("heun", 2, False)])
 def test_samplers_declare_order_and_stochasticity(name, order, stochastic):
     fn = dk.registry.get("sampler", name)
     assert fn is S.BUILTIN_SAMPLERS[name]
@@ -90,7 +90,7 @@ def test_samplers_declare_order_and_stochasticity(name, order, stochastic):
 # ------------------------------------------------------------------------------------------
 ORDER_CASES = [(name, sched, rank) for i, (name, sched) in
                enumerate((n, s) for n in DETERMINISTIC for s in ("linear", "cosine"))
-               for rank in [(1, 2, 3, 4, 5, 3, 4, 5)[i]]]
+               for rank in [(1, 2, 3, 4, 5, 3, 4, 5, 1, 2)[i]]]
 
 
 @pytest.mark.parametrize("name, which, rank", ORDER_CASES)
@@ -139,7 +139,7 @@ def test_deterministic_samplers_reach_data_moments(name, nfe, which):
     a1, s1 = (float(v) for v in schedule.coeffs(1.0))
     q = normal_quantiles(N)
     x1 = a1 * mu + math.sqrt(a1**2 * sd**2 + s1**2) * q  # the exact marginal at t = 1
-    x = dk.sample(D, (N,), sampler=name, nfe=nfe, x_init=x1)
+    x = dk.sample(D, (N,), sampler=name, nfe=nfe, x_init=x1, sigma_max=None)  # grid starts at t = 1
     assert D.calls == nfe and x.shape == (N,)
     assert abs(float(x.mean()) - mu) < 0.005 * sd
     assert abs(float(x.std()) / float(q.std()) - sd) < 0.02 * sd
@@ -347,7 +347,16 @@ def test_timesteps_spacings(spacing, which):
         for t_max in (1.0, 0.8):
             ts = S.timesteps(sch, n, spacing, t_max=t_max)
             assert ts.shape == (n + 1,) and ts.dtype == F64
-            assert float(ts[0]) == t_max and float(ts[-1]) == 0.0
+            assert float(ts[-1]) == 0.0
+            if spacing in ("karras", "logsnr"):  # noise-level spacings start at sigma~ = 80 or t_max
+                t80 = float(sch.t_from_logsnr(torch.tensor(-2 * math.log(80.0), dtype=F64)))
+                assert float(ts[0]) == pytest.approx(min(t_max, t80), abs=1e-12)
+                if t80 < t_max:
+                    a0, s0 = sch.coeffs(ts[0])
+                    assert float(s0 / a0) == pytest.approx(80.0, rel=1e-9)
+                assert float(S.timesteps(sch, n, spacing, t_max=t_max, sigma_max=None)[0]) == t_max
+            else:
+                assert float(ts[0]) == t_max
             assert bool((ts[1:] < ts[:-1]).all())
             if n < 3:
                 continue
@@ -404,9 +413,9 @@ def test_samplers_reject_bad_grids(name, ts):
 def test_unknown_sampler_lists_installed():
     D = ExactGaussian(dk.cosine(), 0.0, 1.0)
     with pytest.raises(UnknownComponentError) as e:
-        dk.sample(D, (2, 2), sampler="dpmpp_3m", nfe=4)
+        dk.sample(D, (2, 2), sampler="dpmpp_9m", nfe=4)
     msg = str(e.value)
-    assert "dpmpp_3m" in msg
+    assert "dpmpp_9m" in msg
     for name in ALL:
         assert name in msg
     assert isinstance(e.value, KeyError)
