@@ -49,7 +49,9 @@ def main(argv=None):
     den = dk.Denoiser(net, schedule, "v", layout)
     ema = copy.deepcopy(den).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.0)
-    sched_lr = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    warm = max(1, args.steps // 20)  # linear warm-up, then cosine decay
+    sched_lr = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda k: min(1.0, (k + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(k, args.steps) / args.steps)))
 
     from tqdm.auto import tqdm
 
