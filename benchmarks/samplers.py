@@ -259,21 +259,25 @@ def accuracy(d: int, N: int, n_proj: int, quick: bool, log):
 
     # diffkit
     t0 = time.perf_counter()
-    dk_methods = [("ddpm", None, False)]
+    dk_methods = [("ddpm", None, False, {})]
     for name in DK_DETERMINISTIC:
         dflt = dks.BUILTIN_SAMPLERS[name].info.default_spacing
-        dk_methods.append((name, dflt, True))
+        dk_methods.append((name, dflt, True, {}))
         others = ("quadratic",) if quick else dks.SPACINGS  # quick: the default and quadratic only
-        dk_methods += [(name, s, True) for s in others if s != dflt]
-    for name, spacing, det in dk_methods:
+        dk_methods += [(name, s, True, {}) for s in others if s != dflt]
+        if not quick:  # noise-level spacings started at t = 1 (sigma~ = 157) instead of sigma~ = 80
+            dk_methods += [(name, s, True, {"sigma_max": None}) for s in ("karras", "logsnr")]
+    for name, spacing, det, kw in dk_methods:
         label = name if spacing is None else f"{name}/{spacing}"
         if spacing == dks.BUILTIN_SAMPLERS[name].info.default_spacing:
             label += "*"
+        if kw:
+            label += "@t1"
         for nfe in NFES:
             D.nfe = 0
             g = torch.Generator().manual_seed(SEED_DDPM)
             x = dks.sample(D, (N, d), sampler=name, nfe=nfe, spacing=spacing, x_init=x_init.clone(),
-                           generator=g, dtype=torch.float64)
+                           generator=g, dtype=torch.float64, **kw)
             record("diffkit", label, det, nfe, D.nfe, x)
     log(f"  [d={d}] diffkit runs: {time.perf_counter() - t0:.1f}s")
 
@@ -443,10 +447,10 @@ def main(argv=None):
         floor, sw, rows = accuracy(d, N, n_proj, quick, log)
         h, t = method_table(rows, "sw")
         log(f"\nSliced-Wasserstein distance to exact samples (floor, SW between exact sample sets: {floor:.4f}; "
-            "* marks a diffkit sampler's default spacing)")
+            "* marks a diffkit sampler's default spacing; @t1: noise-level spacing started at t = 1, sigma_max=None)")
         log(fmt_table(h, t, ["<", "<", "<"] + [">"] * (len(h) - 3)))
         md += [f"## Accuracy, d = {d}", "", f"Sliced-Wasserstein distance to exact samples (floor, SW between "
-               f"exact sample sets of the same size: {floor:.4f}; * marks a diffkit sampler's default spacing).",
+               f"exact sample sets of the same size: {floor:.4f}; * marks a diffkit sampler's default spacing; @t1: started at t = 1 with sigma_max=None).",
                "", md_table(h, t), ""]
         h2, t2 = method_table([r for r in rows if r["det"]], "err")
         log("\nMedian distance to an accurate probability-flow ODE solution from the same noise "
