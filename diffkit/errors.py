@@ -26,3 +26,7 @@ class PluginError(DiffkitError):
 
 class ConfigError(DiffkitError, ValueError):
     """A configuration key or value is invalid."""
+
+
+class CheckpointError(DiffkitError):
+    """A checkpoint cannot be written or read: missing, truncated, corrupt, foreign or too new."""
