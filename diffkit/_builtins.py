@@ -21,3 +21,10 @@ def diffkit_metrics():
     from .metrics import BUILTIN_METRICS
 
     return dict(BUILTIN_METRICS)
+
+
+@hookimpl
+def diffkit_adapters():
+    from .adapters import MixtureAdapter
+
+    return {"mixture": MixtureAdapter}

@@ -27,6 +27,87 @@ def _cmd_plugins(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .config import Config, apply_overrides, load_config
+
+    cfg = load_config(args.config) if args.config else Config()
+    sets = list(args.set or [])
+    if args.run_dir:
+        sets.append(f'run_dir="{args.run_dir}"')
+    cfg = apply_overrides(cfg, sets)
+    from .train import Trainer
+
+    resume = False if args.resume is None else (True if args.resume == "" else args.resume)
+    trainer = Trainer(cfg, device=args.device, resume=resume, progress=not args.no_progress)
+    out = trainer.fit()
+    if trainer.dist.main:
+        print(f"diffkit train: finished at step {out['step']}; run directory {cfg.run_dir}")
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from .samplers import sample
+    from .train import init_distributed, load_for_sampling
+
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist = init_distributed(device)
+    den, cfg, adapter_cls = load_for_sampling(args.checkpoint, device=device)
+    sc = cfg.sample
+    n = args.n if args.n is not None else sc.n
+    if n < 1:
+        raise ValueError(f"--n must be >= 1, got {n}")
+    sampler = args.sampler or sc.sampler
+    nfe = args.steps if args.steps is not None else sc.nfe
+    guidance = args.guidance if args.guidance is not None else sc.guidance
+    layout = den.layout
+    cond = None
+    if layout.cond_channels or layout.scalars:
+        raise ValueError("this model is conditional on fields or scalars; use the domain's command "
+                         "(e.g. diffkit forecast / rollout) to give the conditions")
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    # every rank draws the noise of all n members and keeps its share, so the result does not
+    # depend on the number of processes (deterministic samplers)
+    x_init = torch.randn((n, *layout.sample_shape), generator=g, device=device)
+    idx = torch.arange(dist.rank, n, dist.world, device=device)
+    labels = None
+    if layout.num_classes:
+        labels = (torch.arange(n, device=device) % layout.num_classes) if args.label is None else \
+            torch.full((n,), args.label, device=device, dtype=torch.long)
+    from .denoiser import Cond
+
+    bound = den.bind(Cond(labels=labels[idx]) if labels is not None else cond, guidance)
+    x = sample(bound, (len(idx), *layout.sample_shape), sampler=sampler, nfe=nfe, spacing=args.spacing or sc.spacing,
+               generator=g, device=device, x_init=x_init[idx], progress=not args.no_progress and dist.main)
+    if dist.world > 1:
+        import torch.distributed as td
+
+        parts = [torch.empty((len(range(r, n, dist.world)), *layout.sample_shape), device=device)
+                 for r in range(dist.world)]
+        if dist.main:
+            td.gather(x.contiguous(), parts, dst=0)
+        else:
+            td.gather(x.contiguous(), None, dst=0)
+        if not dist.main:
+            return 0
+        full = torch.empty((n, *layout.sample_shape), device=device)
+        for r in range(dist.world):
+            full[r::dist.world] = parts[r]
+        x = full
+    out = adapter_cls.decode(x, layout, args.out, attrs={"sampler": sampler, "nfe": nfe, "seed": args.seed,
+                                                          "checkpoint": str(args.checkpoint)})
+    print(f"diffkit sample: wrote {n} samples to {out}")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from .config import format_config_help
+
+    print(format_config_help())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -44,6 +125,36 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--kind", choices=["backbone", "adapter", "schedule", "sampler", "metric"], default=None,
                     help="only this kind of component")
     sp.set_defaults(func=_cmd_plugins)
+
+    tp = sub.add_parser("train", parents=[common], help="train a model from a TOML/YAML config",
+                        description="Train a diffusion model. Multi-process: torchrun --nproc_per_node=N -m diffkit train CONFIG")
+    tp.add_argument("config", nargs="?", default=None,
+                    help="TOML or YAML config file (default: the built-in defaults; `diffkit config` lists every key)")
+    tp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set trainer.lr=1e-4 (repeatable)")
+    tp.add_argument("--run-dir", default=None, help="run directory (overrides run_dir)")
+    tp.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                    help="resume from the latest valid checkpoint of the run directory, or from CKPT")
+    tp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tp.set_defaults(func=_cmd_train)
+
+    sp = sub.add_parser("sample", parents=[common], help="sample from a checkpoint",
+                        description="Draw samples from a checkpoint (file or run directory) alone and write them "
+                                    "through the adapter's decoder (netCDF, PNG, ...).")
+    sp.add_argument("checkpoint", help="checkpoint file, checkpoints directory or run directory")
+    sp.add_argument("--n", type=int, default=None, help="number of samples (default: sample.n of the run)")
+    sp.add_argument("--sampler", default=None, help="sampler name (default: the run's; `diffkit plugins --kind sampler`)")
+    sp.add_argument("--steps", type=int, default=None, help="number of denoiser evaluations (NFE)")
+    sp.add_argument("--spacing", default=None, help="time spacing: uniform, quadratic, karras, logsnr")
+    sp.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
+    sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (class-conditional models)")
+    sp.add_argument("--label", type=int, default=None, help="class label for every sample (default: cycle through classes)")
+    sp.add_argument("--out", required=True, help="output file (e.g. samples.nc)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.set_defaults(func=_cmd_sample)
+
+    cp = sub.add_parser("config", parents=[common], help="list every config key with its type, default and meaning")
+    cp.set_defaults(func=_cmd_config)
     return p
 
 

@@ -38,6 +38,11 @@ class Cond:
     scalars: torch.Tensor | None = None
     labels: torch.Tensor | None = None
 
+    @property
+    def given(self) -> bool:
+        """Whether any conditioning is present."""
+        return self.fields is not None or self.scalars is not None or self.labels is not None
+
     def to(self, device) -> "Cond":
         mv = lambda v: None if v is None else v.to(device)
         return Cond(mv(self.fields), mv(self.scalars), mv(self.labels))

@@ -1,0 +1,413 @@
+"""The training runtime: a :class:`Trainer` built from a :class:`~diffkit.config.Config`.
+
+One step is the paper's regression (Turner et al. 2024, step 2) on a global batch: AdamW with
+linear warm-up then cosine decay, gradient accumulation and clipping, EMA weights (used for
+validation, snapshots and sampling), optional bf16 autocast and ``torch.compile``.
+
+Exact resume.  Everything random is a function of saved state: the data order is a
+permutation per epoch drawn from ``(seed, epoch)``, the diffusion noise comes from one
+generator whose state is checkpointed, and every RNG state (python, numpy, torch, CUDA) is
+saved.  A resumed run therefore ends with the same weights as an uninterrupted one (bitwise on
+CPU with ``trainer.deterministic = true``).
+
+Distributed.  Under ``torchrun`` the trainer uses DDP (NCCL on GPU, gloo on CPU).  Each rank
+draws the noise of the *whole* global batch from the same generator and keeps its own rows,
+and the sampler deals the global batch out as :class:`~torch.utils.data.DistributedSampler`
+does, so N processes train the same model as 1 process with the same global batch.  Rank 0
+alone logs, writes snapshots and checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as torchdist
+from torch.utils.data import DataLoader, DistributedSampler
+
+from . import registry
+from .checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from .config import Config, config_from_dict, config_to_dict, dump_config
+from .denoiser import Cond, Denoiser
+from .errors import DiffkitError
+from .layout import Layout
+from .losses import diffusion_loss, sample_times
+from .schedules import get_schedule
+
+
+class TrainingDiverged(DiffkitError):
+    """The loss became NaN or inf."""
+
+
+# -- distributed helpers ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device | None = None) -> Dist:
+    """Join the process group started by ``torchrun`` (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not torchdist.is_initialized():
+        backend = "nccl" if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda") else "gloo"
+        torchdist.init_process_group(backend=backend)
+    return Dist(torchdist.get_rank(), torchdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+class ResumableSampler(DistributedSampler):
+    """:class:`DistributedSampler` (seeded permutation per epoch, dealt out to ranks) that can
+    start part-way through an epoch, so a resumed run sees exactly the remaining batches."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start = 0
+
+    def set_start(self, n_samples: int) -> None:
+        self.start = int(n_samples)
+
+    def __iter__(self):
+        it = list(super().__iter__())
+        return iter(it[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+def _lr_lambda(warmup: int, steps: int):
+    def f(k: int) -> float:
+        w = min(1.0, (k + 1) / warmup) if warmup > 0 else 1.0
+        return w * 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / max(1, steps)))
+    return f
+
+
+def build_model(cfg: Config, layout: Layout) -> Denoiser:
+    """The Denoiser a config describes, every name resolved through the plugin registry."""
+    net = registry.get("backbone", cfg.model.backbone)(layout, **dict(cfg.model.options))
+    return Denoiser(net, get_schedule(cfg.model.schedule), cfg.model.parameterization, layout)
+
+
+def _collate_to(batch: dict, device) -> tuple[torch.Tensor, Cond, torch.Tensor | None]:
+    x = batch["x"].to(device, non_blocking=True)
+    cond = Cond(fields=batch.get("fields"), scalars=batch.get("scalars"), labels=batch.get("label")).to(device)
+    w = batch.get("weight")
+    return x, cond, None if w is None else w.to(device)
+
+
+class Trainer:
+    """Train a diffusion model as a config says.  ``fit()`` runs until ``trainer.steps`` or the
+    time budget, writing ``metrics.jsonl``, checkpoints and snapshots under ``run_dir``."""
+
+    def __init__(self, cfg: Config, *, device: str | torch.device | None = None, resume: bool | str = False,
+                 progress: bool = True, adapter=None):
+        self.cfg = cfg
+        self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.dist = init_distributed(self.device)
+        if self.device.type == "cuda" and self.dist.world > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        tc = cfg.trainer
+        if tc.deterministic:
+            torch.use_deterministic_algorithms(True)
+        gb = cfg.data.batch_size
+        if gb % (self.dist.world * tc.grad_accum):
+            raise DiffkitError(f"data.batch_size = {gb} is not divisible by world size {self.dist.world} x "
+                               f"trainer.grad_accum {tc.grad_accum}; choose a multiple")
+        self.micro = gb // (self.dist.world * tc.grad_accum)  # per-rank micro-batch
+        self.run_dir = Path(cfg.run_dir)
+        self.progress = progress and self.dist.main
+
+        torch.manual_seed(tc.seed)
+        self.adapter = adapter or registry.get("adapter", cfg.data.adapter)(**dict(cfg.data.options))
+        self.layout: Layout = self.adapter.layout
+        self.train_set = self.adapter.dataset("train")
+        self.val_set = self.adapter.dataset("val") if tc.val_every else None
+        if len(self.train_set) < gb:
+            raise DiffkitError(f"the training split has {len(self.train_set)} samples, fewer than "
+                               f"data.batch_size = {gb}; lower the batch size")
+        self.model = build_model(cfg, self.layout).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.net = self.model.net
+        self.ddp = None
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = DDP(self.model.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            self.model.net = self.ddp  # the Denoiser calls the DDP wrapper
+        if tc.compile:
+            self.model.net = torch.compile(self.model.net)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(tc.warmup, tc.steps))
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(tc.seed + 1)
+        self.sampler = ResumableSampler(self.train_set, self.dist.world, self.dist.rank, seed=tc.seed)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        prec = tc.precision
+        self.amp_dtype = torch.bfloat16 if (prec == "bf16" or (prec == "auto" and self.device.type == "cuda")) else None
+        self.ckpts = CheckpointManager(self.run_dir / "checkpoints", keep_last=tc.keep_last)
+        self._stop = False
+        if resume:
+            self._resume(resume)
+
+    # -- state -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "model": self.net.state_dict(),
+            "ema": self.ema.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "rng": capture_rng_state(),
+            "noise_generator": self.noise_gen.get_state(),
+            "layout": self.layout.to_dict(),
+            "adapter": self.cfg.data.adapter,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def _resume(self, resume) -> None:
+        from .checkpoint import resume as find
+
+        where = self.ckpts.directory if resume is True else _checkpoint_path(resume)
+        got = None
+        if where.exists() or resume is not True:
+            got = find(where, require=("model", "ema", "optimizer", "step"))
+        if got is None:
+            if self.dist.main:
+                print(f"diffkit: no checkpoint in {where}; starting from step 0")
+            return
+        path, ck = got
+        self.net.load_state_dict(ck["model"])
+        self.ema.net.load_state_dict(ck["ema"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
+        restore_rng_state(ck["rng"])
+        self.noise_gen.set_state(ck["noise_generator"].to(self.noise_gen.get_state().device))
+        if self.dist.main:
+            print(f"diffkit: resumed from {path} at step {self.step}")
+
+    def save_checkpoint(self) -> Path | None:
+        if not self.dist.main:
+            return None
+        return self.ckpts.save(self.step, self.state_dict())
+
+    # -- data --------------------------------------------------------------------------
+    def _batches(self):
+        """Yield per-rank micro-batches forever, resuming at (epoch, batch_in_epoch)."""
+        dl_kw = dict(batch_size=self.micro, num_workers=self.cfg.data.workers, drop_last=True,
+                     pin_memory=self.device.type == "cuda", persistent_workers=False)
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            self.sampler.set_start(self.batch_in_epoch * self.micro)
+            # Its own generator: worker seeds must not consume the global RNG, whose state at a
+            # resume point would otherwise differ from an uninterrupted run.
+            g = torch.Generator().manual_seed(self.cfg.trainer.seed * 100003 + self.epoch)
+            loader = DataLoader(self.train_set, sampler=self.sampler, generator=g, **dl_kw)
+            for batch in loader:
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def _noise(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise level and noise for this rank's rows of the global micro-batch."""
+        W, r, B = self.dist.world, self.dist.rank, x.shape[0]
+        t = sample_times(self.model.schedule, W * B, continuous=self.cfg.loss.weighting == "vdm",
+                         generator=self.noise_gen, device=self.device)
+        eps = torch.randn((W * B, *x.shape[1:]), generator=self.noise_gen, device=self.device, dtype=x.dtype)
+        return t[r::W], eps[r::W]
+
+    def _loss(self, x0, cond, weight, t=None, eps=None, model=None) -> torch.Tensor:
+        lc = self.cfg.loss
+        w = self.layout.weights
+        w = None if w is None else w.to(self.device)
+        if weight is not None:
+            w = weight if w is None else w * weight
+        p_uncond = lc.p_uncond if (self.layout.num_classes and cond.labels is not None) else 0.0
+        ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
+        with ctx:
+            return diffusion_loss(model or self.model, x0, cond=cond if cond.given else None,
+                                  weighting=lc.weighting, weight=w, gamma=lc.gamma, p_uncond=p_uncond,
+                                  t=t, eps=eps, generator=self.noise_gen)
+
+    # -- the loop ----------------------------------------------------------------------
+    def fit(self) -> dict:
+        tc = self.cfg.trainer
+        if self.dist.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.toml")
+        log_path = self.run_dir / "metrics.jsonl"
+        batches = self._batches()
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=tc.steps, initial=self.step, desc="training", unit="step", dynamic_ncols=True)
+        old_handler = None
+        if self.dist.main and threading_main():
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+        t_start, n_samples, last_log = time.time(), 0, time.time()
+        last = {}
+        try:
+            while self.step < tc.steps:
+                if tc.time_budget is not None and time.time() - t_start >= tc.time_budget:
+                    break
+                loss = self._train_step(batches)
+                n_samples += self.cfg.data.batch_size
+                if self.dist.main and (self.step % tc.log_every == 0 or self.step == tc.steps):
+                    now = time.time()
+                    last = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
+                            "samples_per_s": n_samples / max(now - last_log, 1e-9), "elapsed_s": now - t_start}
+                    _append_jsonl(log_path, last)
+                    n_samples, last_log = 0, now
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if tc.val_every and self.step % tc.val_every == 0:
+                    v = self.validate()
+                    if self.dist.main:
+                        _append_jsonl(log_path, {"step": self.step, "val_loss": v})
+                        last["val_loss"] = v
+                if tc.snapshot_every and self.step % tc.snapshot_every == 0 and self.dist.main:
+                    self.snapshot()
+                if tc.ckpt_every and self.step % tc.ckpt_every == 0:
+                    self.save_checkpoint()
+                if self._stop:
+                    break
+            if not (tc.ckpt_every and self.step % tc.ckpt_every == 0):
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if old_handler is not None:
+                signal.signal(signal.SIGINT, old_handler)
+        if self._stop and self.dist.main:
+            print(f"diffkit: interrupted at step {self.step}; checkpoint saved. Resume with --resume")
+        return {"step": self.step, **last}
+
+    def _on_sigint(self, signum, frame):
+        if self._stop:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop = True
+
+    def _train_step(self, batches) -> float:
+        tc = self.cfg.trainer
+        self.net.train()
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for k in range(tc.grad_accum):
+            x0, cond, weight = _collate_to(next(batches), self.device)
+            t, eps = self._noise(x0)
+            sync = contextlib.nullcontext()
+            if self.ddp is not None and k < tc.grad_accum - 1:
+                sync = self.ddp.no_sync()
+            with sync:
+                loss = self._loss(x0, cond, weight, t=t, eps=eps).mean() / tc.grad_accum
+                loss.backward()
+            total += float(loss.detach())
+        if not math.isfinite(total):
+            raise TrainingDiverged(
+                f"the loss became {total} at step {self.step + 1}; training stopped and the last good "
+                f"checkpoint in {self.ckpts.directory} is kept. Lower trainer.lr, enable trainer.grad_clip, "
+                f"or check the data for extreme values")
+        if tc.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), tc.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self._update_ema()
+        return total
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        tc = self.cfg.trainer
+        d = tc.ema_decay
+        if tc.ema_warmup:
+            d = min(d, (1 + self.step) / (10 + self.step))
+        ema_p = list(self.ema.net.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in self.net.parameters()], 1.0 - d)
+        for be, b in zip(self.ema.net.buffers(), self.net.buffers()):
+            be.copy_(b)
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """EMA loss on the validation split with fixed noise (comparable across steps)."""
+        if self.val_set is None or len(self.val_set) == 0:
+            return float("nan")
+        g = torch.Generator(device=self.device).manual_seed(12345)
+        loader = DataLoader(self.val_set, batch_size=self.micro, shuffle=False)
+        tot, n = 0.0, 0
+        for i, batch in enumerate(loader):
+            if i >= self.cfg.trainer.val_batches:
+                break
+            x0, cond, weight = _collate_to(batch, self.device)
+            t = sample_times(self.model.schedule, x0.shape[0], generator=g, device=self.device)
+            eps = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
+            l = self._loss(x0, cond, weight, t=t, eps=eps, model=self.ema)
+            tot += float(l.sum())
+            n += l.shape[0]
+        return tot / max(n, 1)
+
+    @torch.no_grad()
+    def snapshot(self) -> Path:
+        """Sample with the EMA model and write through the adapter's decoder."""
+        sc = self.cfg.sample
+        g = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed + 7)
+        from .samplers import sample
+
+        x = sample(self.ema, (sc.n, *self.layout.sample_shape), sampler=sc.sampler, nfe=sc.nfe, spacing=sc.spacing,
+                   generator=g, device=self.device)
+        out = self.run_dir / "snapshots" / f"step-{self.step:09d}.nc"
+        return type(self.adapter).decode(x, self.layout, out, attrs={"step": self.step})
+
+
+def _checkpoint_path(path) -> Path:
+    """A checkpoint file, a checkpoint directory, or a run directory holding ``checkpoints/``."""
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir():
+        return p / "checkpoints"
+    return p
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# -- sampling from a checkpoint alone -------------------------------------------------------
+def load_for_sampling(path, device=None) -> tuple[Denoiser, Config, type]:
+    """``(ema_denoiser, config, adapter_class)`` from a checkpoint file or run directory."""
+    from .checkpoint import resume as find
+
+    got = find(_checkpoint_path(path), require=("ema", "layout", "config", "adapter"))
+    if got is None:
+        raise DiffkitError(f"no checkpoint found in {path}")
+    _, ck = got
+    cfg = config_from_dict(ck["config"], source=f"{path} (stored config)")
+    layout = Layout.from_dict(ck["layout"])
+    den = build_model(cfg, layout)
+    den.net.load_state_dict(ck["ema"])
+    den.eval().requires_grad_(False)
+    if device is not None:
+        den.to(device)
+    return den, cfg, registry.get("adapter", ck["adapter"])
