@@ -100,8 +100,13 @@ class AxisPad(nn.Module):
 
 
 class PadConv(nn.Module):
-    """N-D convolution with 'same' padding done by :class:`AxisPad` (``padding=0`` in the conv).
+    """N-D convolution with 'same' padding: circular on periodic axes, zeros elsewhere.
 
+    With an odd kernel the zero padding is the convolution's own (``padding=kernel // 2`` on
+    bounded axes, which spares a padded copy of the input and its backward) and only the
+    periodic axes are padded beforehand by :class:`AxisPad`; the values seen by the kernel are
+    those of :class:`AxisPad` on all axes (its corners of a cylinder are zeros either way).  An
+    even kernel pads asymmetrically, all by :class:`AxisPad` with ``padding=0`` in the conv.
     With ``stride=2`` and an even input size ``n`` the output has size ``n // 2``.
     """
 
@@ -109,8 +114,14 @@ class PadConv(nn.Module):
                  periodic: Sequence[bool] = ()):
         super().__init__()
         periodic = tuple(periodic) or (False,) * ndim
-        self.pad = AxisPad([(kernel // 2, (kernel - 1) // 2)] * ndim, periodic)
-        self.conv = conv_nd(ndim, cin, cout, kernel, stride=stride, padding=0)
+        pairs = [(kernel // 2, (kernel - 1) // 2)] * ndim
+        if kernel % 2:
+            self.pad = AxisPad([lh if p else (0, 0) for lh, p in zip(pairs, periodic)], periodic)
+            padding = tuple(0 if p else lo for (lo, _), p in zip(pairs, periodic))
+        else:
+            self.pad = AxisPad(pairs, periodic)
+            padding = 0
+        self.conv = conv_nd(ndim, cin, cout, kernel, stride=stride, padding=padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(self.pad(x))
