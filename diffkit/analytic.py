@@ -11,7 +11,6 @@ and a ``schedule`` attribute.  Shapes: ``mu_k`` broadcasts against one sample ``
 """
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from diffkit.errors import ConfigError, ShapeError
+from diffkit.errors import ConfigError
 from diffkit.layout import Layout
 
-from .embedding import ConditionEmbedding, check_x
+from .embedding import ConditionEmbedding, check_x, require_spatial_rank
 from .layers import LayerNorm32, as_tuple, conv_nd, pad_to_multiple, zero_init
 
 
@@ -93,13 +93,7 @@ class DiT(nn.Module):
                  depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0, out_channels: int | None = None,
                  validate: bool = True):
         super().__init__()
-        nd = layout.ndim
-        if nd == 0:
-            raise ShapeError("dit needs spatial axes but the layout describes vector data (ndim 0); "
-                             "use the 'mlp' backbone")
-        if nd > 3:
-            raise ShapeError(f"dit supports 1 to 3 spatial axes, the layout has {nd} {layout.spatial}; "
-                             "merge axes into channels or a 3-D grid, or write a plugin backbone")
+        nd = require_spatial_rank(layout, "dit")
         if hidden % num_heads:
             raise ConfigError(f"dit: hidden={hidden} is not divisible by num_heads={num_heads}")
         if depth < 1:

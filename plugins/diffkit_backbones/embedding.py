@@ -28,6 +28,18 @@ def _is_compiling() -> bool:
         return False
 
 
+def require_spatial_rank(layout: Layout, backbone: str) -> int:
+    """The layout's number of spatial axes, which must be 1 to 3 for a convolutional or patch backbone."""
+    nd = layout.ndim
+    if nd == 0:
+        raise ShapeError(f"{backbone} needs spatial axes but the layout describes vector data (ndim 0); "
+                         "use the 'mlp' backbone")
+    if nd > 3:
+        raise ShapeError(f"{backbone} supports 1 to 3 spatial axes, the layout has {nd} {layout.spatial}; "
+                         "merge axes into channels or a 3-D grid, or write a plugin backbone")
+    return nd
+
+
 def check_x(layout: Layout, x: torch.Tensor, backbone: str) -> None:
     """Raise :class:`ShapeError` unless ``x`` is ``(B, layout.in_channels, *spatial)`` (any sizes)."""
     want = 2 + layout.ndim

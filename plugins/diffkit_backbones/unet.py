@@ -20,10 +20,10 @@ from einops import rearrange
 from torch import nn
 
 from diffkit._shape import append_dims
-from diffkit.errors import ConfigError, ShapeError
+from diffkit.errors import ConfigError
 from diffkit.layout import Layout
 
-from .embedding import ConditionEmbedding, check_x
+from .embedding import ConditionEmbedding, check_x, require_spatial_rank
 from .layers import GroupNorm32, PadConv, conv_nd, norm_groups, pad_to_multiple, zero_init
 
 
@@ -116,13 +116,7 @@ class UNet(nn.Module):
                  num_heads: int = 4, dropout: float = 0.0, groups: int = 32, out_channels: int | None = None,
                  validate: bool = True):
         super().__init__()
-        nd = layout.ndim
-        if nd == 0:
-            raise ShapeError("unet needs spatial axes but the layout describes vector data (ndim 0); "
-                             "use the 'mlp' backbone")
-        if nd > 3:
-            raise ShapeError(f"unet supports 1 to 3 spatial axes, the layout has {nd} {layout.spatial}; "
-                             "merge axes into channels or a 3-D grid, or write a plugin backbone")
+        nd = require_spatial_rank(layout, "unet")
         channel_mult = tuple(int(m) for m in channel_mult)
         if not channel_mult or min(channel_mult) < 1:
             raise ConfigError(f"unet: channel_mult must be a non-empty sequence of positive ints, got {channel_mult}")
