@@ -24,7 +24,8 @@ from diffkit.cli import main
 HAVE_BACKBONES = importlib.util.find_spec("diffkit_backbones") is not None
 ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
 BUILTINS = [("schedule", n) for n in ("alpha_bar", "cosine", "linear", "sigmoid")] + \
-           [("sampler", n) for n in ("ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "euler", "heun")] + [("metric", "sliced_wasserstein")]
+           [("sampler", n) for n in ("ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "euler", "heun")] + [("metric", "sliced_wasserstein")] + \
+           [("adapter", "mixture")]
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +129,7 @@ def test_plugins_kind_filter(capsys):
     assert {r[0] for r in rows} == {"sampler"}
     assert {r[1] for r in rows} == {"ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "euler", "heun"}
     assert main(["plugins", "--kind", "adapter"]) == 0
-    assert table(capsys.readouterr().out) == []
+    assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("adapter", "mixture", "diffkit")}
 
 
 def test_plugins_bad_kind_is_a_usage_error(capsys):
@@ -160,7 +161,7 @@ def test_broken_plugin_is_a_warning_and_exit_0(tmp_path):
     assert {(k, n) for k, n, _, _ in table(proc.stdout)} >= set(BUILTINS)
     quiet = run(["plugins"], tmp_path, site=site, DIFFKIT_DISABLE_PLUGIN_AUTOLOAD="1")
     assert quiet.returncode == 0 and quiet.stderr == ""
-    assert {r[0] for r in table(quiet.stdout)} == {"schedule", "sampler", "metric"}
+    assert {r[0] for r in table(quiet.stdout)} == {"adapter", "schedule", "sampler", "metric"}
 
 
 def test_plugin_from_dist_info_is_listed(tmp_path):

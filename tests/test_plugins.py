@@ -32,6 +32,7 @@ CORE = {
     "schedule": {"linear", "cosine", "sigmoid", "alpha_bar"},
     "sampler": {"ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "euler", "heun"},
     "metric": {"sliced_wasserstein"},
+    "adapter": {"mixture"},
 }
 ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
 
@@ -303,7 +304,7 @@ def test_unknown_name_lists_the_installed_names():
     assert "'dpmpp_9m'" in msg and "ddim, ddpm, dpmpp_2m, dpmpp_3m, euler, heun" in msg
     assert "autoload is off" not in msg
     assert isinstance(e.value, KeyError) and not msg.startswith('"')
-    with pytest.raises(UnknownComponentError, match="installed adapters: none"):
+    with pytest.raises(UnknownComponentError, match="installed adapters: mixture"):
         registry.get("adapter", "era5")
 
 
@@ -533,7 +534,7 @@ def test_check_plugin_registers_on_builtins():
     import diffkit._builtins
 
     got = check_plugin_registers(diffkit._builtins)
-    assert set(got) == {"schedule", "sampler", "metric"}
+    assert set(got) == {"adapter", "schedule", "sampler", "metric"}
     assert set(got["sampler"]) == CORE["sampler"]
 
 
