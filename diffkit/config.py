@@ -95,7 +95,8 @@ class DataConfig(_Validated):
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword options passed to the adapter."""
     val_fraction: float = 0.05
-    """Fraction of the data held out for validation, in [0, 1)."""
+    """Fraction of the data held out for validation, in [0, 1); passed to adapters that take a
+    ``val_fraction`` option (unless data.options sets it)."""
     workers: int = 0
     """DataLoader worker processes (0 loads in the main process)."""
     batch_size: int = 64

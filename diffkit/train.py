@@ -97,8 +97,38 @@ def _lr_lambda(warmup: int, steps: int):
 
 def build_model(cfg: Config, layout: Layout) -> Denoiser:
     """The Denoiser a config describes, every name resolved through the plugin registry."""
-    net = registry.get("backbone", cfg.model.backbone)(layout, **dict(cfg.model.options))
+    factory = registry.get("backbone", cfg.model.backbone)
+    options = dict(cfg.model.options)
+    _check_options(factory, options, f"model.options (backbone {cfg.model.backbone!r})")
+    net = factory(layout, **options)
     return Denoiser(net, get_schedule(cfg.model.schedule), cfg.model.parameterization, layout)
+
+
+def _accepts(factory, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _check_options(factory, options: dict, where: str) -> None:
+    """Unknown keyword options are a ConfigError naming them and listing the valid ones."""
+    import inspect
+
+    from .errors import ConfigError
+
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "layout"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
 
 
 def _collate_to(batch: dict, device) -> tuple[torch.Tensor, Cond, torch.Tensor | None]:
@@ -132,7 +162,14 @@ class Trainer:
         self.progress = progress and self.dist.main
 
         torch.manual_seed(tc.seed)
-        self.adapter = adapter or registry.get("adapter", cfg.data.adapter)(**dict(cfg.data.options))
+        if adapter is None:
+            adapter_cls = registry.get("adapter", cfg.data.adapter)
+            options = dict(cfg.data.options)
+            _check_options(adapter_cls, options, f"data.options (adapter {cfg.data.adapter!r})")
+            if "val_fraction" not in options and _accepts(adapter_cls, "val_fraction"):
+                options["val_fraction"] = cfg.data.val_fraction
+            adapter = adapter_cls(**options)
+        self.adapter = adapter
         self.layout: Layout = self.adapter.layout
         self.train_set = self.adapter.dataset("train")
         self.val_set = self.adapter.dataset("val") if tc.val_every else None
@@ -263,11 +300,17 @@ class Trainer:
         last = {}
         try:
             while self.step < tc.steps:
-                if tc.time_budget is not None and time.time() - t_start >= tc.time_budget:
+                stop = self._stop or (tc.time_budget is not None and time.time() - t_start >= tc.time_budget)
+                if self.dist.world > 1:  # all ranks stop at the same step, or the others hang in DDP's all-reduce
+                    stop = self._all_reduce(float(stop), torchdist.ReduceOp.MAX) > 0
+                if stop:
                     break
                 loss = self._train_step(batches)
                 n_samples += self.cfg.data.batch_size
-                if self.dist.main and (self.step % tc.log_every == 0 or self.step == tc.steps):
+                log_now = self.step % tc.log_every == 0 or self.step == tc.steps
+                if log_now and self.dist.world > 1:  # log the global batch's loss, not rank 0's share
+                    loss = self._all_reduce(loss, torchdist.ReduceOp.SUM) / self.dist.world
+                if self.dist.main and log_now:
                     now = time.time()
                     last = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
                             "samples_per_s": n_samples / max(now - last_log, 1e-9), "elapsed_s": now - t_start}
@@ -285,7 +328,7 @@ class Trainer:
                     self.snapshot()
                 if tc.ckpt_every and self.step % tc.ckpt_every == 0:
                     self.save_checkpoint()
-                if self._stop:
+                if self._stop and self.dist.world == 1:  # (several ranks: agreed at the top of the loop)
                     break
             if not (tc.ckpt_every and self.step % tc.ckpt_every == 0):
                 self.save_checkpoint()
@@ -296,7 +339,12 @@ class Trainer:
                 signal.signal(signal.SIGINT, old_handler)
         if self._stop and self.dist.main:
             print(f"diffkit: interrupted at step {self.step}; checkpoint saved. Resume with --resume")
-        return {"step": self.step, **last}
+        return {**last, "step": self.step}  # the step reached, not that of the last log record
+
+    def _all_reduce(self, value: float, op) -> float:
+        v = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        torchdist.all_reduce(v, op=op)
+        return float(v)
 
     def _on_sigint(self, signum, frame):
         if self._stop:  # a second Ctrl-C stops at once
