@@ -41,7 +41,9 @@ def _cmd_train(args) -> int:
     trainer = Trainer(cfg, device=args.device, resume=resume, progress=not args.no_progress)
     out = trainer.fit()
     if trainer.dist.main:
-        print(f"diffkit train: finished at step {out['step']}; run directory {cfg.run_dir}")
+        how = "finished" if out["step"] >= cfg.trainer.steps else "stopped early"  # Ctrl-C or time budget
+        print(f"diffkit train: {how} at step {out['step']}; run directory {cfg.run_dir}")
+    _leave_process_group()
     return 0
 
 
@@ -83,22 +85,34 @@ def _cmd_sample(args) -> int:
     if dist.world > 1:
         import torch.distributed as td
 
-        parts = [torch.empty((len(range(r, n, dist.world)), *layout.sample_shape), device=device)
-                 for r in range(dist.world)]
+        # gloo's gather needs equal shapes: pad every shard to ceil(n / world) rows, trim after
+        m = -(-n // dist.world)
+        buf = torch.zeros((m, *layout.sample_shape), device=device, dtype=x.dtype)
+        buf[: x.shape[0]] = x
+        parts = [torch.empty_like(buf) for _ in range(dist.world)] if dist.main else None
+        td.gather(buf, parts, dst=0)
         if dist.main:
-            td.gather(x.contiguous(), parts, dst=0)
-        else:
-            td.gather(x.contiguous(), None, dst=0)
-        if not dist.main:
-            return 0
-        full = torch.empty((n, *layout.sample_shape), device=device)
-        for r in range(dist.world):
-            full[r::dist.world] = parts[r]
-        x = full
-    out = adapter_cls.decode(x, layout, args.out, attrs={"sampler": sampler, "nfe": nfe, "seed": args.seed,
-                                                          "checkpoint": str(args.checkpoint)})
-    print(f"diffkit sample: wrote {n} samples to {out}")
+            full = torch.empty((n, *layout.sample_shape), device=device, dtype=x.dtype)
+            for r in range(dist.world):
+                full[r::dist.world] = parts[r][: len(range(r, n, dist.world))]
+            x = full
+    if dist.main:
+        out = adapter_cls.decode(x, layout, args.out, attrs={"sampler": sampler, "nfe": nfe, "seed": args.seed,
+                                                              "checkpoint": str(args.checkpoint)})
+        print(f"diffkit sample: wrote {n} samples to {out}")
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: wait for rank 0 (which writes the outputs), then leave the process group.
+    A rank that exits with the group still live can abort ("terminate called without an active
+    exception"), and torchrun then kills rank 0 before it has written its files."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.barrier()
+        td.destroy_process_group()
 
 
 def _cmd_config(args) -> int:
@@ -142,7 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Draw samples from a checkpoint (file or run directory) alone and write them "
                                     "through the adapter's decoder (netCDF, PNG, ...).")
     sp.add_argument("checkpoint", help="checkpoint file, checkpoints directory or run directory")
-    sp.add_argument("--n", type=int, default=None, help="number of samples (default: sample.n of the run)")
+    # -n / --num-samples: torchrun's own parser rejects "--n" as an ambiguous abbreviation of its
+    # --nnodes/--nproc-per-node/... even after the script name, so `torchrun ... -m diffkit sample`
+    # needs a spelling it does not mistake for one of its options
+    sp.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=None,
+                    help="number of samples (default: sample.n of the run); under torchrun write -n or --num-samples")
     sp.add_argument("--sampler", default=None, help="sampler name (default: the run's; `diffkit plugins --kind sampler`)")
     sp.add_argument("--steps", type=int, default=None, help="number of denoiser evaluations (NFE)")
     sp.add_argument("--spacing", default=None, help="time spacing: uniform, quadratic, karras, logsnr")
