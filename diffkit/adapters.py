@@ -15,6 +15,7 @@ Adapters register through the ``diffkit_adapters`` hook, as every other componen
 """
 from __future__ import annotations
 
+import abc
 import math
 import os
 from pathlib import Path
@@ -25,19 +26,20 @@ from torch.utils.data import Dataset
 from .layout import Layout
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """Base class of data adapters; see the module docstring for the protocol."""
 
     #: registered name (set by subclasses)
     name = "adapter"
 
     @property
-    def layout(self) -> Layout:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def layout(self) -> Layout:
+        """The layout of the standardised tensors, with the normalisation statistics."""
 
-    def dataset(self, split: str) -> Dataset:  # pragma: no cover - abstract
+    @abc.abstractmethod
+    def dataset(self, split: str) -> Dataset:
         """The ``"train"`` or ``"val"`` split as a torch Dataset of item dicts."""
-        raise NotImplementedError
 
     @classmethod
     def decode(cls, x: torch.Tensor, layout: Layout, path: str | os.PathLike, *, attrs: dict | None = None) -> Path:
@@ -54,7 +56,6 @@ def write_netcdf(x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = 
     """Write physical-unit samples as CF netCDF, one variable per channel, atomically."""
     import xarray as xr  # lazy: `import diffkit` must not import xarray
 
-    path = Path(path)
     dims = ("sample", *layout.spatial)
     coords = {"sample": ("sample", list(range(x.shape[0])), {"long_name": "sample index"})}
     for ax, n in zip(layout.spatial, layout.shape):
@@ -69,6 +70,13 @@ def write_netcdf(x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = 
         data_vars[ch] = (dims, x[:, i].numpy(), a)
     ds = xr.Dataset(data_vars, coords=coords,
                     attrs={"Conventions": "CF-1.8", "source": "diffkit", **{k: str(v) for k, v in (attrs or {}).items()}})
+    return atomic_to_netcdf(ds, path)
+
+
+def atomic_to_netcdf(ds, path) -> Path:
+    """Write an xarray Dataset to ``path`` atomically: a temporary file in the same folder,
+    then ``os.replace``, so an existing file is never left half-written."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

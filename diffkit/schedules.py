@@ -14,6 +14,7 @@ the paper's per-step AR(1) coefficient ``lambda_t`` is :meth:`Schedule.transitio
 """
 from __future__ import annotations
 
+import abc
 import math
 
 import torch
@@ -33,7 +34,7 @@ def _t(t) -> torch.Tensor:
     return t
 
 
-class Schedule:
+class Schedule(abc.ABC):
     """Base class.  Subclasses implement :meth:`_log_alpha_bar` on ``t`` in ``[0, 1]``.
 
     All methods accept floats or tensors of any shape and return float64 tensors.
@@ -44,8 +45,9 @@ class Schedule:
     #: log-SNR at t=1 must be finite and low enough that x_1 is close to N(0, I)
     name: str = "schedule"
 
-    def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """``log alpha_bar(t)`` on a float64 tensor ``t`` already checked to lie in ``[0, 1]``."""
 
     # -- marginals ---------------------------------------------------------------------
     def log_alpha_bar(self, t) -> torch.Tensor:

@@ -54,7 +54,6 @@ Conventions shared by all simulators
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -905,13 +904,6 @@ def to_dataset(result: dict, kind: str | None = None):
 
 def write_netcdf(ds, path) -> Path:
     """Write ``ds`` to ``path`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        ds.to_netcdf(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    from diffkit.adapters import atomic_to_netcdf
+
+    return atomic_to_netcdf(ds, path)
