@@ -323,7 +323,11 @@ class Trainer:
                     n_samples, last_log = 0, now
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", refresh=False)  # redrawn at tqdm's own pace, not every step
+                    fd = bar.format_dict  # steps/s: tqdm's smoothed rate, else the mean so far
+                    rate = fd.get("rate") or ((fd["n"] - fd.get("initial", 0)) / fd["elapsed"] if fd["elapsed"] else 0)
+                    samples_s = f"{rate * self.cfg.data.batch_size:.0f}" if rate else "?"
+                    # refresh=False: redrawn at tqdm's own pace, not every step
+                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=samples_s, refresh=False)
                 if tc.val_every and self.step % tc.val_every == 0:
                     v = self.validate()
                     if self.dist.main:
