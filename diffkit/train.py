@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import math
 import os
@@ -425,9 +426,7 @@ class Trainer:
         # every rank evaluates the same global micro-batches, so val_loss does not depend on the world size
         loader = DataLoader(self.val_set, batch_size=self.micro * self.dist.world, shuffle=False)
         tot, n = 0.0, 0
-        for i, batch in enumerate(loader):
-            if i >= self.cfg.trainer.val_batches:
-                break
+        for batch in itertools.islice(loader, self.cfg.trainer.val_batches):  # reads no batch beyond them
             x0, cond, weight = _collate_to(batch, self.device)
             t = sample_times(self.model.schedule, x0.shape[0], generator=g, device=self.device)
             eps = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
