@@ -6,8 +6,6 @@ import inspect
 import re
 from pathlib import Path
 
-import pytest
-import torch
 
 import diffkit as dk
 from diffkit import hookspecs
