@@ -6,7 +6,6 @@ scratch directory; fake plugins are real distributions (``*.dist-info`` plus a m
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -21,7 +20,6 @@ import diffkit
 from diffkit import registry
 from diffkit.cli import main
 
-HAVE_BACKBONES = importlib.util.find_spec("diffkit_backbones") is not None
 ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
 BUILTINS = [("schedule", n) for n in ("alpha_bar", "cosine", "linear", "sigmoid")] + \
            [("sampler", n) for n in ("ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "euler", "heun")] + [("metric", "sliced_wasserstein")] + \
@@ -40,7 +38,8 @@ def clean_registry(monkeypatch):
 def console_script() -> str:
     exe = shutil.which("diffkit", path=os.path.dirname(sys.executable)) or shutil.which("diffkit")
     if exe is None:
-        pytest.skip("the diffkit console script is not installed (pip install -e .)")
+        pytest.fail("the diffkit console script is not installed: the package's [project.scripts] "
+                    "entry is missing or `pip install -e .` was not run")
     return exe
 
 
@@ -118,9 +117,8 @@ def test_plugins_lists_every_component(capsys):
         assert desc == registry.Component(kind, name, plugin, registry.get(kind, name)).description != ""
     assert len(rows) == len(registry.components())
     assert err == ""
-    if HAVE_BACKBONES:
-        for name in ("unet", "dit", "mlp"):
-            assert by_key[("backbone", name)][0] == "backbones" and by_key[("backbone", name)][1]
+    for name in ("unet", "dit", "mlp"):
+        assert by_key[("backbone", name)][0] == "backbones" and by_key[("backbone", name)][1]
 
 
 def test_plugins_kind_filter(capsys):
@@ -144,8 +142,6 @@ def test_plugins_subprocess_includes_backbones(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = table(proc.stdout)
     assert {(k, n) for k, n, _, _ in rows} >= set(BUILTINS)
-    if not HAVE_BACKBONES:
-        pytest.skip("diffkit_backbones is not installed yet")
     assert {(k, n, p) for k, n, p, _ in rows} >= {("backbone", n, "backbones") for n in ("unet", "dit", "mlp")}
 
 

@@ -25,8 +25,6 @@ import diffkit
 from diffkit import Layout, PluginError, PluginWarning, UnknownComponentError, hookimpl, registry
 from diffkit.testing import check_backbone, check_plugin_registers, check_sampler, check_schedule
 
-HAVE_BACKBONES = importlib.util.find_spec("diffkit_backbones") is not None
-needs_backbones = pytest.mark.skipif(not HAVE_BACKBONES, reason="diffkit_backbones is not installed yet")
 
 CORE = {
     "schedule": {"linear", "cosine", "sigmoid", "alpha_bar"},
@@ -290,8 +288,6 @@ def test_installed_backbones_entry_point_is_discovered():
     assert "backbones" in eps, "pyproject.toml must declare [project.entry-points.diffkit] backbones"
     assert eps["backbones"].value == "diffkit_backbones"
     assert eps["backbones"].dist.name == "diffkit"
-    if not HAVE_BACKBONES:
-        pytest.skip("diffkit_backbones is not importable yet")
     assert {"unet", "dit", "mlp"} <= names("backbone")
     assert {owner("backbone", n) for n in ("unet", "dit", "mlp")} == {"backbones"}
 
@@ -449,8 +445,7 @@ def test_discovering_plugins_stays_light(tmp_path):
                           "backbones": "diffkit_backbones" in sys.modules, "unet": "unet" in names}}))
         """, tmp_path)
     assert got["heavy"] == [], f"plugin discovery imported {got['heavy']}"
-    if HAVE_BACKBONES:
-        assert got["backbones"] and got["unet"]  # discovery really ran
+    assert got["backbones"] and got["unet"]  # discovery really ran
 
 
 # -- diffkit.testing: fixtures ------------------------------------------------------------
@@ -538,7 +533,6 @@ def test_check_plugin_registers_on_builtins():
     assert set(got["sampler"]) == CORE["sampler"]
 
 
-@needs_backbones
 def test_check_plugin_registers_on_backbones():
     import diffkit_backbones
 
@@ -553,7 +547,6 @@ FIELD = Layout(channels=("u", "v"), spatial=("lat", "lon"), shape=(6, 10), perio
 VECTOR = Layout(channels=("a", "b", "c"), scalars=("s",), num_classes=2)
 
 
-@needs_backbones
 @pytest.mark.parametrize("name", ["unet", "dit", "mlp"])
 def test_check_backbone_passes_on_builtin_backbones(diffkit_check, name):
     lay = VECTOR if name == "mlp" else FIELD

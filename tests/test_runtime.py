@@ -59,7 +59,8 @@ SPE = steps_per_epoch()
 def console_script() -> str:
     exe = shutil.which("diffkit", path=os.path.dirname(sys.executable)) or shutil.which("diffkit")
     if exe is None:
-        pytest.skip("the diffkit console script is not installed (pip install -e .)")
+        pytest.fail("the diffkit console script is not installed: the package's [project.scripts] "
+                    "entry is missing or `pip install -e .` was not run")
     return exe
 
 

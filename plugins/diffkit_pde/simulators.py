@@ -62,13 +62,7 @@ import torch
 
 from diffkit.errors import DiffkitError, NonFiniteError
 
-__all__ = [
-    "StabilityError", "NonFiniteStateError", "ResolutionWarning",
-    "simulate_ks", "simulate_burgers", "simulate_kolmogorov",
-    "burgers_cole_hopf", "taylor_green_vorticity", "kolmogorov_initial_vorticity",
-    "kolmogorov_energy_budget", "spectral_divergence", "etdrk4_coefficients",
-    "to_dataset", "write_netcdf",
-]
+# the public names are listed once, in diffkit_pde/__init__.py
 
 SCHEME = "ETDRK4 (Cox & Matthews 2002; Kassam & Trefethen 2005 contour-integral phi functions)"
 
