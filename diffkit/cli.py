@@ -65,6 +65,11 @@ def _cmd_sample(args) -> int:
     guidance = args.guidance if args.guidance is not None else sc.guidance
     layout = den.layout
     cond = None
+    from .denoiser import Regressor
+
+    if isinstance(den, Regressor):
+        raise ValueError("this checkpoint is a deterministic regression model (model.objective = \"regression\"); "
+                         "it has nothing to sample. Use the domain's command (e.g. diffkit rollout) to run it")
     if layout.cond_channels or layout.scalars:
         raise ValueError("this model is conditional on fields or scalars; use the domain's command "
                          "(e.g. diffkit forecast / rollout) to give the conditions")
@@ -135,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if available)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sp = sub.add_parser("plugins", parents=[common], help="list registered components and their plugins",
-                        description="List every registered backbone, adapter, schedule, sampler and metric.")
-    sp.add_argument("--kind", choices=["backbone", "adapter", "schedule", "sampler", "metric"], default=None,
+                        description="List every registered backbone, adapter, schedule, sampler, metric and command.")
+    from .registry import KINDS
+
+    sp.add_argument("--kind", choices=list(KINDS), default=None,
                     help="only this kind of component")
     sp.set_defaults(func=_cmd_plugins)
 
@@ -173,11 +180,84 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("config", parents=[common], help="list every config key with its type, default and meaning")
     cp.set_defaults(func=_cmd_config)
+    _add_plugin_commands(sub, common)
     return p
 
 
+_PLUGIN_ERROR: Exception | None = None
+
+
+def _add_plugin_commands(sub, common) -> None:
+    """Mount the commands plugins register through the ``diffkit_commands`` hook.
+
+    ``"data pde"`` goes under the group ``data``, created on first use.  A command that clashes
+    with a built-in one, or whose ``register`` fails, is skipped with a warning naming its plugin.
+    """
+    import warnings
+
+    from . import registry
+
+    global _PLUGIN_ERROR
+    builtin = set(sub.choices)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    try:
+        comps = registry.components("command")
+    except Exception as e:  # an inconsistent plugin set: the commands that need plugins report it
+        _PLUGIN_ERROR = e
+        return
+    for comp in comps:
+        words = comp.name.split()
+        if words[0] in builtin:
+            warnings.warn(f"diffkit plugin {comp.plugin!r} registers the command {comp.name!r}, which clashes with "
+                          f"the built-in command {words[0]!r}; skipped", registry.PluginWarning, stacklevel=2)
+            continue
+        try:
+            parent = sub
+            for depth, group in enumerate(words[:-1]):
+                key = " ".join(words[: depth + 1])
+                if key not in groups:
+                    gp = parent.add_parser(group, parents=[common], help=f"{group} commands from plugins",
+                                           description=f"`diffkit {key} NAME --help` describes each.")
+                    groups[key] = gp.add_subparsers(dest=f"{key.replace(' ', '_')}_command", metavar="NAME")
+                    gp.set_defaults(func=_group_help(gp))
+                parent = groups[key]
+            cp = parent.add_parser(words[-1], parents=[common], help=comp.description,
+                                   description=comp.description + f" (from plugin {comp.plugin})")
+            comp.obj(cp)
+            if cp.get_default("func") is None:
+                raise TypeError("register() did not set a func default (parser.set_defaults(func=run))")
+        except Exception as e:  # a broken plugin must not break the CLI
+            warnings.warn(f"diffkit plugin {comp.plugin!r} failed to register the command {comp.name!r} and it is "
+                          f"skipped: {type(e).__name__}: {e}", registry.PluginWarning, stacklevel=2)
+
+
+def _group_help(parser):
+    def run(args) -> int:
+        parser.print_help()
+        return 0
+    return run
+
+
 def main(argv=None) -> int:
-    parser = build_parser()
+    import warnings
+
+    from .registry import PluginWarning
+
+    # plugin commands are mounted at start-up, so plugin problems surface here: one line each
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PluginWarning)
+        parser = build_parser()
+    for w in caught:
+        if issubclass(w.category, PluginWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    words = sys.argv[1:] if argv is None else list(argv)
+    cmd = next((w for w in words if not w.startswith("-")), None)
+    if _PLUGIN_ERROR is not None and cmd is not None and cmd not in _choices(parser):
+        msg = " ".join(str(_PLUGIN_ERROR).split())
+        print(f"diffkit: error: unknown command {cmd!r}; plugin commands could not be loaded: {msg}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
@@ -191,8 +271,25 @@ def main(argv=None) -> int:
         if getattr(args, "debug", False):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"diffkit {args.command}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
+        print(f"diffkit {_command_name(args)}: error: {msg} (--debug shows the traceback)", file=sys.stderr)
         return 1
+
+
+def _choices(parser) -> set:
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return set(a.choices)
+    return set()
+
+
+def _command_name(args) -> str:
+    """``"data pde"`` for plugin subcommands, else the command."""
+    words = [args.command]
+    while True:
+        nxt = getattr(args, f"{'_'.join(words)}_command", None)
+        if not nxt:
+            return " ".join(words)
+        words.append(nxt)
 
 
 if __name__ == "__main__":

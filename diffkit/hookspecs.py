@@ -84,3 +84,17 @@ def diffkit_samplers() -> dict:
 @hookspec
 def diffkit_metrics() -> dict:
     """Register metrics: ``{name: function}``.  Metrics take tensors and return tensors."""
+
+
+@hookspec
+def diffkit_commands() -> dict:
+    """Register command-line commands: ``{"name" or "group name": register}``.
+
+    ``register(parser: argparse.ArgumentParser) -> None`` adds the command's arguments and
+    sets ``parser.set_defaults(func=run)`` with ``run(args) -> int``.  A name with a space
+    mounts the command under a group shared by all plugins: ``"data pde"`` becomes
+    ``diffkit data pde ...`` beside another plugin's ``diffkit data weather ...``.  The first
+    paragraph of ``register``'s docstring is the command's help line.  Import heavy modules
+    inside ``run``, not at registration: every ``diffkit`` invocation registers all commands.
+    Failures inside ``run`` are reported by the CLI as one line naming the command.
+    """

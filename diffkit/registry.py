@@ -31,13 +31,14 @@ from . import hookspecs
 from .errors import PluginError, UnknownComponentError
 
 ENTRY_POINT_GROUP = "diffkit"
-KINDS = ("backbone", "adapter", "schedule", "sampler", "metric")
+KINDS = ("backbone", "adapter", "schedule", "sampler", "metric", "command")
 _HOOKS = {
     "backbone": "diffkit_backbones",
     "adapter": "diffkit_adapters",
     "schedule": "diffkit_schedules",
     "sampler": "diffkit_samplers",
     "metric": "diffkit_metrics",
+    "command": "diffkit_commands",
 }
 
 
