@@ -7,7 +7,7 @@ or netCDF4; domain plugins load them when used.
 from . import registry
 from ._shape import append_dims, bcast, check_finite
 from .analytic import GaussianDenoiser, GaussianMixtureDenoiser
-from .denoiser import BoundDenoiser, Cond, Denoiser
+from .denoiser import BoundDenoiser, Cond, Denoiser, Regressor
 from .errors import (ConfigError, DiffkitError, NonFiniteError, PluginError, ShapeError,
                      UnknownComponentError)
 from .hookspecs import hookimpl, hookspec
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BoundDenoiser", "Cond", "ConfigError", "Denoiser", "DiffkitError", "GaussianDenoiser",
-    "GaussianMixtureDenoiser", "Layout", "NonFiniteError", "PluginError", "PluginWarning", "Schedule",
+    "GaussianMixtureDenoiser", "Layout", "NonFiniteError", "PluginError", "PluginWarning", "Regressor", "Schedule",
     "ShapeError", "UnknownComponentError", "append_dims", "bcast", "check_finite", "cosine",
     "diffusion_loss", "from_alpha_bar", "get_schedule", "hookimpl", "hookspec", "linear", "posterior",
     "posterior_sample", "q_sample", "registry", "sample", "sampler_info", "sigmoid", "sliced_wasserstein",

@@ -117,6 +117,10 @@ class ModelConfig(_Validated):
     schedule: str | dict[str, Any] = "cosine"
     """Noise schedule: a registered name, or a table {name = ..., **options} (for example
     {name = "linear", T = 1000})."""
+    objective: Literal["diffusion", "regression"] = "diffusion"
+    """diffusion: a (conditional) DDPM, sampled with sample.sampler; regression: the deterministic
+    baseline with the same backbone, trained by plain MSE to predict x from its conditions in one
+    call (the network sees zeros in place of the noisy sample; schedule and sampler are unused)."""
 
 
 @dataclass(frozen=True, kw_only=True)

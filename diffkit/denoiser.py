@@ -171,3 +171,42 @@ class BoundDenoiser:
 
     def __call__(self, x, t):
         return self.denoiser(x, t, self.cond, self.guidance)
+
+
+class Regressor(nn.Module):
+    """The deterministic baseline: the same backbone, trained by MSE to map conditions to ``x``.
+
+    The network is called exactly as a :class:`Denoiser` calls it, with zeros in place of the
+    noisy sample and a fixed noise level ``c_noise`` (PDE-Refiner's one-step MSE model, Lippe et
+    al. 2023, sec. 3), and its output is the prediction.  ``schedule`` is kept only so that a
+    trainer can treat both model types alike; it does not enter the prediction.
+    """
+
+    parameterization = "x0"
+
+    def __init__(self, net: nn.Module, layout: Layout, schedule: Schedule | str | dict = "cosine", *,
+                 c_noise: float = 0.0):
+        super().__init__()
+        if layout is None:
+            raise ValueError("Regressor needs the layout (it gives the shape of the prediction)")
+        self.net, self.layout, self.schedule = net, layout, get_schedule(schedule)
+        self.c_noise = float(c_noise)
+
+    def net_output(self, cond: Cond | None, batch: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
+        cond = cond or Cond()
+        if device is None:
+            device = next((v.device for v in (cond.fields, cond.scalars, cond.labels) if v is not None), None)
+        x = torch.zeros((batch, *self.layout.sample_shape), device=device, dtype=dtype)
+        cond.check(self.layout, x)
+        x_in = x if cond.fields is None else torch.cat([x, cond.fields.to(x.dtype)], dim=1)
+        c = torch.full((batch,), self.c_noise, device=x.device, dtype=torch.float32)
+        return self.net(x_in, c, scalars=cond.scalars, labels=cond.labels)
+
+    def forward(self, cond: Cond | None, batch: int | None = None) -> torch.Tensor:
+        """The prediction of ``x`` (standardised) for a batch of conditions."""
+        if batch is None:
+            given = [v for v in (cond.fields, cond.scalars, cond.labels) if v is not None] if cond else []
+            if not given:
+                raise ValueError("Regressor needs conditions, or batch= for an unconditional call")
+            batch = given[0].shape[0]
+        return self.net_output(cond, batch)

@@ -24,7 +24,7 @@ import torch
 
 from . import param as P
 from ._shape import as_batch_time, check_finite, reduce_per_sample
-from .denoiser import Cond, Denoiser
+from .denoiser import Cond, Denoiser, Regressor
 from .process import q_sample
 
 WEIGHTINGS = ("simple", "vdm", "min_snr", "native")
@@ -92,3 +92,13 @@ def diffusion_loss(denoiser: Denoiser, x0: torch.Tensor, *, cond: Cond | None = 
     per_sample = reduce_per_sample(err, weight)
     w = eps_weight(weighting, schedule, t, p, gamma=gamma) / P.eps_error_factor(p, a, s)
     return per_sample * w.to(per_sample)
+
+
+def regression_loss(model: Regressor, x0: torch.Tensor, *, cond: Cond | None = None,
+                    weight: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """Per-sample MSE of the deterministic baseline, ``sum(w (f(cond) - x0)^2) / sum(w)``, shape ``(B,)``."""
+    if check:
+        check_finite(x0, "training data x0")
+    out = model.net_output(cond, x0.shape[0], device=x0.device, dtype=x0.dtype)
+    acc = torch.promote_types(out.dtype, torch.float32)
+    return reduce_per_sample((out.to(acc) - x0.to(acc)) ** 2, weight)

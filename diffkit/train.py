@@ -36,10 +36,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from . import registry
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
 from .config import Config, config_from_dict, config_to_dict, dump_config
-from .denoiser import Cond, Denoiser
+from .denoiser import Cond, Denoiser, Regressor
 from .errors import DiffkitError
 from .layout import Layout
-from .losses import diffusion_loss, sample_times
+from .losses import diffusion_loss, regression_loss, sample_times
 from .schedules import get_schedule
 
 
@@ -96,12 +96,14 @@ def _lr_lambda(warmup: int, steps: int):
     return f
 
 
-def build_model(cfg: Config, layout: Layout) -> Denoiser:
+def build_model(cfg: Config, layout: Layout) -> Denoiser | Regressor:
     """The Denoiser a config describes, every name resolved through the plugin registry."""
     factory = registry.get("backbone", cfg.model.backbone)
     options = dict(cfg.model.options)
     _check_options(factory, options, f"model.options (backbone {cfg.model.backbone!r})")
     net = factory(layout, **options)
+    if cfg.model.objective == "regression":
+        return Regressor(net, layout, get_schedule(cfg.model.schedule))
     return Denoiser(net, get_schedule(cfg.model.schedule), cfg.model.parameterization, layout)
 
 
@@ -282,6 +284,8 @@ class Trainer:
         p_uncond = lc.p_uncond if (self.layout.num_classes and cond.labels is not None) else 0.0
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with ctx:
+            if isinstance(model or self.model, Regressor):
+                return regression_loss(model or self.model, x0, cond=cond if cond.given else None, weight=w)
             return diffusion_loss(model or self.model, x0, cond=cond if cond.given else None,
                                   weighting=lc.weighting, weight=w, gamma=lc.gamma, p_uncond=p_uncond,
                                   t=t, eps=eps, generator=self.noise_gen)
@@ -437,13 +441,32 @@ class Trainer:
 
     @torch.no_grad()
     def snapshot(self) -> Path:
-        """Sample with the EMA model and write through the adapter's decoder."""
+        """Sample with the EMA model and write through the adapter's decoder.
+
+        A model conditioned on fields or scalars is given the conditions of the first
+        ``sample.n`` validation items (training items without a validation split).
+        """
         sc = self.cfg.sample
         g = torch.Generator(device=self.device).manual_seed(self.cfg.trainer.seed + 7)
-        from .samplers import sample
+        cond = None
+        if self.layout.cond_channels or self.layout.scalars:
+            items = self.val_set if self.val_set is not None and len(self.val_set) else self.train_set
+            n = min(sc.n, len(items))
+            batch = next(iter(DataLoader(items, batch_size=n, shuffle=False)))
+            cond = _collate_to(batch, self.device)[1]
+            cond = Cond(cond.fields, cond.scalars, None)
+        n = sc.n if cond is None else (cond.fields if cond.fields is not None else cond.scalars).shape[0]
+        labels = None
+        if self.layout.num_classes:
+            labels = torch.arange(n, device=self.device) % self.layout.num_classes
+            cond = Cond(None if cond is None else cond.fields, None if cond is None else cond.scalars, labels)
+        if isinstance(self.ema, Regressor):
+            x = self.ema(cond, n)
+        else:
+            from .samplers import sample
 
-        x = sample(self.ema, (sc.n, *self.layout.sample_shape), sampler=sc.sampler, nfe=sc.nfe, spacing=sc.spacing,
-                   generator=g, device=self.device)
+            x = sample(self.ema.bind(cond, sc.guidance if labels is not None else None), (n, *self.layout.sample_shape),
+                       sampler=sc.sampler, nfe=sc.nfe, spacing=sc.spacing, generator=g, device=self.device)
         out = self.run_dir / "snapshots" / f"step-{self.step:09d}.nc"
         return type(self.adapter).decode(x, self.layout, out, attrs={"step": self.step})
 
