@@ -3,12 +3,27 @@
 - :func:`simulate_ks`: 1-D Kuramoto--Sivashinsky, LPSDA / PDE-Refiner setup (per-trajectory L);
 - :func:`simulate_burgers`: 1-D viscous Burgers (exact solutions: :func:`burgers_cole_hopf`);
 - :func:`simulate_kolmogorov`: 2-D Navier--Stokes, Kolmogorov flow (Shysheya et al. 2024);
-- :func:`to_dataset` / :func:`write_netcdf`: CF-metadata xarray datasets, atomic netCDF files.
+- :func:`to_dataset` / :func:`write_netcdf`: CF-metadata xarray datasets, atomic netCDF files;
+- the ``pde`` adapter (:class:`TrajectoryAdapter`): history -> next-frame training pairs from this
+  plugin's netCDF files or PDEBench HDF5 files (:func:`read_pdebench`);
+- :func:`rollout`: batched, seeded ensemble rollouts of a trained surrogate (:func:`load_surrogate`);
+- metrics (:mod:`diffkit_pde.metrics`: Pearson correlation per step, high-correlation time, nRMSE,
+  energy spectra, ensemble spread) and plots (:mod:`diffkit_pde.plots`);
+- commands ``diffkit data pde {ks,burgers,kolmogorov}`` and ``diffkit rollout``.
 
 All time stepping is ETDRK4 (Kassam & Trefethen 2005).  Importing this package does not import
-xarray; see :mod:`diffkit_pde.simulators` for the conventions and the stability checks.
+xarray, h5py or matplotlib; see :mod:`diffkit_pde.simulators` for the conventions and the
+stability checks, and docs/pde.md for the workflow.
 """
 from __future__ import annotations
+
+from diffkit.hookspecs import hookimpl
+
+from . import metrics
+from .adapter import PDEDataError, TrajectoryAdapter
+from .cli import register_data, register_rollout, simulator
+from .pdebench import read_pdebench, write_pdebench
+from .surrogate import InitialCondition, Surrogate, initial_condition, load_surrogate, rollout, rollout_dataset
 
 from .simulators import (NonFiniteStateError, ResolutionWarning, StabilityError, burgers_cole_hopf, etdrk4_coefficients,
                          kolmogorov_energy_budget, kolmogorov_initial_vorticity, simulate_burgers,
@@ -20,5 +35,23 @@ __all__ = [
     "simulate_ks", "simulate_burgers", "simulate_kolmogorov",
     "burgers_cole_hopf", "taylor_green_vorticity", "kolmogorov_initial_vorticity",
     "kolmogorov_energy_budget", "spectral_divergence", "etdrk4_coefficients",
-    "to_dataset", "write_netcdf",
+    "to_dataset", "write_netcdf", "simulator",
+    "TrajectoryAdapter", "PDEDataError", "read_pdebench", "write_pdebench",
+    "Surrogate", "InitialCondition", "load_surrogate", "initial_condition", "rollout", "rollout_dataset",
+    "metrics",
 ]
+
+
+@hookimpl
+def diffkit_adapters():
+    return {"pde": TrajectoryAdapter}
+
+
+@hookimpl
+def diffkit_metrics():
+    return dict(metrics.METRICS)
+
+
+@hookimpl
+def diffkit_commands():
+    return {"data pde": register_data, "rollout": register_rollout}

@@ -868,6 +868,13 @@ def to_dataset(result: dict, kind: str | None = None):
             "v": (dims, cpu(result["v"]), {"long_name": "y component of velocity", "units": "1"}),
             "omega": (dims, cpu(result["omega"]), {"long_name": "vorticity (dv/dx - du/dy)", "units": "1"}),
         }
+        xs = cpu(result["x"])
+        per = lambda v: np.full(ntr, float(v))
+        dv["dt"] = ("trajectory", per(result["dt"]), {"long_name": "output time interval", "units": "1"})
+        dv["dx"] = ("trajectory", per(xs[1] - xs[0]), {"long_name": "grid spacing", "units": "1"})
+        dv["dt_sim"] = ("trajectory", per(result["dt_sim"]), {"long_name": "internal ETDRK4 time step", "units": "1"})
+        # the state a surrogate learns by default (Shysheya et al. 2024); omega is derived from it
+        attrs["state_variables"] = "u,v"
         return xr.Dataset(dv, coords=coords, attrs=attrs)
 
     u = cpu(result["u"])
