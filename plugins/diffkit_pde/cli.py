@@ -174,10 +174,11 @@ def plot_rollout(ds, layout, path) -> list:
         ok = np.isfinite(truth.reshape(truth.shape[0], -1)).all(1)
         truth_ = truth[ok]
         rolls_ = {k: r[ok] for k, r in rolls.items()}
+        t0 = float(t[0])
         if layout.ndim == 1:
-            written.append(plots.plot_space_time(truth_, rolls_, path, dt=dt, title=f"{v}: rollout vs truth"))
+            written.append(plots.plot_space_time(truth_, rolls_, path, dt=dt, t0=t0, title=f"{v}: rollout vs truth"))
         else:
-            written.append(plots.plot_snapshots(truth_, rolls_, path))
+            written.append(plots.plot_snapshots(truth_, rolls_, path, dt=dt, t0=t0, title=f"{v}: rollout vs truth"))
         curves = {"members": ds["correlation"].values[:, ok]}
         if ds.sizes["member"] > 1:
             curves["ensemble mean"] = ds["ensemble_mean_correlation"].values[ok]

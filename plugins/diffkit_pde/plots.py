@@ -52,7 +52,7 @@ def _save(fig, path, dpi: int = 120) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
+            fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
             f.flush()
             os.fsync(f.fileno())
         try:
