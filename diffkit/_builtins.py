@@ -6,7 +6,8 @@ from .hookspecs import hookimpl
 def diffkit_schedules():
     from . import schedules as S
 
-    return {"linear": S.linear, "cosine": S.cosine, "sigmoid": S.sigmoid, "alpha_bar": S.from_alpha_bar}
+    return {"linear": S.linear, "cosine": S.cosine, "sigmoid": S.sigmoid, "alpha_bar": S.from_alpha_bar,
+            "refiner": S.refiner}
 
 
 @hookimpl

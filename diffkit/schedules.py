@@ -180,6 +180,27 @@ def linear(T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> D
     return DiscreteSchedule(torch.cumprod(1 - betas, 0), name="linear")
 
 
+def refiner(steps: int = 3, sigma_min: float = 4e-7, logsnr_max_noise: float = -30.0) -> DiscreteSchedule:
+    """PDE-Refiner's noise levels (Lippe et al. 2023): one level of pure noise, then ``steps``
+    refinement levels with noise std ``sigma_k = sigma_min^(k/steps)``, k = 1..steps.
+
+    A ``T = steps + 1`` discrete schedule: level ``T`` has log-SNR ``logsnr_max_noise`` (the
+    network sees no signal, so with x0/v-prediction it learns the one-step conditional mean,
+    like the MSE model), levels ``T-1..1`` have ``sigma~ = sigma_k`` (Karras units).  With
+    v-prediction and the ``native`` weighting, training is PDE-Refiner's (x0-MSE at the first
+    level, eps-MSE at the small ones, levels drawn uniformly), and the ``ddpm`` sampler with
+    ``nfe = T`` is its refinement loop: predict, add noise of std ``sigma_k``, denoise.
+    """
+    if steps < 1 or not 0 < sigma_min < 1:
+        raise ValueError(f"refiner needs steps >= 1 and sigma_min in (0, 1), got {steps}, {sigma_min}")
+    k = torch.arange(steps, 0, -1, dtype=_DT)                    # level n = 1..steps has k = steps..1
+    logsnr = torch.cat([-2 * (k / steps) * math.log(sigma_min), torch.tensor([float(logsnr_max_noise)], dtype=_DT)])
+    if bool((logsnr[1:] >= logsnr[:-1]).any()):
+        raise ValueError(f"logsnr_max_noise = {logsnr_max_noise} must lie below the log-SNR of the largest "
+                         f"refinement noise ({float(logsnr[-2]):.3g})")
+    return DiscreteSchedule(torch.sigmoid(logsnr), name="refiner")
+
+
 def from_alpha_bar(alpha_bar) -> DiscreteSchedule:
     """Schedule built from user-given ``alpha_bar_n``, n = 1..T (strictly decreasing in (0,1))."""
     return DiscreteSchedule(alpha_bar, name="alpha_bar")

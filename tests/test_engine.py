@@ -49,6 +49,7 @@ SCHEDULES = {
     "cosine": lambda: dk.cosine(),
     "sigmoid": lambda: dk.sigmoid(),
     "alpha_bar": lambda: dk.from_alpha_bar(np.exp(-np.linspace(0.05, 9.0, 40))),
+    "refiner": lambda: dk.get_schedule({"name": "refiner", "steps": 3, "sigma_min": 4e-7}),
 }
 
 
@@ -763,3 +764,24 @@ def test_cond_index_and_repeat():
     i = c.index(torch.tensor([2, 0]))
     assert i.labels.tolist() == [2, 0] and torch.equal(i.fields[0], c.fields[2])
     assert dk.Cond().index(slice(0, 1)) == dk.Cond()
+
+
+def test_refiner_schedule_has_pde_refiner_noise_levels():
+    """Lippe et al. 2023: a pure-noise level, then sigma_k = sigma_min^(k/K), k = 1..K."""
+    s = dk.get_schedule({"name": "refiner", "steps": 4, "sigma_min": 1e-6})
+    assert s.T == 5
+    t = torch.arange(1, 6, dtype=torch.float64) / 5
+    a, sg = s.coeffs(t)
+    want = torch.tensor([1e-6, 1e-6 ** 0.75, 1e-6 ** 0.5, 1e-6 ** 0.25], dtype=torch.float64)
+    assert torch.allclose(sg[:4] / a[:4], want, rtol=1e-9)
+    assert float(s.logsnr(t[-1:])) == pytest.approx(-30.0)
+    # training draws every level equally often; the ddpm sampler with nfe = T visits exactly them
+    from diffkit.losses import sample_times
+
+    n = (sample_times(s, 20000, generator=torch.Generator().manual_seed(0)) * 5).round().long()
+    assert torch.bincount(n, minlength=6)[1:].min() > 3700
+    assert torch.allclose(dk.timesteps(s, 5), torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2, 0.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="sigma_min"):
+        dk.get_schedule({"name": "refiner", "sigma_min": 2.0})
+    with pytest.raises(ValueError, match="logsnr_max_noise"):
+        dk.get_schedule({"name": "refiner", "logsnr_max_noise": 40.0})

@@ -27,7 +27,7 @@ from diffkit.testing import check_backbone, check_plugin_registers, check_sample
 
 
 CORE = {
-    "schedule": {"linear", "cosine", "sigmoid", "alpha_bar"},
+    "schedule": {"linear", "cosine", "sigmoid", "alpha_bar", "refiner"},
     "sampler": {"ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "euler", "heun"},
     "metric": {"sliced_wasserstein"},
     "adapter": {"mixture"},
