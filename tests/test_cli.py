@@ -131,7 +131,8 @@ def test_plugins_kind_filter(capsys):
                                                                             ("adapter", "pde", "pde")}
     assert main(["plugins", "--kind", "command"]) == 0
     assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("command", "data pde", "pde"),
-                                                                            ("command", "rollout", "pde")}
+                                                                            ("command", "rollout", "pde"),
+                                                                            ("command", "data weather", "weather")}
 
 
 def test_plugins_bad_kind_is_a_usage_error(capsys):

@@ -1,0 +1,298 @@
+"""Validation of the two-layer quasi-geostrophic model (``diffkit_weather.qg``): linear theory
+(Phillips' closed form, the critical shear), the growth and drift of baroclinically unstable normal
+modes in the full nonlinear model, the energy budget, batching/seeding/spin-up, the stability
+checks and the CF netCDF output.  Small grids (nx = 32) and short runs: a few seconds on one
+CPU thread.
+"""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+try:
+    from diffkit_weather import qg as Q
+except ImportError:  # editable install made before the plugin existed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+    from diffkit_weather import qg as Q
+
+from diffkit.errors import DiffkitError, NonFiniteError
+
+DAY = 86400.0
+L = 1e6
+
+
+# ----------------------------------------------------------------------------- linear theory
+def test_linear_modes_match_phillips_closed_form():
+    # beta = 0, equal layers, no drag: c = U_mean +- dU/2 sqrt((K^2 - 2F)/(K^2 + 2F)), F = 1/(2 rd^2)
+    rd, dU = 15e3, 0.025
+    F = 1.0 / (2 * rd ** 2)
+    k = np.linspace(1e-6, 1.3 / rd, 9)
+    l = 0.3 * k
+    K2 = k ** 2 + l ** 2
+    m = Q.linear_modes(k, l, beta=0.0, delta=1.0, rek=0.0, U1=dU, U2=0.0)
+    exact = k * dU / 2 * np.sqrt(np.clip((2 * F - K2) / (K2 + 2 * F), 0, None))
+    np.testing.assert_allclose(m["growth_rate"], exact, rtol=1e-10, atol=1e-20)
+    unstable = exact > 0
+    np.testing.assert_allclose(m["phase_speed"][unstable].real, dU / 2, rtol=1e-10)
+    np.testing.assert_allclose(m["phase_speed"].imag * k, m["growth_rate"], rtol=1e-12, atol=1e-20)
+
+
+def test_instability_needs_supercritical_shear():
+    # inviscid two-layer model: unstable iff the lower-layer PV gradient beta - F2 dU changes sign
+    beta, rd, delta = 1.5e-11, 15e3, 0.25
+    F2 = delta / (rd ** 2 * (1 + delta))
+    k = np.linspace(1e-7, 3e-4, 20001)
+    for f, unstable in ((0.97, False), (0.995, False), (1.005, True), (1.03, True)):
+        g = Q.linear_growth_rate(k, 0 * k, rek=0.0, U1=f * beta / F2)
+        assert (g.max() > 1e-9) == unstable, (f, g.max())
+    # the default (pyqg) configuration is 1.48 x critical; the fastest mode on the L = 1e6 m
+    # domain is zonal wavenumber 7 (wavelength 143 km), e-folding in ~150 days with drag
+    n = np.arange(1, 32)
+    g = Q.linear_growth_rate(2 * np.pi * n[None, :] / L, 2 * np.pi * np.arange(-31, 32)[:, None] / L, nx=64)
+    j, i = np.unravel_index(np.argmax(g), g.shape)
+    assert (n[i], j - 31) == (7, 0)
+    assert g.max() == pytest.approx(7.795e-8, rel=1e-3)
+    # drag and the filter only damp: the inviscid rate is larger
+    assert Q.linear_growth_rate(2 * np.pi * 7 / L, 0.0, rek=0.0) > g.max()
+
+
+def test_normal_mode_growth_and_drift_in_the_nonlinear_model():
+    """Tiny fastest-growing normal modes at four wavenumbers, evolved by the full model (Jacobian,
+    drag and filter on) for 60 days: each mode's amplitude grows at ``Re lam`` and its phase turns at
+    ``Im lam`` of :func:`linear_modes` with the same drag and filter.  (10, 4) lies inside the
+    filter range (K dx = 2.12 > 0.65 pi), so its rate checks the filter too."""
+    nx = 32
+    modes = [(7, 0), (5, 3), (10, 4), (3, -2)]
+    q0 = Q.normal_mode_pv(nx, modes, 1e-2, phase=[0.0, 1.0, 2.0, 3.0])
+    r = Q.simulate_qg(1, 31, q0=q0[None], out_every=2 * DAY)
+    ph = torch.fft.rfft2(r["psi"][0, :, 0], norm="forward")         # upper layer
+    t = r["t"].numpy()
+    errs = []
+    for i, j in modes:
+        c = ph[:, j % nx, i].numpy()
+        growth = np.polyfit(t, np.log(np.abs(c)), 1)[0]
+        omega = np.polyfit(t, np.unwrap(np.angle(c)), 1)[0]
+        lam = Q.linear_modes(2 * np.pi * i / L, 2 * np.pi * j / L, nx=nx)["eigenvalues"][0]
+        errs.append((abs(growth / lam.real - 1), abs(omega / lam.imag - 1)))
+        # the layer structure is the analytic one
+        c2 = torch.fft.rfft2(r["psi"][0, -1, 1], norm="forward")[j % nx, i].item()
+        ratio = Q.linear_modes(2 * np.pi * i / L, 2 * np.pi * j / L, nx=nx)["psi"][1]
+        assert abs(c2 / c[-1] - ratio) < 1e-6 * abs(ratio)
+    # measured: relative errors <= 4e-9 (growth) and 2e-9 (frequency); the (7, 0) mode grows by
+    # exp(0.40) over the run, (10, 4) decays by exp(-0.30) (filter), so the fits are well posed
+    assert max(max(e) for e in errs) < 1e-5, errs
+
+
+# ----------------------------------------------------------------------------- energy budget
+@pytest.fixture(scope="module")
+def finite_amplitude_run():
+    """Finite-amplitude unstable modes (speeds ~0.15 m/s): nonlinear from the start, energy
+    cascades into the filter range within days.  nx = 32, 8 days, output every 2 h."""
+    nx = 32
+    modes = [(7, 0), (6, 3), (5, -4), (8, 2), (4, 1), (10, 3), (9, -6)]
+    g = np.random.default_rng(0)
+    q0 = Q.normal_mode_pv(nx, modes, [3e3] * 5 + [1e3] * 2, phase=g.uniform(0, 2 * np.pi, len(modes)))
+    return Q.simulate_qg(1, 97, q0=q0[None], out_every=7200.0)
+
+
+def test_energy_budget_closes(finite_amplitude_run):
+    r = finite_amplitude_run
+    b = Q.energy_budget(r)
+    terms = torch.stack([b["conversion"], b["drag"], b["filter"]])
+    scale = terms.abs().amax(0)
+    # every term matters: conversion > 0 (growing modes), drag and filter < 0 and >= 5 % of it
+    assert bool((b["conversion"] > 0).all()) and bool((b["drag"] < 0).all()) and bool((b["filter"] < 0).all())
+    assert float((b["drag"].abs() / scale).min()) > 0.05 and float((b["filter"].abs() / scale).min()) > 0.05
+    # the dealiased Jacobian conserves energy exactly
+    assert float((b["nonlinear"].abs() / scale).max()) < 1e-12
+    rel4 = float((b["residual"].abs() / scale)[..., 2:-2].max())
+    b2 = Q.energy_budget(r, fd_order=2)
+    rel2 = float((b2["residual"].abs() / scale)[..., 1:-1].max())
+    # measured 2.6e-5 (4th-order differences) and 1.8e-4 (2nd order), both at the start, where
+    # modes created in the filter range by the nonlinear interactions adjust within hours
+    # (1e-6 later on); the limits leave a factor ~8 of margin
+    assert rel4 < 2e-4 and rel2 < 2e-3, (rel4, rel2)
+
+    # the terms equal their physical-space definitions (p: params, <.>: domain mean)
+    p = r["params"]
+    H, H1, H2, F1 = p["H"], p["H1"], p["H2"], p["F1"]
+    u, v, psi = r["u"], r["v"], r["psi"]
+    mean = lambda a: a.mean((-2, -1))
+    ke = (H1 * mean(u[:, :, 0] ** 2 + v[:, :, 0] ** 2) + H2 * mean(u[:, :, 1] ** 2 + v[:, :, 1] ** 2)) / (2 * H)
+    ape = H1 * F1 / (2 * H) * mean((psi[:, :, 0] - psi[:, :, 1]) ** 2)
+    torch.testing.assert_close(b["kinetic_energy"], ke, rtol=1e-10, atol=0)
+    torch.testing.assert_close(b["potential_energy"], ape, rtol=1e-10, atol=0)
+    conv = H1 * F1 / H * (p["U1"] - p["U2"]) * mean(psi[:, :, 0] * v[:, :, 1])   # heat flux
+    torch.testing.assert_close(b["conversion"], conv, rtol=1e-9, atol=0)
+    drag = -H2 / H * p["rek"] * mean(u[:, :, 1] ** 2 + v[:, :, 1] ** 2)
+    torch.testing.assert_close(b["drag"], drag, rtol=1e-10, atol=0)
+
+
+def test_fields_are_consistent(finite_amplitude_run):
+    r = finite_amplitude_run
+    p = r["params"]
+    n = p["nx"]
+    k = 2 * math.pi / L * torch.fft.fftfreq(n, 1.0 / n, dtype=torch.float64)
+    kx, ky = k[None, :], k[:, None]              # arrays are (y, x)
+    d = lambda f, kk: torch.fft.ifft2(1j * kk * torch.fft.fft2(f)).real
+    psi = r["psi"][0, -1]
+    torch.testing.assert_close(r["u"][0, -1], -d(psi, ky), atol=1e-12, rtol=0)
+    torch.testing.assert_close(r["v"][0, -1], d(psi, kx), atol=1e-12, rtol=0)
+    lap = torch.fft.ifft2(-(kx ** 2 + ky ** 2) * torch.fft.fft2(psi)).real
+    q1 = lap[0] + p["F1"] * (psi[1] - psi[0])
+    q2 = lap[1] + p["F2"] * (psi[0] - psi[1])
+    scale = float(r["q"][0, -1].abs().max())
+    torch.testing.assert_close(r["q"][0, -1], torch.stack((q1, q2)), atol=1e-10 * scale, rtol=0)
+    torch.testing.assert_close(r["q_final"][0], r["q"][0, -1], atol=0, rtol=0)
+    assert r["x"][0] == pytest.approx(L / n / 2) and float(r["x"][1] - r["x"][0]) == pytest.approx(L / n)
+
+
+# ----------------------------------------------------------------------------- batching, seeding, spin-up
+def test_batched_members_seeding_output_interval_and_spin_up():
+    kw = dict(nx=32, spin_up_years=2 / 365, ic_amplitude=1e-5)
+    r3 = Q.simulate_qg(3, 5, seed=11, **kw)
+    assert r3["q"].shape == r3["psi"].shape == r3["u"].shape == r3["v"].shape == (3, 5, 2, 32, 32)
+    assert torch.equal(r3["q"], Q.simulate_qg(3, 5, seed=11, **kw)["q"])          # same seed
+    assert not torch.allclose(Q.simulate_qg(3, 5, seed=12, **kw)["q"], r3["q"])
+    scale = float(r3["q"].abs().max())
+    r5 = Q.simulate_qg(5, 5, seed=11, **kw)                                         # prefix property
+    torch.testing.assert_close(r5["q"][:3], r3["q"], atol=1e-12 * scale, rtol=0)
+    for i in range(3):                                                              # batched = single
+        one = Q.simulate_qg(1, 5, q0=r3["q0"][i:i + 1], **kw)
+        torch.testing.assert_close(one["q"][0], r3["q"][i], atol=1e-12 * scale, rtol=0)
+    # output every 6 h, t counts from the end of the 2-day spin-up, which is discarded
+    torch.testing.assert_close(r3["t"], torch.arange(5, dtype=torch.float64) * 21600.0)
+    assert r3["params"]["spin_up"] == 2 * DAY and r3["params"]["spin_up_steps"] == 8
+    assert r3["params"]["n_sub"] == 3 and r3["dt_sim"] == 7200.0
+    full = Q.simulate_qg(3, 13, seed=11, nx=32, spin_up_years=0, ic_amplitude=1e-5)
+    torch.testing.assert_close(full["q"][:, 8:], r3["q"], atol=1e-12 * scale, rtol=0)
+    torch.testing.assert_close(full["q"][:, 0], r3["q0"], atol=0, rtol=0)
+    assert float(r3["q0"].pow(2).mean().sqrt()) == pytest.approx(1e-5, rel=1e-9)
+
+
+def test_perturb_members():
+    base = Q.simulate_qg(1, 1, nx=32, spin_up_years=0, ic_amplitude=1e-5, seed=3)["q"][0, 0]
+    ens = Q.perturb_members(base, 4, amplitude=0.05, seed=7)
+    assert ens.shape == (4, 2, 32, 32) and ens.dtype == base.dtype
+    dq = ens - base
+    rms = dq.pow(2).mean((-2, -1)).sqrt() / base.pow(2).mean((-2, -1)).sqrt()
+    torch.testing.assert_close(rms, torch.full((4, 2), 0.05, dtype=torch.float64))
+    assert float(dq.mean((-2, -1)).abs().max()) < 1e-20                       # zero mean
+    torch.testing.assert_close(Q.perturb_members(base[None], 2, amplitude=0.05, seed=7), ens[:2])
+    assert not torch.allclose(Q.perturb_members(base, 2, amplitude=0.05, seed=8), ens[:2])
+    absolute = Q.perturb_members(base, 1, amplitude=1e-7, relative=False) - base
+    torch.testing.assert_close(absolute.pow(2).mean((-2, -1)).sqrt(), torch.full((1, 2), 1e-7, dtype=torch.float64))
+    r = Q.simulate_qg(4, 3, q0=ens)                                            # an ensemble run
+    assert r["params"]["spin_up"] == 0 and torch.allclose(r["q"][:, 0], ens, atol=1e-20)
+
+
+def test_float32():
+    kw = dict(nx=32, spin_up_years=0, ic_amplitude=1e-5, seed=2)
+    r32 = Q.simulate_qg(1, 5, dtype=torch.float32, **kw)
+    r64 = Q.simulate_qg(1, 5, **kw)
+    assert r32["q"].dtype == torch.float32 and r32["x"].dtype == torch.float32
+    assert float((r32["q"].double() - r64["q"]).abs().max()) < 1e-5 * float(r64["q"].abs().max())
+
+
+# ----------------------------------------------------------------------------- stability checks
+def test_cfl_violation_names_the_fix():
+    kw = dict(nx=32, spin_up_years=0, ic_amplitude=1e-7)
+    with pytest.raises(Q.StabilityError, match="reduce dt to <=") as ei:
+        Q.simulate_qg(1, 3, dt=2e6, out_every=2e6, **kw)          # U1 alone: CFL = 1.6
+    assert isinstance(ei.value, DiffkitError) and isinstance(ei.value, ValueError)
+    msg = str(ei.value)
+    assert "CFL number" in msg and "initial condition" in msg
+    dt_ok = float(msg.split("reduce dt to <= ")[1].split(" ")[0])
+    assert 5e5 < dt_ok < 1.2e6        # 0.96 dx / (U1 + eddy speed)
+    Q.simulate_qg(1, 3, dt=dt_ok, out_every=dt_ok, **kw)           # following the advice works
+    with pytest.raises(Q.StabilityError, match=r"exceeds 0\.001 \(cfl_max\)"):
+        Q.simulate_qg(1, 3, cfl_max=0.001, **kw)         # observed 0.007
+
+
+def test_nonfinite_state_raises_with_step():
+    q0 = torch.zeros(1, 2, 32, 32, dtype=torch.float64)
+    q0[0, 1, 3, 4] = float("nan")
+    with pytest.raises(Q.NonFiniteStateError, match="initial condition") as ei:
+        Q.simulate_qg(1, 3, q0=q0)
+    assert isinstance(ei.value, NonFiniteError) and isinstance(ei.value, Q.StabilityError)
+    # an unstable step with the check switched off blows up; the error names the output step
+    with pytest.raises(Q.NonFiniteStateError, match=r"at output step \d+ \(recording\)"):
+        Q.simulate_qg(1, 200, nx=32, dt=4e5, out_every=4e5, spin_up_years=0, cfl_max=float("inf"),
+                      ic_amplitude=1e-5)
+
+
+def test_argument_errors():
+    with pytest.raises(ValueError, match="q0 must have shape"):
+        Q.simulate_qg(2, 1, q0=torch.zeros(1, 2, 32, 32))
+    with pytest.raises(ValueError, match="nx = 64"):
+        Q.simulate_qg(1, 1, q0=torch.zeros(1, 2, 32, 32), nx=64)
+    with pytest.raises(ValueError, match="fields"):
+        Q.simulate_qg(1, 1, nx=32, spin_up_years=0, fields=("omega",))
+
+
+# ----------------------------------------------------------------------------- output
+def test_to_dataset_cf_metadata_and_netcdf_round_trip(tmp_path):
+    xr = pytest.importorskip("xarray")
+    r = Q.simulate_qg(1, 4, nx=32, spin_up_years=0, ic_amplitude=1e-5, seed=1)
+    ds = Q.to_dataset(r)
+    for name in ("streamfunction", "potential_vorticity", "eastward_wind", "northward_wind"):
+        assert ds[name].dims == ("time", "level", "latitude", "longitude")
+    assert ds.attrs["Conventions"] == "CF-1.8" and ds.attrs["nx"] == 32 and ds.attrs["beta"] == 1.5e-11
+    assert ds.attrs["rek"] == 5.787e-7 and "periodic" in ds.attrs["grid_note"]
+    assert ds["eastward_wind"].attrs["standard_name"] == "eastward_wind"
+    assert ds["northward_wind"].attrs["units"] == "m s-1" and ds["streamfunction"].attrs["units"] == "m2 s-1"
+    assert ds["potential_vorticity"].attrs["units"] == "s-1"
+    t = ds["time"].values
+    assert np.issubdtype(t.dtype, np.datetime64) and t[0] == np.datetime64("2000-01-01T00:00")
+    assert (np.diff(t) == np.timedelta64(6, "h")).all()
+    assert ds["time"].attrs["standard_name"] == "time" and ds["time"].attrs["axis"] == "T"
+    lat, lon = ds["latitude"], ds["longitude"]
+    assert (np.diff(lat.values) > 0).all() and (np.diff(lon.values) > 0).all()
+    assert (lat.attrs["units"], lat.attrs["standard_name"], lat.attrs["axis"]) == ("degrees_north", "latitude", "Y")
+    assert (lon.attrs["units"], lon.attrs["standard_name"], lon.attrs["axis"]) == ("degrees_east", "longitude", "X")
+    assert float(lat.mean()) == pytest.approx(45.0) and float(lon.mean()) == pytest.approx(-30.0)
+    assert float(lat[1] - lat[0]) == pytest.approx(31250.0 / 111.2e3)
+    assert float(lon[1] - lon[0]) == pytest.approx(31250.0 / (111.2e3 * math.cos(math.radians(45.0))))
+    assert list(ds["level"].values) == [1, 2] and ds["level"].attrs["positive"] == "down"
+    np.testing.assert_allclose(ds["layer_thickness"].values, [500.0, 2000.0])
+    np.testing.assert_array_equal(ds["eastward_wind"].values, r["u"][0].numpy())
+
+    path = tmp_path / "sub" / "qg.nc"
+    Q.write_netcdf(ds, path)
+    assert [p.name for p in path.parent.iterdir()] == ["qg.nc"]          # no temporary file left
+    with xr.open_dataset(path) as back:
+        np.testing.assert_array_equal(back["time"].values, t)
+        np.testing.assert_allclose(back["potential_vorticity"].values, r["q"][0].numpy(), rtol=0, atol=0)
+        np.testing.assert_allclose(back["latitude"].values, lat.values)
+        assert back["latitude"].attrs["units"] == "degrees_north" and back.attrs["Conventions"] == "CF-1.8"
+    with xr.open_dataset(path, decode_times=False) as raw:
+        # xarray may shorten the reference time to "hours since 2000-01-01" (the same CF time)
+        assert raw["time"].attrs["units"] in ("hours since 2000-01-01 00:00:00", "hours since 2000-01-01")
+        assert raw["time"].attrs["calendar"] == "standard"
+        np.testing.assert_allclose(raw["time"].values, [0.0, 6.0, 12.0, 18.0])
+
+    # several members: a leading "member" dimension (CF realization)
+    r2 = Q.simulate_qg(2, 2, nx=32, spin_up_years=0, ic_amplitude=1e-5, fields=("q", "u"))
+    ds2 = Q.to_dataset(r2, lat0=50.0, lon0=10.0, start="2001-06-01")
+    assert ds2["potential_vorticity"].dims == ("member", "time", "level", "latitude", "longitude")
+    assert "streamfunction" not in ds2 and ds2["member"].attrs["standard_name"] == "realization"
+    assert ds2["time"].values[0] == np.datetime64("2001-06-01T00:00")
+    Q.write_netcdf(ds2, tmp_path / "ens.nc")
+    with xr.open_dataset(tmp_path / "ens.nc") as back:
+        np.testing.assert_array_equal(back["eastward_wind"].values, r2["u"].numpy())
+
+
+def test_import_is_light_and_progress_bar_runs():
+    qg_path = Path(Q.__file__)
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('qg', %r); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print('xarray' in sys.modules)" % str(qg_path))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    Q.simulate_qg(1, 3, nx=32, spin_up_years=0, progress=True)
