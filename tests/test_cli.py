@@ -128,7 +128,8 @@ def test_plugins_kind_filter(capsys):
     assert {r[1] for r in rows} == {"ddim", "ddpm", "dpmpp_2m", "dpmpp_3m", "euler", "heun"}
     assert main(["plugins", "--kind", "adapter"]) == 0
     assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("adapter", "mixture", "diffkit"),
-                                                                            ("adapter", "pde", "pde")}
+                                                                            ("adapter", "pde", "pde"),
+                                                                            ("adapter", "weather", "weather")}
     assert main(["plugins", "--kind", "command"]) == 0
     assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("command", "data pde", "pde"),
                                                                             ("command", "rollout", "pde"),

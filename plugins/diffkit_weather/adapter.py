@@ -1,0 +1,1297 @@
+"""The ``weather`` adapter: real gridded lat-lon data as GenCast-style forecast pairs.
+
+Reads CF netCDF files (one file, a glob or a list; variables may live in different files and
+times may be split over files, e.g. one file per variable or per year) and turns them into
+``(state at t [and earlier states] + forcings) -> state at t + lead`` training pairs.
+
+Conventions
+-----------
+- **Coordinates** are recognised the CF way, in this order: ``standard_name`` (latitude,
+  longitude, time, air_pressure, ..., realization), ``units`` (degrees_north/east, "<unit>
+  since <date>", hPa/Pa/mbar), ``axis`` (X/Y/Z/T), ``positive``; then common names (lat,
+  latitude, lon, longitude, level, plev, lev, pressure_level, isobaricInhPa, time, valid_time,
+  timestep, member, number, ...).  ``dims={"time": "step"}`` names a dim explicitly.
+- **Orientation**: the model sees latitude *ascending*; a descending file is flipped and the
+  decoder flips back.  Longitude keeps the file's data order: a grid that crosses the wrap
+  (``[350, 355, 0, 5]`` or ``[180 .. 359, 0 .. 179]``) is relabelled continuously
+  (``[-10, -5, 0, 5]``) instead of rolled, so regional grids stay contiguous; a descending
+  longitude is flipped.  Any other non-monotonic coordinate is an error.  Longitude is periodic
+  (``layout.periodic = ("longitude",)``) only when the grid covers 360 degrees.
+- **Channels** are ``"var"`` (no level) or ``"var@level"`` (``"t@500"``; level in the file's
+  units), variables in the order given, levels in the file's order.  Conditioning fields are
+  the history states ``"t@500@t-1"``, ``"t@500@t"`` (oldest first, ``lead`` apart),
+  standardised with the state statistics, then static fields, then ``"mask"`` (only when the
+  data have missing values anywhere).
+- **Forcings** (``layout.scalars``) are sin/cos of the UTC time of day and of the fraction of
+  the year, of the *initialisation* time ``t`` (the valid time of the latest input state; the
+  target time is ``t + lead`` with a fixed lead, so either carries the same information, and
+  the init time is what a forecast is started from).  Day of year is ``(doy - 1 + hour / 24) /
+  days_in_year`` (365 or 366; calendar-aware for cftime calendars).
+- **Missing values** (NaN after CF decoding of ``_FillValue``/``missing_value``): the *fixed
+  mask* of a channel is the set of points missing at every training time; they are masked
+  everywhere (also in validation times).  Targets are never filled: ``item["weight"]`` is 0
+  where the target is missing.  Inputs are filled with 0 (the normalised mean) and the
+  ``"mask"`` channel is 0 where any input channel is missing.  A point missing only sometimes is
+  an error naming variable, time and point count, unless ``allow_missing=True``.
+- **Statistics**: per channel (variable and level) NaN-skipping mean and population std over
+  the training times (and members), accumulated in float64 over blocks of ``stats_block`` time
+  steps (Chan et al.'s pairwise update), so memory does not grow with the number of steps; with
+  ``target="residual"`` also those of ``x(t + lead) - x(t)`` over the training pairs.  The
+  layout's ``mean``/``std`` are those of the target; ``attrs["state_mean"/"state_std"]`` those
+  of the inputs.  Everything the decoder needs (names, attributes, units, levels, coordinates
+  in the file's order, fixed masks) is in ``layout.attrs``: a checkpoint alone can decode.
+- **Splits** are by time: the last ``val_fraction`` of the times (or ``train_slice`` /
+  ``val_slice``, ISO dates, inclusive) are validation; a pair belongs to a split only if *all*
+  its times do, so validation pairs never touch a training time.
+- **Memory**: files are opened lazily (netCDF backend, no dask needed); an item reads only its
+  time slices with ``isel``, the statistics pass reads bounded time blocks.
+"""
+from __future__ import annotations
+
+import glob as _glob
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from diffkit.adapters import Adapter, atomic_to_netcdf
+from diffkit.errors import DiffkitError
+from diffkit.layout import Layout
+
+TARGETS = ("state", "residual")
+FORCINGS = ("time_of_day", "day_of_year")
+ROLES = ("time", "latitude", "longitude", "level", "member")
+
+_LAT_UNITS = {"degrees_north", "degree_north", "degree_n", "degrees_n", "degreen", "degreesn"}
+_LON_UNITS = {"degrees_east", "degree_east", "degree_e", "degrees_e", "degreee", "degreese"}
+_PRESSURE_UNITS = {"pa", "hpa", "kpa", "mbar", "millibar", "millibars", "mb", "bar", "atm"}
+_VERTICAL_SN = {"air_pressure", "altitude", "height", "depth", "model_level_number",
+                "atmosphere_hybrid_sigma_pressure_coordinate", "atmosphere_sigma_coordinate",
+                "atmosphere_hybrid_height_coordinate", "geopotential_height", "air_potential_temperature"}
+_NAMES = {
+    "latitude": ("lat", "latitude", "nav_lat", "lats", "xlat"),
+    "longitude": ("lon", "longitude", "nav_lon", "lons", "long", "xlon"),
+    "level": ("level", "plev", "lev", "levels", "pressure_level", "isobaricinhpa", "pressure", "pres", "height", "depth"),
+    "time": ("time", "valid_time", "timestep", "times", "date", "datetime"),
+    "member": ("member", "number", "realization", "ensemble", "ens", "member_id"),
+}
+#: elements of one statistics read (float32 ~ 21 bytes each with the float64 temporaries)
+_STATS_ELEMENTS = 1 << 22
+
+
+class WeatherDataError(DiffkitError, ValueError):
+    """Gridded files cannot be used as asked (missing variable, grids that differ, gaps, ...)."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+def _plain(v):
+    """Attribute values as checkpoint-safe plain data (str, int, float, lists of them)."""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", "replace")
+    if isinstance(v, (bool, np.bool_)):
+        return int(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v.tolist()] if v.ndim else _plain(v.item())
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, (int, float, str)):
+        return v
+    return str(v)
+
+
+def _attrs(a: Mapping) -> dict:
+    return {str(k): _plain(v) for k, v in a.items()}
+
+
+def _fmt_level(v) -> str:
+    v = float(v)
+    return str(int(v)) if v.is_integer() else f"{v:g}"
+
+
+def _vals(a, n: int = 3) -> str:
+    a = np.asarray(a).ravel()
+    if a.size <= 2 * n:
+        return "[" + ", ".join(f"{x:g}" if np.issubdtype(a.dtype, np.number) else str(x) for x in a) + "]"
+    head = ", ".join(f"{x:g}" for x in a[:n])
+    tail = ", ".join(f"{x:g}" for x in a[-n:])
+    return f"[{head}, ..., {tail}] ({a.size} values)"
+
+
+def _fmt_time(t) -> str:
+    if isinstance(t, np.datetime64):
+        return str(np.datetime_as_string(t, unit="m")).replace("T", " ")
+    try:
+        return t.strftime("%Y-%m-%d %H:%M")
+    except Exception:
+        return str(t)
+
+
+def _index(local: np.ndarray):
+    """A basic (slice) indexer for evenly spaced ascending positions, else the list."""
+    local = np.asarray(local, dtype=np.int64)
+    if local.size == 1:
+        return slice(int(local[0]), int(local[0]) + 1)
+    d = np.diff(local)
+    if d.size and (d == d[0]).all() and d[0] > 0:
+        return slice(int(local[0]), int(local[-1]) + 1, int(d[0]))
+    return local.tolist()
+
+
+def resolve_paths(path) -> list[Path]:
+    """The files of ``path``: a file, a glob pattern, or a list of either (sorted per glob)."""
+    items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    if not items:
+        raise WeatherDataError("data.options.path is empty; give a netCDF file, a glob such as 'era5/*.nc' or a list")
+    out: list[Path] = []
+    for it in items:
+        s = os.fspath(it)
+        if any(c in s for c in "*?["):
+            hits = sorted(_glob.glob(s))
+            if not hits:
+                raise WeatherDataError(f"no file matches the pattern {s!r}; check the path (data.options.path)")
+            out += [Path(h) for h in hits]
+        else:
+            p = Path(s)
+            if not p.exists():
+                raise FileNotFoundError(f"gridded data file {p} does not exist; check data.options.path")
+            out.append(p)
+    seen, uniq = set(), []
+    for p in out:
+        if p.resolve() not in seen:
+            seen.add(p.resolve())
+            uniq.append(p)
+    return uniq
+
+
+def open_lazy(path):
+    """Open one netCDF file lazily (no data read, times not decoded: :func:`decode_time` does that)."""
+    import xarray as xr
+
+    try:
+        return xr.open_dataset(path, decode_times=False, decode_timedelta=False, cache=False)
+    except Exception as e:
+        raise WeatherDataError(f"cannot read {path} as netCDF ({type(e).__name__}: {e}); give CF netCDF files") from None
+
+
+# ----------------------------------------------------------------------------- coordinates
+def _role_of(name: str, attrs: Mapping) -> tuple[str, int] | None:
+    """``(role, priority)`` of a dim from its coordinate variable: 0 standard_name, 1 units, 2 axis, 3 name."""
+    sn = str(attrs.get("standard_name", "")).strip().lower()
+    if sn in ("latitude", "grid_latitude"):
+        return "latitude", 0
+    if sn in ("longitude", "grid_longitude"):
+        return "longitude", 0
+    if sn == "time":
+        return "time", 0
+    if sn in _VERTICAL_SN:
+        return "level", 0
+    if sn == "realization":
+        return "member", 0
+    units = str(attrs.get("units", "")).strip().lower()
+    if units in _LAT_UNITS:
+        return "latitude", 1
+    if units in _LON_UNITS:
+        return "longitude", 1
+    if re.match(r"^\s*\w+\s+since\s+\S", units):
+        return "time", 1
+    if units in _PRESSURE_UNITS:
+        return "level", 1
+    axis = str(attrs.get("axis", "")).strip().upper()
+    metric = units in ("m", "km", "meters", "metres")
+    if axis == "Y" and not metric:
+        return "latitude", 2
+    if axis == "X" and not metric:
+        return "longitude", 2
+    if axis == "Z" or str(attrs.get("positive", "")).lower() in ("up", "down"):
+        return "level", 2
+    if axis == "T":
+        return "time", 2
+    n = name.lower()
+    for role, names in _NAMES.items():
+        if n in names:
+            return role, 3
+    return None
+
+
+def find_coords(ds, path="the file", dims: Mapping[str, str] | None = None) -> dict:
+    """Roles of the dims of ``ds``: ``{"time": name, "latitude": .., "longitude": .., "member": ..,
+    "level": [names]}`` (absent roles are missing; several vertical dims are allowed)."""
+    dims = dict(dims or {})
+    bad = [k for k in dims if k not in ROLES]
+    if bad:
+        raise WeatherDataError(f"dims option names unknown role(s) {bad}; roles are {', '.join(ROLES)}")
+    best: dict[str, list[tuple[int, str]]] = {}
+    forced = {v: k for k, v in dims.items()}
+    for d in ds.dims:
+        d = str(d)
+        if d in forced:
+            best.setdefault(forced[d], []).append((-1, d))
+            continue
+        var = ds.variables.get(d)
+        r = _role_of(d, var.attrs if var is not None else {})
+        if r is not None and r[0] not in dims:
+            best.setdefault(r[0], []).append((r[1], d))
+    out: dict[str, Any] = {}
+    for role, cands in best.items():
+        if role == "level":
+            out["level"] = [d for _, d in sorted(cands)]
+            continue
+        cands.sort()
+        if len(cands) > 1 and cands[0][0] == cands[1][0]:
+            raise WeatherDataError(
+                f"{path}: dims {cands[0][1]!r} and {cands[1][1]!r} both look like {role}; name the right one "
+                f"with data.options.dims = {{{role} = \"...\"}}")
+        out[role] = cands[0][1]
+    for role, d in dims.items():
+        if d not in ds.dims and role != "level":
+            raise WeatherDataError(f"dims option maps {role} to {d!r}, which is not a dim of {path} "
+                                   f"(dims: {', '.join(map(str, ds.dims))})")
+    return out
+
+
+def decode_time(var, path="the file", time_units: str | None = None, calendar: str | None = None):
+    """Decoded times (datetime64[ns], or cftime objects for non-standard calendars) of a time coordinate."""
+    import xarray as xr
+
+    vals = np.asarray(var.values)
+    if np.issubdtype(vals.dtype, np.datetime64):
+        return vals.astype("datetime64[ns]")
+    units = time_units or var.attrs.get("units")
+    cal = calendar or var.attrs.get("calendar", "standard")
+    if not units or not re.match(r"^\s*\w+\s+since\s+\S", str(units)):
+        raise WeatherDataError(
+            f"time coordinate {var.name!r} of {path} has no CF units ('<unit> since <date>'; it has "
+            f"{'no units attribute' if units is None else repr(str(units))}), so its values {_vals(vals)} cannot be "
+            f"turned into dates. Pass "
+            f"data.options.time_units, e.g. time_units = \"hours since 2000-01-01 00:00\".")
+    tmp = xr.Dataset(coords={"t": ("t", vals, {"units": str(units), "calendar": str(cal)})})
+    try:
+        out = xr.decode_cf(tmp)["t"].values
+    except Exception as e:
+        raise WeatherDataError(f"cannot decode the time coordinate {var.name!r} of {path} with units {units!r} "
+                               f"and calendar {cal!r} ({type(e).__name__}: {e}); fix its units or pass "
+                               f"data.options.time_units") from None
+    if np.issubdtype(out.dtype, np.datetime64):
+        return out.astype("datetime64[ns]")
+    if out.dtype == object and out.size and hasattr(out.flat[0], "calendar"):
+        return out
+    raise WeatherDataError(f"time coordinate {var.name!r} of {path} (units {units!r}) did not decode to dates; "
+                           f"fix its units or pass data.options.time_units")
+
+
+def _text_vars(ds) -> str:
+    """Text variables (e.g. NCL's 'reftime') shown in time errors: the origin may hide there."""
+    out = []
+    for k, v in ds.data_vars.items():
+        if v.dtype.kind in "SU" and v.size <= 64:
+            try:
+                a = np.asarray(v.values)
+                s = b"".join(a.ravel().tolist()).decode("ascii", "replace") if a.dtype.kind == "S" else "".join(a.ravel())
+                s = s.replace("\x00", "").strip()
+                out.append(f"{k} = {s!r} ({_attrs(v.attrs)})")
+            except Exception:
+                continue
+    return "; ".join(out)
+
+
+def _hours(times) -> np.ndarray:
+    """Times as float64 hours since 1970-01-01 in their calendar."""
+    if np.issubdtype(np.asarray(times).dtype, np.datetime64):
+        return (np.asarray(times, "datetime64[ns]") - np.datetime64("1970-01-01", "ns")) / np.timedelta64(1, "h")
+    import cftime
+
+    t = np.asarray(times)
+    return np.asarray(cftime.date2num(list(t), "hours since 1970-01-01", t.flat[0].calendar), dtype=np.float64)
+
+
+def time_forcings(times) -> dict[str, np.ndarray]:
+    """Fraction of the day (UTC) and of the year of each time, in [0, 1)."""
+    t = np.asarray(times)
+    if np.issubdtype(t.dtype, np.datetime64):
+        import pandas as pd
+
+        ix = pd.DatetimeIndex(t)
+        tod = (ix.hour + ix.minute / 60 + ix.second / 3600) / 24
+        doy = (ix.day_of_year - 1 + tod) / np.where(ix.is_leap_year, 366.0, 365.0)
+        return {"time_of_day": np.asarray(tod, np.float64), "day_of_year": np.asarray(doy, np.float64)}
+    import cftime
+
+    tod, doy = [], []
+    for x in t.ravel():
+        f = (x.hour + x.minute / 60 + x.second / 3600) / 24
+        y0 = cftime.datetime(x.year, 1, 1, calendar=x.calendar)
+        ny = (cftime.datetime(x.year + 1, 1, 1, calendar=x.calendar) - y0).days
+        tod.append(f)
+        doy.append((x.dayofyr - 1 + f) / ny)
+    return {"time_of_day": np.asarray(tod), "day_of_year": np.asarray(doy)}
+
+
+def _orientation(lat: np.ndarray, lon: np.ndarray, path) -> dict:
+    """How the file's (lat, lon) become the model's: lat ascending, lon continuous and ascending."""
+    if lat.ndim != 1 or lon.ndim != 1:
+        raise WeatherDataError(f"{path} has {lat.ndim}-D latitude / {lon.ndim}-D longitude coordinates; the weather "
+                               f"adapter needs a regular lat-lon grid (1-D latitude and longitude); regrid first")
+    dl = np.diff(lat)
+    if lat.size > 1 and (dl > 0).all():
+        lat_flip = False
+    elif lat.size > 1 and (dl < 0).all():
+        lat_flip = True
+    elif lat.size == 1:
+        lat_flip = False
+    else:
+        i = int(np.argmax(~((dl > 0) if dl[0] > 0 else (dl < 0))))
+        raise WeatherDataError(
+            f"latitude of {path} is not monotonic (neither ascending nor descending): {lat[i]:g}, {lat[i + 1]:g}, "
+            f"{lat[min(i + 2, lat.size - 1)]:g} at index {i}; sort the file by latitude (e.g. ds.sortby('latitude'))")
+    lon_model = lon.astype(np.float64).copy()
+    lon_flip = False
+    if lon.size > 1:
+        d = np.diff(lon_model)
+        if (d < 0).sum() > (d > 0).sum():  # descending: flip, then handle the wrap as ascending
+            lon_flip = True
+            lon_model = lon_model[::-1].copy()
+            d = np.diff(lon_model)
+        drops = np.flatnonzero(d <= 0)
+        if drops.size == 1 and d[drops[0]] < -180:  # crosses the wrap: relabel, keep the data order
+            k = drops[0] + 1
+            lon_model[:k] -= 360.0
+            d = np.diff(lon_model)
+        if not (d > 0).all():
+            i = int(np.flatnonzero(d <= 0)[0])
+            raise WeatherDataError(
+                f"longitude of {path} is not monotonic: {lon[i]:g}, {lon[i + 1]:g} at index {i} (after handling a "
+                f"descending axis and one wrap at 360 deg); sort the file by longitude")
+    lat_model = lat.astype(np.float64)[::-1].copy() if lat_flip else lat.astype(np.float64).copy()
+    if (np.abs(lat_model) > 90 + 1e-6).any():
+        raise WeatherDataError(f"latitude of {path} has values outside [-90, 90] ({_vals(lat)}); is it a latitude?")
+    periodic = False
+    if lon_model.size > 2:
+        step = np.diff(lon_model)
+        uniform = np.allclose(step, step.mean(), rtol=1e-3, atol=1e-6)
+        periodic = uniform and abs(lon_model[-1] - lon_model[0] + step.mean() - 360.0) < 1e-3 * step.mean() + 1e-6
+    return dict(lat_flip=lat_flip, lon_flip=lon_flip, lat_model=lat_model, lon_model=lon_model, periodic=periodic)
+
+
+# ----------------------------------------------------------------------------- the store
+class _Store:
+    """Lazy reader of variables spread over files: ``read(var, times)`` returns
+    ``(nt, L, nlat, nlon)`` float32 in the model's orientation, reading only those times."""
+
+    def __init__(self, paths: list[Path], specs: dict, orient: dict, seg_of: dict, loc_of: dict):
+        self.paths, self.specs, self.orient = paths, specs, orient
+        self.seg_of, self.loc_of = seg_of, loc_of
+        self._open: dict[int, Any] = {}
+        self._pid = os.getpid()
+
+    def __getstate__(self):
+        s = dict(self.__dict__)
+        s["_open"] = {}
+        return s
+
+    def __setstate__(self, s):
+        self.__dict__.update(s)
+        self._pid = os.getpid()
+
+    def ds(self, i: int):
+        if self._pid != os.getpid():  # forked DataLoader worker: never share netCDF handles
+            self._open, self._pid = {}, os.getpid()
+        if i not in self._open:
+            self._open[i] = open_lazy(self.paths[i])
+        return self._open[i]
+
+    def adopt(self, i: int, ds) -> None:
+        self._open[i] = ds
+
+    def read(self, var: str, tidx, member: int | None = None) -> np.ndarray:
+        tidx = np.atleast_1d(np.asarray(tidx, dtype=np.int64))
+        sp = self.specs[var]
+        out = None
+        segs = self.seg_of[var][tidx]
+        for s in np.unique(segs):
+            sel = segs == s
+            seg = sp["segments"][int(s)]
+            ind: dict[str, Any] = {seg["time"]: _index(self.loc_of[var][tidx[sel]])}
+            if seg["level"] is not None:
+                ind[seg["level"]] = _index(np.asarray(sp["level_index"]))
+            if seg["member"] is not None:
+                ind[seg["member"]] = int(member if member is not None else 0)
+            for d in seg["extra"]:  # size-1 dims (e.g. a single height level): dropped
+                ind[d] = 0
+            da = self.ds(seg["file"])[var].isel(ind)
+            order = [seg["time"]] + ([seg["level"]] if seg["level"] else []) + [seg["lat"], seg["lon"]]
+            a = np.asarray(da.transpose(*order).values if list(da.dims) != order else da.values)
+            if seg["level"] is None:
+                a = a[:, None]
+            if out is None:
+                out = np.empty((tidx.size, *a.shape[1:]), dtype=np.float32)
+            out[sel] = a
+        o = self.orient
+        if o["lat_flip"]:
+            out = out[..., ::-1, :]
+        if o["lon_flip"]:
+            out = out[..., ::-1]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- datasets
+class _Pairs(Dataset):
+    """Forecast pairs of one split; item ``i`` is pair ``i // members`` of member ``i % members``."""
+
+    def __init__(self, adapter: "GriddedAdapter", pairs: np.ndarray):
+        self.a = adapter
+        self.pairs = pairs
+        self.members = adapter.members
+
+    def __len__(self):
+        return len(self.pairs) * len(self.members)
+
+    def times(self, i: int) -> tuple:
+        """``(init time, target time)`` of item ``i``."""
+        p = self.pairs[i // len(self.members)]
+        return self.a.times[p[-2]], self.a.times[p[-1]]
+
+    def __getitem__(self, i):
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {i} out of range for {len(self)} pairs")
+        p = self.pairs[i // len(self.members)]
+        m = self.members[i % len(self.members)]
+        u = self.a._read_state(p, m)  # (history + 1, C, H, W), NaN where missing
+        return self.a._make_item(u, int(p[-2]))
+
+
+# ----------------------------------------------------------------------------- adapter
+class GriddedAdapter(Adapter):
+    """Gridded lat-lon netCDF (ERA5 / WeatherBench-2 layouts, NCL sample files, ...) as forecast pairs.
+
+    Options: ``path`` (a file, a glob or a list; variables may be in different files),
+    ``variables`` (default: every variable with time, latitude and longitude dims),
+    ``levels`` (list of level values for every variable with a level dim, or ``{var: [..]}``;
+    default all), ``lead`` (hours; default the time step; a positive multiple of it),
+    ``history`` (input states, ``lead`` apart, 1), ``target`` (``"state"`` or ``"residual"``),
+    ``val_fraction`` (last fraction of the times, 0.1), ``train_slice`` / ``val_slice`` (ISO date
+    pairs ``[start, end]`` or ``"start/end"``, inclusive; override ``val_fraction``),
+    ``allow_missing`` (NaN outside the fixed mask gets weight 0 instead of an error),
+    ``allow_gaps`` (drop pairs spanning gaps of the time axis instead of an error),
+    ``forcings`` (``"time_of_day"``, ``"day_of_year"``), ``static`` (time-independent variables
+    given as conditioning fields, e.g. orography), ``member`` (``None``: all members of a
+    member/realization dim as separate trajectories; or the member value(s) to use),
+    ``stats_block`` (time steps per statistics read, 64), ``time_units`` (for time coordinates
+    without CF units, e.g. ``"hours since 1996-01-05 00:00"``), ``dims`` (``{role: dim}`` for
+    dims that cannot be recognised, roles time/latitude/longitude/level/member).
+    """
+
+    name = "weather"
+
+    def __init__(self, path, variables: Sequence[str] | str | None = None,
+                 levels: Sequence[float] | Mapping[str, Sequence[float]] | None = None,
+                 lead: float | None = None, history: int = 1, target: str = "state", val_fraction: float = 0.1,
+                 train_slice=None, val_slice=None, allow_missing: bool = False, allow_gaps: bool = False,
+                 forcings: Sequence[str] = FORCINGS, static: Sequence[str] | str = (), member=None,
+                 stats_block: int = 64, time_units: str | None = None, dims: Mapping[str, str] | None = None):
+        if not isinstance(history, int) or isinstance(history, bool) or history < 1:
+            raise WeatherDataError(f"data.options.history must be an integer >= 1, got {history!r}")
+        if target not in TARGETS:
+            raise WeatherDataError(f"data.options.target must be one of {', '.join(TARGETS)}, got {target!r}")
+        if not 0 <= val_fraction < 1:
+            raise WeatherDataError(f"data.options.val_fraction must be in [0, 1), got {val_fraction}")
+        if not isinstance(stats_block, int) or stats_block < 1:
+            raise WeatherDataError(f"data.options.stats_block must be an integer >= 1, got {stats_block!r}")
+        forcings = [forcings] if isinstance(forcings, str) else list(forcings)
+        unknown = [f for f in forcings if f not in FORCINGS]
+        if unknown:
+            raise WeatherDataError(f"unknown forcing(s) {unknown}; available: {', '.join(FORCINGS)}")
+        self.history, self.target, self.forcings = history, target, forcings
+        self.allow_missing, self.allow_gaps = bool(allow_missing), bool(allow_gaps)
+        self.stats_block = stats_block
+        self.paths = resolve_paths(path)
+        self.static_names = [static] if isinstance(static, str) else list(static)
+
+        self._open_files(variables, levels, member, time_units, dims)
+        self._time_axis(lead)
+        self._split(val_fraction, train_slice, val_slice)
+        self._scan()
+        self._static_fields()
+        if target == "residual":
+            self._residual_stats()
+        self._layout = self._make_layout()
+
+    # -- files, grid, variables ------------------------------------------------------------
+    def _open_files(self, variables, levels, member, time_units, dims):
+        files = []
+        for i, p in enumerate(self.paths):
+            ds = open_lazy(p)
+            roles = find_coords(ds, p, dims)
+            files.append((p, ds, roles))
+        # the grid: every file with latitude and longitude must agree with the first one
+        grid_files = [f for f in files if "latitude" in f[2] and "longitude" in f[2]]
+        if not grid_files:
+            raise WeatherDataError(
+                f"no latitude/longitude dims found in {', '.join(p.name for p in self.paths)} (dims: "
+                f"{'; '.join(f'{p.name}: ' + ', '.join(map(str, ds.dims)) for p, ds, _ in files)}); name them with "
+                f"data.options.dims = {{latitude = \"...\", longitude = \"...\"}}")
+        p0, ds0, r0 = grid_files[0]
+        lat0 = np.asarray(ds0[r0["latitude"]].values, dtype=np.float64)
+        lon0 = np.asarray(ds0[r0["longitude"]].values, dtype=np.float64)
+        for p, ds, r in grid_files[1:]:
+            for role, ref in (("latitude", lat0), ("longitude", lon0)):
+                v = np.asarray(ds[r[role]].values, dtype=np.float64)
+                _same_coord(v, ref, role, f"{p.name}", f"{p0.name}")
+        self.orient = _orientation(lat0, lon0, p0.name)
+        self.coord_dtypes = {r0[k]: str(ds0[r0[k]].dtype) for k in ("latitude", "longitude")}
+        self.grid = dict(lat_name=r0["latitude"], lon_name=r0["longitude"], lat=lat0, lon=lon0,
+                         lat_attrs=_attrs(ds0[r0["latitude"]].attrs), lon_attrs=_attrs(ds0[r0["longitude"]].attrs))
+
+        # candidate variables: (time, lat, lon [, level] [, member])
+        avail: dict[str, list] = {}
+        statics: dict[str, tuple] = {}
+        for fi, (p, ds, r) in enumerate(files):
+            for v, da in ds.data_vars.items():
+                d = list(map(str, da.dims))
+                if r.get("latitude") not in d or r.get("longitude") not in d:
+                    continue
+                rest = [x for x in d if x not in (r.get("latitude"), r.get("longitude"), r.get("time"), r.get("member"))]
+                lev = [x for x in rest if x in r.get("level", [])]
+                other = [x for x in rest if x not in lev]
+                if len(lev) > 1 or any(ds.sizes[x] != 1 for x in other):
+                    continue  # not a plain gridded field (extra dims of size > 1)
+                seg = dict(file=fi, time=r.get("time") if r.get("time") in d else None, lat=r["latitude"],
+                           lon=r["longitude"], level=lev[0] if lev else None,
+                           member=r.get("member") if r.get("member") in d else None, extra=other)
+                if seg["time"] is None:
+                    statics.setdefault(str(v), (fi, seg))
+                else:
+                    avail.setdefault(str(v), []).append(seg)
+        self._files = files
+        if variables is None:
+            variables = [v for v in avail if v not in self.static_names]
+            if not variables:
+                raise WeatherDataError(
+                    f"{', '.join(p.name for p in self.paths)} hold no variable with time, latitude and longitude "
+                    f"dims; they have {self._describe_vars()}")
+        variables = [variables] if isinstance(variables, str) else list(variables)
+        missing = [v for v in variables if v not in avail]
+        if missing:
+            raise WeatherDataError(
+                f"variable(s) {', '.join(map(repr, missing))} not found in {', '.join(p.name for p in self.paths)}; "
+                f"the gridded variables with a time dim are {', '.join(sorted(avail)) or 'none'} "
+                f"(all variables: {self._describe_vars()})")
+        bad_static = [v for v in self.static_names if v not in statics and v not in avail]
+        if bad_static:
+            raise WeatherDataError(f"static field(s) {bad_static} not found; time-independent gridded variables: "
+                                   f"{', '.join(sorted(statics)) or 'none'}")
+        self.variables = variables
+        self._avail, self._statics = avail, statics
+
+        # members
+        mdims = {seg["member"] for v in variables for seg in avail[v]}
+        if len(mdims - {None}) and None in mdims:
+            raise WeatherDataError(f"some variables have a member dim and others not ({variables}); use variables of "
+                                   f"one kind or select one member per file first")
+        self.member_values: list = []
+        if mdims - {None}:
+            seg = avail[variables[0]][0]
+            ds = files[seg["file"]][1]
+            md = seg["member"]
+            vals = np.asarray(ds[md].values) if md in ds.variables else np.arange(ds.sizes[md])
+            if member is None:
+                self.members = list(range(len(vals)))
+            else:
+                want = [member] if np.ndim(member) == 0 else list(member)
+                idx = []
+                for w in want:
+                    hit = np.flatnonzero(vals == w)
+                    if not hit.size:
+                        raise WeatherDataError(f"member {w!r} not in {md!r} of {files[seg['file']][0].name}; "
+                                               f"members: {_vals(vals)}")
+                    idx.append(int(hit[0]))
+                self.members = idx
+            self.member_values = [_plain(vals[i]) for i in self.members]
+        else:
+            if member is not None:
+                raise WeatherDataError(f"data.options.member = {member!r}, but the variables have no member / "
+                                       f"realization dim")
+            self.members = [None]
+
+        # levels per variable
+        self.levels: dict[str, list[float]] = {}
+        self.level_info: dict[str, dict] = {}
+        specs: dict[str, dict] = {}
+        for v in variables:
+            segs = avail[v]
+            ld = segs[0]["level"]
+            if any(s["level"] != ld for s in segs):
+                raise WeatherDataError(f"variable {v!r} has different level dims in different files")
+            sp = dict(segments=segs, level_index=None)
+            if ld is not None:
+                ds = files[segs[0]["file"]][1]
+                lv = (np.asarray(ds[ld].values, dtype=np.float64) if ld in ds.variables
+                      else np.arange(ds.sizes[ld], dtype=np.float64))
+                for s in segs[1:]:
+                    dso = files[s["file"]][1]
+                    _same_coord(np.asarray(dso[ld].values, dtype=np.float64), lv, f"level {ld!r} of {v!r}",
+                                files[s["file"]][0].name, files[segs[0]["file"]][0].name)
+                want = levels.get(v) if isinstance(levels, Mapping) else levels
+                if want is None:
+                    idx = list(range(len(lv)))
+                else:
+                    want = [want] if np.ndim(want) == 0 else list(want)
+                    idx = []
+                    for w in want:
+                        hit = np.flatnonzero(np.isclose(lv, float(w), rtol=0, atol=1e-6 * max(1.0, abs(float(w)))))
+                        if not hit.size:
+                            raise WeatherDataError(f"level {w!r} of variable {v!r} not in {ld!r}; its levels are "
+                                                   f"{_vals(lv, 20)}")
+                        idx.append(int(hit[0]))
+                sp["level_index"] = idx
+                self.levels[v] = [float(lv[i]) for i in idx]
+                self.level_info[v] = dict(dim=ld, attrs=_attrs(ds[ld].attrs) if ld in ds.variables else {})
+                if ld in ds.variables:
+                    self.coord_dtypes[ld] = str(ds[ld].dtype)
+            specs[v] = sp
+        self.channels = [f"{v}@{_fmt_level(l)}" if v in self.levels else v
+                         for v in variables for l in (self.levels.get(v) or [None])]
+        dup = sorted({c for c in self.channels if self.channels.count(c) > 1})
+        if dup:
+            raise WeatherDataError(f"channel(s) {dup} appear twice; list each variable and level once")
+        self.ch_slices = {}
+        c = 0
+        for v in variables:
+            n = len(self.levels.get(v) or [None])
+            self.ch_slices[v] = slice(c, c + n)
+            c += n
+        self._specs = specs
+        self._time_units = time_units
+
+    def _describe_vars(self) -> str:
+        out = []
+        for p, ds, r in self._files:
+            have = ", ".join(f"{k}{tuple(map(str, v.dims))}" for k, v in ds.data_vars.items())
+            out.append(f"{p.name}: {have or 'none'}")
+        return "; ".join(out)
+
+    # -- time axis -------------------------------------------------------------------------
+    def _time_axis(self, lead):
+        files = self._files
+        decoded: dict[int, np.ndarray] = {}
+        for v in self.variables:
+            for seg in self._avail[v]:
+                fi = seg["file"]
+                if fi not in decoded:
+                    p, ds, r = files[fi]
+                    try:
+                        decoded[fi] = decode_time(ds[seg["time"]], p.name, self._time_units)
+                    except WeatherDataError as e:
+                        tv = _text_vars(ds)
+                        more = (f" The file has text variable(s) {tv}; if the time values count from there, say so "
+                                f"with time_units." if tv else "")
+                        raise WeatherDataError(str(e) + more) from None
+                    t = decoded[fi]
+                    h = _hours(t)
+                    if h.size > 1 and not (np.diff(h) > 0).all():
+                        i = int(np.flatnonzero(np.diff(h) <= 0)[0])
+                        raise WeatherDataError(
+                            f"time axis of {p.name} is not strictly increasing: {_fmt_time(t[i])} is followed by "
+                            f"{_fmt_time(t[i + 1])}; sort the file by time (ds.sortby('time')) and drop duplicates")
+        kinds = {("dt64" if np.issubdtype(t.dtype, np.datetime64) else "cf:" + t.flat[0].calendar) for t in decoded.values()}
+        if len(kinds) > 1:
+            raise WeatherDataError(f"the files use different calendars ({sorted(kinds)}); convert them to one calendar")
+        allh = np.unique(np.concatenate([np.round(_hours(t), 6) for t in decoded.values()]))
+        # global axis: union of all times; every variable must hold every time exactly once
+        first = {}
+        for fi, t in decoded.items():
+            for hv, tv in zip(np.round(_hours(t), 6), t):
+                first.setdefault(hv, tv)
+        self.hours = allh
+        self.times = np.array([first[h] for h in allh], dtype=next(iter(decoded.values())).dtype)
+        T = len(allh)
+        seg_of, loc_of = {}, {}
+        for v in self.variables:
+            so = np.full(T, -1, dtype=np.int32)
+            lo = np.full(T, -1, dtype=np.int64)
+            for si, seg in enumerate(self._avail[v]):
+                pos = np.searchsorted(allh, np.round(_hours(decoded[seg["file"]]), 6))
+                clash = so[pos] >= 0
+                if clash.any():
+                    other = self._avail[v][int(so[pos[clash][0]])]
+                    raise WeatherDataError(
+                        f"variable {v!r} appears at the same time {_fmt_time(self.times[pos[clash][0]])} in "
+                        f"{files[other['file']][0].name} and {files[seg['file']][0].name}; give each time once")
+                so[pos] = si
+                lo[pos] = np.arange(len(pos))
+            if (so < 0).any():
+                i = int(np.flatnonzero(so < 0)[0])
+                raise WeatherDataError(
+                    f"variable {v!r} has no data at {_fmt_time(self.times[i])} ({int((so < 0).sum())} of {T} times "
+                    f"missing), which other variables have; every variable needs the same times (files: "
+                    f"{', '.join(files[s['file']][0].name for s in self._avail[v])})")
+            seg_of[v], loc_of[v] = so, lo
+        self.store = _Store(self.paths, self._specs, self.orient, seg_of, loc_of)
+        for fi, (p, ds, r) in enumerate(files):
+            self.store.adopt(fi, ds)
+
+        if T < 2:
+            raise WeatherDataError(f"{', '.join(p.name for p in self.paths)} hold {T} time(s); forecast pairs need "
+                                   f"at least 2")
+        d = np.diff(allh)
+        self.step_hours = float(d.min())
+        if lead is None:
+            lead = self.step_hours
+        lead = float(lead)
+        k = lead / self.step_hours
+        if not lead > 0 or abs(k - round(k)) > 1e-6 or round(k) < 1:
+            raise WeatherDataError(
+                f"lead {lead:g} h is not a positive multiple of the time step of the data ({self.step_hours:g} h); "
+                f"use lead = {self.step_hours:g}, {2 * self.step_hours:g}, ...")
+        self.lead_hours = lead
+        gaps = np.flatnonzero(np.abs(d - self.step_hours) > 1e-6)
+        self.gaps = gaps
+        if gaps.size and not self.allow_gaps:
+            i = int(gaps[0])
+            prev = _fmt_time(self.times[i - 1]) + ", " if i > 0 else ""
+            nxt = ", " + _fmt_time(self.times[i + 2]) if i + 2 < T else ""
+            raise WeatherDataError(
+                f"the time axis has a gap: {_fmt_time(self.times[i])} is followed by {_fmt_time(self.times[i + 1])} "
+                f"({d[i]:g} h; the step is {self.step_hours:g} h; neighbours: {prev}{_fmt_time(self.times[i])}, "
+                f"{_fmt_time(self.times[i + 1])}{nxt}); {gaps.size} gap(s) in all. Fill the missing times, or pass "
+                f"allow_gaps=True to drop the pairs that span a gap")
+        fr = time_forcings(self.times)
+        cols = []
+        self.scalar_names = []
+        for f in self.forcings:
+            cols += [np.sin(2 * np.pi * fr[f]), np.cos(2 * np.pi * fr[f])]
+            self.scalar_names += [f"sin_{f}", f"cos_{f}"]
+        self._scalars = torch.as_tensor(np.stack(cols, 1) if cols else np.zeros((T, 0)), dtype=torch.float32)
+
+    # -- splits and pairs ------------------------------------------------------------------
+    def _bounds(self, s, what):
+        import pandas as pd
+
+        if s is None:
+            return None
+        if isinstance(s, str):
+            s = s.split("/")
+        s = list(s)
+        if len(s) != 2:
+            raise WeatherDataError(f"data.options.{what} must be [start, end] or 'start/end' (ISO dates), got {s!r}")
+        if not np.issubdtype(self.times.dtype, np.datetime64):
+            raise WeatherDataError(f"data.options.{what} needs a standard calendar; these files use "
+                                   f"{self.times.flat[0].calendar!r}; use val_fraction")
+        try:
+            lo = -np.inf if s[0] in (None, "") else _hours(np.array([pd.Period(str(s[0])).start_time.to_datetime64()]))[0]
+            hi = np.inf if s[1] in (None, "") else _hours(np.array([pd.Period(str(s[1])).end_time.to_datetime64()]))[0]
+        except Exception as e:
+            raise WeatherDataError(f"data.options.{what} = {s!r}: cannot read ISO dates ({e})") from None
+        return lo, hi
+
+    def _split(self, val_fraction, train_slice, val_slice):
+        T = len(self.hours)
+        if train_slice is not None or val_slice is not None:
+            tb, vb = self._bounds(train_slice, "train_slice"), self._bounds(val_slice, "val_slice")
+            if tb is None:
+                tb = (-np.inf, vb[0] - 1e-9)
+            if vb is None:
+                vb = (tb[1] + 1e-9, np.inf)
+            if tb[0] <= vb[1] and vb[0] <= tb[1]:
+                raise WeatherDataError(f"train_slice {train_slice!r} and val_slice {val_slice!r} overlap; validation "
+                                       f"times must not be training times")
+            train = (self.hours >= tb[0]) & (self.hours <= tb[1])
+            val = (self.hours >= vb[0]) & (self.hours <= vb[1])
+        else:
+            n_val = 0 if val_fraction == 0 else max(1, int(round(T * val_fraction)))
+            train = np.arange(T) < T - n_val
+            val = ~train
+        self.train_times, self.val_times = train, val
+        self.train_pairs, self.val_pairs = self._pairs(train), self._pairs(val)
+        if not len(self.train_pairs):
+            raise WeatherDataError(
+                f"no training pair: {int(train.sum())} training time(s) do not hold history {self.history} + lead "
+                f"{self.lead_hours:g} h (step {self.step_hours:g} h); use more times, a shorter lead or less history")
+        if val.any() and not len(self.val_pairs):
+            raise WeatherDataError(
+                f"the validation split ({int(val.sum())} time(s)) holds no complete pair for history {self.history} "
+                f"and lead {self.lead_hours:g} h; raise val_fraction (or widen val_slice), or set val_fraction = 0")
+
+    def _pairs(self, allowed: np.ndarray) -> np.ndarray:
+        """``(n, history + 1)`` global time indices: history (oldest first, the last is t), then t + lead."""
+        H, T = self.hours, len(self.hours)
+        offs = np.array([-(self.history - 1 - j) * self.lead_hours for j in range(self.history)] + [self.lead_hours])
+        want = H[:, None] + offs[None, :]
+        pos = np.clip(np.searchsorted(H, want - 1e-6), 0, T - 1)
+        ok = (np.abs(H[pos] - want) < 1e-6).all(1)
+        ok &= allowed[pos].all(1)
+        return pos[ok]
+
+    # -- statistics and missing values ----------------------------------------------------
+    def _block(self, per_step: int) -> int:
+        return max(1, min(self.stats_block, _STATS_ELEMENTS // max(1, per_step)))
+
+    def _scan(self):
+        C = len(self.channels)
+        H, W = len(self.grid["lat"]), len(self.grid["lon"])
+        T = len(self.hours)
+        n = np.zeros(C)
+        mean = np.zeros(C)
+        m2 = np.zeros(C)
+        nan_train = np.zeros((C, H, W), np.int64)
+        nan_all = np.zeros((C, H, W), np.int64)
+        first_nan = np.full((C, H, W), -1, np.int64)
+        train = self.train_times
+        maxL = max(len(self.levels.get(v) or [None]) for v in self.variables)
+        nb = self._block(maxL * H * W)
+        for m in self.members:
+            for s in range(0, T, nb):
+                tidx = np.arange(s, min(T, s + nb))
+                tr = train[tidx]
+                for v in self.variables:
+                    a = self.store.read(v, tidx, m)
+                    cs = self.ch_slices[v]
+                    nan = np.isnan(a)
+                    nan_all[cs] += nan.sum(0)
+                    if tr.any():
+                        nan_train[cs] += nan[tr].sum(0)
+                    anynan = nan.any(0)
+                    if anynan.any():
+                        f = tidx[np.argmax(nan, axis=0)]
+                        fn = first_nan[cs]
+                        upd = anynan & (fn < 0)
+                        fn[upd] = f[upd]
+                        first_nan[cs] = fn
+                    if tr.any():
+                        _chan_update(a[tr], n, mean, m2, cs)
+                    del a, nan
+        ntr = int(train.sum()) * len(self.members)
+        fixed = nan_train == ntr
+        bad = (nan_all > 0) & ~fixed
+        if bad.any() and not self.allow_missing:
+            fb = np.where(bad, first_nan, np.iinfo(np.int64).max)
+            c = int(np.argmin(fb.reshape(C, -1).min(1)))
+            t = int(fb[c].min())
+            v = next(v for v in self.variables if self.ch_slices[v].start <= c < self.ch_slices[v].stop)
+            count = 0
+            for mm in self.members:
+                a = self.store.read(v, [t], mm)[0, c - self.ch_slices[v].start]
+                count = max(count, int((np.isnan(a) & ~fixed[c]).sum()))
+            seg = self._avail[v][int(self.store.seg_of[v][t])]
+            raise WeatherDataError(
+                f"variable {v!r} (channel {self.channels[c]!r}, file {self._files[seg['file']][0].name}) is missing "
+                f"(NaN) at {count} grid point(s) at {_fmt_time(self.times[t])} outside its fixed mask (the "
+                f"{int(fixed[c].sum())} points missing at every training time); {int(bad.any(0).sum())} point(s) are "
+                f"missing only sometimes. Pass allow_missing=True to give them loss weight 0 (and mask them in the "
+                f"inputs), or fill / drop those times")
+        empty = [self.channels[c] for c in range(C) if n[c] == 0]
+        if empty:
+            raise WeatherDataError(f"channel(s) {empty} have no valid value at the training times; drop them "
+                                   f"(data.options.variables / levels)")
+        std = np.sqrt(m2 / n)
+        const = [self.channels[c] for c in range(C) if not std[c] > 1e-12 * max(1.0, abs(mean[c]))]
+        if const:
+            raise WeatherDataError(f"channel(s) {const} are constant over the training times (std 0) and cannot be "
+                                   f"standardised; drop them (data.options.variables / levels)")
+        self.state_mean, self.state_std = mean, std
+        self.fixed_mask = fixed  # (C, H, W) bool
+        self.has_missing = bool(nan_all.any())
+        self.n_train_samples = n
+
+    def _residual_stats(self):
+        C = len(self.channels)
+        n, mean, m2 = np.zeros(C), np.zeros(C), np.zeros(C)
+        P = self.train_pairs
+        H, W = len(self.grid["lat"]), len(self.grid["lon"])
+        maxL = max(len(self.levels.get(v) or [None]) for v in self.variables)
+        nb = max(1, self._block(2 * maxL * H * W))
+        for m in self.members:
+            for s in range(0, len(P), nb):
+                blk = P[s: s + nb]
+                need = np.unique(np.concatenate([blk[:, -2], blk[:, -1]]))
+                i0 = np.searchsorted(need, blk[:, -2])
+                i1 = np.searchsorted(need, blk[:, -1])
+                for v in self.variables:
+                    a = self.store.read(v, need, m)
+                    cs = self.ch_slices[v]
+                    d = a[i1] - a[i0]
+                    d[:, self.fixed_mask[cs]] = np.nan
+                    _chan_update(d, n, mean, m2, cs)
+        std = np.sqrt(m2 / np.maximum(n, 1))
+        const = [self.channels[c] for c in range(C) if not std[c] > 0]
+        if const:
+            raise WeatherDataError(f"channel(s) {const} do not change over {self.lead_hours:g} h; use target='state'")
+        self.target_mean, self.target_std = mean, std
+
+    def _static_fields(self):
+        self.static_channels: list[str] = []
+        arrs = []
+        for v in self.static_names:
+            if v in self._statics:
+                fi, seg = self._statics[v]
+                da = self._files[fi][1][v]
+            else:  # a field with a time dim (e.g. ERA5 orography): its first time
+                seg = self._avail[v][0]
+                fi = seg["file"]
+                da = self._files[fi][1][v].isel({seg["time"]: 0})
+            if seg["member"]:
+                da = da.isel({seg["member"]: 0})
+            da = da.isel({d: 0 for d in seg["extra"]})
+            order = ([seg["level"]] if seg["level"] else []) + [seg["lat"], seg["lon"]]
+            a = np.asarray(da.transpose(*order).values, dtype=np.float64)
+            if a.ndim == 2:
+                a = a[None]
+                names = [v]
+            else:
+                ds = self._files[fi][1]
+                lv = ds[seg["level"]].values if seg["level"] in ds.variables else np.arange(a.shape[0])
+                names = [f"{v}@{_fmt_level(x)}" for x in lv]
+            if self.orient["lat_flip"]:
+                a = a[:, ::-1]
+            if self.orient["lon_flip"]:
+                a = a[:, :, ::-1]
+            arrs.append(a)
+            self.static_channels += names
+        if arrs:
+            a = np.concatenate(arrs, 0)
+            m = np.nanmean(a, axis=(1, 2))
+            s = np.nanstd(a, axis=(1, 2))
+            s = np.where(s > 0, s, 1.0)
+            self.static_mean, self.static_std = m, s
+            z = (a - m[:, None, None]) / s[:, None, None]
+            self.static_valid = np.isfinite(z).all(0)
+            self._static = torch.as_tensor(np.nan_to_num(z, nan=0.0), dtype=torch.float32)
+            self.has_missing = self.has_missing or not bool(self.static_valid.all())
+        else:
+            self.static_mean = self.static_std = np.zeros(0)
+            self.static_valid = None
+            self._static = None
+
+    # -- items -----------------------------------------------------------------------------
+    def _read_state(self, pair: np.ndarray, member) -> np.ndarray:
+        order = np.argsort(pair, kind="stable")
+        out = np.empty((len(pair), len(self.channels), len(self.grid["lat"]), len(self.grid["lon"])), np.float32)
+        for v in self.variables:
+            a = self.store.read(v, pair[order], member)
+            out[order, self.ch_slices[v]] = a
+        if self.fixed_mask.any():
+            out[:, self.fixed_mask] = np.nan
+        return out
+
+    def _make_item(self, u: np.ndarray, t_init: int) -> dict:
+        h = self.history
+        sm = self.state_mean[:, None, None]
+        ss = self.state_std[:, None, None]
+        hist = u[:h]
+        tgt = u[h] - hist[-1] if self.target == "residual" else u[h]
+        tm = (self.target_mean if self.target == "residual" else self.state_mean)[:, None, None]
+        ts = (self.target_std if self.target == "residual" else self.state_std)[:, None, None]
+        x = ((tgt - tm) / ts).astype(np.float32)
+        fields = ((hist - sm) / ss).astype(np.float32).reshape(-1, *u.shape[2:])
+        item: dict[str, torch.Tensor] = {}
+        if self.has_missing:
+            valid_t = np.isfinite(x)
+            item["weight"] = torch.from_numpy(valid_t.astype(np.float32))
+            x = np.where(valid_t, x, np.float32(0))
+            valid_in = np.isfinite(hist).all(axis=(0, 1))
+            if self.static_valid is not None:
+                valid_in &= self.static_valid
+            fields = np.nan_to_num(fields, nan=0.0)
+        parts = [torch.from_numpy(fields)]
+        if self._static is not None:
+            parts.append(self._static)
+        if self.has_missing:
+            parts.append(torch.from_numpy(valid_in.astype(np.float32))[None])
+        item["x"] = torch.from_numpy(np.ascontiguousarray(x))
+        item["fields"] = torch.cat(parts, 0)
+        if self.scalar_names:
+            item["scalars"] = self._scalars[t_init]
+        return item
+
+    # -- layout ----------------------------------------------------------------------------
+    def _make_layout(self) -> Layout:
+        C = len(self.channels)
+        lat_m, lon_m = self.orient["lat_model"], self.orient["lon_model"]
+        from .metrics import latitude_weights
+
+        w = latitude_weights(torch.as_tensor(lat_m)).to(torch.float32).reshape(1, -1, 1)
+        cond = [f"{c}@t-{j}" if j else f"{c}@t" for j in range(self.history - 1, -1, -1) for c in self.channels]
+        cond += self.static_channels
+        if self.has_missing:
+            cond.append("mask")
+        tm = self.target_mean if self.target == "residual" else self.state_mean
+        ts = self.target_std if self.target == "residual" else self.state_std
+        var_attrs, fills, dtypes, var_dims, units, long_names = {}, {}, {}, {}, {}, {}
+        for v in self.variables:
+            seg = self._avail[v][0]
+            da = self._files[seg["file"]][1][v]
+            var_attrs[v] = _attrs(da.attrs)
+            enc = da.encoding
+            fv = enc.get("_FillValue", enc.get("missing_value"))
+            if fv is not None and np.ndim(fv) == 0:
+                fills[v] = float(fv)
+            dtypes[v] = str(np.dtype(da.dtype)) if np.dtype(da.dtype).kind == "f" else "float32"
+            var_dims[v] = [str(d) for d in da.dims if d in (seg["level"], seg["lat"], seg["lon"])]
+            u = str(da.attrs.get("units", ""))
+            ln = str(da.attrs.get("long_name", v))
+            for ch in self.channels[self.ch_slices[v]]:
+                units[ch] = u
+                long_names[ch] = ln
+        gattrs = {}
+        for p, ds, r in self._files:
+            for k, val in ds.attrs.items():
+                gattrs.setdefault(str(k), _plain(val))
+        fixed = {self.channels[c]: _rle(self.fixed_mask[c]) for c in range(C) if self.fixed_mask[c].any()}
+        g = self.grid
+        attrs: dict[str, Any] = dict(
+            adapter=self.name, variables=list(self.variables), channels=list(self.channels),
+            levels={v: list(l) for v, l in self.levels.items()},
+            level_dims={v: i["dim"] for v, i in self.level_info.items()},
+            level_attrs={v: i["attrs"] for v, i in self.level_info.items()},
+            var_attrs=var_attrs, var_dims=var_dims, fill_values=fills, dtypes=dtypes, units=units, long_names=long_names,
+            lat_name=g["lat_name"], lon_name=g["lon_name"], lat_values=g["lat"].tolist(), lon_values=g["lon"].tolist(),
+            lat_attrs=g["lat_attrs"], lon_attrs=g["lon_attrs"], coord_dtypes=dict(self.coord_dtypes),
+            lat_flipped=int(self.orient["lat_flip"]), lon_flipped=int(self.orient["lon_flip"]),
+            global_grid=int(self.orient["periodic"]),
+            history=self.history, lead_hours=self.lead_hours, step_hours=self.step_hours, target=self.target,
+            forcings=list(self.forcings), forcing_time="init",
+            state_mean=self.state_mean.tolist(), state_std=self.state_std.tolist(),
+            static=list(self.static_names), static_channels=list(self.static_channels),
+            static_mean=np.asarray(self.static_mean).tolist(), static_std=np.asarray(self.static_std).tolist(),
+            mask_channel=int(self.has_missing), fixed_mask=fixed,
+            members=list(self.member_values),
+            train_times=[_fmt_time(self.times[self.train_times][0]), _fmt_time(self.times[self.train_times][-1])]
+            if self.train_times.any() else [],
+            source=[p.name for p in self.paths], global_attrs=gattrs,
+        )
+        return Layout(channels=tuple(self.channels), spatial=("latitude", "longitude"), shape=(len(lat_m), len(lon_m)),
+                      periodic=("longitude",) if self.orient["periodic"] else (),
+                      coords={"latitude": tuple(lat_m.tolist()), "longitude": tuple(lon_m.tolist())},
+                      weights=w, cond_channels=tuple(cond), scalars=tuple(self.scalar_names),
+                      mean=torch.as_tensor(tm, dtype=torch.float32).reshape(C, 1, 1),
+                      std=torch.as_tensor(ts, dtype=torch.float32).reshape(C, 1, 1), attrs=attrs)
+
+    # -- protocol --------------------------------------------------------------------------
+    @property
+    def layout(self) -> Layout:
+        return self._layout
+
+    def dataset(self, split: str) -> Dataset:
+        pairs = {"train": self.train_pairs, "val": self.val_pairs}.get(split)
+        if pairs is None:
+            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+        return _Pairs(self, pairs)
+
+    @staticmethod
+    def unstack(x, layout: Layout, **kw):
+        """See :func:`unstack`."""
+        return unstack(x, layout, **kw)
+
+    @classmethod
+    def decode(cls, x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = None) -> Path:
+        """Write standardised samples ``(N, C, lat, lon)`` as CF netCDF with the file's variable names,
+        attributes, units, levels and coordinates (original order and convention), atomically.
+
+        With ``target = "residual"`` the samples are increments over ``lead_hours`` (global attribute
+        ``target = "residual"``); add them to the initial state for a forecast.
+        """
+        x = torch.as_tensor(x).detach().float().cpu()
+        if x.ndim == len(layout.sample_shape):
+            x = x[None]
+        layout.check(x, "samples")
+        ds = unstack(layout.denormalize(x), layout)
+        a = layout.attrs
+        ds.attrs["target"] = str(a.get("target", "state"))
+        ds.attrs["lead_hours"] = float(a.get("lead_hours", float("nan")))
+        ds.attrs.update({k: (v if isinstance(v, (int, float)) else str(v)) for k, v in (attrs or {}).items()})
+        for v in ds.data_vars:
+            fv = a.get("fill_values", {}).get(v)
+            ds[v].encoding["_FillValue"] = np.dtype(ds[v].dtype).type(fv) if fv is not None else None
+        return atomic_to_netcdf(ds, path)
+
+
+def _chan_update(a: np.ndarray, n: np.ndarray, mean: np.ndarray, m2: np.ndarray, cs: slice) -> None:
+    """Merge ``a`` (``(nt, L, H, W)``, NaN skipped) into per-channel running (count, mean, M2) (Chan et al.)."""
+    for j in range(a.shape[1]):
+        x = a[:, j].astype(np.float64).ravel()
+        x = x[~np.isnan(x)]
+        if not x.size:
+            continue
+        c = cs.start + j
+        nb = x.size
+        mb = x.mean()
+        m2b = float(((x - mb) ** 2).sum())
+        na = n[c]
+        tot = na + nb
+        delta = mb - mean[c]
+        mean[c] += delta * nb / tot
+        m2[c] += m2b + delta * delta * na * nb / tot
+        n[c] = tot
+
+
+def _same_coord(v: np.ndarray, ref: np.ndarray, what: str, name: str, ref_name: str) -> None:
+    if v.shape != ref.shape:
+        raise WeatherDataError(f"grids differ: {what} of {name} has {v.size} values {_vals(v)}, {ref_name} has "
+                               f"{ref.size} {_vals(ref)}; regrid the files to one grid (e.g. cdo remapbil, xesmf)")
+    tol = 1e-5 * max(1.0, float(np.abs(ref).max()) if ref.size else 1.0)
+    diff = np.abs(v - ref) > tol
+    if diff.any():
+        i = int(np.flatnonzero(diff)[0])
+        raise WeatherDataError(f"grids differ: {what} of {name} is {v[i]:g} at index {i} where {ref_name} has "
+                               f"{ref[i]:g} ({name}: {_vals(v)}, {ref_name}: {_vals(ref)}); regrid the files to one "
+                               f"grid (e.g. cdo remapbil, xesmf)")
+
+
+def _rle(mask: np.ndarray) -> list[int]:
+    """Run lengths of a flattened boolean mask, starting with a run of False."""
+    f = mask.ravel().astype(np.int8)
+    change = np.flatnonzero(np.diff(f)) + 1
+    bounds = np.concatenate([[0], change, [f.size]])
+    runs = np.diff(bounds).tolist()
+    return ([0] + runs) if f[0] else runs
+
+
+def _unrle(runs: Sequence[int], shape) -> np.ndarray:
+    v = np.zeros(int(np.prod(shape)), bool)
+    pos, on = 0, False
+    for r in runs:
+        if on:
+            v[pos: pos + r] = True
+        pos += r
+        on = not on
+    return v.reshape(shape)
+
+
+def fixed_mask(layout: Layout) -> np.ndarray:
+    """The ``(C, lat, lon)`` fixed missing-value mask (model orientation) stored in the layout."""
+    fm = layout.attrs.get("fixed_mask", {})
+    return np.stack([_unrle(fm[c], layout.shape) if c in fm else np.zeros(layout.shape, bool) for c in layout.channels])
+
+
+def unstack(x, layout: Layout, *, dim: str = "sample", values=None):
+    """Physical-unit tensors back onto the file's grid as an :class:`xarray.Dataset`.
+
+    ``x`` is ``(C, lat, lon)`` or ``(N, C, lat, lon)`` in the model's orientation (de-normalised:
+    ``layout.denormalize``); the result has the original variable names, attributes, units, level
+    coordinates and latitude/longitude values in the file's order and convention, with a leading
+    ``dim`` (``"sample"``, coordinate ``values`` if given, e.g. times) for 4-D input.  Points of the
+    layout's fixed mask are NaN.
+    """
+    import xarray as xr
+
+    a = layout.attrs
+    if a.get("adapter") != GriddedAdapter.name:
+        raise WeatherDataError(f"this layout was not made by the weather adapter (adapter {a.get('adapter')!r}); "
+                               f"unstack needs a model trained with data.adapter = \"weather\"")
+    x = np.asarray(torch.as_tensor(x).detach().cpu().double().numpy() if torch.is_tensor(x) else x, dtype=np.float64)
+    single = x.ndim == 3
+    if single:
+        x = x[None]
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(layout.sample_shape):
+        raise WeatherDataError(f"unstack needs (C, lat, lon) or (N, C, lat, lon) = (N, {layout.sample_shape}); got "
+                               f"{tuple(x.shape)}")
+    x = x.copy()
+    fm = fixed_mask(layout)
+    if fm.any():
+        x[:, fm] = np.nan
+    if a.get("lat_flipped"):
+        x = x[..., ::-1, :]
+    if a.get("lon_flipped"):
+        x = x[..., ::-1]
+    latn, lonn = a["lat_name"], a["lon_name"]
+    cdt = a.get("coord_dtypes", {})
+    cval = lambda name, v: np.asarray(v, dtype=cdt.get(name, "float64"))
+    coords: dict[str, Any] = {
+        latn: (latn, cval(latn, a["lat_values"]), dict(a.get("lat_attrs", {}))),
+        lonn: (lonn, cval(lonn, a["lon_values"]), dict(a.get("lon_attrs", {}))),
+    }
+    if not single:
+        coords[dim] = (dim, np.arange(x.shape[0]) if values is None else np.asarray(values))
+    data_vars = {}
+    c = 0
+    chans = list(layout.channels)
+    for v in a["variables"]:
+        lv = a.get("levels", {}).get(v)
+        n = len(lv) if lv else 1
+        block = x[:, c: c + n]
+        expect = [f"{v}@{_fmt_level(l)}" for l in lv] if lv else [v]
+        if chans[c: c + n] != expect:
+            raise WeatherDataError(f"layout channels {chans[c: c + n]} do not match variable {v!r} {expect}")
+        c += n
+        vd = list(a["var_dims"][v])
+        if lv:
+            ld = a["level_dims"][v]
+            if ld not in coords:
+                coords[ld] = (ld, cval(ld, lv), dict(a.get("level_attrs", {}).get(v, {})))
+            src = [ld, latn, lonn]
+        else:
+            block = block[:, 0]
+            src = [latn, lonn]
+        perm = [src.index(d) + 1 for d in vd]
+        block = np.transpose(block, [0] + perm)
+        dt = np.dtype(a.get("dtypes", {}).get(v, "float32"))
+        arr = block.astype(dt)
+        dims = vd
+        if single:
+            arr = arr[0]
+        else:
+            dims = [dim] + vd
+        data_vars[v] = (dims, arr, dict(a.get("var_attrs", {}).get(v, {})))
+    gattrs = {k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in a.get("global_attrs", {}).items()}
+    gattrs.setdefault("Conventions", "CF-1.8")
+    gattrs["source"] = (gattrs.get("source", "") + " | diffkit weather adapter").strip(" |")
+    return xr.Dataset(data_vars, coords=coords, attrs=gattrs)
+
+
+def next_state(x: torch.Tensor, fields: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Physical next state ``(B, C, lat, lon)`` from standardised samples ``x`` and the item's
+    ``fields`` (``(B, cond, lat, lon)``): the sample itself for ``target="state"``, the latest input
+    state plus the increment for ``target="residual"``."""
+    y = layout.denormalize(x)
+    if layout.attrs.get("target") != "residual":
+        return y
+    C = layout.num_channels
+    h = int(layout.attrs["history"])
+    last = fields[:, (h - 1) * C: h * C]
+    sm = torch.as_tensor(layout.attrs["state_mean"], dtype=y.dtype).reshape(1, C, 1, 1)
+    ss = torch.as_tensor(layout.attrs["state_std"], dtype=y.dtype).reshape(1, C, 1, 1)
+    return y + (last * ss + sm)
+
+
+def check_grid(ds_or_path, layout: Layout, *, dims: Mapping[str, str] | None = None) -> None:
+    """Raise :class:`WeatherDataError` unless the data (an xarray Dataset, a file, a glob or a list)
+    are on the grid of ``layout`` (a checkpoint's) and hold its variables and levels."""
+    a = layout.attrs
+    if a.get("adapter") != GriddedAdapter.name:
+        raise WeatherDataError(f"the layout was not made by the weather adapter (adapter {a.get('adapter')!r})")
+    if hasattr(ds_or_path, "data_vars"):
+        sets = [("the data set", ds_or_path)]
+    else:
+        sets = [(p.name, open_lazy(p)) for p in resolve_paths(ds_or_path)]
+    have: dict[str, tuple] = {}
+    for name, ds in sets:
+        r = find_coords(ds, name, dims)
+        if "latitude" not in r or "longitude" not in r:
+            raise WeatherDataError(f"{name} has no latitude/longitude dims (dims: {', '.join(map(str, ds.dims))})")
+        _same_coord(np.asarray(ds[r["latitude"]].values, np.float64), np.asarray(a["lat_values"]),
+                    "latitude", name, "the checkpoint layout")
+        _same_coord(np.asarray(ds[r["longitude"]].values, np.float64), np.asarray(a["lon_values"]),
+                    "longitude", name, "the checkpoint layout")
+        for v in ds.data_vars:
+            have.setdefault(str(v), (name, ds))
+    missing = [v for v in a["variables"] if v not in have]
+    if missing:
+        raise WeatherDataError(f"variable(s) {missing} of the checkpoint layout are not in "
+                               f"{', '.join(n for n, _ in sets)}; they have {', '.join(sorted(have)) or 'none'}")
+    for v, lv in a.get("levels", {}).items():
+        name, ds = have[v]
+        ld = a["level_dims"][v]
+        if ld not in ds[v].dims:
+            raise WeatherDataError(f"variable {v!r} of {name} has no level dim {ld!r} (dims {tuple(ds[v].dims)}), "
+                                   f"which the checkpoint layout has")
+        fl = np.asarray(ds[ld].values, np.float64) if ld in ds.variables else np.arange(ds.sizes[ld], dtype=np.float64)
+        absent = [l for l in lv if not np.isclose(fl, l, rtol=0, atol=1e-6 * max(1.0, abs(l))).any()]
+        if absent:
+            raise WeatherDataError(f"level(s) {absent} of variable {v!r} are not in {name} (levels {_vals(fl, 20)})")
