@@ -133,7 +133,9 @@ def test_plugins_kind_filter(capsys):
     assert main(["plugins", "--kind", "command"]) == 0
     assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("command", "data pde", "pde"),
                                                                             ("command", "rollout", "pde"),
-                                                                            ("command", "data weather", "weather")}
+                                                                            ("command", "data weather", "weather"),
+                                                                            ("command", "forecast", "weather"),
+                                                                            ("command", "evaluate", "weather")}
 
 
 def test_plugins_bad_kind_is_a_usage_error(capsys):

@@ -8,7 +8,12 @@
 - the ``weather`` adapter (:class:`GriddedAdapter`): CF gridded data (any number of files,
   variables and levels) as forecast pairs with masks, area weights, lazy statistics and
   :func:`unstack` back onto the file's template;
-- ``diffkit data weather qg``.
+- :func:`forecast.forecast <diffkit_weather.forecast.forecast>`: batched, seeded autoregressive
+  ensemble forecasts of a trained model (:func:`load_forecaster`, :func:`initial_states`), written
+  as CF netCDF by :func:`forecast_dataset`; :func:`evaluate.evaluate
+  <diffkit_weather.evaluate.evaluate>` scores them against the truth (tables and figures,
+  :mod:`diffkit_weather.plots`);
+- ``diffkit data weather qg``, ``diffkit forecast`` and ``diffkit evaluate``.
 """
 from __future__ import annotations
 
@@ -16,13 +21,18 @@ from diffkit.hookspecs import hookimpl
 
 from . import metrics
 from .adapter import GriddedAdapter, WeatherDataError, check_grid, unstack
-from .cli import register_data
+from .cli import register_data, register_evaluate, register_forecast
+from . import evaluate, forecast  # the modules: forecast.forecast(...), evaluate.evaluate(...)
+from .evaluate import Evaluation
+from .forecast import Forecaster, InitialStates, forecast_dataset, initial_states, load_forecaster, read_truth
 from .qg import (NonFiniteStateError, StabilityError, energy_budget, linear_growth_rate, linear_modes,
                  normal_mode_pv, perturb_members, simulate_qg, to_dataset, write_netcdf)
 
 __all__ = ["simulate_qg", "perturb_members", "linear_modes", "linear_growth_rate", "normal_mode_pv",
            "energy_budget", "to_dataset", "write_netcdf", "StabilityError", "NonFiniteStateError", "metrics",
-           "GriddedAdapter", "WeatherDataError", "check_grid", "unstack"]
+           "GriddedAdapter", "WeatherDataError", "check_grid", "unstack",
+           "forecast", "evaluate", "Forecaster", "InitialStates", "load_forecaster", "initial_states",
+           "forecast_dataset", "read_truth", "Evaluation"]
 
 
 @hookimpl
@@ -37,4 +47,4 @@ def diffkit_metrics():
 
 @hookimpl
 def diffkit_commands():
-    return {"data weather": register_data}
+    return {"data weather": register_data, "forecast": register_forecast, "evaluate": register_evaluate}

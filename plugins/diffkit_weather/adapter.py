@@ -1255,8 +1255,8 @@ def next_state(x: torch.Tensor, fields: torch.Tensor, layout: Layout) -> torch.T
     C = layout.num_channels
     h = int(layout.attrs["history"])
     last = fields[:, (h - 1) * C: h * C]
-    sm = torch.as_tensor(layout.attrs["state_mean"], dtype=y.dtype).reshape(1, C, 1, 1)
-    ss = torch.as_tensor(layout.attrs["state_std"], dtype=y.dtype).reshape(1, C, 1, 1)
+    sm = torch.as_tensor(layout.attrs["state_mean"], dtype=y.dtype, device=y.device).reshape(1, C, 1, 1)
+    ss = torch.as_tensor(layout.attrs["state_std"], dtype=y.dtype, device=y.device).reshape(1, C, 1, 1)
     return y + (last * ss + sm)
 
 

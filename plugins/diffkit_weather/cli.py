@@ -1,4 +1,4 @@
-"""The weather plugin's commands: ``diffkit data weather qg``.
+"""The weather plugin's commands: ``diffkit data weather qg``, ``diffkit forecast`` and ``diffkit evaluate``.
 
 Registered through the ``diffkit_commands`` hook; heavy imports happen inside ``run``.
 """
@@ -65,4 +65,116 @@ def run_data(args) -> int:
     out = write_netcdf(ds, args.out)
     dims = ", ".join(f"{d}={n}" for d, n in ds.sizes.items())
     print(f"diffkit data weather qg: wrote ({dims}) to {out}")
+    return 0
+
+
+def register_forecast(parser: argparse.ArgumentParser) -> None:
+    """ensemble weather forecast from a checkpoint trained on data.adapter = weather, as CF netCDF"""
+    parser.add_argument("checkpoint",
+                        help="checkpoint file or run directory of a model trained on data.adapter = weather")
+    parser.add_argument("--data", nargs="+", required=True, metavar="FILE",
+                        help="netCDF file(s) or glob(s) holding the initial states (same grid, variables and levels "
+                             "as the checkpoint; variables may be in different files)")
+    parser.add_argument("--init", action="append", required=True, metavar="TIME[,TIME...]",
+                        help="initialisation time(s), ISO (e.g. 1996-01-06T00:00), matched exactly to the data's "
+                             "times; comma-separated or repeated; or 'all-val' for every validation init time with "
+                             "enough history and truth in the data")
+    parser.add_argument("--members", "-m", type=int, default=8, help="ensemble members (default 8)")
+    parser.add_argument("--steps", "-k", type=int, required=True, help="forecast steps of the model's lead time")
+    parser.add_argument("--out", required=True, help="output netCDF file (dims member, init_time, lead_time, ...)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same ensemble")
+    parser.add_argument("--sampler", default=None, help="sampler (default: the run's sample.sampler)")
+    parser.add_argument("--nfe", type=int, default=None,
+                        help="denoiser evaluations per step (default: the run's sample.nfe)")
+    parser.add_argument("--perturb", type=float, default=None,
+                        help="std of Gaussian noise added to each member's normalised initial state (relative to the "
+                             "climatological std of each channel); default 0 for diffusion models, 0.05 for "
+                             "regression models with more than one member (perturbed-initial-condition ensemble)")
+    parser.add_argument("--time-units", default=None,
+                        help="time units for data files without CF time units (default: the run's "
+                             "data.options.time_units)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_forecast)
+
+
+def run_forecast(args) -> int:
+    import torch
+
+    from diffkit.adapters import atomic_to_netcdf
+
+    from .forecast import forecast, forecast_dataset, initial_states, load_forecaster
+
+    if args.members < 1 or args.steps < 1:
+        raise ValueError(f"--members and --steps must be >= 1, got {args.members} and {args.steps}")
+    if args.perturb is not None and not args.perturb >= 0:
+        raise ValueError(f"--perturb must be >= 0, got {args.perturb}")
+    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    fc = load_forecaster(args.checkpoint, device=device)
+    opts = fc.data_options
+    if args.time_units:
+        opts["time_units"] = args.time_units
+    inits = ",".join(args.init)
+    data = args.data if len(args.data) > 1 else args.data[0]
+    ist = initial_states(data, fc.layout, inits, steps=args.steps, options=opts)
+    perturb = args.perturb
+    pred = forecast(fc, None, ist, steps=args.steps, members=args.members, seed=args.seed, sampler=args.sampler,
+                    nfe=args.nfe, perturb=perturb, progress=not args.no_progress)
+    regression = fc.objective == "regression"
+    if perturb is None:
+        from .forecast import DEFAULT_PERTURB
+
+        perturb = DEFAULT_PERTURB if (regression and args.members > 1) else 0.0
+    sc = fc.config.sample
+    attrs = {"checkpoint": str(args.checkpoint), "seed": args.seed, "objective": fc.objective,
+             "sampler": "none (regression)" if regression else (args.sampler or sc.sampler),
+             "nfe": 1 if regression else (args.nfe or sc.nfe), "perturb": float(perturb),
+             "data": " ".join(map(str, args.data)),
+             "command": _forecast_command(args, inits)}
+    ds = forecast_dataset(pred, fc.layout, ist.times, attrs=attrs, options=opts)
+    out = atomic_to_netcdf(ds, args.out)
+    lead = float(fc.layout.attrs["lead_hours"])
+    print(f"diffkit forecast: wrote {args.members} member(s) x {len(ist.times)} init time(s) x {args.steps} step(s) "
+          f"of {lead:g} h ({fc.objective}{f', perturb {perturb:g}' if perturb else ''}) to {out}")
+    return 0
+
+
+def _forecast_command(args, inits: str) -> str:
+    """The command line that reproduces a forecast file (recorded as its ``command`` attribute)."""
+    import shlex
+
+    words = ["diffkit", "forecast", str(args.checkpoint), "--data", *map(str, args.data), "--init", inits,
+             "--members", str(args.members), "--steps", str(args.steps), "--seed", str(args.seed)]
+    for flag, v in (("--sampler", args.sampler), ("--nfe", args.nfe), ("--perturb", args.perturb),
+                    ("--time-units", args.time_units)):
+        if v is not None:
+            words += [flag, str(v)]
+    return shlex.join(words)
+
+
+def register_evaluate(parser: argparse.ArgumentParser) -> None:
+    """score an ensemble forecast against the truth (RMSE, CRPS, spread, spread/skill, rank histograms)"""
+    parser.add_argument("forecast", help="forecast netCDF written by `diffkit forecast`")
+    parser.add_argument("--truth", nargs="+", required=True, metavar="FILE",
+                        help="netCDF file(s) or glob(s) with the truth at every valid time of the forecast")
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder: scores.csv, scores.nc and the figures (*.png)")
+    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random tie-breaking of rank histograms")
+    parser.add_argument("--time-units", default=None,
+                        help="time units for truth files without CF time units (default: those the forecast recorded)")
+    parser.set_defaults(func=run_evaluate)
+
+
+def run_evaluate(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    truth = args.truth if len(args.truth) > 1 else args.truth[0]
+    ev = evaluate(args.forecast, truth, out=args.out, plots=not args.no_plots, seed=args.seed,
+                  time_units=args.time_units)
+    s = ev.scores
+    print(f"diffkit evaluate: {s.attrs['members']} member(s), {s.attrs['n_init']} init time(s), "
+          f"{s.sizes['lead_time']} lead time(s)")
+    print(format_table(s))
+    print(f"diffkit evaluate: wrote {len(ev.files)} file(s) to {args.out}: "
+          f"{', '.join(sorted(p.name for p in ev.files))}")
     return 0

@@ -1,0 +1,810 @@
+"""Ensemble weather forecasts with a model trained on the ``weather`` adapter.
+
+A forecaster is a checkpoint trained with ``data.adapter = "weather"``: a conditional diffusion
+model (``model.objective = "diffusion"``, GenCast-style: each step samples the next state given
+the latest ``history`` states and the forcings), or the deterministic MSE baseline
+(``"regression"``) with the same backbone.  :func:`forecast` rolls it out autoregressively,
+``lead`` hours per step:
+
+- all ``N`` initial conditions times ``M`` members advance in **one batch**, one model call (a
+  Regressor) or one sampler run (a Denoiser, :func:`diffkit.samplers.sample`) per step;
+- the noise (sampler noise and initial-condition perturbations) comes from **one generator**
+  seeded by ``seed``: the same seed gives the same ensemble, whatever else runs;
+- the **forcings** (sin/cos of the time of day and of the year) are those of each step's own
+  initialisation time ``t + k * lead``, as in training (``layout.attrs["forcing_time"] = "init"``);
+- the **target** is the state or the increment (``target = "residual"``), turned into the next
+  physical state as :func:`~diffkit_weather.adapter.next_state` does (latest input state plus
+  the de-normalised increment);
+- **missing values**: inputs are filled with 0 (the normalised mean) and flagged in the
+  ``"mask"`` channel exactly as the adapter does for training; outputs are NaN on the layout's
+  fixed missing-value mask (points missing at every training time);
+- everything (variables, levels, grid, statistics, history, lead, forcings, masks) is read from
+  the layout stored in the checkpoint; the data files only supply the initial states (and static
+  fields), read with the adapter's coordinate logic and checked against the checkpoint's grid.
+
+**Perturbed-initial-condition ensembles.**  A regression model is deterministic, so its members
+would be identical.  ``perturb`` adds independent Gaussian noise of standard deviation ``perturb``
+to the *normalised* initial state of every member (i.e. ``perturb`` times each channel's
+climatological standard deviation in physical units); one noise field per member is added to
+every history state, so the recent tendency the model sees is kept.  All members are perturbed
+(no unperturbed control), so the members are exchangeable, as the fair CRPS and the rank
+histogram assume.  The default (``perturb=None``) is 0 for a diffusion model (its spread comes
+from the sampler) and :data:`DEFAULT_PERTURB` (0.05) for a regression model with more than one
+member: the "perturbed-initial-condition ensemble" baseline.  Missing and masked points are not
+perturbed.
+
+:func:`forecast_dataset` turns a forecast into CF netCDF: dims ``(member, init_time, lead_time,
+[level,] latitude, longitude)`` with the file's own variable, coordinate and level names,
+attributes, units and orientation (:func:`~diffkit_weather.adapter.unstack`), ``lead_time`` a
+timedelta (``standard_name = "forecast_period"``), ``init_time`` (``"forecast_reference_time"``),
+``member`` (``"realization"``) and the 2-D coordinate ``valid_time(init_time, lead_time)``.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from diffkit.denoiser import Cond, Regressor
+from diffkit.errors import NonFiniteError, ShapeError
+from diffkit.layout import Layout
+
+from .adapter import (GriddedAdapter, WeatherDataError, _fmt_time, _hours, _same_coord, _text_vars,
+                      _vals, check_grid, decode_time, find_coords, fixed_mask, open_lazy,
+                      resolve_paths, time_forcings, unstack)
+
+#: relative noise of the perturbed-initial-condition ensemble of a regression model (members > 1)
+DEFAULT_PERTURB = 0.05
+#: the keyword of ``--init`` for every validation initialisation time
+ALL_VAL = "all-val"
+
+__all__ = ["Forecaster", "InitialStates", "load_forecaster", "initial_states", "forecast", "forecast_dataset",
+           "select_init_times", "forcing_scalars", "read_truth", "DEFAULT_PERTURB", "ALL_VAL"]
+
+
+# ----------------------------------------------------------------------------- the model
+@dataclass
+class Forecaster:
+    """A trained weather model with its run configuration (from :func:`load_forecaster`)."""
+
+    model: Any
+    config: Any
+    path: str = ""
+
+    @property
+    def layout(self) -> Layout:
+        return self.model.layout
+
+    @property
+    def objective(self) -> str:
+        return "regression" if isinstance(self.model, Regressor) else "diffusion"
+
+    @property
+    def data_options(self) -> dict:
+        """The run's ``data.options`` (time_units, dims, member, val_slice, ...)."""
+        return dict(self.config.data.options) if self.config is not None else {}
+
+
+def _check_layout(layout: Layout, where: str = "the checkpoint") -> None:
+    if layout.attrs.get("adapter") != GriddedAdapter.name:
+        raise WeatherDataError(f"{where} was not trained on the weather adapter (its layout comes from adapter "
+                               f"{layout.attrs.get('adapter')!r}); forecast needs data.adapter = \"weather\"")
+
+
+def load_forecaster(ckpt, device=None) -> Forecaster:
+    """The EMA model of a checkpoint (file, checkpoints folder or run directory) trained with the
+    ``weather`` adapter, with its config."""
+    from diffkit.train import load_for_sampling
+
+    model, cfg, _ = load_for_sampling(ckpt, device=device)
+    _check_layout(model.layout, f"checkpoint {ckpt}")
+    return Forecaster(model, cfg, str(ckpt))
+
+
+# ----------------------------------------------------------------------------- times
+def _keys(times) -> np.ndarray:
+    """Hours since 1970 (rounded to 1e-6 h) of times: the exact-match key of a time."""
+    return np.round(_hours(np.asarray(times)), 6)
+
+
+def _shift(times, hours: float):
+    """``times + hours`` for datetime64 or cftime arrays."""
+    t = np.asarray(times)
+    if np.issubdtype(t.dtype, np.datetime64):
+        return t.astype("datetime64[ns]") + np.timedelta64(int(round(hours * 3600e9)), "ns")
+    return np.array([x + _dt.timedelta(hours=float(hours)) for x in t.ravel()], dtype=object).reshape(t.shape)
+
+
+_ISO = re.compile(r"\s*(-?\d{1,4})-(\d{1,2})-(\d{1,2})(?:[T ](\d{1,2})(?::(\d{1,2})(?::(\d{1,2}))?)?)?\s*")
+
+
+def _parse_time(s: str, like):
+    """An ISO time string as an element of the calendar of ``like`` (datetime64 or cftime)."""
+    m = _ISO.fullmatch(str(s))
+    if not m:
+        raise WeatherDataError(f"init time {s!r} is not an ISO time such as 1996-01-06T00:00 (or {ALL_VAL!r})")
+    y, mo, d, H, M, S = (int(x) if x else 0 for x in m.groups())
+    try:
+        if np.issubdtype(np.asarray(like).dtype, np.datetime64):
+            return np.datetime64(f"{y:04d}-{mo:02d}-{d:02d}T{H:02d}:{M:02d}:{S:02d}", "ns")
+        import cftime
+
+        return cftime.datetime(y, mo, d, H, M, S, calendar=np.asarray(like).flat[0].calendar)
+    except Exception as e:
+        raise WeatherDataError(f"init time {s!r} is not a valid date ({e})") from None
+
+
+def _as_time(x, like):
+    if isinstance(x, str):
+        return _parse_time(x, like)
+    if isinstance(x, (_dt.datetime, _dt.date)) and not hasattr(x, "calendar"):
+        return np.datetime64(x, "ns") if np.issubdtype(np.asarray(like).dtype, np.datetime64) else _parse_time(
+            x.isoformat(), like)
+    return x
+
+
+def _nearest(keys: np.ndarray, times, key: float, n: int = 3) -> str:
+    order = np.argsort(np.abs(keys - key), kind="stable")[:n]
+    return ", ".join(_fmt_time(times[i]) for i in sorted(order))
+
+
+# ----------------------------------------------------------------------------- reading files
+class _Files:
+    """Gridded files (or one xarray Dataset) read the adapter's way -- CF coordinate roles, decoded
+    times (``time_units`` for files without CF units), levels chosen by value, one member of a
+    member dim -- without the adapter's statistics pass.  Arrays come back in the files' own order."""
+
+    def __init__(self, data, variables: Sequence[str], levels: Mapping[str, Sequence[float]], *,
+                 level_dims: Mapping[str, str] | None = None, time_units: str | None = None,
+                 dims: Mapping[str, str] | None = None, member=None, statics: Sequence[str] = ()):
+        if hasattr(data, "data_vars"):
+            self.sets = [("the data set", data)]
+        else:
+            self.sets = [(p.name, open_lazy(p)) for p in resolve_paths(data)]
+        self.names = ", ".join(n for n, _ in self.sets)
+        self.variables, self.levels = list(variables), {k: list(v) for k, v in levels.items()}
+        self.level_dims = dict(level_dims or {})
+        self.segs: dict[str, list[dict]] = {v: [] for v in self.variables}
+        self.static: dict[str, dict] = {}
+        decoded: dict[int, np.ndarray] = {}
+        for fi, (name, ds) in enumerate(self.sets):
+            r = find_coords(ds, name, dims)
+            lat, lon, tdim, mdim = r.get("latitude"), r.get("longitude"), r.get("time"), r.get("member")
+            for v in list(self.variables) + list(statics):
+                if v not in ds.data_vars:
+                    continue
+                d = list(map(str, ds[v].dims))
+                if lat not in d or lon not in d:
+                    continue
+                lev = [x for x in d if x in r.get("level", [])]
+                want_ld = self.level_dims.get(v)
+                if want_ld is not None and want_ld in d:
+                    lev = [want_ld]
+                extra = [x for x in d if x not in (lat, lon, tdim, mdim, *lev)]
+                if len(lev) > 1 or any(ds.sizes[x] != 1 for x in extra):
+                    raise WeatherDataError(f"variable {v!r} of {name} has dims {tuple(d)}: more than time, one level, "
+                                           f"latitude, longitude and a member dim; select the rest first")
+                seg = dict(file=fi, time=tdim if tdim in d else None, lat=lat, lon=lon, level=lev[0] if lev else None,
+                           member=mdim if mdim in d else None, extra=extra)
+                if seg["member"] is not None:
+                    seg["member_index"] = self._member_index(ds, mdim, member, name)
+                if v in statics:
+                    self.static.setdefault(v, seg)
+                    continue
+                if seg["time"] is None:
+                    raise WeatherDataError(f"variable {v!r} of {name} has no time dim (dims {tuple(d)})")
+                if fi not in decoded:
+                    try:
+                        decoded[fi] = decode_time(ds[tdim], name, time_units)
+                    except WeatherDataError as e:
+                        tv = _text_vars(ds)
+                        more = (f" The file has text variable(s) {tv}; if the time values count from there, say so "
+                                f"with time_units (data.options.time_units of the run, or --time-units)." if tv else "")
+                        raise WeatherDataError(str(e) + more) from None
+                seg["times"] = decoded[fi]
+                seg["keys"] = _keys(decoded[fi])
+                self.segs[v].append(seg)
+        missing = [v for v in self.variables if not self.segs[v]]
+        if missing:
+            have = sorted({str(v) for _, ds in self.sets for v in ds.data_vars})
+            raise WeatherDataError(f"variable(s) {missing} are not (as gridded fields with a time dim) in "
+                                   f"{self.names}; they have {', '.join(have) or 'none'}")
+        kinds = {"dt64" if np.issubdtype(np.asarray(s["times"]).dtype, np.datetime64)
+                 else "cf:" + s["times"].flat[0].calendar for v in self.variables for s in self.segs[v]}
+        if len(kinds) > 1:
+            raise WeatherDataError(f"the files use different calendars ({sorted(kinds)}); convert them to one calendar")
+        # where each time of each variable is: key -> (segment, position)
+        self.where: dict[str, dict[float, tuple[int, int]]] = {}
+        first: dict[float, Any] = {}
+        for v in self.variables:
+            w: dict[float, tuple[int, int]] = {}
+            for si, s in enumerate(self.segs[v]):
+                for j, (k, t) in enumerate(zip(s["keys"].tolist(), s["times"])):
+                    w.setdefault(k, (si, j))
+                    first.setdefault(k, t)
+            self.where[v] = w
+        common = sorted(set.intersection(*(set(w) for w in self.where.values())))
+        self.keys = np.asarray(common, dtype=np.float64)
+        tdt = next(iter(self.segs[self.variables[0]]))["times"].dtype
+        self.times = np.array([first[k] for k in common], dtype=tdt)
+
+    @staticmethod
+    def _member_index(ds, mdim, member, name) -> int:
+        if member is None:
+            return 0
+        want = member if np.ndim(member) == 0 else list(member)[0]
+        vals = np.asarray(ds[mdim].values) if mdim in ds.variables else np.arange(ds.sizes[mdim])
+        hit = np.flatnonzero(vals == want)
+        if not hit.size:
+            raise WeatherDataError(f"member {want!r} (data.options.member) not in {mdim!r} of {name}; members: "
+                                   f"{_vals(vals)}")
+        return int(hit[0])
+
+    def _level_index(self, v: str, seg: dict, ds, name: str) -> list[int] | None:
+        ld = seg["level"]
+        lv = self.levels.get(v)
+        if not lv:
+            if ld is not None:
+                raise WeatherDataError(f"variable {v!r} of {name} has a level dim {ld!r}, which the checkpoint's "
+                                       f"variable has not")
+            return None
+        if ld is None:
+            raise WeatherDataError(f"variable {v!r} of {name} has no level dim; the checkpoint has it on levels {lv}")
+        fl = np.asarray(ds[ld].values, np.float64) if ld in ds.variables else np.arange(ds.sizes[ld], dtype=np.float64)
+        idx = []
+        for l in lv:
+            hit = np.flatnonzero(np.isclose(fl, l, rtol=0, atol=1e-6 * max(1.0, abs(l))))
+            if not hit.size:
+                raise WeatherDataError(f"level {l:g} of variable {v!r} is not in {name} (levels {_vals(fl, 20)})")
+            idx.append(int(hit[0]))
+        return idx
+
+    def _select(self, v: str, seg: dict, ind: dict):
+        name, ds = self.sets[seg["file"]]
+        li = self._level_index(v, seg, ds, name)
+        if li is not None:
+            ind[seg["level"]] = li
+        if seg["member"] is not None:
+            ind[seg["member"]] = seg["member_index"]
+        for d in seg["extra"]:
+            ind[d] = 0
+        da = ds[v].isel(ind)
+        order = ([seg["time"]] if seg["time"] in da.dims else []) + ([seg["level"]] if li is not None else []) + \
+            [seg["lat"], seg["lon"]]
+        return np.asarray(da.transpose(*order).values, dtype=np.float64), li is not None
+
+    def read(self, v: str, keys: Sequence[float]) -> np.ndarray:
+        """``(n, L, lat, lon)`` float64 values of ``v`` at the times ``keys`` (NaN where missing)."""
+        keys = [float(k) for k in keys]
+        w = self.where[v]
+        absent = [k for k in keys if k not in w]
+        if absent:
+            raise WeatherDataError(f"variable {v!r} has no data at {len(absent)} of the times asked for in "
+                                   f"{self.names} (first {self._fmt_keys(absent[:3])})")
+        out = None
+        pos = np.array([w[k] for k in keys], dtype=np.int64).reshape(-1, 2)
+        for si in np.unique(pos[:, 0]):
+            sel = np.flatnonzero(pos[:, 0] == si)
+            seg = self.segs[v][int(si)]
+            loc, inv = np.unique(pos[sel, 1], return_inverse=True)   # sorted, each time read once
+            a, has_level = self._select(v, seg, {seg["time"]: loc.tolist()})
+            if not has_level:
+                a = a[:, None]
+            if out is None:
+                out = np.empty((len(keys), *a.shape[1:]), np.float64)
+            out[sel] = a[inv.ravel()]
+        return out
+
+    def read_static(self, v: str) -> np.ndarray:
+        """``(L, lat, lon)`` of a static field (a field with a time dim: its first time), all its levels."""
+        seg = self.static.get(v)
+        if seg is None:
+            if v in self.where:
+                seg = self.segs[v][0]
+            else:
+                raise WeatherDataError(f"static field {v!r} the checkpoint is conditioned on is not in {self.names}")
+        name, ds = self.sets[seg["file"]]
+        ind: dict[str, Any] = {}
+        if seg["time"] is not None:
+            ind[seg["time"]] = 0
+        if seg["member"] is not None:
+            ind[seg["member"]] = seg["member_index"]
+        for d in seg["extra"]:
+            ind[d] = 0
+        da = ds[v].isel(ind)
+        order = ([seg["level"]] if seg["level"] else []) + [seg["lat"], seg["lon"]]
+        a = np.asarray(da.transpose(*order).values, dtype=np.float64)
+        return a[None] if a.ndim == 2 else a
+
+    def _fmt_keys(self, keys) -> str:
+        base = np.datetime64("1970-01-01", "ns")
+        out = []
+        for k in keys:
+            if np.issubdtype(self.times.dtype, np.datetime64) or not len(self.times):
+                out.append(_fmt_time(base + np.timedelta64(int(round(k * 3600e9)), "ns")))
+            else:
+                import cftime
+
+                out.append(_fmt_time(cftime.num2date(k, "hours since 1970-01-01", self.times.flat[0].calendar)))
+        return ", ".join(out)
+
+    def lat_lon(self) -> tuple[np.ndarray, np.ndarray]:
+        seg = self.segs[self.variables[0]][0]
+        ds = self.sets[seg["file"]][1]
+        return (np.asarray(ds[seg["lat"]].values, np.float64), np.asarray(ds[seg["lon"]].values, np.float64))
+
+
+def _files_for(data, layout: Layout, *, time_units=None, dims=None, member=None, statics=()) -> _Files:
+    a = layout.attrs
+    return _Files(data, a["variables"], a.get("levels", {}), level_dims=a.get("level_dims", {}),
+                  time_units=time_units, dims=dims, member=member, statics=statics)
+
+
+def _to_model(a: np.ndarray, layout: Layout) -> np.ndarray:
+    """File orientation -> the model's (latitude ascending, longitude continuous)."""
+    if layout.attrs.get("lat_flipped"):
+        a = a[..., ::-1, :]
+    if layout.attrs.get("lon_flipped"):
+        a = a[..., ::-1]
+    return np.ascontiguousarray(a)
+
+
+def _train_bounds(layout: Layout, like) -> tuple[float, float] | None:
+    tt = layout.attrs.get("train_times") or []
+    if len(tt) != 2:
+        return None
+    lo, hi = (_parse_time(str(s).replace(" ", "T"), like) for s in tt)
+    return float(_keys([lo])[0]), float(_keys([hi])[0])
+
+
+def select_init_times(available, layout: Layout, init_times, *, steps: int | None = None,
+                      val_slice=None, need_truth: bool = False) -> np.ndarray:
+    """Indices into ``available`` (decoded times of the data, ascending) of the requested init times.
+
+    ``init_times``: ISO strings (``"1996-01-06T00:00"``; matched *exactly*), datetime64 / cftime
+    values, a comma-separated string, or ``"all-val"``: every validation init time -- every time
+    whose history states and (with ``steps``) the ``steps`` valid times after it are all in the
+    data and all outside the checkpoint's training period (``layout.attrs["train_times"]``), and
+    inside ``val_slice`` when the run used one.  A time not in the data is an error naming the
+    nearest available times; so is one without its history states (or, with ``need_truth``,
+    without truth for every step).
+    """
+    available = np.asarray(available)
+    keys = _keys(available) if available.size else np.zeros(0)
+    kset = {float(k): i for i, k in enumerate(keys)}
+    a = layout.attrs
+    h, lead = int(a["history"]), float(a["lead_hours"])
+    back = [-(h - 1 - j) * lead for j in range(h)]
+    fwd = [k * lead for k in range(1, (steps or 0) + 1)]
+    have = lambda k, offs: all(round(k + o, 6) in kset for o in offs)
+    if isinstance(init_times, str):
+        init_times = [s for s in init_times.split(",") if s.strip()]
+    elif np.ndim(init_times) == 0:
+        init_times = [init_times]
+    init_times = list(init_times)
+    if not init_times:
+        eg = _fmt_time(available[0]) if available.size else "1996-01-06T00:00"
+        raise WeatherDataError(f"no init time given; give ISO times (e.g. {eg}) or {ALL_VAL!r}")
+    if any(isinstance(s, str) and s.strip() == ALL_VAL for s in init_times):
+        if len(init_times) > 1:
+            raise WeatherDataError(f"{ALL_VAL!r} stands alone; do not mix it with other init times")
+        if not available.size:
+            raise WeatherDataError("the data have no times")
+        tb = _train_bounds(layout, available)
+        ok = np.ones(len(keys), bool)
+        offs = back + fwd
+        if val_slice is not None:
+            vs = val_slice.split("/") if isinstance(val_slice, str) else list(val_slice)
+            import pandas as pd
+
+            key = lambda ts: float(_keys([_parse_time(ts.isoformat(), available)])[0])
+            lo = -np.inf if vs[0] in (None, "") else key(pd.Period(str(vs[0])).start_time)
+            hi = np.inf if vs[1] in (None, "") else key(pd.Period(str(vs[1])).end_time.floor("s"))
+        else:
+            lo, hi = -np.inf, np.inf
+        for i, k in enumerate(keys):
+            ts = [k + o for o in offs]
+            ok[i] = have(k, offs) and all(lo <= t <= hi for t in ts)
+            if tb is not None:
+                ok[i] &= all(t < tb[0] or t > tb[1] for t in ts)
+        if not ok.any():
+            span = f"{_fmt_time(available[0])} .. {_fmt_time(available[-1])}"
+            train = f"training period {a.get('train_times')}" if tb is not None else "no stored training period"
+            raise WeatherDataError(f"{ALL_VAL!r}: no init time of the data ({span}) has its {h} history state(s) and "
+                                   f"{steps or 0} step(s) of {lead:g} h all outside the checkpoint's {train}; give "
+                                   f"data covering the validation period, fewer --steps, or explicit init times")
+        return np.flatnonzero(ok)
+    out = []
+    for s in init_times:
+        like = available if available.size else np.array([], "datetime64[ns]")
+        t = _as_time(s.strip() if isinstance(s, str) else s, like)
+        k = float(_keys([t])[0])
+        if k not in kset:
+            near = _nearest(keys, available, k) if keys.size else "none"
+            raise WeatherDataError(f"init time {_fmt_time(t)} is not a time of the data (matched exactly); the "
+                                   f"nearest available times are {near}")
+        if not have(k, back):
+            first_ok = next((available[i] for i, kk in enumerate(keys) if have(kk, back)), None)
+            raise WeatherDataError(
+                f"init time {_fmt_time(t)} needs {h} history state(s) {lead:g} h apart ending there, which the data "
+                f"lack; the first init time with a full history is "
+                f"{_fmt_time(first_ok) if first_ok is not None else 'none'}")
+        if need_truth and not have(k, fwd):
+            raise WeatherDataError(f"init time {_fmt_time(t)}: the data do not hold all {steps} valid times up to "
+                                   f"{_fmt_time(_shift(np.asarray([t]), fwd[-1])[0])}")
+        out.append(kset[k])
+    return np.asarray(out, dtype=np.int64)
+
+
+# ----------------------------------------------------------------------------- initial states
+class InitialStates(NamedTuple):
+    """What :func:`initial_states` returns; ``history, forcings, mask, *_ = initial_states(...)``."""
+
+    history: torch.Tensor
+    """``(N, history, C, lat, lon)`` physical float32, model orientation, oldest first; NaN where missing."""
+    forcings: Callable[[int], torch.Tensor]
+    """``forcings(k)`` -> ``(N, S)`` scalars (``layout.scalars``) of step ``k``'s init time ``t + k * lead``."""
+    mask: torch.Tensor
+    """``(C, lat, lon)`` bool: the checkpoint's fixed missing-value mask (True = always missing)."""
+    times: np.ndarray
+    """The ``N`` init times (datetime64[ns] or cftime)."""
+    static: torch.Tensor | None
+    """``(S, lat, lon)`` standardised static fields (NaN filled with 0), or None."""
+    static_valid: torch.Tensor | None
+    """``(lat, lon)`` bool, False where a static field is missing, or None."""
+
+
+def forcing_scalars(times, layout: Layout, hours: float = 0.0) -> torch.Tensor:
+    """``(N, S)`` scalar conditions ``layout.scalars`` (``sin_time_of_day``, ``cos_day_of_year``, ...)
+    of the times ``times + hours``, as the adapter computes them (raw sin/cos, not standardised)."""
+    t = _shift(np.asarray(times), hours) if hours else np.asarray(times)
+    if not layout.scalars:
+        return torch.zeros((len(t), 0))
+    fr = time_forcings(t)
+    cols = []
+    for name in layout.scalars:
+        fn, _, what = name.partition("_")
+        if fn not in ("sin", "cos") or what not in fr:
+            raise WeatherDataError(f"unknown scalar condition {name!r} in the checkpoint layout; the weather forecast "
+                                   f"knows sin_/cos_ of time_of_day and day_of_year")
+        cols.append((np.sin if fn == "sin" else np.cos)(2 * np.pi * fr[what]))
+    return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
+
+
+def _static_fields(files: _Files, layout: Layout):
+    a = layout.attrs
+    names = list(a.get("static", []))
+    if not names:
+        return None, None
+    arrs = [files.read_static(v) for v in names]
+    x = _to_model(np.concatenate(arrs, 0), layout)
+    if x.shape[0] != len(a.get("static_channels", [])):
+        raise WeatherDataError(f"static fields {names} have {x.shape[0]} level(s) in the data, the checkpoint "
+                               f"{len(a['static_channels'])} ({a['static_channels']})")
+    m = np.asarray(a["static_mean"], np.float64)[:, None, None]
+    s = np.asarray(a["static_std"], np.float64)[:, None, None]
+    z = (x - m) / s
+    valid = np.isfinite(z).all(0)
+    return torch.as_tensor(np.nan_to_num(z, nan=0.0), dtype=torch.float32), torch.as_tensor(valid)
+
+
+def _opts(options, **kw) -> dict:
+    o = dict(options or {})
+    for k, v in kw.items():
+        if v is not None:
+            o[k] = v
+    return o
+
+
+def initial_states(data, layout: Layout, init_times, *, steps: int | None = None, options: Mapping | None = None,
+                   time_units: str | None = None, dims: Mapping[str, str] | None = None, member=None,
+                   need_truth: bool = False) -> InitialStates:
+    """Initial states of a forecast from data files (a file, a glob, a list) or an xarray Dataset.
+
+    The data are checked against the checkpoint's grid, variables and levels
+    (:func:`~diffkit_weather.adapter.check_grid`: a mismatch is an error naming both) and read with
+    the adapter's coordinate logic; ``options`` is the run's ``data.options`` (its ``time_units``,
+    ``dims``, ``member`` and ``val_slice`` are used; the keyword arguments override them).  For each
+    init time ``t`` (see :func:`select_init_times`; ``"all-val"`` needs ``steps``) the history states
+    ``t - (history - 1) * lead, ..., t`` are read in physical units and the model's orientation.
+    """
+    _check_layout(layout, "the layout")
+    o = _opts(options, time_units=time_units, dims=dims, member=member)
+    dims = o.get("dims")
+    check_grid(data, layout, dims=dims)
+    a = layout.attrs
+    files = _files_for(data, layout, time_units=o.get("time_units"), dims=dims, member=o.get("member"),
+                       statics=a.get("static", []))
+    idx = select_init_times(files.times, layout, init_times, steps=steps, val_slice=o.get("val_slice"),
+                            need_truth=need_truth)
+    times = files.times[idx]
+    h, lead = int(a["history"]), float(a["lead_hours"])
+    N, C = len(idx), layout.num_channels
+    keys = files.keys[idx]
+    want = np.stack([keys - (h - 1 - j) * lead for j in range(h)], 1).round(6)  # (N, h)
+    out = np.empty((N, h, C, *layout.shape), np.float32)
+    c = 0
+    for v in a["variables"]:
+        arr = files.read(v, want.ravel())                      # (N*h, L, lat, lon)
+        L = arr.shape[1]
+        out[:, :, c: c + L] = _to_model(arr, layout).reshape(N, h, L, *layout.shape)
+        c += L
+    if c != C:
+        raise WeatherDataError(f"the data give {c} channels, the checkpoint has {C} ({', '.join(layout.channels)})")
+    fm = fixed_mask(layout)
+    if fm.any():
+        out[:, :, fm] = np.nan
+    static, valid = _static_fields(files, layout)
+    return InitialStates(torch.from_numpy(out), lambda k: forcing_scalars(times, layout, k * lead),
+                         torch.from_numpy(fm), times, static, valid)
+
+
+# ----------------------------------------------------------------------------- the forecast
+def _device(model) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def forecast(model, layout: Layout | None, history, init_times=None, steps: int = 1, members: int = 1, *,
+             seed: int = 0, sampler: str | None = None, nfe: int | None = None, spacing: str | None = None,
+             perturb: float | None = None, static=None, static_valid=None, generator: torch.Generator | None = None,
+             progress: bool = False, config=None) -> torch.Tensor:
+    """Roll a weather model out for ``steps`` steps of ``lead`` hours; returns physical values
+    ``(N, members, steps, C, lat, lon)`` (float32, CPU, model orientation, NaN on the fixed mask).
+
+    ``model``: a :class:`Forecaster`, Denoiser or Regressor; ``layout`` defaults to the model's.
+    ``history``: ``(N, history, C, lat, lon)`` physical states (oldest first; NaN where missing), or
+    the :class:`InitialStates` of :func:`initial_states` (then ``init_times`` and the static fields
+    come from it).  ``init_times``: the ``N`` init times (datetime64 / cftime; needed when the model
+    takes forcings).  Sampler, NFE and spacing default to the run's ``[sample]`` section.
+    ``perturb``: see the module doc (None: 0 for diffusion, :data:`DEFAULT_PERTURB` for a regression
+    model with ``members > 1``).
+    """
+    if isinstance(model, Forecaster):
+        config, model = model.config, model.model
+    layout = layout if layout is not None else model.layout
+    _check_layout(layout, "the layout")
+    if isinstance(history, InitialStates):
+        if init_times is None:
+            init_times = history.times
+        if static is None:
+            static, static_valid = history.static, history.static_valid
+        history = history.history
+    a = layout.attrs
+    h, C, lead = int(a["history"]), layout.num_channels, float(a["lead_hours"])
+    history = torch.as_tensor(history)
+    want = (h, C, *layout.shape)
+    if history.ndim != 5 or tuple(history.shape[1:]) != want:
+        raise ShapeError(f"history has shape {tuple(history.shape)}, expected (N, {', '.join(map(str, want))}): "
+                         f"{h} state(s) of the {C} channels {', '.join(layout.channels)} on the "
+                         f"{layout.shape[0]} x {layout.shape[1]} grid the model was trained on")
+    if not isinstance(steps, int) or not isinstance(members, int) or steps < 1 or members < 1:
+        raise ValueError(f"steps and members must be integers >= 1, got steps={steps!r}, members={members!r}")
+    N = history.shape[0]
+    regression = isinstance(model, Regressor)
+    if perturb is None:
+        perturb = DEFAULT_PERTURB if (regression and members > 1) else 0.0
+    perturb = float(perturb)
+    if not perturb >= 0:
+        raise ValueError(f"perturb must be >= 0, got {perturb}")
+    fm = torch.from_numpy(fixed_mask(layout))
+    bad = ~torch.isfinite(history) & ~fm.to(history.device)
+    if bool(bad.any()) and not int(a.get("mask_channel", 0)):
+        raise NonFiniteError(f"the initial states hold NaN or inf at {int(bad.sum())} value(s) outside the "
+                             f"checkpoint's fixed missing-value mask, and the model was trained without missing "
+                             f"values (no mask channel); give complete initial states")
+    times = None
+    if layout.scalars:
+        if init_times is None:
+            raise ShapeError(f"the model is conditioned on the forcings {layout.scalars} of the init time; pass "
+                             f"init_times (N times)")
+        times = np.asarray(init_times)
+        if times.shape != (N,):
+            raise ShapeError(f"init_times has {times.size} time(s), the history {N} initial condition(s)")
+    S = a.get("static_channels", [])
+    if S:
+        if static is None:
+            raise ShapeError(f"the model is conditioned on the static fields {S}; pass static= (standardised, as "
+                             f"from initial_states)")
+        static = torch.as_tensor(static, dtype=torch.float32)
+        if tuple(static.shape) != (len(S), *layout.shape):
+            raise ShapeError(f"static has shape {tuple(static.shape)}, expected {(len(S), *layout.shape)}")
+    dev = _device(model)
+    sm = torch.as_tensor(a["state_mean"], dtype=torch.float32, device=dev).reshape(1, C, 1, 1)
+    ss = torch.as_tensor(a["state_std"], dtype=torch.float32, device=dev).reshape(1, C, 1, 1)
+    fm = fm.to(dev)
+    B = N * members
+    z = ((history.to(dev, torch.float32) - sm[:, None]) / ss[:, None]).repeat_interleave(members, 0)  # (B, h, C, H, W)
+    if generator is None:
+        generator = torch.Generator(device=dev).manual_seed(int(seed))
+    if perturb > 0:
+        noise = torch.randn((B, 1, C, *layout.shape), generator=generator, device=dev) * perturb
+        z = z + torch.where(fm, torch.zeros((), device=dev), noise)
+    stat = None
+    if S:
+        stat = static.to(dev)[None].expand(B, -1, -1, -1)
+    sv = None if static_valid is None else torch.as_tensor(static_valid, dtype=torch.bool, device=dev)
+    mask_channel = bool(int(a.get("mask_channel", 0)))
+    residual = a.get("target") == "residual"
+    sample_cfg = getattr(config, "sample", None)
+    sampler = sampler or (sample_cfg.sampler if sample_cfg else "dpmpp_2m")
+    nfe = nfe or (sample_cfg.nfe if sample_cfg else 20)
+    spacing = spacing or (sample_cfg.spacing if sample_cfg else None)
+    from diffkit.samplers import sample
+
+    it = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="forecast", unit="step", dynamic_ncols=True)
+    out = []
+    for k in it:
+        parts = [torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).reshape(B, h * C, *layout.shape)]
+        if stat is not None:
+            parts.append(stat)
+        if mask_channel:
+            valid = torch.isfinite(z).all(1).all(1)
+            if sv is not None:
+                valid = valid & sv
+            parts.append(valid.to(torch.float32)[:, None])
+        fields = torch.cat(parts, 1)
+        sc = None
+        if layout.scalars:
+            sc = forcing_scalars(times, layout, k * lead).to(dev).repeat_interleave(members, 0)
+        cond = Cond(fields=fields, scalars=sc)
+        if regression:
+            x = model(cond, B)
+        else:
+            x = sample(model.bind(cond), (B, C, *layout.shape), sampler=sampler, nfe=nfe, spacing=spacing,
+                       generator=generator, device=dev)
+        new = layout.denormalize(x.to(torch.float32))               # physical target (B, C, H, W)
+        if residual:  # the adapter's next_state, with the statistics already on the device
+            new = new + (fields[:, (h - 1) * C: h * C] * ss + sm)
+        new = torch.where(fm, torch.full((), float("nan"), device=dev), new)
+        if not bool((torch.isfinite(new) | fm).all()):
+            raise NonFiniteError(f"the forecast produced NaN or inf at step {k + 1} (lead {(k + 1) * lead:g} h); the "
+                                 f"model is unstable this far out (train longer, or forecast fewer steps)")
+        out.append(new)
+        z = torch.cat([z[:, 1:], ((new - sm) / ss)[:, None]], 1)
+    return torch.stack(out, 1).reshape(N, members, steps, C, *layout.shape).cpu()
+
+
+# ----------------------------------------------------------------------------- netCDF
+def _jsonable(v):
+    try:
+        json.dumps(v)
+        return v
+    except TypeError:
+        return str(v)
+
+
+def forecast_dataset(pred, layout: Layout, init_times, *, attrs: Mapping | None = None, options: Mapping | None = None):
+    """CF :class:`xarray.Dataset` of a forecast ``(N, M, K, C, lat, lon)`` (physical, model orientation).
+
+    Dims ``(member, init_time, lead_time, [level,] latitude, longitude)`` -- the variables, level and
+    grid dims keep the data file's names, attributes, units, dtypes and orientation
+    (:func:`~diffkit_weather.adapter.unstack`); ``lead_time`` is a timedelta
+    (``forecast_period``), ``valid_time(init_time, lead_time)`` a 2-D coordinate.  ``options`` (the
+    run's ``data.options``) records ``time_units``/``dims``/``member`` so that ``evaluate`` reads the
+    truth files the same way; ``attrs`` become global attributes.
+    """
+    import xarray as xr
+
+    pred = torch.as_tensor(pred).detach().float().cpu()
+    if pred.ndim != 6 or tuple(pred.shape[3:]) != tuple(layout.sample_shape):
+        raise ShapeError(f"forecast has shape {tuple(pred.shape)}, expected (N, M, K, "
+                         f"{', '.join(map(str, layout.sample_shape))})")
+    N, M, K = pred.shape[:3]
+    init_times = np.asarray(init_times)
+    if init_times.shape != (N,):
+        raise ShapeError(f"{init_times.size} init time(s) for {N} initial condition(s)")
+    a = layout.attrs
+    lead_h = float(a["lead_hours"])
+    flat = pred.permute(1, 0, 2, 3, 4, 5).reshape(M * N * K, *layout.sample_shape)
+    tpl = unstack(flat, layout, dim="sample")
+    leads = (np.arange(1, K + 1) * np.int64(round(lead_h * 3600e9))).astype("timedelta64[ns]")
+    if np.issubdtype(init_times.dtype, np.datetime64):
+        init_times = init_times.astype("datetime64[ns]")
+        valid = init_times[:, None] + leads[None, :]
+    else:
+        valid = np.stack([_shift(init_times, lead_h * k) for k in range(1, K + 1)], 1)
+    coords = {k: v for k, v in tpl.coords.items() if k != "sample"}
+    coords["member"] = ("member", np.arange(M, dtype=np.int32),
+                        {"standard_name": "realization", "long_name": "ensemble member", "units": "1"})
+    coords["init_time"] = ("init_time", init_times, {"standard_name": "forecast_reference_time",
+                                                     "long_name": "initialisation time of the forecast"})
+    coords["lead_time"] = ("lead_time", leads, {"standard_name": "forecast_period", "long_name": "lead time"})
+    coords["valid_time"] = (("init_time", "lead_time"), valid, {"standard_name": "time", "long_name": "valid time"})
+    dv = {}
+    for v in tpl.data_vars:
+        da = tpl[v]
+        arr = da.values.reshape(M, N, K, *da.shape[1:])
+        dv[v] = (("member", "init_time", "lead_time", *da.dims[1:]), arr, dict(da.attrs))
+    gattrs = dict(tpl.attrs)
+    gattrs["source"] = (str(gattrs.get("source", "")).replace("| diffkit weather adapter", "").strip(" |") +
+                        " | diffkit forecast").strip(" |")
+    gattrs.update({"Conventions": "CF-1.8", "lead_hours": lead_h, "members": int(M), "steps": int(K),
+                   "history_states": int(a["history"]), "target": str(a.get("target", "state"))})
+    o = {k: v for k, v in dict(options or {}).items() if k in ("time_units", "dims", "member") and v is not None}
+    gattrs["diffkit_data_options"] = json.dumps({k: _jsonable(v) for k, v in o.items()})
+    gattrs.update({k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in (attrs or {}).items()
+                   if v is not None})
+    ds = xr.Dataset(dv, coords=coords, attrs=gattrs)
+    ds = ds.transpose("member", "init_time", "lead_time", ...)
+    ds["lead_time"].encoding.update(units="hours", dtype="float64")
+    for v in ds.data_vars:
+        fv = a.get("fill_values", {}).get(v)
+        ds[v].encoding["_FillValue"] = np.dtype(ds[v].dtype).type(fv) if fv is not None else None
+    return ds
+
+
+# ----------------------------------------------------------------------------- truth
+def _fc_roles(fc) -> dict:
+    """Roles of the dims of a forecast dataset: latitude, longitude, level dims (by the adapter's rules)."""
+    r = find_coords(fc.drop_dims([d for d in ("member", "init_time", "lead_time") if d in fc.dims]), "the forecast")
+    if "latitude" not in r or "longitude" not in r:
+        raise WeatherDataError(f"the forecast has no latitude/longitude dims (dims {tuple(fc.dims)})")
+    return r
+
+
+def _fc_options(fc) -> dict:
+    try:
+        return json.loads(str(fc.attrs.get("diffkit_data_options", "{}")) or "{}")
+    except json.JSONDecodeError:
+        return {}
+
+
+def read_truth(fc, truth, *, time_units: str | None = None, dims: Mapping[str, str] | None = None, member=None):
+    """The truth of a forecast dataset: an :class:`xarray.Dataset` with the forecast's variables on
+    dims ``(init_time, lead_time, [level,] lat, lon)`` and its coordinates, read from ``truth`` (files,
+    a glob, a list, or a Dataset) at each ``valid_time``.  ``time_units``/``dims``/``member`` default
+    to those the forecast recorded (the run's ``data.options``).  Grids must match; valid times the
+    truth lacks are an error listing them."""
+    import xarray as xr
+
+    o = _fc_options(fc)
+    time_units = time_units or o.get("time_units")
+    dims = dims if dims is not None else o.get("dims")
+    member = member if member is not None else o.get("member")
+    r = _fc_roles(fc)
+    latn, lonn = r["latitude"], r["longitude"]
+    variables = [str(v) for v in fc.data_vars]
+    levels, level_dims = {}, {}
+    for v in variables:
+        ld = [d for d in fc[v].dims if d in r.get("level", [])]
+        if ld:
+            levels[v] = [float(x) for x in np.asarray(fc[ld[0]].values, np.float64)]
+            level_dims[v] = ld[0]
+    files = _Files(truth, variables, levels, level_dims=level_dims, time_units=time_units, dims=dims, member=member)
+    lat, lon = files.lat_lon()
+    _same_coord(lat, np.asarray(fc[latn].values, np.float64), "latitude", files.names, "the forecast")
+    _same_coord(lon, np.asarray(fc[lonn].values, np.float64), "longitude", files.names, "the forecast")
+    vt = np.asarray(fc["valid_time"].values)
+    keys = _keys(vt.ravel()).reshape(vt.shape)
+    out = {}
+    for v in variables:
+        have = files.where[v]
+        miss = sorted({float(k) for k in keys.ravel() if float(k) not in have})
+        if miss:
+            raise WeatherDataError(
+                f"the truth ({files.names}) does not cover the forecast: variable {v!r} lacks {len(miss)} of its "
+                f"{len(np.unique(keys))} valid times: {files._fmt_keys(miss[:8])}{' ...' if len(miss) > 8 else ''}; "
+                f"give truth files that span {_fmt_time(vt.min())} .. {_fmt_time(vt.max())}")
+        a = files.read(v, keys.ravel())                    # (N*K, L, lat, lon)
+        dims_v = [d for d in fc[v].dims if d not in ("member",)]
+        has_level = v in levels
+        a = a.reshape(*keys.shape, *a.shape[1:])
+        if not has_level:
+            a = a[:, :, 0]
+        src = ["init_time", "lead_time"] + ([level_dims[v]] if has_level else []) + [latn, lonn]
+        arr = np.transpose(a, [src.index(d) for d in dims_v])
+        out[v] = xr.DataArray(arr.astype(np.float64), dims=dims_v,
+                              coords={k: c for k, c in fc[v].coords.items() if set(c.dims) <= set(dims_v)},
+                              attrs=dict(fc[v].attrs))
+    return xr.Dataset(out, attrs={"source": files.names})
