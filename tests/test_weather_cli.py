@@ -32,3 +32,15 @@ def test_data_weather_rejects_bad_numbers(tmp_path, capsys):
     assert main(["data", "weather", "qg", "--years", "0", "--out", str(tmp_path / "x.nc")]) == 1
     err = capsys.readouterr().err
     assert "diffkit data weather: error: --years must be > 0" in err
+
+
+def test_data_weather_fields_and_precision(tmp_path, capsys):
+    out = tmp_path / "psi.nc"
+    rc = main(["data", "weather", "qg", "--years", "0.005", "--spin-up-years", "0", "--nx", "16", "--members-of-init",
+               "2", "--fields", "psi", "--float32", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    with xr.open_dataset(out) as ds:
+        assert list(ds.data_vars) == ["streamfunction"] and ds["streamfunction"].dtype == np.float32
+        assert ds.sizes["member"] == 3 and "--fields psi --float32" in ds.attrs["command"]
+    assert main(["data", "weather", "qg", "--fields", "psi,w", "--out", str(tmp_path / "x.nc")]) == 1
+    assert "unknown field(s) w; choose from psi, q, u, v" in capsys.readouterr().err

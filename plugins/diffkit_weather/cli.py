@@ -24,6 +24,10 @@ def register_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nx", type=int, default=64, help="grid points per side (default 64)")
     parser.add_argument("--out-every", type=float, default=6.0, help="output interval in hours (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--fields", default="psi,q,u,v",
+                        help="fields to store, from psi (streamfunction), q (potential vorticity), u, v "
+                             "(default all; e.g. --fields psi keeps files small)")
+    parser.add_argument("--float32", action="store_true", help="store single precision (half the size)")
     parser.add_argument("--out", required=True, help="output netCDF file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=run_data)
@@ -41,7 +45,14 @@ def run_data(args) -> int:
     out_every = args.out_every * 3600.0
     n_steps = int(math.floor(args.years * SECONDS_PER_YEAR / out_every)) + 1
     device = torch.device(args.device) if args.device else None
-    kw = dict(nx=args.nx, out_every=out_every, device=device, progress=not args.no_progress)
+    fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
+    bad = [f for f in fields if f not in ("psi", "q", "u", "v")]
+    if bad or not fields:
+        raise ValueError(f"--fields {args.fields!r}: unknown field(s) {', '.join(bad) or '(none given)'}; "
+                         f"choose from psi, q, u, v")
+    if args.members_of_init and "q" not in fields:
+        fields = fields + ("q",)  # the perturbed copies start from the PV; dropped again below
+    kw = dict(nx=args.nx, out_every=out_every, device=device, progress=not args.no_progress, fields=fields)
     res = simulate_qg(args.members, n_steps, spin_up_years=args.spin_up_years, seed=args.seed, **kw)
     if args.members_of_init:
         # each run's state at the end of the spin-up (frame 0), perturbed M times
@@ -54,11 +65,19 @@ def run_data(args) -> int:
                 res[k] = torch.cat([res[k], ens[k].to(res[k])])
         res["params"] = dict(res["params"], n_members=int(res["q"].shape[0]),
                              members_of_init=args.members_of_init, perturbation=args.perturbation)
+    keep = tuple(f.strip() for f in args.fields.split(",") if f.strip())
+    for k in ("q", "psi", "u", "v"):
+        if k not in keep:
+            res.pop(k, None)
     ds = to_dataset(res)
+    if args.float32:
+        for name in ds.data_vars:
+            if ds[name].dtype == "float64":
+                ds[name] = ds[name].astype("float32")
     ds.attrs["command"] = (f"diffkit data weather qg --years {args.years} --members {args.members} "
                            f"--members-of-init {args.members_of_init} --perturbation {args.perturbation} "
                            f"--spin-up-years {args.spin_up_years} --nx {args.nx} --out-every {args.out_every} "
-                           f"--seed {args.seed}")
+                           f"--seed {args.seed} --fields {args.fields}" + (" --float32" if args.float32 else ""))
     if args.members_of_init:
         ds.attrs["member_layout"] = (f"members 0..{args.members - 1} are the independent runs; then "
                                      f"{args.members_of_init} perturbed copies of each run in order")
