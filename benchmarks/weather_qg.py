@@ -30,8 +30,8 @@ import torch
 SETTINGS = {
     "quick": dict(nx=32, spin_up=1.0, train_years=0.5, test_years=0.25, channels=16, mult=(1, 2), steps=200,
                   batch=16, members=4, nfe=6, lead=48, k=4, init_every_days=15, lr=1e-3),
-    "cpu": dict(nx=64, spin_up=5.0, train_years=3.0, test_years=1.0, channels=24, mult=(1, 2, 2), steps=2500,
-                batch=16, members=8, nfe=8, lead=48, k=8, init_every_days=20, lr=1e-3),
+    "cpu": dict(nx=64, spin_up=5.0, train_years=3.0, test_years=1.0, channels=16, mult=(1, 2, 2), steps=2000,
+                batch=8, members=8, nfe=8, lead=48, k=8, init_every_days=20, lr=1e-3),
     "gpu": dict(nx=64, spin_up=5.0, train_years=20.0, test_years=2.0, channels=64, mult=(1, 2, 2, 2), steps=40000,
                 batch=64, members=16, nfe=20, lead=48, k=10, init_every_days=5, lr=3e-4),
 }
