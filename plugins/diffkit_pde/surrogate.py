@@ -219,7 +219,8 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
               "time": ("time", times, {"long_name": "time (nondimensional)", "units": "1", "axis": "T"})}
     for ax, n in zip(layout.spatial, layout.shape):
         vals = layout.coords.get(ax, tuple(range(n)))
-        coords[ax] = (ax, np.asarray(vals), {"axis": ax.upper() if ax in ("x", "y", "z") else "", "units": "1"})
+        a = {"units": "1", **({"axis": ax.upper()} if ax in ("x", "y", "z") else {})}
+        coords[ax] = (ax, np.asarray(vals), a)
     units = layout.attrs.get("units", {}) if isinstance(layout.attrs.get("units"), dict) else {}
     dv = {}
     for c, v in enumerate(spec["variables"]):
