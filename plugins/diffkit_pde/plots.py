@@ -12,9 +12,8 @@ with ``t0 = dt`` by default (the initial condition is not part of a rollout).
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
+from diffkit.figures import new_figure, save_figure
+
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -36,36 +35,11 @@ def _np(x) -> np.ndarray:
 
 
 def _figure(width: float, height: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return new_figure(width, height)
 
 
 def _save(fig, path, dpi: int = 120) -> Path:
-    """Write ``fig`` to ``path`` atomically: readers see the old file or the new one, never a part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix[1:].lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi, bbox_inches="tight")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644  # mkstemp makes 0600 files
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return save_figure(fig, path, dpi)
 
 
 def _absmax(*arrays: np.ndarray) -> float:

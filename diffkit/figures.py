@@ -1,0 +1,47 @@
+"""Figures without pyplot: a matplotlib ``Figure`` on the Agg canvas, written atomically.
+
+Domain plugins draw their plots with these two helpers, so that diffkit never touches pyplot's
+global state (a user's open figures and chosen backend stay as they are) and a reader of the
+PNG sees the old file or the new one, never a part.  matplotlib is imported only when called.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+def new_figure(width: float, height: float):
+    """A ``matplotlib.figure.Figure`` of ``width x height`` inches, constrained layout, Agg canvas."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig, path, dpi: int = 120, *, tight: bool = True) -> Path:
+    """Write ``fig`` to ``path`` (format from the suffix, PNG by default) atomically: a temporary
+    file in the same folder, fsync, then ``os.replace``; an existing file keeps its mode."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix[1:].lower() or "png"
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format=fmt, dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            mode = 0o644  # mkstemp makes 0600 files
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
