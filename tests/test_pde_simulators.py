@@ -307,7 +307,7 @@ def test_dt_and_L_jitter_recorded_per_trajectory():
 # ----------------------------------------------------------------------------- output
 @coarse_ns
 def test_to_dataset_and_atomic_netcdf(tmp_path):
-    xr = pytest.importorskip("xarray")
+    import xarray as xr
     r = P.simulate_ks(3, 4, nx=64, L=22.0, burn_in=1.0, seed=1)
     ds = P.to_dataset(r, "ks")
     assert ds["u"].dims == ("trajectory", "time", "x")

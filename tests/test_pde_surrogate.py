@@ -19,7 +19,7 @@ except ImportError:  # editable install made before the plugin existed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
     import diffkit_pde as P
 
-xr = pytest.importorskip("xarray")
+import xarray as xr  # a dependency: missing it is a failure, not a skip
 
 from diffkit.checkpoint import capture_rng_state, restore_rng_state  # noqa: E402
 from diffkit.cli import main  # noqa: E402

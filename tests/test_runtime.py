@@ -406,7 +406,7 @@ def test_run_directory_holds_config_metrics_and_checkpoints(trained_run):
 
 
 def test_sample_writes_cf_netcdf_reproducibly(trained_run, tmp_path, capsys):
-    xr = pytest.importorskip("xarray")
+    import xarray as xr
     out = tmp_path / "s.nc"
     args = ["sample", str(trained_run), "--n", "64", "--steps", "5", "--seed", "3", "--no-progress"]
     res = ok(run([console_script(), *args, "--out", str(out)], cwd=tmp_path))
@@ -432,7 +432,7 @@ def test_sample_writes_cf_netcdf_reproducibly(trained_run, tmp_path, capsys):
 
 
 def test_a_checkpoint_alone_is_enough_to_sample(trained_run, tmp_path, capsys):
-    xr = pytest.importorskip("xarray")
+    import xarray as xr
     alone = tmp_path / "elsewhere"
     alone.mkdir()
     shutil.copy(ckpt_file(trained_run, 20), alone / "model.pt")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-xr = pytest.importorskip("xarray")
+import xarray as xr  # a dependency: missing it is a failure, not a skip
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

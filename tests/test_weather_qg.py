@@ -238,7 +238,7 @@ def test_argument_errors():
 
 # ----------------------------------------------------------------------------- output
 def test_to_dataset_cf_metadata_and_netcdf_round_trip(tmp_path):
-    xr = pytest.importorskip("xarray")
+    import xarray as xr
     r = Q.simulate_qg(1, 4, nx=32, spin_up_years=0, ic_amplitude=1e-5, seed=1)
     ds = Q.to_dataset(r)
     for name in ("streamfunction", "potential_vorticity", "eastward_wind", "northward_wind"):
