@@ -39,7 +39,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import textwrap
 import types
 from collections.abc import Iterable, Mapping
@@ -56,6 +55,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 import tomli_w
 import yaml
 
+from ._io import atomic_write
 from .errors import ConfigError
 from .samplers import SPACINGS
 
@@ -804,30 +804,7 @@ def _check_no_none(value: Any, key: str, path: str) -> None:
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644  # mkstemp makes 0600 files
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        with contextlib.suppress(OSError):
-            dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+    atomic_write(path, lambda f: f.write(text))
 
 
 _HEADER = "# Resolved diffkit configuration; read it back with diffkit.config.load_config.\n"

@@ -6,10 +6,9 @@ PNG sees the old file or the new one, never a part.  matplotlib is imported only
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
+
+from ._io import atomic_write
 
 
 def new_figure(width: float, height: float):
@@ -25,23 +24,6 @@ def new_figure(width: float, height: float):
 def save_figure(fig, path, dpi: int = 120, *, tight: bool = True) -> Path:
     """Write ``fig`` to ``path`` (format from the suffix, PNG by default) atomically: a temporary
     file in the same folder, fsync, then ``os.replace``; an existing file keeps its mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = path.suffix[1:].lower() or "png"
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi, **({"bbox_inches": "tight"} if tight else {}))
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644  # mkstemp makes 0600 files
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    fmt = Path(path).suffix[1:].lower() or "png"
+    kw = {"bbox_inches": "tight"} if tight else {}
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi, **kw), binary=True)
