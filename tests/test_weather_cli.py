@@ -44,3 +44,21 @@ def test_data_weather_fields_and_precision(tmp_path, capsys):
         assert ds.sizes["member"] == 3 and "--fields psi --float32" in ds.attrs["command"]
     assert main(["data", "weather", "qg", "--fields", "psi,w", "--out", str(tmp_path / "x.nc")]) == 1
     assert "unknown field(s) w; choose from psi, q, u, v" in capsys.readouterr().err
+
+
+def test_qg_file_is_doubly_periodic_for_the_adapter(tmp_path, capsys):
+    """The QG domain wraps in both directions: its file says so, the adapter's layout follows, the
+    option overrides it, and a wrong axis name is an error naming the valid ones."""
+    import pytest
+
+    from diffkit_weather.adapter import GriddedAdapter, WeatherDataError
+
+    out = tmp_path / "qg.nc"
+    assert main(["data", "weather", "qg", "--years", "0.01", "--spin-up-years", "0", "--nx", "16",
+                 "--fields", "psi", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    opts = dict(forcings=[], val_fraction=0.25)
+    assert GriddedAdapter(out, **opts).layout.periodic == ("latitude", "longitude")
+    assert GriddedAdapter(out, periodic=[], **opts).layout.periodic == ()
+    assert GriddedAdapter(out, periodic="longitude", **opts).layout.periodic == ("longitude",)
+    with pytest.raises(WeatherDataError, match="periodic axes can only be 'latitude' and/or 'longitude'"):
+        GriddedAdapter(out, periodic=["x"], **opts)

@@ -245,6 +245,7 @@ def test_to_dataset_cf_metadata_and_netcdf_round_trip(tmp_path):
         assert ds[name].dims == ("time", "level", "latitude", "longitude")
     assert ds.attrs["Conventions"] == "CF-1.8" and ds.attrs["nx"] == 32 and ds.attrs["beta"] == 1.5e-11
     assert ds.attrs["rek"] == 5.787e-7 and "periodic" in ds.attrs["grid_note"]
+    assert ds.attrs["periodic_axes"] == "latitude longitude"
     assert ds["eastward_wind"].attrs["standard_name"] == "eastward_wind"
     assert ds["northward_wind"].attrs["units"] == "m s-1" and ds["streamfunction"].attrs["units"] == "m2 s-1"
     assert ds["potential_vorticity"].attrs["units"] == "s-1"

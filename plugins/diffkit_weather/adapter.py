@@ -15,8 +15,11 @@ Conventions
   decoder flips back.  Longitude keeps the file's data order: a grid that crosses the wrap
   (``[350, 355, 0, 5]`` or ``[180 .. 359, 0 .. 179]``) is relabelled continuously
   (``[-10, -5, 0, 5]``) instead of rolled, so regional grids stay contiguous; a descending
-  longitude is flipped.  Any other non-monotonic coordinate is an error.  Longitude is periodic
-  (``layout.periodic = ("longitude",)``) only when the grid covers 360 degrees.
+  longitude is flipped.  Any other non-monotonic coordinate is an error.
+- **Periodic axes** (``layout.periodic``, where the backbone pads circularly): the ``periodic``
+  option (``["latitude", "longitude"]``, ``["longitude"]`` or ``[]``); else a file's global
+  attribute ``periodic_axes`` (``"latitude longitude"``: the QG simulator writes it, its domain is
+  doubly periodic); else longitude alone when the grid covers 360 degrees.
 - **Channels** are ``"var"`` (no level) or ``"var@level"`` (``"t@500"``; level in the file's
   units), variables in the order given, levels in the file's order.  Conditioning fields are
   the history states ``"t@500@t-1"``, ``"t@500@t"`` (oldest first, ``lead`` apart),
@@ -485,7 +488,8 @@ class GriddedAdapter(Adapter):
     member/realization dim as separate trajectories; or the member value(s) to use),
     ``stats_block`` (time steps per statistics read, 64), ``time_units`` (for time coordinates
     without CF units, e.g. ``"hours since 1996-01-05 00:00"``), ``dims`` (``{role: dim}`` for
-    dims that cannot be recognised, roles time/latitude/longitude/level/member).
+    dims that cannot be recognised, roles time/latitude/longitude/level/member), ``periodic``
+    (the periodic axes; see the module docstring).
     """
 
     name = "weather"
@@ -495,7 +499,8 @@ class GriddedAdapter(Adapter):
                  lead: float | None = None, history: int = 1, target: str = "state", val_fraction: float = 0.1,
                  train_slice=None, val_slice=None, allow_missing: bool = False, allow_gaps: bool = False,
                  forcings: Sequence[str] = FORCINGS, static: Sequence[str] | str = (), member=None,
-                 stats_block: int = 64, time_units: str | None = None, dims: Mapping[str, str] | None = None):
+                 stats_block: int = 64, time_units: str | None = None, dims: Mapping[str, str] | None = None,
+                 periodic: Sequence[str] | str | None = None):
         if not isinstance(history, int) or isinstance(history, bool) or history < 1:
             raise WeatherDataError(f"data.options.history must be an integer >= 1, got {history!r}")
         if target not in TARGETS:
@@ -515,6 +520,7 @@ class GriddedAdapter(Adapter):
         self.static_names = [static] if isinstance(static, str) else list(static)
 
         self._open_files(variables, levels, member, time_units, dims)
+        self.periodic = self._periodic_axes(periodic)
         self._time_axis(lead)
         self._split(val_fraction, train_slice, val_slice)
         self._scan()
@@ -522,6 +528,23 @@ class GriddedAdapter(Adapter):
         if target == "residual":
             self._residual_stats()
         self._layout = self._make_layout()
+
+    def _periodic_axes(self, periodic) -> tuple[str, ...]:
+        """The layout's periodic axes: the option, else the file's ``periodic_axes`` attribute,
+        else longitude when the grid covers 360 degrees."""
+        src = "data.options.periodic"
+        if periodic is None:
+            found = [(p, ds.attrs["periodic_axes"]) for p, ds, _ in self._files if "periodic_axes" in ds.attrs]
+            if not found:
+                return ("longitude",) if self.orient["periodic"] else ()
+            periodic, src = str(found[0][1]), f"the global attribute periodic_axes of {found[0][0].name}"
+        names = periodic.replace(",", " ").split() if isinstance(periodic, str) else list(periodic)
+        bad = [a for a in names if a not in ("latitude", "longitude")]
+        if bad:
+            raise WeatherDataError(f"{src} names {bad}; the periodic axes can only be 'latitude' and/or "
+                                   f"'longitude' (e.g. periodic = [\"latitude\", \"longitude\"] for a doubly "
+                                   f"periodic domain, [] for none)")
+        return tuple(a for a in ("latitude", "longitude") if a in names)
 
     # -- files, grid, variables ------------------------------------------------------------
     def _open_files(self, variables, levels, member, time_units, dims):
@@ -1067,7 +1090,7 @@ class GriddedAdapter(Adapter):
             source=[p.name for p in self.paths], global_attrs=gattrs,
         )
         return Layout(channels=tuple(self.channels), spatial=("latitude", "longitude"), shape=(len(lat_m), len(lon_m)),
-                      periodic=("longitude",) if self.orient["periodic"] else (),
+                      periodic=self.periodic,
                       coords={"latitude": tuple(lat_m.tolist()), "longitude": tuple(lon_m.tolist())},
                       weights=w, cond_channels=tuple(cond), scalars=tuple(self.scalar_names),
                       mean=torch.as_tensor(tm, dtype=torch.float32).reshape(C, 1, 1),

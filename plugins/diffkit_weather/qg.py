@@ -716,6 +716,7 @@ def to_dataset(result: dict, *, lat0: float = 45.0, lon0: float = -30.0,
                             f"at ({lat0}, {lon0}) with 111.2 km per degree of latitude and 111.2 km "
                             "cos(lat0) per degree of longitude; the dynamics are Cartesian (beta-plane)"),
               "lat0": float(lat0), "lon0": float(lon0),
+              "periodic_axes": "latitude longitude",
               **{k: _attr(v) for k, v in p.items() if v is not None}}
     ds = xr.Dataset(dv, coords=coords, attrs=gattrs)
     ds["time"].encoding.update(units="hours since 2000-01-01 00:00:00", calendar="standard")
