@@ -62,7 +62,7 @@ from .samplers import SPACINGS
 __all__ = [
     "Config", "DataConfig", "FieldDoc", "LossConfig", "ModelConfig", "SampleConfig", "TrainerConfig",
     "apply_overrides", "config_from_dict", "config_to_dict", "describe", "dump_config",
-    "format_config_help", "load_config",
+    "format_config_help", "format_config_markdown", "load_config",
 ]
 
 #: strings read as None where a value may be unset (in files only when the type has no str)
@@ -581,6 +581,74 @@ def format_config_help(cls: type = Config, width: int = 88) -> str:
         lines += ["", "top level"]
         lines += _format_keys({k: v for k, v in describe(cls).items() if "." not in k}, width)
     return "\n".join(lines) + "\n"
+
+
+MARKDOWN_COMMAND = "diffkit config --markdown > docs/config.md"
+"""The command that writes ``docs/config.md`` from these dataclasses."""
+
+
+def _md_cell(text: str) -> str:
+    """``text`` for a Markdown table cell: ``|`` escaped, and ``*`` / ``_`` outside code spans."""
+    parts = re.split(r"(`+[^`]*`+)", text.replace("\n", " "))
+    for i in range(0, len(parts), 2):
+        parts[i] = re.sub(r"([*_])", r"\\\1", parts[i])
+    return "".join(parts).replace("|", "\\|")
+
+
+def format_config_markdown(cls: type = Config) -> str:
+    """The configuration reference as Markdown (``docs/config.md``): one table per section with
+    every key's type, default and meaning, then every default as a TOML file.  Generated from the
+    dataclasses and their field docstrings, like :func:`format_config_help`."""
+    hints = _hints(cls)
+    lines = [
+        "# Configuration reference",
+        "",
+        f"<!-- Generated from the dataclasses in diffkit/config.py by `{MARKDOWN_COMMAND}`.",
+        "     Do not edit by hand: a test checks that this file equals the generated text. -->",
+        "",
+        "A run is described by one TOML or YAML file with the sections below.  Every key has a default,",
+        "so an empty file (or none at all) is a valid configuration.  Override any key on the command",
+        "line with `--set KEY=VALUE`, the value written as in TOML: `--set trainer.lr=1e-4`,",
+        "`--set model.options.channels=32`.  An unknown key or a wrong type is an error naming the key",
+        "and the file.  `diffkit config` prints this list in a terminal; [training.md](training.md)",
+        "shows the workflow.",
+        "",
+        "TOML has no null: an optional key whose default is unset is left out, and `\"none\"` switches",
+        "off one whose default is set (`grad_clip = \"none\"`).",
+    ]
+    sections, top = [], []
+    for f in dataclasses.fields(cls):
+        (sections if dataclasses.is_dataclass(hints[f.name]) else top).append(f)
+    tables = [(f"`[{f.name}]`", " ".join((hints[f.name].__doc__ or "").split()), describe(hints[f.name], f.name))
+              for f in sections]
+    if top:
+        tables.append(("Top level", "Keys outside any section.",
+                       {k: v for k, v in describe(cls).items() if "." not in k}))
+    for title, doc, docs in tables:
+        lines += ["", f"## {title}", ""]
+        if doc:
+            lines += [doc, ""]
+        lines += ["| key | type | default | meaning |", "|-----|------|---------|---------|"]
+        for key, d in docs.items():
+            default = "unset" if d.default is None else f"`{_md_cell(_literal(d.default))}`"
+            lines.append(f"| `{key}` | `{_md_cell(d.type_name)}` | {default} | {_md_cell(d.help)} |")
+    lines += ["", "## Every default, as a file", "", "```toml"]
+    for f in top:
+        lines += _toml_defaults(describe(cls), f.name)
+    for f in sections:
+        lines += ["", f"[{f.name}]"] + _toml_defaults(describe(hints[f.name], f.name), f"{f.name}.")
+    lines += ["```"]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_defaults(docs: dict[str, FieldDoc], prefix: str) -> list[str]:
+    out = []
+    for key, d in docs.items():
+        if not key.startswith(prefix) or "." in key[len(prefix):]:
+            continue
+        name = key[len(prefix):] or key
+        out.append(f"# {name} = (unset)" if d.default is None else f"{name} = {_literal(d.default)}")
+    return out
 
 
 def _format_keys(docs: dict[str, FieldDoc], width: int) -> list[str]:

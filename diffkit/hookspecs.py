@@ -55,7 +55,18 @@ def diffkit_adapters() -> dict:
 
     An adapter turns a domain's files into torch Datasets of standardised tensors and
     declares their :class:`~diffkit.layout.Layout`; its decoder turns samples back into the
-    domain's format (netCDF, PNG, ...).  See ``docs/plugins.md`` for the full protocol.
+    domain's format (netCDF, PNG, ...).  Subclass :class:`diffkit.adapters.Adapter`:
+
+    - ``adapter_class(**options)``: the trainer passes ``data.options`` as keywords;
+    - ``.layout``: the :class:`~diffkit.layout.Layout` of the items, with ``mean`` and ``std``;
+    - ``dataset(split)``: a torch Dataset for ``"train"`` or ``"val"`` whose items are dicts
+      ``{"x": (C, *shape), "fields": ..., "scalars": ..., "label": ..., "weight": ...}`` (see
+      :mod:`diffkit.adapters`);
+    - classmethod ``decode(x, layout, path, *, attrs=None, labels=None)``: writes standardised
+      samples ``(N, *layout.sample_shape)`` to ``path`` in the domain's format from the layout
+      alone (a checkpoint is enough) and returns the path.
+
+    :func:`diffkit.testing.check_adapter` checks all of it.  See ``docs/plugins.md``.
     """
 
 
@@ -74,7 +85,7 @@ def diffkit_samplers() -> dict:
     """Register samplers: ``{name: function}``.
 
     Every sampler has the signature
-    ``sampler(denoiser, x, ts, *, generator=None, callback=None, **options) -> Tensor``,
+    ``sampler(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, **options) -> Tensor``,
     is decorated with :func:`diffkit.samplers.sampler_info` to declare its order, whether it
     is stochastic and how many denoiser calls a grid costs, and keeps any multistep history
     in local variables.
@@ -83,7 +94,12 @@ def diffkit_samplers() -> dict:
 
 @hookspec
 def diffkit_metrics() -> dict:
-    """Register metrics: ``{name: function}``.  Metrics take tensors and return tensors."""
+    """Register metrics: ``{name: function}``.
+
+    ``fn(*tensors, **options) -> Tensor``: tensors in (for example a prediction and the truth),
+    tensors out; options are keywords with defaults.  Names are global across plugins, so
+    domain metrics carry a prefix (``weather_rmse``).
+    """
 
 
 @hookspec
@@ -97,4 +113,17 @@ def diffkit_commands() -> dict:
     paragraph of ``register``'s docstring is the command's help line.  Import heavy modules
     inside ``run``, not at registration: every ``diffkit`` invocation registers all commands.
     Failures inside ``run`` are reported by the CLI as one line naming the command.
+    """
+
+
+@hookspec
+def diffkit_quickstarts() -> dict:
+    """Register sections of ``diffkit quickstart``: ``{name: run}``.
+
+    ``run(out: pathlib.Path, *, seed: int = 0, progress: bool = True) -> diffkit.quickstart.Section``
+    runs the domain's main job on built-in data with no configuration -- simulate or load data,
+    train a small model, sample or forecast with it, score it -- in about a minute on 2 CPU cores,
+    writes its outputs (netCDF, PNG) under ``out`` (a folder of its own) and returns the
+    :class:`~diffkit.quickstart.Section` of the report: a title, a paragraph, a table of metrics
+    and the files it wrote.  Import heavy modules inside ``run``.
     """
