@@ -29,3 +29,10 @@ def diffkit_adapters():
     from .adapters import MixtureAdapter
 
     return {"mixture": MixtureAdapter}
+
+
+@hookimpl
+def diffkit_commands():
+    from .quickstart import register
+
+    return {"quickstart": register}

@@ -31,7 +31,7 @@ from . import hookspecs
 from .errors import PluginError, UnknownComponentError
 
 ENTRY_POINT_GROUP = "diffkit"
-KINDS = ("backbone", "adapter", "schedule", "sampler", "metric", "command")
+KINDS = ("backbone", "adapter", "schedule", "sampler", "metric", "command", "quickstart")
 _HOOKS = {
     "backbone": "diffkit_backbones",
     "adapter": "diffkit_adapters",
@@ -39,6 +39,7 @@ _HOOKS = {
     "sampler": "diffkit_samplers",
     "metric": "diffkit_metrics",
     "command": "diffkit_commands",
+    "quickstart": "diffkit_quickstarts",
 }
 
 

@@ -55,3 +55,10 @@ def diffkit_metrics():
 @hookimpl
 def diffkit_commands():
     return {"data pde": register_data, "rollout": register_rollout}
+
+
+@hookimpl
+def diffkit_quickstarts():
+    from .quickstart import quickstart
+
+    return {"pde": quickstart}

@@ -48,3 +48,10 @@ def diffkit_metrics():
 @hookimpl
 def diffkit_commands():
     return {"data weather": register_data, "forecast": register_forecast, "evaluate": register_evaluate}
+
+
+@hookimpl
+def diffkit_quickstarts():
+    from .quickstart import quickstart
+
+    return {"weather": quickstart}

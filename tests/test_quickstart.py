@@ -1,0 +1,109 @@
+"""``diffkit quickstart``: the README's first command, run as a user runs it.
+
+The full run (every registered section, default sizes) is what CI times: it must stay within
+the 5 minutes on 2 CPU cores that issue 7 allows.  The checks are on behaviour: each domain's
+small model must beat the trivial forecast of its domain (persistence), the report must state
+the metrics and point at files that exist.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+
+from diffkit import hookimpl
+from diffkit.cli import main
+from diffkit.quickstart import Section
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qs") / "diffkit-quickstart"
+    t = time.time()
+    r = subprocess.run([sys.executable, "-m", "diffkit", "quickstart", "--out", str(out), "--no-progress"],
+                       capture_output=True, text=True, timeout=900)
+    return out, r, time.time() - t
+
+
+def test_quickstart_writes_a_report_with_every_section(quickstart_run):
+    out, r, seconds = quickstart_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"report in {out / 'report.md'}" in r.stdout
+    report = (out / "report.md").read_text()
+    js = json.loads((out / "report.json").read_text())
+    from diffkit import registry
+
+    names = {c.name for c in registry.components("quickstart")}
+    assert {"pde", "weather"} <= names
+    assert set(js["sections"]) == names
+    for name, sec in js["sections"].items():
+        assert f"## {sec['title']}" in report
+        for f in sec["figures"] + sec["files"]:
+            assert (out / f).exists(), (name, f)
+        for f in sec["figures"]:
+            assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            assert f"]({f})" in report
+        assert sec["rows"] and all(f"| {a} | {b} |" in report for a, b, _ in sec["rows"])
+    # the issue's budget is 5 minutes on 2 cores; CI machines are noisy, so allow a margin here
+    assert seconds < 480, f"diffkit quickstart took {seconds:.0f} s"
+
+
+def test_quickstart_models_beat_persistence(quickstart_run):
+    out, r, _ = quickstart_run
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "report.json").read_text())["sections"]
+    pde, wx = s["pde"]["metrics"], s["weather"]["metrics"]
+    # one KS step: the surrogate's error is well below "nothing changes"
+    assert pde["nrmse_first_step"] < 0.8 * pde["nrmse_first_step_persistence"], pde
+    assert pde["hct_member"] > pde["hct_persistence"], pde
+    assert wx["rmse_first_lead"] < 0.8 * wx["persistence_rmse_first_lead"], wx
+    assert 0 < wx["spread_skill_first_lead"] < 5, wx
+    # the outputs are CF netCDF with the domain's dims
+    import xarray as xr
+
+    with xr.open_dataset(out / "weather" / "forecast.nc") as ds:
+        assert {"member", "init_time", "lead_time", "latitude", "longitude"} <= set(ds.dims)
+        assert "valid_time" in ds.coords
+    with xr.open_dataset(out / "pde" / "rollout.nc") as ds:
+        assert {"member", "time"} <= set(ds.dims)
+
+
+def test_unknown_section_is_an_error_naming_the_registered_ones(tmp_path, capsys):
+    assert main(["quickstart", "--only", "nope", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"unknown quickstart section\(s\) nope; the registered ones are .*pde.*weather", err), err
+
+
+def test_a_third_party_section_runs_and_a_failing_one_is_named(tmp_path, capsys, diffkit_registry):
+    calls = []
+
+    def ok(out, *, seed=0, progress=True):
+        """a toy section"""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "a.txt").write_text("x")
+        calls.append(seed)
+        return Section(title="Toy", summary="It ran.", rows=[("answer", "42", "the number")], files=[out / "a.txt"])
+
+    def broken(out, *, seed=0, progress=True):
+        """a broken section"""
+        raise RuntimeError("simulator exploded")
+
+    plugin = types.SimpleNamespace(diffkit_quickstarts=hookimpl(lambda: {"toy": ok, "toy_broken": broken}))
+    diffkit_registry.register_plugin(plugin, "toyplugin")
+    assert main(["quickstart", "--only", "toy", "--seed", "3", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert calls == [3]
+    rep = (tmp_path / "report.md").read_text()
+    assert "## Toy" in rep and "| answer | 42 | the number |" in rep and "`toy/a.txt`" in rep
+    assert main(["quickstart", "--only", "toy,toy_broken", "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "quickstart section 'toy_broken' (plugin 'toyplugin') failed: RuntimeError: simulator exploded" in err
+    # the finished section is already in the report when the next one fails
+    assert "## Toy" in (tmp_path / "b" / "report.md").read_text()
