@@ -42,22 +42,58 @@ class Adapter(abc.ABC):
         """The ``"train"`` or ``"val"`` split as a torch Dataset of item dicts."""
 
     @classmethod
-    def decode(cls, x: torch.Tensor, layout: Layout, path: str | os.PathLike, *, attrs: dict | None = None) -> Path:
+    def decode(cls, x: torch.Tensor, layout: Layout, path: str | os.PathLike, *, attrs: dict | None = None,
+               labels: torch.Tensor | None = None) -> Path:
         """Write standardised samples ``x`` of shape ``(N, *layout.sample_shape)`` to ``path``.
 
         The default writes CF netCDF through xarray: the samples are de-normalised with the
         layout, dims are ``(sample, channel, *spatial)`` with the layout's coordinates, and the
-        file is written atomically.  Domain adapters override this (e.g. PNG for images).
+        file is written atomically.  ``labels`` (``(N,)``, class-conditional samples) become a
+        ``label`` coordinate along ``sample``.  Domain adapters override this (e.g. PNG for
+        images); callers pass ``labels`` only to decoders that accept it (:func:`decode_samples`).
         """
-        return write_netcdf(layout.denormalize(x.detach().float().cpu()), layout, path, attrs=attrs)
+        return write_netcdf(layout.denormalize(x.detach().float().cpu()), layout, path, attrs=attrs, labels=labels)
 
 
-def write_netcdf(x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = None) -> Path:
-    """Write physical-unit samples as CF netCDF, one variable per channel, atomically."""
+def decode_samples(adapter_cls, x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = None,
+                   labels: torch.Tensor | None = None) -> Path:
+    """``adapter_cls.decode(x, layout, path, attrs=..., labels=...)``, leaving ``labels`` out for
+    decoders written without that keyword (adapters of unconditional domains)."""
+    if labels is not None and _accepts_keyword(adapter_cls.decode, "labels"):
+        return adapter_cls.decode(x, layout, path, attrs=attrs, labels=labels.detach().cpu())
+    return adapter_cls.decode(x, layout, path, attrs=attrs)
+
+
+def _accepts_keyword(fn, name: str) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def write_netcdf(x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = None,
+                 labels: torch.Tensor | None = None) -> Path:
+    """Write physical-unit samples as CF netCDF, one variable per channel, atomically.
+
+    ``labels`` (``(N,)`` class indices) become the coordinate ``label(sample)``, with CF
+    ``flag_values`` / ``flag_meanings`` when the layout's attrs hold ``class_names``."""
     import xarray as xr  # lazy: `import diffkit` must not import xarray
 
     dims = ("sample", *layout.spatial)
     coords = {"sample": ("sample", list(range(x.shape[0])), {"long_name": "sample index"})}
+    if labels is not None:
+        lab = torch.as_tensor(labels).detach().cpu().reshape(-1).to(torch.int64)
+        if lab.shape[0] != x.shape[0]:
+            raise ValueError(f"{lab.shape[0]} labels for {x.shape[0]} samples; give one label per sample")
+        la = {"long_name": "class label"}
+        names = layout.attrs.get("class_names")
+        if isinstance(names, (list, tuple)) and names:
+            la["flag_values"] = list(range(len(names)))
+            la["flag_meanings"] = " ".join(str(n).replace(" ", "_") for n in names)
+        coords["label"] = ("sample", lab.numpy(), la)
     for ax, n in zip(layout.spatial, layout.shape):
         vals = layout.coords.get(ax, tuple(range(n)))
         coords[ax] = (ax, list(vals))

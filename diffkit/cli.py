@@ -79,7 +79,16 @@ def _cmd_sample(args) -> int:
     x_init = torch.randn((n, *layout.sample_shape), generator=g, device=device)
     idx = torch.arange(dist.rank, n, dist.world, device=device)
     labels = None
+    if args.label is not None and not layout.num_classes:
+        raise ValueError("--label was given but this model is not class-conditional (num_classes = 0)")
     if layout.num_classes:
+        if args.label is not None and not 0 <= args.label < layout.num_classes:
+            names = layout.attrs.get("class_names")
+            named = [f"{i}: {c}" for i, c in enumerate(names or ()) if str(c) != str(i)]
+            known = f" ({', '.join(named[:20])}{', ...' if len(named) > 20 else ''})" if named else ""
+            raise ValueError(f"--label {args.label} is not a class of this model: use 0..{layout.num_classes - 1}"
+                             f"{known}; for unconditional samples use --guidance 0")
+        # a balanced set by default: labels cycle through the classes
         labels = (torch.arange(n, device=device) % layout.num_classes) if args.label is None else \
             torch.full((n,), args.label, device=device, dtype=torch.long)
     from .denoiser import Cond
@@ -102,8 +111,12 @@ def _cmd_sample(args) -> int:
                 full[r::dist.world] = parts[r][: len(range(r, n, dist.world))]
             x = full
     if dist.main:
-        out = adapter_cls.decode(x, layout, args.out, attrs={"sampler": sampler, "nfe": nfe, "seed": args.seed,
-                                                              "checkpoint": str(args.checkpoint)})
+        from .adapters import decode_samples
+
+        attrs = {"sampler": sampler, "nfe": nfe, "seed": args.seed, "checkpoint": str(args.checkpoint)}
+        if labels is not None:
+            attrs["guidance"] = "none" if guidance is None else guidance
+        out = decode_samples(adapter_cls, x, layout, args.out, attrs=attrs, labels=labels)
         print(f"diffkit sample: wrote {n} samples to {out}")
     _leave_process_group()
     return 0
@@ -121,9 +134,9 @@ def _leave_process_group() -> None:
 
 
 def _cmd_config(args) -> int:
-    from .config import format_config_help
+    from .config import format_config_help, format_config_markdown
 
-    print(format_config_help())
+    sys.stdout.write(format_config_markdown() if args.markdown else format_config_help() + "\n")
     return 0
 
 
@@ -174,11 +187,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="random seed (same seed, same samples)")
     sp.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (class-conditional models)")
     sp.add_argument("--label", type=int, default=None, help="class label for every sample (default: cycle through classes)")
-    sp.add_argument("--out", required=True, help="output file (e.g. samples.nc)")
+    sp.add_argument("--out", required=True, help="output file (e.g. samples.nc; images: samples.png, written with "
+                                                 "samples.npz)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.set_defaults(func=_cmd_sample)
 
     cp = sub.add_parser("config", parents=[common], help="list every config key with its type, default and meaning")
+    cp.add_argument("--markdown", action="store_true",
+                    help="print the reference as Markdown (diffkit config --markdown > docs/config.md)")
     cp.set_defaults(func=_cmd_config)
     _add_plugin_commands(sub, common)
     return p

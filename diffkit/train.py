@@ -468,7 +468,9 @@ class Trainer:
             x = sample(self.ema.bind(cond, sc.guidance if labels is not None else None), (n, *self.layout.sample_shape),
                        sampler=sc.sampler, nfe=sc.nfe, spacing=sc.spacing, generator=g, device=self.device)
         out = self.run_dir / "snapshots" / f"step-{self.step:09d}.nc"
-        return type(self.adapter).decode(x, self.layout, out, attrs={"step": self.step})
+        from .adapters import decode_samples
+
+        return decode_samples(type(self.adapter), x, self.layout, out, attrs={"step": self.step}, labels=labels)
 
 
 def _checkpoint_path(path) -> Path:

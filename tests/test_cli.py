@@ -129,13 +129,15 @@ def test_plugins_kind_filter(capsys):
     assert main(["plugins", "--kind", "adapter"]) == 0
     assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("adapter", "mixture", "diffkit"),
                                                                             ("adapter", "pde", "pde"),
-                                                                            ("adapter", "weather", "weather")}
+                                                                            ("adapter", "weather", "weather"),
+                                                                            ("adapter", "images", "images")}
     assert main(["plugins", "--kind", "command"]) == 0
     assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("command", "data pde", "pde"),
                                                                             ("command", "rollout", "pde"),
                                                                             ("command", "data weather", "weather"),
                                                                             ("command", "forecast", "weather"),
-                                                                            ("command", "evaluate", "weather")}
+                                                                            ("command", "evaluate", "weather"),
+                                                                            ("command", "quickstart", "diffkit")}
 
 
 def test_plugins_bad_kind_is_a_usage_error(capsys):
@@ -165,7 +167,7 @@ def test_broken_plugin_is_a_warning_and_exit_0(tmp_path):
     assert {(k, n) for k, n, _, _ in table(proc.stdout)} >= set(BUILTINS)
     quiet = run(["plugins"], tmp_path, site=site, DIFFKIT_DISABLE_PLUGIN_AUTOLOAD="1")
     assert quiet.returncode == 0 and quiet.stderr == ""
-    assert {r[0] for r in table(quiet.stdout)} == {"adapter", "schedule", "sampler", "metric"}
+    assert {r[0] for r in table(quiet.stdout)} == {"adapter", "schedule", "sampler", "metric", "command"}
 
 
 def test_plugin_from_dist_info_is_listed(tmp_path):

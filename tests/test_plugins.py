@@ -300,7 +300,7 @@ def test_unknown_name_lists_the_installed_names():
     assert "'dpmpp_9m'" in msg and "ddim, ddpm, dpmpp_2m, dpmpp_3m, euler, heun" in msg
     assert "autoload is off" not in msg
     assert isinstance(e.value, KeyError) and not msg.startswith('"')
-    with pytest.raises(UnknownComponentError, match="installed adapters: mixture"):
+    with pytest.raises(UnknownComponentError, match="installed adapters: images, mixture"):
         registry.get("adapter", "era5")
 
 
@@ -460,7 +460,7 @@ def test_pytest11_entry_point_ships_the_fixtures(request):
 def test_fixtures(diffkit_registry, diffkit_check):
     assert diffkit_registry is registry
     assert registry._manager is None  # refreshed before the test
-    for fn in ("check_backbone", "check_sampler", "check_schedule", "check_plugin_registers"):
+    for fn in ("check_adapter", "check_backbone", "check_sampler", "check_schedule", "check_plugin_registers"):
         assert getattr(diffkit_check, fn) is getattr(diffkit.testing, fn)
 
 
@@ -531,8 +531,8 @@ def test_check_plugin_registers_on_builtins():
     import diffkit._builtins
 
     got = check_plugin_registers(diffkit._builtins)
-    assert set(got) == {"adapter", "schedule", "sampler", "metric"}
-    assert set(got["sampler"]) == CORE["sampler"]
+    assert set(got) == {"adapter", "schedule", "sampler", "metric", "command"}
+    assert set(got["sampler"]) == CORE["sampler"] and set(got["command"]) == {"quickstart"}
 
 
 def test_check_plugin_registers_on_backbones():
