@@ -42,7 +42,7 @@ def test_quickstart_writes_a_report_with_every_section(quickstart_run):
     from diffkit import registry
 
     names = {c.name for c in registry.components("quickstart")}
-    assert {"pde", "weather"} <= names
+    assert {"images", "pde", "weather"} <= names
     assert set(js["sections"]) == names
     for name, sec in js["sections"].items():
         assert f"## {sec['title']}" in report
@@ -56,16 +56,18 @@ def test_quickstart_writes_a_report_with_every_section(quickstart_run):
     assert seconds < 480, f"diffkit quickstart took {seconds:.0f} s"
 
 
-def test_quickstart_models_beat_persistence(quickstart_run):
+def test_quickstart_models_beat_simple_references(quickstart_run):
     out, r, _ = quickstart_run
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "report.json").read_text())["sections"]
-    pde, wx = s["pde"]["metrics"], s["weather"]["metrics"]
+    pde, wx, im = s["pde"]["metrics"], s["weather"]["metrics"], s["images"]["metrics"]
     # one KS step: the surrogate's error is well below "nothing changes"
     assert pde["nrmse_first_step"] < 0.8 * pde["nrmse_first_step_persistence"], pde
     assert pde["hct_member"] > pde["hct_persistence"], pde
     assert wx["rmse_first_lead"] < 0.8 * wx["persistence_rmse_first_lead"], wx
     assert 0 < wx["spread_skill_first_lead"] < 5, wx
+    # guided samples look like their class; the unconditional model ignores the label (chance ~ 0.1)
+    assert im["agreement_guided"] > 0.8 and im["agreement_unconditional"] < 0.3 and im["real_accuracy"] > 0.9, im
     # the outputs are CF netCDF with the domain's dims
     import xarray as xr
 
