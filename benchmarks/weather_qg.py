@@ -36,6 +36,14 @@ SETTINGS = {
                 batch=64, members=16, nfe=20, lead=48, k=10, init_every_days=5, lr=3e-4),
 }
 YEAR_H = 365 * 24.0
+#: what the forecaster sees and predicts: the full model state, or only the upper layer (the lower
+#: layer is unobserved, so the next upper-layer state is genuinely uncertain given the current one)
+STATES = {
+    "both": dict(levels=None, text="the streamfunction of both layers (the full model state: the dynamics are "
+                                    "deterministic given it)"),
+    "upper": dict(levels=[1], text="the upper-layer streamfunction only (the lower layer is unobserved, so the "
+                                   "next state is uncertain given the current one, as in real forecasting)"),
+}
 
 
 def simulate(path: Path, s: dict, seed: int, progress: bool) -> None:
@@ -75,6 +83,7 @@ def config(args, s: dict, data: Path, run_dir: Path, objective: str, test_start:
         "run_dir": str(run_dir),
         "data": {"adapter": "weather", "batch_size": s["batch"],
                  "options": {"path": str(data), "variables": ["streamfunction"], "lead": float(s["lead"]),
+                             **({"levels": STATES[args.state]["levels"]} if STATES[args.state]["levels"] else {}),
                              "history": 1, "target": "residual", "val_slice": f"{test_start}/"}},
         "model": {"backbone": "unet", "objective": objective,
                   "options": {"channels": s["channels"], "channel_mult": list(s["mult"]), "num_res_blocks": 1,
@@ -97,6 +106,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=list(SETTINGS), default="cpu")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--state", choices=list(STATES), default="both",
+                    help="both: the full QG state; upper: the upper layer only (partially observed)")
     ap.add_argument("--perturb", type=float, default=0.05, help="baseline IC perturbation (relative std)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
@@ -122,6 +133,7 @@ def main(argv=None) -> dict:
         simulate(data, s, args.seed, progress)
     test_start, inits, _ = split_times(data, s)
     res: dict = {"argv": " ".join(sys.argv[1:] if argv is None else argv), "setting": args.setting, "sizes": s,
+                 "state": args.state,
                  "perturb": args.perturb, "n_init": len(inits), "test_start": test_start}
     for label, objective in (("DDPM", "diffusion"), ("MSE+perturbed IC", "regression")):
         cfg = config(args, s, data, work / f"run_{objective}", objective, test_start)
@@ -183,7 +195,7 @@ def write_markdown(res: dict, path: Path, work: Path) -> None:
         f"Total wall time: {res['wall_s'] / 60:.1f} min ({torch.get_num_threads()} torch threads).", "",
         f"Data: two-layer QG (pyqg reference set-up), {s['nx']}x{s['nx']}, 6-hourly, {s['spin_up']} spin-up years "
         f"discarded, {s['train_years']} years for training, the following {s['test_years']} year(s) held out; "
-        f"state: streamfunction of both layers; lead {s['lead']} h, residual target, forcings time of day and "
+        f"state: {STATES[res.get('state', 'both')]['text']}; lead {s['lead']} h, residual target, forcings time of day and "
         f"day of year.  {res['n_init']} held-out initial times every {s['init_every_days']} days, {s['k']} steps "
         f"({s['k'] * s['lead'] // 24} days), {s['members']} members each.", "",
         f"Both models: UNet channels {s['channels']}, mult {list(s['mult'])}, {d['params'] / 1e6:.2f} M parameters, "
@@ -191,7 +203,7 @@ def write_markdown(res: dict, path: Path, work: Path) -> None:
         f"min-SNR weighting, DPM-Solver++(2M) with {s['nfe']} NFE per step.  Baseline: the same network trained by "
         f"MSE (`model.objective = \"regression\"`), members from initial conditions perturbed by "
         f"{res['perturb']} x the climatological std.", "",
-        "Scores averaged over the two layers (WeatherBench-2 conventions; `diffkit evaluate`):", "",
+        "Scores averaged over the channels (WeatherBench-2 conventions; `diffkit evaluate`):", "",
         "| lead (h) | CRPS DDPM | CRPS baseline | ratio | RMSE DDPM | RMSE baseline | spread/skill DDPM | spread/skill baseline |",
         "|---|---|---|---|---|---|---|---|",
     ]

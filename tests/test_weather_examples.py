@@ -57,17 +57,17 @@ def _check_scores(folder: Path, channels, n_leads: int, members: int) -> None:
 
 @pytest.mark.slow
 def test_weather_qg_example_runs_end_to_end(tmp_path):
-    """The QG example in its CI setting (32^2, half a year of spin-up, 120 days to train, 120
-    steps per model; ~45 s on one core): every output is written, and both models beat the
-    persistence forecast at the first lead (24 h) -- the ensemble-mean RMSE over the persistence
-    RMSE, averaged over the two layers, below 0.75 for the DDPM and 0.85 for the MSE baseline.
-    Measured (seeds 0 / 1 / 2): trained DDPM 0.52 / 0.58 / 0.51, MSE baseline 0.66 / 0.71 / 0.66;
-    untrained (--steps 1) DDPM 1.05 and MSE 1.10 (an untrained residual model predicts about no
-    change, plus noise), so the bounds separate them."""
+    """The QG example in its CI setting (32^2 over 500 km -- the reference resolution --, a year of
+    spin-up, 120 days to train, 120 steps per model; ~45 s on one core): every output is written,
+    and both models beat the persistence forecast at the first lead (24 h) -- the ensemble-mean
+    RMSE over the persistence RMSE, averaged over the two layers, below 0.85 for the DDPM and 0.9
+    for the MSE baseline.  Measured (seeds 0 / 1 / 2): trained DDPM 0.74 / 0.58 / 0.68, MSE
+    baseline 0.78 / 0.68 / 0.73; untrained (--steps 1) DDPM 1.04 and MSE 1.09 (an untrained
+    residual model predicts about no change, plus noise), so the bounds separate them."""
     mod = _load_example("weather_qg")
     report = mod.main(["--quick", "--no-progress", "--out", str(tmp_path)])
-    assert _ratio(report, "diffusion") < 0.75, report
-    assert _ratio(report, "regression") < 0.85, report
+    assert _ratio(report, "diffusion") < 0.85, report
+    assert _ratio(report, "regression") < 0.9, report
     members, K, n_init = report["members"], 4, 4
     channels = ["streamfunction@1", "streamfunction@2"]
     with xr.open_dataset(tmp_path / "qg.nc") as truth:
