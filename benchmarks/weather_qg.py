@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import tempfile
 import time
@@ -106,6 +107,10 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=list(SETTINGS), default="cpu")
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--ddpm-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override for the DDPM only (repeatable), e.g. loss.weighting=simple or "
+                         "trainer.steps=4000; its run gets its own folder, so with --workdir the data and the "
+                         "finished baseline are reused")
     ap.add_argument("--state", choices=list(STATES), default="both",
                     help="both: the full QG state; upper: the upper layer only (partially observed)")
     ap.add_argument("--perturb", type=float, default=0.05, help="baseline IC perturbation (relative std)")
@@ -136,7 +141,16 @@ def main(argv=None) -> dict:
                  "state": args.state,
                  "perturb": args.perturb, "n_init": len(inits), "test_start": test_start}
     for label, objective in (("DDPM", "diffusion"), ("MSE+perturbed IC", "regression")):
-        cfg = config(args, s, data, work / f"run_{objective}", objective, test_start)
+        tag = objective
+        if objective == "diffusion" and args.ddpm_set:
+            tag += "_" + "_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", o) for o in args.ddpm_set)
+        cfg = config(args, s, data, work / f"run_{tag}", objective, test_start)
+        if objective == "diffusion":
+            res["ddpm_tag"], res["ddpm_set"] = tag, list(args.ddpm_set)
+        if objective == "diffusion" and args.ddpm_set:
+            from diffkit.config import apply_overrides
+
+            cfg = apply_overrides(cfg, args.ddpm_set)
         t0 = time.time()
         tr = Trainer(cfg, device=args.device, progress=progress, resume=True)
         n_params = sum(p.numel() for p in tr.net.parameters())
@@ -149,7 +163,7 @@ def main(argv=None) -> dict:
                           perturb=None if objective == "diffusion" else args.perturb, progress=progress)
         fc_ds = F.forecast_dataset(pred, fc.layout, ist.times, attrs={"objective": objective, "seed": args.seed},
                                    options=fc.data_options)
-        ev = E.evaluate(fc_ds, data, out=work / f"eval_{objective}", plots=True)
+        ev = E.evaluate(fc_ds, data, out=work / f"eval_{tag}", plots=True)
         t_eval = time.time() - t0
         sc = ev.scores
         res[label] = dict(params=n_params, train_s=t_train, eval_s=t_eval,
@@ -186,7 +200,7 @@ def write_markdown(res: dict, path: Path, work: Path) -> None:
     s = res["sizes"]
     d, b = res["DDPM"], res["MSE+perturbed IC"]
     png = path.with_name(path.stem + "_lead_curves_ddpm.png")
-    src = work / "eval_diffusion" / "lead_curves.png"
+    src = work / f"eval_{res.get('ddpm_tag', 'diffusion')}" / "lead_curves.png"
     if src.exists():
         shutil.copyfile(src, png)
     lines = [
@@ -202,7 +216,8 @@ def write_markdown(res: dict, path: Path, work: Path) -> None:
         f"batch {s['batch']}, {s['steps']} AdamW steps, lr {s['lr']}.  DDPM: v-prediction, cosine schedule, "
         f"min-SNR weighting, DPM-Solver++(2M) with {s['nfe']} NFE per step.  Baseline: the same network trained by "
         f"MSE (`model.objective = \"regression\"`), members from initial conditions perturbed by "
-        f"{res['perturb']} x the climatological std.", "",
+        f"{res['perturb']} x the climatological std."
+        + (f"  DDPM config overrides: `{' '.join(res['ddpm_set'])}`." if res.get("ddpm_set") else ""), "",
         "Scores averaged over the channels (WeatherBench-2 conventions; `diffkit evaluate`):", "",
         "| lead (h) | CRPS DDPM | CRPS baseline | ratio | RMSE DDPM | RMSE baseline | spread/skill DDPM | spread/skill baseline |",
         "|---|---|---|---|---|---|---|---|",
