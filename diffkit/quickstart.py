@@ -78,9 +78,8 @@ def run(out: str | os.PathLike = "diffkit-quickstart", *, only=None, seed: int =
                             f"{type(sec).__name__}, expected diffkit.quickstart.Section")
         sec.seconds = time.time() - t
         done.append((comp.name, sec))
-        write_report(out, done, total=time.time() - t0, seed=seed)
+        report = write_report(out, done, total=time.time() - t0, seed=seed)  # finished sections survive a failure
         log(f"diffkit quickstart: {comp.name} done in {sec.seconds:.0f} s")
-    report = write_report(out, done, total=time.time() - t0, seed=seed)
     log(f"diffkit quickstart: report in {report} ({time.time() - t0:.0f} s in all)")
     return report
 

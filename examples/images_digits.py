@@ -25,26 +25,12 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from diffkit import Cond, sample
 from diffkit.config import config_from_dict
 from diffkit.train import Trainer, load_for_sampling
-
-
-def digit_classifier(adapter):
-    """Logistic regression on the raw 0..16 pixels of the adapter's training split, and its
-    accuracy on the validation split."""
-    from sklearn.linear_model import LogisticRegression
-
-    def xy(idx):
-        return adapter.data[torch.as_tensor(idx)].reshape(len(idx), -1).float().numpy(), adapter.labels[idx].numpy()
-
-    xt, yt = xy(adapter.train_idx)
-    clf = LogisticRegression(max_iter=2000, C=0.1).fit(xt, yt)
-    xv, yv = xy(adapter.val_idx)
-    return clf, float((clf.predict(xv) == yv).mean())
+from diffkit_images.scoring import class_agreement, pixel_classifier
 
 
 def main(argv=None) -> dict:
@@ -86,7 +72,7 @@ def main(argv=None) -> dict:
     K = layout.num_classes
     device = next(den.net.parameters()).device
     labels = torch.arange(K * per_class, device=device) % K  # a balanced set: per_class samples per class
-    clf, real_acc = digit_classifier(adapter)
+    clf, real_acc = pixel_classifier(adapter)
     report = {"steps": steps, "classifier_accuracy_on_real_digits": real_acc, "agreement": {}}
     for w in (0.0, 1.0, args.guidance):
         g = torch.Generator(device=device).manual_seed(args.seed)
@@ -95,9 +81,7 @@ def main(argv=None) -> dict:
         png = adapter_cls.decode(x, layout, out / f"samples_w{w:g}.png", labels=labels,
                                  attrs={"guidance": w, "nfe": args.nfe, "seed": args.seed})
         # 3. score: does the classifier see the class each sample was drawn for?
-        z = np.load(png.with_suffix(".npz"), allow_pickle=False)
-        pix = np.clip(z["x"], 0.0, 16.0).reshape(len(labels), -1)
-        report["agreement"][f"{w:g}"] = float((clf.predict(pix) == z["labels"]).mean())
+        report["agreement"][f"{w:g}"] = class_agreement(clf, png.with_suffix(".npz"), (0.0, 16.0))
         report.setdefault("outputs", []).append(png.name)
     (out / "report.json").write_text(json.dumps(report, indent=1))
     print(f"classifier accuracy on held-out real digits: {real_acc:.3f}")

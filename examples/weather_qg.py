@@ -78,20 +78,10 @@ def forecast_and_score(run_dir, data, truth, init_times, steps: int, members: in
 def persistence_scores(ist, fc, truth, steps: int, options):
     """Scores of the persistence forecast (the initial state at every lead) -- the trivial reference."""
     from diffkit_weather import evaluate, forecast_dataset
+    from diffkit_weather.forecast import persistence
 
-    pred = ist.history[:, -1][:, None, None].expand(-1, 1, steps, *ist.history.shape[2:])
-    return evaluate.evaluate(forecast_dataset(pred, fc.layout, ist.times, options=options), truth, plots=False)
-
-
-def summarise(scores) -> dict:
-    """``{channel: {lead_hours: [...], rmse: [...], crps: [...], spread: [...], spread_skill_ratio: [...]}}``."""
-    out = {}
-    for c, name in enumerate(scores["channel"].values):
-        row = {"lead_hours": [float(x) for x in scores["lead_hours"].values]}
-        for m in ("rmse", "crps", "spread", "spread_skill_ratio"):
-            row[m] = [None if not np.isfinite(x) else float(x) for x in scores[m].values[c]]
-        out[str(name)] = row
-    return out
+    return evaluate.evaluate(forecast_dataset(persistence(ist, steps), fc.layout, ist.times, options=options), truth,
+                             plots=False)
 
 
 def print_table(report: dict, models=("diffusion", "regression"), max_leads: int = 5) -> None:
@@ -121,7 +111,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-plots", action="store_true", help="tables only")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    from diffkit_weather import plots, simulate_qg, to_dataset, write_netcdf
+    from diffkit_weather import evaluate, plots, simulate_qg, to_dataset, write_netcdf
     from diffkit_weather.forecast import select_init_times
 
     t_start = time.time()
@@ -183,10 +173,10 @@ def main(argv=None) -> dict:
     for objective, run in runs.items():
         ev, _, ist, fc = forecast_and_score(run, data, data, inits, K, members, out / objective, seed=args.seed,
                                                progress=progress, plots=not args.no_plots)
-        report[objective] = summarise(ev.scores)
+        report[objective] = evaluate.summarise(ev.scores)
         scores[objective] = ev.scores
     pers = persistence_scores(ist, fc, data, K, fc.data_options)
-    report["persistence"] = summarise(pers.scores)
+    report["persistence"] = evaluate.summarise(pers.scores)
 
     # 5. one figure comparing the two models, the text table and the report
     if not args.no_plots:

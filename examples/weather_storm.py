@@ -124,11 +124,10 @@ def main(argv=None) -> dict:
         atomic_to_netcdf(ds, out / objective / "forecast.nc")
         ev = evaluate.evaluate(out / objective / "forecast.nc", files, out=out / objective, plots=not args.no_plots)
         report_scores[objective] = ev.scores
-        report[objective] = _summary(ev.scores)
+        report[objective] = evaluate.summarise(ev.scores)
     # the persistence forecast (the initial state at every lead), scored the same way
-    pers = ist.history[:, -1][:, None, None].expand(-1, 1, K, *ist.history.shape[2:])
-    ev = evaluate.evaluate(forecast_dataset(pers, fc.layout, ist.times, options=fc.data_options), files, plots=False)
-    report["persistence"] = _summary(ev.scores)
+    ev = evaluate.evaluate(forecast_dataset(forecast.persistence(ist, K), fc.layout, ist.times, options=fc.data_options), files, plots=False)
+    report["persistence"] = evaluate.summarise(ev.scores)
     report["total_s"] = round(time.time() - t_start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=1))
 
@@ -145,16 +144,6 @@ def main(argv=None) -> dict:
     print(f"outputs in {out}/: {{{','.join(runs)}}}/forecast.nc, scores.csv, scores.nc, lead_curves.png, "
           f"rank_histograms.png, maps_*.png; report.json ({report['total_s']:.0f} s)")
     return report
-
-
-def _summary(scores) -> dict:
-    out = {}
-    for c, name in enumerate(scores["channel"].values):
-        row = {"lead_hours": [float(x) for x in scores["lead_hours"].values]}
-        for m in ("rmse", "crps", "spread", "spread_skill_ratio"):
-            row[m] = [None if not np.isfinite(x) else float(x) for x in scores[m].values[c]]
-        out[str(name)] = row
-    return out
 
 
 if __name__ == "__main__":

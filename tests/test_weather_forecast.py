@@ -497,3 +497,26 @@ def test_cli_errors_are_one_line(cli, capsys, shift):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("diffkit evaluate: error:")
     assert "does not cover the forecast" in err and "valid times" in err
+
+
+def test_persistence_forecast_repeats_the_latest_state_and_summarise_gives_plain_lists():
+    from diffkit_weather import evaluate as E
+    from diffkit.errors import ShapeError
+    from diffkit_weather.forecast import persistence
+
+    h = torch.randn(3, 2, 4, 5, 6)                       # (N, history, C, lat, lon)
+    p = persistence(h, 4)
+    assert p.shape == (3, 1, 4, 4, 5, 6)
+    for k in range(4):
+        assert torch.equal(p[:, 0, k], h[:, -1])           # the latest input state, not the oldest
+    with pytest.raises(ShapeError, match=r"expected \(N, history, C, lat, lon\)"):
+        persistence(h[0], 2)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        persistence(h, 0)
+    import xarray as xr
+    sc = xr.Dataset({m: (("channel", "lead_time"), np.array([[1.0, np.nan], [3.0, 4.0]]))
+                     for m in ("rmse", "crps", "spread", "spread_skill_ratio")},
+                    coords={"channel": ["a", "b"], "lead_hours": ("lead_time", [6.0, 12.0])})
+    out = E.summarise(sc)
+    assert out == {c: {"lead_hours": [6.0, 12.0], **{m: v for m in ("rmse", "crps", "spread", "spread_skill_ratio")}}
+                   for c, v in (("a", [1.0, None]), ("b", [3.0, 4.0]))}

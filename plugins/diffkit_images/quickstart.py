@@ -15,15 +15,15 @@ SIZES = dict(steps=300, channels=16, batch=64, per_class=10, nfe=20, guidance=2.
 
 def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
     """scikit-learn digits: train a class-conditional DDPM, sample a grid with guidance, classify the samples"""
-    import numpy as np
     import torch
-    from sklearn.linear_model import LogisticRegression
 
     from diffkit.config import config_from_dict
     from diffkit.denoiser import Cond
     from diffkit.quickstart import Section
     from diffkit.samplers import sample
     from diffkit.train import Trainer, load_for_sampling
+
+    from .scoring import class_agreement, pixel_classifier
 
     s = SIZES
     out = Path(out)
@@ -40,14 +40,7 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
     trainer = Trainer(cfg, progress=progress)
     trainer.fit()
     ad = trainer.adapter
-
-    def xy(idx):
-        idx = torch.as_tensor(idx)
-        return ad.data[idx].reshape(len(idx), -1).float().numpy(), ad.labels[idx].numpy()
-
-    clf = LogisticRegression(max_iter=2000, C=0.1).fit(*xy(ad.train_idx))
-    xv, yv = xy(ad.val_idx)
-    real_acc = float((clf.predict(xv) == yv).mean())
+    clf, real_acc = pixel_classifier(ad)
 
     den, _, adapter_cls = load_for_sampling(cfg.run_dir)
     layout = den.layout
@@ -60,8 +53,7 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
                    nfe=s["nfe"], generator=g, progress=progress)
         png = adapter_cls.decode(x, layout, out / f"samples_w{w:g}.png", labels=labels,
                                  attrs={"guidance": w, "nfe": s["nfe"], "seed": seed})
-        z = np.load(png.with_suffix(".npz"), allow_pickle=False)
-        agree[w] = float((clf.predict(np.clip(z["x"], 0.0, 16.0).reshape(len(labels), -1)) == z["labels"]).mean())
+        agree[w] = class_agreement(clf, png.with_suffix(".npz"), (0.0, 16.0))
         figs.append(png)
         files.append(png.with_suffix(".npz"))
     w = s["guidance"]

@@ -36,7 +36,8 @@ import torch
 from .adapter import WeatherDataError, _fmt_level
 from .forecast import _fc_roles, read_truth
 
-__all__ = ["Evaluation", "evaluate", "open_forecast", "scores_table", "write_scores", "format_table", "METRICS"]
+__all__ = ["Evaluation", "evaluate", "open_forecast", "scores_table", "summarise", "write_scores", "format_table",
+           "METRICS"]
 
 #: the per-lead scores, in table order
 METRICS = ("rmse", "crps", "spread", "spread_skill_ratio")
@@ -185,6 +186,18 @@ def scores_table(scores):
                 row[f"rank_{j}"] = int(scores["rank_histogram"].values[c, k, j])
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def summarise(scores) -> dict:
+    """Plain per-channel lists of the scores, for JSON reports: ``{channel: {lead_hours, rmse,
+    crps, spread, spread_skill_ratio}}`` (non-finite values become None)."""
+    out = {}
+    for c, name in enumerate(scores["channel"].values):
+        row = {"lead_hours": [float(x) for x in scores["lead_hours"].values]}
+        for m in ("rmse", "crps", "spread", "spread_skill_ratio"):
+            row[m] = [None if not np.isfinite(x) else float(x) for x in scores[m].values[c]]
+        out[str(name)] = row
+    return out
 
 
 def _atomic_text(path: Path, text: str) -> Path:

@@ -64,6 +64,7 @@ DEFAULT_PERTURB = 0.05
 ALL_VAL = "all-val"
 
 __all__ = ["Forecaster", "InitialStates", "load_forecaster", "initial_states", "forecast", "forecast_dataset",
+           "persistence",
            "select_init_times", "forcing_scalars", "read_truth", "DEFAULT_PERTURB", "ALL_VAL"]
 
 
@@ -676,6 +677,20 @@ def forecast(model, layout: Layout | None, history, init_times=None, steps: int 
 
 
 # ----------------------------------------------------------------------------- netCDF
+def persistence(history, steps: int) -> torch.Tensor:
+    """The persistence forecast ("nothing changes"), the trivial reference of WeatherBench 2: the
+    latest input state at every lead, ``(N, 1, steps, C, lat, lon)`` like :func:`forecast`.
+
+    ``history``: the :class:`InitialStates` of :func:`initial_states`, or its ``(N, history, C,
+    lat, lon)`` tensor."""
+    h = history.history if isinstance(history, InitialStates) else torch.as_tensor(history)
+    if h.ndim != 5:
+        raise ShapeError(f"history has shape {tuple(h.shape)}, expected (N, history, C, lat, lon)")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return h[:, -1][:, None, None].expand(-1, 1, steps, *h.shape[2:])
+
+
 def _jsonable(v):
     try:
         json.dumps(v)

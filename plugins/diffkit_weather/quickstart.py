@@ -26,7 +26,7 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
     from diffkit.train import Trainer
 
     from . import evaluate as E
-    from .forecast import forecast, forecast_dataset, initial_states, load_forecaster, select_init_times
+    from .forecast import forecast, forecast_dataset, initial_states, load_forecaster, persistence, select_init_times
     from .qg import simulate_qg, to_dataset, write_netcdf
 
     s = SIZES
@@ -69,8 +69,7 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
                            attrs={"checkpoint": str(cfg.run_dir), "seed": seed})
     atomic_to_netcdf(fds, out / "forecast.nc")
     ev = E.evaluate(out / "forecast.nc", data, out=out, plots=True)
-    pers = ist.history[:, -1][:, None, None].expand(-1, 1, K, *ist.history.shape[2:])
-    pev = E.evaluate(forecast_dataset(pers, fc.layout, ist.times, options=fc.data_options), data, plots=False)
+    pev = E.evaluate(forecast_dataset(persistence(ist, K), fc.layout, ist.times, options=fc.data_options), data, plots=False)
     sc, ps = ev.scores.mean("channel"), pev.scores.mean("channel")
     units = ds["streamfunction"].attrs.get("units", "")
     leads = sc["lead_hours"].values
