@@ -51,7 +51,8 @@ def _cmd_sample(args) -> int:
     import torch
 
     from .samplers import sample
-    from .train import init_distributed, load_for_sampling
+    from .model import load_for_sampling
+    from .train import init_distributed
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = init_distributed(device)

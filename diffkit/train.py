@@ -35,12 +35,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import registry
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from .config import Config, config_from_dict, config_to_dict, dump_config
+from .config import Config, config_to_dict, dump_config
 from .denoiser import Cond, Denoiser, Regressor
 from .errors import DiffkitError
 from .layout import Layout
 from .losses import diffusion_loss, regression_loss, sample_times
-from .schedules import get_schedule
+from .model import _accepts, _check_options, build_model, checkpoint_path
+from .model import load_for_sampling  # noqa: F401  (diffkit.train.load_for_sampling, for existing user scripts)
 
 
 class TrainingDiverged(DiffkitError):
@@ -94,44 +95,6 @@ def _lr_lambda(warmup: int, steps: int):
         w = min(1.0, (k + 1) / warmup) if warmup > 0 else 1.0
         return w * 0.5 * (1.0 + math.cos(math.pi * min(k, steps) / max(1, steps)))
     return f
-
-
-def build_model(cfg: Config, layout: Layout) -> Denoiser | Regressor:
-    """The Denoiser a config describes, every name resolved through the plugin registry."""
-    factory = registry.get("backbone", cfg.model.backbone)
-    options = dict(cfg.model.options)
-    _check_options(factory, options, f"model.options (backbone {cfg.model.backbone!r})")
-    net = factory(layout, **options)
-    if cfg.model.objective == "regression":
-        return Regressor(net, layout, get_schedule(cfg.model.schedule))
-    return Denoiser(net, get_schedule(cfg.model.schedule), cfg.model.parameterization, layout)
-
-
-def _accepts(factory, name: str) -> bool:
-    import inspect
-
-    try:
-        return name in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _check_options(factory, options: dict, where: str) -> None:
-    """Unknown keyword options are a ConfigError naming them and listing the valid ones."""
-    import inspect
-
-    from .errors import ConfigError
-
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "layout"]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
 
 
 def _collate_to(batch: dict, device) -> tuple[torch.Tensor, Cond, torch.Tensor | None]:
@@ -226,7 +189,7 @@ class Trainer:
     def _resume(self, resume) -> None:
         from .checkpoint import resume as find
 
-        where = self.ckpts.directory if resume is True else _checkpoint_path(resume)
+        where = self.ckpts.directory if resume is True else checkpoint_path(resume)
         got = None
         if where.exists() or resume is not True:
             got = find(where, require=("model", "ema", "optimizer", "step"))
@@ -473,14 +436,6 @@ class Trainer:
         return decode_samples(type(self.adapter), x, self.layout, out, attrs={"step": self.step}, labels=labels)
 
 
-def _checkpoint_path(path) -> Path:
-    """A checkpoint file, a checkpoint directory, or a run directory holding ``checkpoints/``."""
-    p = Path(path)
-    if p.is_dir() and (p / "checkpoints").is_dir():
-        return p / "checkpoints"
-    return p
-
-
 def threading_main() -> bool:
     import threading
 
@@ -491,22 +446,3 @@ def _append_jsonl(path: Path, record: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-# -- sampling from a checkpoint alone -------------------------------------------------------
-def load_for_sampling(path, device=None) -> tuple[Denoiser, Config, type]:
-    """``(ema_denoiser, config, adapter_class)`` from a checkpoint file or run directory."""
-    from .checkpoint import resume as find
-
-    got = find(_checkpoint_path(path), require=("ema", "layout", "config", "adapter"))
-    if got is None:
-        raise DiffkitError(f"no checkpoint found in {path}")
-    _, ck = got
-    cfg = config_from_dict(ck["config"], source=f"{path} (stored config)")
-    layout = Layout.from_dict(ck["layout"])
-    den = build_model(cfg, layout)
-    den.net.load_state_dict(ck["ema"])
-    den.eval().requires_grad_(False)
-    if device is not None:
-        den.to(device)
-    return den, cfg, registry.get("adapter", ck["adapter"])

@@ -29,7 +29,8 @@ import torch
 
 from diffkit import Cond, sample
 from diffkit.config import config_from_dict
-from diffkit.train import Trainer, load_for_sampling
+from diffkit.model import load_for_sampling
+from diffkit.train import Trainer
 from diffkit_images.scoring import class_agreement, pixel_classifier
 
 

@@ -31,7 +31,8 @@ import torch
 
 from diffkit import Cond, sample
 from diffkit.config import config_from_dict
-from diffkit.train import Trainer, load_for_sampling
+from diffkit.model import load_for_sampling
+from diffkit.train import Trainer
 
 
 def write_demo_folder(root: Path, per_class: int = 150, patch: int = 16, seed: int = 0) -> Path:

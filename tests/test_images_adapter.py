@@ -344,7 +344,7 @@ def test_split_is_stratified_and_keeps_a_training_item_per_class():
 
 
 def test_options_are_checked_and_named():
-    from diffkit.train import _check_options
+    from diffkit.model import _check_options
 
     with pytest.raises(ConfigError, match=r"unknown option\(s\) sorce; valid options: source, conditional"):
         _check_options(ImageAdapter, {"sorce": "digits"}, "data.options (adapter 'images')")

@@ -32,7 +32,8 @@ from diffkit.checkpoint import CheckpointManager, capture_rng_state, load_checkp
 from diffkit.cli import main
 from diffkit.config import Config, apply_overrides, config_from_dict, load_config
 from diffkit.errors import CheckpointError
-from diffkit.train import Trainer, TrainingDiverged, load_for_sampling
+from diffkit.model import load_for_sampling
+from diffkit.train import Trainer, TrainingDiverged
 
 ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
 N_DATA, BATCH = 2000, 64

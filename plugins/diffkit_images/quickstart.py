@@ -21,7 +21,8 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
     from diffkit.denoiser import Cond
     from diffkit.quickstart import Section
     from diffkit.samplers import sample
-    from diffkit.train import Trainer, load_for_sampling
+    from diffkit.model import load_for_sampling
+    from diffkit.train import Trainer
 
     from .scoring import class_agreement, pixel_classifier
 

@@ -52,7 +52,7 @@ class Surrogate:
 
 def load_surrogate(path, device=None) -> Surrogate:
     """The EMA model of a checkpoint (file or run directory) trained with the ``pde`` adapter."""
-    from diffkit.train import load_for_sampling
+    from diffkit.model import load_for_sampling
 
     model, cfg, _ = load_for_sampling(path, device=device)
     spec_from_layout(model.layout)  # raises unless it is a PDE surrogate

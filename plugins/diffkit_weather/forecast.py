@@ -100,7 +100,7 @@ def _check_layout(layout: Layout, where: str = "the checkpoint") -> None:
 def load_forecaster(ckpt, device=None) -> Forecaster:
     """The EMA model of a checkpoint (file, checkpoints folder or run directory) trained with the
     ``weather`` adapter, with its config."""
-    from diffkit.train import load_for_sampling
+    from diffkit.model import load_for_sampling
 
     model, cfg, _ = load_for_sampling(ckpt, device=device)
     _check_layout(model.layout, f"checkpoint {ckpt}")
