@@ -1,7 +1,9 @@
-"""Domain-agnostic sample-quality metrics."""
+"""Domain-agnostic sample-quality metrics; the ensemble scores are in :mod:`diffkit.ensemble`."""
 from __future__ import annotations
 
 import torch
+
+from .ensemble import METRICS as ENSEMBLE_METRICS
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 256,
@@ -35,4 +37,5 @@ def mean_std_error(x: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tens
     return (m - torch.as_tensor(mean, dtype=x.dtype)).abs().max(), (s - torch.as_tensor(std, dtype=x.dtype)).abs().max()
 
 
-BUILTIN_METRICS = {"sliced_wasserstein": sliced_wasserstein}
+BUILTIN_METRICS = {"sliced_wasserstein": sliced_wasserstein, **ENSEMBLE_METRICS}
+"""diffkit's own metrics, registered through the ``diffkit_metrics`` hook (:mod:`diffkit._builtins`)."""

@@ -259,8 +259,8 @@ def test_shape_errors_name_both_shapes():
 
 
 def test_metrics_registry_dict():
-    assert set(M.METRICS) == {"pearson_per_step", "high_correlation_time", "nrmse", "rmse", "energy_spectrum",
-                              "ensemble_spread", "spread_skill_ratio"}
+    assert set(M.METRICS) == {"pde_pearson_per_step", "pde_high_correlation_time", "pde_nrmse", "pde_rmse",
+                              "pde_energy_spectrum", "pde_ensemble_spread", "pde_spread_skill_ratio"}
     assert all(callable(f) and f.__doc__ for f in M.METRICS.values())
 
 

@@ -29,7 +29,8 @@ from diffkit.testing import check_backbone, check_plugin_registers, check_sample
 CORE = {
     "schedule": {"linear", "cosine", "sigmoid", "alpha_bar", "refiner"},
     "sampler": {"ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "euler", "heun"},
-    "metric": {"sliced_wasserstein"},
+    "metric": {"sliced_wasserstein", "ensemble_mean_rmse", "ensemble_spread", "ensemble_spread_skill_ratio",
+               "ensemble_crps", "ensemble_rank_histogram"},
     "adapter": {"mixture"},
 }
 ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")

@@ -180,10 +180,12 @@ def test_ensemble_mean_rmse_and_spread_by_hand():
     close(W.spread(fc, w, member_dim=1, init_dim=0), np.sqrt(var).mean(), rtol=1e-12, atol=0)
     close(W.spread(fc, w, member_dim=1, init_dim=0, sqrt_first=False), np.sqrt(var.mean()), rtol=1e-12, atol=0)
     skill = np.sqrt(_np_spatial_mean((fc.mean(1) - y) ** 2, w)).mean()
+    # one convention: always corrected by sqrt((M+1)/M), M = 6 here (calibrated=True is the same; False is refused)
     ssr = W.spread_skill_ratio(fc, y, w, member_dim=1, init_dim=0)
-    close(ssr, np.sqrt(var).mean() / skill, rtol=1e-12, atol=0)
-    close(W.spread_skill_ratio(fc, y, w, member_dim=1, init_dim=0, calibrated=True), ssr * math.sqrt(7 / 6),
-          rtol=1e-12, atol=0)
+    close(ssr, math.sqrt(7 / 6) * np.sqrt(var).mean() / skill, rtol=1e-12, atol=0)
+    close(W.spread_skill_ratio(fc, y, w, member_dim=1, init_dim=0, calibrated=True), ssr, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="always"):
+        W.spread_skill_ratio(fc, y, w, member_dim=1, init_dim=0, calibrated=False)
     with pytest.raises(ValueError, match="at least 2"):
         W.spread(fc[:, :1], w, member_dim=1)
 
@@ -197,7 +199,7 @@ def test_spread_skill_ratio_of_reliable_and_underdispersive_ensembles(sqrt_first
     fc = torch.randn(T, M, nlat, nlon, generator=g, dtype=F64)  # members and truth iid N(0, 1)
     kw = dict(member_dim=1, init_dim=0, sqrt_first=sqrt_first)
     cal = W.spread_skill_ratio(fc, y, w, calibrated=True, **kw)
-    raw = W.spread_skill_ratio(fc, y, w, **kw)
+    raw = W.spread(fc, w, **kw) / W.rmse(fc, y, w, **kw)  # the uncorrected ratio
     # standard error of the ratio ~0.005 here
     assert abs(float(cal) - 1.0) < 0.03, float(cal)
     assert abs(float(raw) - math.sqrt(M / (M + 1))) < 0.03, float(raw)

@@ -17,8 +17,11 @@ Conventions
 
 The correlation-time protocol follows PDE-Refiner (Lippe et al. 2023, arXiv:2308.05732): the
 Pearson correlation between a rollout and the reference solution at every step, and the time
-until it first drops below 0.8.  The ensemble diagnostics are the usual spread-skill ones
-(e.g. Fortin et al. 2014, J. Hydrometeor. 15, 1708).
+until it first drops below 0.8.  The ensemble diagnostics (spread, ensemble-mean skill,
+spread/skill with the ``sqrt((M+1)/M)`` correction of Fortin et al. 2014, J. Hydrometeor. 15,
+1708) and the deterministic RMSE are :mod:`diffkit.ensemble`'s, mapped onto this layout: the
+weighted dims are ``(C, *spatial)`` (uniform weights), trajectories pooled with ``pool_dims``
+are its sample dims.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from collections.abc import Sequence
 
 import torch
 
+from diffkit import ensemble as E
 from diffkit.errors import ShapeError
 
 __all__ = [
@@ -169,8 +173,7 @@ def rmse(pred, truth, n_spatial: int) -> torch.Tensor:
     pred, truth = _tensor(pred, "pred"), _tensor(truth, "truth")
     n_spatial = _check_n_spatial(n_spatial)
     _check_pair(pred, truth, n_spatial)
-    d = pred.to(_F64) - truth.to(_F64)
-    return d.square().mean(_field_dims(n_spatial)).sqrt().to(_out_dtype(pred, truth))
+    return E.rmse(pred, truth, dims=_field_dims(n_spatial)).to(_out_dtype(pred, truth))
 
 
 def nrmse(pred, truth, n_spatial: int) -> torch.Tensor:
@@ -298,85 +301,95 @@ def _member_dim(ens: torch.Tensor, member_dim: int, n_spatial: int) -> int:
     return d
 
 
-def _spread64(ens: torch.Tensor, d: int, n_spatial: int) -> torch.Tensor:
-    var = ens.to(_F64).var(dim=d, correction=1)
-    return var.mean(_field_dims(n_spatial)).sqrt()
-
-
-def _skill64(ens: torch.Tensor, truth: torch.Tensor, d: int, n_spatial: int) -> torch.Tensor:
+def _skill_truth(ens: torch.Tensor, truth: torch.Tensor, d: int, n_spatial: int) -> torch.Tensor:
+    """The truth without a size-1 member dim, checked against the ensemble mean's shape."""
     if truth.ndim == ens.ndim:
         if truth.shape[d] != 1:
             raise ShapeError(f"ens has shape {tuple(ens.shape)} and truth has shape {tuple(truth.shape)}: a truth "
                              f"with a member dim must have size 1 there (dim {d}); pass one truth per trajectory")
         truth = truth.squeeze(d)
-    mean = ens.to(_F64).mean(d)
-    if truth.ndim > mean.ndim:
+    mean_shape = ens.shape[:d] + ens.shape[d + 1:]
+    if truth.ndim > len(mean_shape):
         raise ShapeError(f"ens has shape {tuple(ens.shape)} and truth has shape {tuple(truth.shape)}: truth has more "
-                         f"dims than ens without its member dim {tuple(mean.shape)}; drop the extra dims of truth")
+                         f"dims than ens without its member dim {tuple(mean_shape)}; drop the extra dims of truth")
     try:
-        _check_pair(mean, truth, n_spatial, names=("the ensemble mean", "truth"))
+        _check_pair(ens.select(d, 0), truth, n_spatial, names=("the ensemble mean", "truth"))
     except ShapeError as e:
         raise ShapeError(f"ens has shape {tuple(ens.shape)} (member_dim={d}): {e}") from None
-    return (mean - truth.to(_F64)).square().mean(_field_dims(n_spatial)).sqrt()
+    return truth
+
+
+def _sample_dims(pool_dims, nd_out: int, shape) -> tuple[int, ...]:
+    """``pool_dims`` (dims of the ``(..., K)`` result) as non-negative dims of the layout."""
+    if pool_dims is None:
+        return ()
+    dims = (pool_dims,) if isinstance(pool_dims, int) else tuple(pool_dims)
+    if any(isinstance(p, bool) or not isinstance(p, int) or not -nd_out <= p < nd_out for p in dims):
+        raise ShapeError(f"pool_dims={pool_dims} do not index the result of shape {tuple(shape)} "
+                         f"(the leading dims of ens without its member dim, then K)")
+    return tuple(p % nd_out for p in dims)
 
 
 def ensemble_spread(ens, n_spatial: int, member_dim: int = 0) -> torch.Tensor:
     """Ensemble spread ``sqrt(mean over (C, *spatial) of the member variance)`` (``ddof = 1``).
 
     ``ens`` is ``(..., M, ..., K, C, *spatial)`` with the members along ``member_dim`` (``M >= 2``);
-    the result has the remaining leading dims: ``(..., K)``.
+    the result has the remaining leading dims: ``(..., K)``.  :func:`diffkit.ensemble.spread`.
     """
     ens = _tensor(ens, "ens")
     n_spatial = _check_n_spatial(n_spatial)
     d = _member_dim(ens, member_dim, n_spatial)
-    return _spread64(ens, d, n_spatial).to(_out_dtype(ens))
+    return E.spread(ens, member_dim=d, dims=_field_dims(n_spatial)).to(_out_dtype(ens))
 
 
 def ensemble_mean_skill(ens, truth, n_spatial: int, member_dim: int = 0) -> torch.Tensor:
     """RMSE of the ensemble mean against ``truth`` at every step: ``(..., K)``.
 
     ``truth`` broadcasts against ``ens`` without its member dim (or has size 1 there).
+    :func:`diffkit.ensemble.ensemble_mean_rmse`.
     """
     ens, truth = _tensor(ens, "ens"), _tensor(truth, "truth")
     n_spatial = _check_n_spatial(n_spatial)
     d = _member_dim(ens, member_dim, n_spatial)
-    return _skill64(ens, truth, d, n_spatial).to(_out_dtype(ens, truth))
+    truth = _skill_truth(ens, truth, d, n_spatial)
+    return E.ensemble_mean_rmse(ens, truth, member_dim=d, dims=_field_dims(n_spatial)).to(_out_dtype(ens, truth))
 
 
 def spread_skill_ratio(ens, truth, n_spatial: int, member_dim: int = 0,
-                       pool_dims: int | Sequence[int] | None = None) -> torch.Tensor:
+                       pool_dims: int | Sequence[int] | None = None, sqrt_first: bool = True) -> torch.Tensor:
     """Spread-skill ratio ``sqrt((M+1)/M) * spread / skill`` at every step: ``(..., K)``; 1 for a reliable ensemble.
 
-    ``spread`` is :func:`ensemble_spread` and ``skill`` is :func:`ensemble_mean_skill`.  For a
-    reliable ensemble of ``M`` members (truth exchangeable with the members),
-    ``E[(mean - y)^2] = (1 + 1/M) E[s^2]`` with the unbiased member variance ``s^2``, hence the
-    factor.  ``pool_dims`` (dims of the ``(..., K)`` result, e.g. ``0`` for trajectories) are
-    pooled before taking the ratio, ``sqrt(mean spread^2) / sqrt(mean skill^2)``, which avoids the
-    bias of averaging per-trajectory ratios.  Values < 1 mean under-dispersion.
+    ``spread`` is :func:`ensemble_spread` and ``skill`` is :func:`ensemble_mean_skill`; the one
+    convention of :func:`diffkit.ensemble.spread_skill_ratio`.  For a reliable ensemble of ``M``
+    members (truth exchangeable with the members), ``E[(mean - y)^2] = (1 + 1/M) E[s^2]`` with
+    the unbiased member variance ``s^2``, hence the factor.  ``pool_dims`` (dims of the
+    ``(..., K)`` result, e.g. ``0`` for trajectories) are averaged over before taking the ratio,
+    ``mean(spread) / mean(skill)`` (root per trajectory first, as WeatherBench 2 does per init
+    time), or ``sqrt(mean spread^2) / sqrt(mean skill^2)`` with ``sqrt_first=False``; either
+    avoids the bias of averaging per-trajectory ratios.  Values < 1 mean under-dispersion.
     """
     ens, truth = _tensor(ens, "ens"), _tensor(truth, "truth")
     n_spatial = _check_n_spatial(n_spatial)
     d = _member_dim(ens, member_dim, n_spatial)
-    M = ens.shape[d]
-    s2, e2 = torch.broadcast_tensors(_spread64(ens, d, n_spatial).square(),
-                                     _skill64(ens, truth, d, n_spatial).square())
-    if pool_dims is not None:
-        dims = (pool_dims,) if isinstance(pool_dims, int) else tuple(pool_dims)
-        try:
-            s2, e2 = s2.mean(dims), e2.mean(dims)
-        except (IndexError, RuntimeError) as e:
-            raise ShapeError(f"pool_dims={pool_dims} do not index the result of shape {tuple(s2.shape)} "
-                             f"(the leading dims of ens without its member dim, then K): {e}") from None
-    return (math.sqrt((M + 1) / M) * (s2 / e2).sqrt()).to(_out_dtype(ens, truth))
+    truth = _skill_truth(ens, truth, d, n_spatial)
+    nd = ens.ndim - 1  # the layout: ens without its member dim, (..., K, C, *spatial)
+    out_shape = torch.broadcast_shapes(ens.shape[:d] + ens.shape[d + 1:], truth.shape)[: nd - 1 - n_spatial]
+    sd = _sample_dims(pool_dims, len(out_shape), out_shape)
+    r = E.spread_skill_ratio(ens, truth, member_dim=d, dims=_field_dims(n_spatial), sample_dims=sd,
+                             sqrt_first=sqrt_first)
+    return r.to(_out_dtype(ens, truth))
 
 
 METRICS = {
-    "pearson_per_step": pearson_per_step,
-    "high_correlation_time": high_correlation_time,
-    "nrmse": nrmse,
-    "rmse": rmse,
-    "energy_spectrum": energy_spectrum,
-    "ensemble_spread": ensemble_spread,
-    "spread_skill_ratio": spread_skill_ratio,
+    "pde_pearson_per_step": pearson_per_step,
+    "pde_high_correlation_time": high_correlation_time,
+    "pde_nrmse": nrmse,
+    "pde_rmse": rmse,
+    "pde_energy_spectrum": energy_spectrum,
+    "pde_ensemble_spread": ensemble_spread,
+    "pde_spread_skill_ratio": spread_skill_ratio,
 }
-"""Metrics for registration through the ``diffkit_metrics`` hook."""
+"""The PDE-convention tensor functions (``n_spatial``, ``(..., K, C, *spatial)``), registered through the
+``diffkit_metrics`` hook with the plugin's prefix.  The ensemble scores in the uniform ensemble
+convention are the core's ``ensemble_*`` (:mod:`diffkit.ensemble`), which ``diffkit rollout``
+computes per step."""
