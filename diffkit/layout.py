@@ -8,8 +8,9 @@ the loss reads the weights, and checkpoints store it, so the core needs no domai
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -24,6 +25,154 @@ def _tuple_str(v, what: str) -> tuple[str, ...]:
         if not isinstance(s, str):
             raise TypeError(f"Layout.{what} must be a sequence of str, got element {s!r}")
     return v
+
+
+#: what an autoregressive model predicts: the next state(s), or their change from the latest input state
+TARGETS = ("state", "residual")
+
+#: the keys of ``Layout.attrs`` that held the autoregressive spec before it was typed (old checkpoints)
+LEGACY_ATTRS = ("variables", "history", "horizon", "frame_step", "target", "state_mean", "state_std")
+
+
+def history_channels(variables: Sequence[str], history: int) -> tuple[str, ...]:
+    """Names of ``history`` states of the channels ``variables`` as conditioning channels, oldest
+    first: ``("u@t-1", "v@t-1", "u@t", "v@t")`` for ``(u, v)`` and ``history = 2``."""
+    return tuple(f"{v}@t-{j}" if j else f"{v}@t" for j in range(int(history) - 1, -1, -1) for v in variables)
+
+
+@dataclass(frozen=True)
+class AutoregressiveSpec:
+    """How a model that predicts the next state(s) from the latest ones is rolled out
+    (``Layout.autoregressive``; :func:`diffkit.rollout.rollout`).
+
+    The model is conditioned on the ``history`` latest states, standardised with ``state_mean``
+    / ``state_std`` and passed as the first ``history * len(variables)`` conditioning channels
+    (named by :func:`history_channels`), and predicts ``horizon`` states at once: the states
+    themselves (``target = "state"``) or their change from the latest input state
+    (``"residual"``).  The target's own normalisation is the layout's ``mean`` / ``std``, so the
+    layout's channels are the ``horizon * len(variables)`` target channels (step-major).
+    """
+
+    variables: tuple[str, ...]
+    """Names of the ``C`` state channels, in order."""
+    history: int = 1
+    """Number of input states, ``step`` apart (oldest first)."""
+    horizon: int = 1
+    """Number of states predicted per model call."""
+    step: float | None = None
+    """Time between consecutive states (a lead time, a frame interval), in ``step_units``; None if unknown."""
+    step_units: str = "1"
+    """Units of ``step``: ``"hours"``, ``"1"`` (nondimensional), ..."""
+    frame_step: int = 1
+    """Data frames per model step (where the data have a finer frame grid than the model, e.g. PDE outputs)."""
+    target: str = "state"
+    """``"state"`` or ``"residual"`` (see :data:`TARGETS`)."""
+    state_mean: tuple[float, ...] = ()
+    """Per state channel: the offset of the standardised inputs (physical units)."""
+    state_std: tuple[float, ...] = ()
+    """Per state channel: the scale of the standardised inputs (physical units, > 0)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "variables", _tuple_str(self.variables, "autoregressive.variables"))
+        for name in ("history", "horizon", "frame_step"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or int(v) != v or int(v) < 1:
+                raise ValueError(f"Layout.autoregressive.{name} must be an integer >= 1, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.target not in TARGETS:
+            raise ValueError(f"Layout.autoregressive.target must be one of {', '.join(TARGETS)}, got {self.target!r}")
+        if self.step is not None:
+            step = float(self.step)
+            if not (math.isfinite(step) and step > 0):
+                raise ValueError(f"Layout.autoregressive.step must be a positive number (or None if unknown), got {self.step!r}")
+            object.__setattr__(self, "step", step)
+        object.__setattr__(self, "step_units", str(self.step_units))
+        C = len(self.variables)
+        if not C:
+            raise ValueError("Layout.autoregressive.variables is empty: name at least one state channel")
+        for name in ("state_mean", "state_std"):
+            v = tuple(float(x) for x in torch.as_tensor(getattr(self, name), dtype=torch.float64).reshape(-1).tolist())
+            if len(v) != C:
+                raise ValueError(f"Layout.autoregressive.{name} has {len(v)} value(s), one per state channel "
+                                 f"({C}: {', '.join(self.variables)}) is needed")
+            if not all(math.isfinite(x) for x in v):
+                raise ValueError(f"Layout.autoregressive.{name} holds NaN or inf: {v}")
+            object.__setattr__(self, name, v)
+        if any(s <= 0 for s in self.state_std):
+            raise ValueError("Layout.autoregressive.state_std has entries <= 0; a normalisation scale must be positive")
+
+    @property
+    def num_variables(self) -> int:
+        return len(self.variables)
+
+    @property
+    def history_channels(self) -> tuple[str, ...]:
+        """The conditioning channels of the history (:func:`history_channels`)."""
+        return history_channels(self.variables, self.history)
+
+    # -- state <-> standardised, target <-> state (the one definition of each) -----------
+    def _stat(self, v, ndim: int, like) -> torch.Tensor:
+        t = torch.as_tensor(v, dtype=like.dtype if torch.is_tensor(like) and like.is_floating_point() else torch.float32)
+        if torch.is_tensor(like):
+            t = t.to(like.device)
+        return t.reshape(-1, *([1] * ndim))
+
+    def standardize(self, x, ndim: int):
+        """Physical states ``(..., C, *spatial)`` (``ndim`` spatial axes) -> standardised."""
+        if not torch.is_tensor(x):
+            import numpy as np
+
+            m = np.asarray(self.state_mean).reshape(-1, *([1] * ndim))
+            s = np.asarray(self.state_std).reshape(-1, *([1] * ndim))
+            return (x - m) / s
+        return (x - self._stat(self.state_mean, ndim, x)) / self._stat(self.state_std, ndim, x)
+
+    def destandardize(self, z, ndim: int):
+        """Inverse of :meth:`standardize`."""
+        if not torch.is_tensor(z):
+            import numpy as np
+
+            m = np.asarray(self.state_mean).reshape(-1, *([1] * ndim))
+            s = np.asarray(self.state_std).reshape(-1, *([1] * ndim))
+            return z * s + m
+        return z * self._stat(self.state_std, ndim, z) + self._stat(self.state_mean, ndim, z)
+
+    def target_from(self, last, future):
+        """The physical training target of the physical ``future`` state(s) after the physical latest
+        input state ``last`` (broadcast against each other): ``future - last`` for ``"residual"``,
+        ``future`` for ``"state"``."""
+        return future - last if self.target == "residual" else future
+
+    def state_from(self, last, target):
+        """The physical next state(s) from a physical (denormalised) ``target``: ``last + target``
+        for ``"residual"``, ``target`` for ``"state"``.  The inverse of :meth:`target_from`."""
+        return last + target if self.target == "residual" else target
+
+    # -- serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "AutoregressiveSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown Layout.autoregressive fields {sorted(unknown)}; known fields: {sorted(names)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def from_legacy_attrs(cls, attrs: Mapping, *, variables: Sequence[str], step: float | None = None,
+                          step_units: str = "1") -> "AutoregressiveSpec":
+        """The spec of an old layout that kept it in ``attrs`` (``history``, ``horizon``, ``frame_step``,
+        ``target``, ``state_mean``, ``state_std``); the domain supplies the state channel names and step."""
+        missing = [k for k in ("history", "target", "state_mean", "state_std") if k not in attrs]
+        if missing:
+            raise ValueError(f"the layout has no autoregressive spec and its attrs lack {', '.join(missing)}; "
+                             f"it was not made for autoregressive rollouts (retrain with a current adapter)")
+        return cls(variables=tuple(variables), history=int(attrs["history"]), horizon=int(attrs.get("horizon", 1)),
+                   step=step, step_units=step_units, frame_step=int(attrs.get("frame_step", 1)),
+                   target=str(attrs["target"]), state_mean=attrs["state_mean"], state_std=attrs["state_std"])
 
 
 @dataclass(frozen=True)
@@ -57,6 +206,8 @@ class Layout:
     """Normalisation scale, broadcastable to ``(C, *shape)``."""
     attrs: Mapping[str, Any] = field(default_factory=dict)
     """Free-form metadata for the adapter's decoder (units, long names, ...); str/number values."""
+    autoregressive: AutoregressiveSpec | None = None
+    """For models that predict the next state(s) from the latest ones: how to roll them out (``None``: not such a model)."""
 
     def __post_init__(self):
         object.__setattr__(self, "channels", _tuple_str(self.channels, "channels"))
@@ -96,6 +247,21 @@ class Layout:
             object.__setattr__(self, name, v)
         object.__setattr__(self, "coords", {k: tuple(float(c) for c in v) for k, v in dict(self.coords).items()})
         object.__setattr__(self, "attrs", dict(self.attrs))
+        ar = self.autoregressive
+        if ar is not None:
+            if isinstance(ar, Mapping):
+                ar = AutoregressiveSpec.from_dict(ar)
+                object.__setattr__(self, "autoregressive", ar)
+            if not isinstance(ar, AutoregressiveSpec):
+                raise TypeError(f"Layout.autoregressive must be an AutoregressiveSpec or None, got {type(ar).__name__}")
+            if len(self.channels) != ar.horizon * ar.num_variables:
+                raise ValueError(f"Layout.channels has {len(self.channels)} channel(s), but the autoregressive spec "
+                                 f"predicts {ar.horizon} state(s) of {ar.num_variables} variable(s) per call; give "
+                                 f"horizon * len(variables) target channels")
+            hc = ar.history_channels
+            if self.cond_channels[:len(hc)] != hc:
+                raise ValueError(f"Layout.cond_channels must begin with the history channels {list(hc)} of the "
+                                 f"autoregressive spec, got {list(self.cond_channels[:len(hc)])}")
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -171,7 +337,9 @@ class Layout:
         d = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, tuple):
+            if isinstance(v, AutoregressiveSpec):
+                v = v.to_dict()
+            elif isinstance(v, tuple):
                 v = list(v)
             elif isinstance(v, Mapping):
                 v = {k: (list(c) if isinstance(c, tuple) else c) for k, c in v.items()}
@@ -180,6 +348,9 @@ class Layout:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Layout":
+        """Inverse of :meth:`to_dict`.  A layout saved before ``autoregressive`` existed loads with
+        ``autoregressive = None`` and its ``attrs`` as they were; the domain plugin that wrote it
+        converts those attrs (:meth:`AutoregressiveSpec.from_legacy_attrs`) when it loads the model."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -27,6 +27,7 @@ from diffkit.config import config_from_dict  # noqa: E402
 from diffkit.denoiser import Cond, Denoiser, Regressor  # noqa: E402
 from diffkit.errors import NonFiniteError, ShapeError, UnknownComponentError  # noqa: E402
 from diffkit_pde.adapter import PDEDataError, TrajectoryAdapter, spec_from_layout  # noqa: E402
+from diffkit.rollout import DEFAULT_PERTURB  # noqa: E402
 
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -62,10 +63,10 @@ def synth(tmp_path) -> Path:
 
 def phys_items(ds, layout, C):
     """Items of a dataset de-normalised with the layout alone: (fields (h, C, *S), target (hz, C, *S))."""
-    a = layout.attrs
+    a = layout.autoregressive
     nd = layout.ndim
-    sm = torch.tensor(a["state_mean"]).reshape(-1, *[1] * nd)
-    ss = torch.tensor(a["state_std"]).reshape(-1, *[1] * nd)
+    sm = torch.tensor(a.state_mean).reshape(-1, *[1] * nd)
+    ss = torch.tensor(a.state_std).reshape(-1, *[1] * nd)
     out = []
     for k in range(len(ds)):
         it = ds[k]
@@ -97,8 +98,8 @@ def test_windows_are_the_normalised_frames(synth, history, horizon, frame_step, 
     # statistics: from the training trajectories only, recomputed here by hand
     L = a.layout
     tr = u[:n_train]
-    assert L.attrs["state_mean"] == pytest.approx([tr.mean()], rel=1e-9)
-    assert L.attrs["state_std"] == pytest.approx([tr.std()], rel=1e-9)
+    assert L.autoregressive.state_mean == pytest.approx([tr.mean()], rel=1e-9)
+    assert L.autoregressive.state_std == pytest.approx([tr.std()], rel=1e-9)
     if target == "state":
         tm = [tr.mean()] * hz
         ts = [tr.std()] * hz
@@ -115,8 +116,9 @@ def test_windows_are_the_normalised_frames(synth, history, horizon, frame_step, 
     pre = "d" if target == "residual" else ""
     assert L.channels == tuple(f"{pre}u@t+{k}" for k in range(1, hz + 1)) if hz > 1 else L.channels == (f"{pre}u",)
     assert L.cond_channels == tuple([f"u@t-{j}" for j in range(h - 1, 0, -1)] + ["u@t"])
-    assert L.attrs["history"] == h and L.attrs["horizon"] == hz and L.attrs["frame_step"] == fs
-    assert L.attrs["target"] == target and L.attrs["dt_frame"] == pytest.approx(DT[0])
+    sp = L.autoregressive
+    assert sp.history == h and sp.horizon == hz and sp.frame_step == fs and sp.variables == ("u",)
+    assert sp.target == target and sp.step == pytest.approx(DT[0] * fs) and sp.step_units == "1"
 
     # every item: shapes, the normalised values, and the physical frames recovered exactly
     for split, trajs, ds in (("train", range(n_train), train), ("val", range(n_train, N_TRAJ), val)):
@@ -130,7 +132,7 @@ def test_windows_are_the_normalised_frames(synth, history, horizon, frame_step, 
                 fut = u[i, s + h * fs: s + (h + hz - 1) * fs + 1: fs]               # (hz, nx)
                 assert hist.shape[0] == h and fut.shape[0] == hz
                 tgt = fut - hist[-1] if target == "residual" else fut
-                f_exp = (hist - L.attrs["state_mean"][0]) / L.attrs["state_std"][0]
+                f_exp = (hist - L.autoregressive.state_mean[0]) / L.autoregressive.state_std[0]
                 x_exp = (tgt - np.array(tm)[:, None]) / np.array(ts)[:, None]
                 np.testing.assert_allclose(it["fields"].numpy(), f_exp, atol=2e-6, rtol=1e-5)
                 np.testing.assert_allclose(it["x"].numpy(), x_exp, atol=2e-6, rtol=1e-5)
@@ -159,14 +161,14 @@ def test_max_trajectories_ignores_the_rest_even_if_broken(tmp_path):
     p = write_1d(tmp_path / "m.nc", u)
     a = TrajectoryAdapter(str(p), max_trajectories=3, val_fraction=0.3)
     assert list(a.train_traj) == [0, 1] and list(a.val_traj) == [2]
-    assert a.layout.attrs["state_mean"] == pytest.approx([u[:2].mean()], rel=1e-9)
+    assert a.layout.autoregressive.state_mean == pytest.approx([u[:2].mean()], rel=1e-9)
 
 
 def test_explicit_mean_and_std_are_used_as_given(synth):
     u = known_u()
     a = TrajectoryAdapter(str(synth), mean={"u": 5.0}, std={"u": 2.0}, history=2, val_fraction=0.2)
     L = a.layout
-    assert L.attrs["state_mean"] == [5.0] and L.attrs["state_std"] == [2.0]
+    assert L.autoregressive.state_mean == (5.0,) and L.autoregressive.state_std == (2.0,)
     assert float(L.mean) == 5.0 and float(L.std) == 2.0      # target "state": the same statistics
     it = a.dataset("train")[3]                                # trajectory 0, start 3
     np.testing.assert_allclose(it["fields"].numpy(), (u[0, 3:5] - 5.0) / 2.0, rtol=1e-6)
@@ -209,8 +211,8 @@ def test_two_dimensional_fields_with_two_variables(tmp_path):
     assert L.spatial == ("x", "y") and L.periodic == ("x", "y") and L.shape == (nx, ny)
     assert L.channels == ("u", "v") and L.cond_channels == ("u@t-1", "v@t-1", "u@t", "v@t")
     tr = np.stack([uu[:2], vv[:2]])
-    assert L.attrs["state_mean"] == pytest.approx([tr[0].mean(), tr[1].mean()], rel=1e-6)
-    assert L.attrs["state_std"] == pytest.approx([tr[0].std(), tr[1].std()], rel=1e-6)
+    assert L.autoregressive.state_mean == pytest.approx([tr[0].mean(), tr[1].mean()], rel=1e-6)
+    assert L.autoregressive.state_std == pytest.approx([tr[0].std(), tr[1].std()], rel=1e-6)
     ds = a.dataset("train")
     assert len(ds) == 2 * (T - 2)
     it = ds[0]
@@ -235,8 +237,7 @@ def _same_items(a, b):
         assert x.keys() == y.keys()
         for key in x:
             torch.testing.assert_close(x[key], y[key], rtol=0, atol=0)
-    assert a.layout.attrs["state_mean"] == b.layout.attrs["state_mean"]
-    assert a.layout.attrs["state_std"] == b.layout.attrs["state_std"]
+    assert a.layout.autoregressive == b.layout.autoregressive
     torch.testing.assert_close(a.layout.mean, b.layout.mean, rtol=0, atol=0)
     torch.testing.assert_close(a.layout.std, b.layout.std, rtol=0, atol=0)
 
@@ -259,7 +260,7 @@ def test_pdebench_file_gives_the_same_items_as_netcdf(tmp_path):
     for lazy in (False, True):
         pb = TrajectoryAdapter(str(tmp_path / "pb.hdf5"), lazy=lazy, **OPTS)
         _same_items(ref, pb)
-        assert pb.layout.coords["x"] == pytest.approx(tuple(x)) and pb.layout.attrs["dt_frame"] == pytest.approx(0.1)
+        assert pb.layout.coords["x"] == pytest.approx(tuple(x)) and pb.layout.autoregressive.step == pytest.approx(0.1 * OPTS["frame_step"])
 
 
 # ============================================================================= 2. clear errors
@@ -360,13 +361,13 @@ class ShiftOracle(nn.Module):
     def __init__(self, layout, speeds=(1, -1), speed_scalar=False):
         super().__init__()
         self.w = nn.Parameter(torch.zeros(()))   # rollout reads the device from the parameters
-        spec, st = spec_from_layout(layout)
-        self.h, self.hz, self.fs, self.target = spec["history"], spec["horizon"], spec["frame_step"], spec["target"]
-        self.C = len(spec["variables"])
-        self.sm, self.ss = torch.tensor(st["state_mean"])[:, None], torch.tensor(st["state_std"])[:, None]
-        self.tm, self.ts = torch.tensor(st["target_mean"])[:, None], torch.tensor(st["target_std"])[:, None]
+        spec = spec_from_layout(layout)
+        self.h, self.hz, self.fs, self.target = spec.history, spec.horizon, spec.frame_step, spec.target
+        self.C = spec.num_variables
+        self.sm, self.ss = torch.tensor(spec.state_mean)[:, None], torch.tensor(spec.state_std)[:, None]
+        self.tm, self.ts = layout.mean.reshape(-1, 1), layout.std.reshape(-1, 1)
         self.speeds, self.speed_scalar = speeds, speed_scalar
-        self.c_mean, self.c_std = st["scalar_mean"], st["scalar_std"]
+        self.c_mean, self.c_std = layout.attrs["scalar_mean"], layout.attrs["scalar_std"]
         self.calls = 0
 
     def forward(self, x, c_noise, scalars=None, labels=None):
@@ -421,7 +422,7 @@ def test_regressor_oracle_rollout_is_exact(shift, history, horizon, frame_step, 
     last = start + (history - 1) * frame_step
     hist = torch.stack([P.initial_condition(path, L, index=i, start=start).history for i in range(3)])
     np.testing.assert_array_equal(hist[:, -1].numpy(), np.stack([u[:, last], v[:, last]], 1).astype(np.float32))
-    pred = P.rollout(model, hist, K, members=2)
+    pred = P.rollout(model, hist, K, members=2, perturb=0)  # regression, 2 members: perturbed by default
     assert pred.shape == (3, 2, K, 2, 16) and pred.dtype == torch.float32
     assert net.calls == -(-K // horizon)            # one batched call per model step, all members at once
     truth = _truth(u, v, last, frame_step, K)
@@ -430,7 +431,7 @@ def test_regressor_oracle_rollout_is_exact(shift, history, horizon, frame_step, 
     ic = P.initial_condition(path, L, index=1, start=start)
     torch.testing.assert_close(ic.truth[:K].double(), truth[1], atol=1e-6, rtol=0)
     # unbatched history: (M, K, C, nx), the same numbers
-    one = P.rollout(model, hist[1], K, members=2)
+    one = P.rollout(model, hist[1], K, members=2, perturb=0)
     assert one.shape == (2, K, 2, 16)
     torch.testing.assert_close(one, pred[1], atol=0, rtol=0)
 
@@ -530,17 +531,27 @@ def test_diffusion_ensembles_are_seeded(trained):
     assert torch.equal(one, P.rollout(sur, hist[:1], 4, members=3, scalars=scal[:1], seed=5)[0])
 
 
-def test_regression_members_are_identical(trained):
+def test_regression_members_follow_the_perturbation_policy(trained):
+    """The policy of diffkit.rollout, as in weather: a regression ensemble (members > 1) is perturbed
+    by DEFAULT_PERTURB unless perturb says otherwise; with perturb=0 the members are identical."""
     data, runs = trained
     sur = P.load_surrogate(runs["regression"], device="cpu")
     assert isinstance(sur.model, Regressor)
-    assert sur.layout.channels == ("du@t+1", "du@t+2") and sur.layout.attrs["horizon"] == 2
+    assert sur.layout.channels == ("du@t+1", "du@t+2") and sur.layout.autoregressive.horizon == 2
     ic = P.initial_condition(data, sur.layout, index=5)
-    p = P.rollout(sur, ic.history, 7, members=3, scalars=ic.scalars[None], seed=0)
-    q = P.rollout(sur, ic.history, 7, members=3, scalars=ic.scalars[None], seed=9)
+    p = P.rollout(sur, ic.history, 7, members=3, scalars=ic.scalars[None], seed=0, perturb=0)
+    q = P.rollout(sur, ic.history, 7, members=3, scalars=ic.scalars[None], seed=9, perturb=0)
     assert p.shape == (3, 7, 1, 32) and bool(torch.isfinite(p).all())
     assert torch.equal(p[0], p[1]) and torch.equal(p[0], p[2]) and torch.equal(p, q)
     assert (p[0, 1:] - p[0, :-1]).abs().max() > 0                 # it does advance
+    one = P.rollout(sur, ic.history, 7, members=1, scalars=ic.scalars[None], seed=4)
+    torch.testing.assert_close(one[0], p[0], atol=1e-5, rtol=0)   # one member: not perturbed
+    d = P.rollout(sur, ic.history, 7, members=3, scalars=ic.scalars[None], seed=0)   # perturb=None
+    assert torch.equal(d, P.rollout(sur, ic.history, 7, members=3, scalars=ic.scalars[None], seed=0,
+                                    perturb=DEFAULT_PERTURB))
+    for m in range(3):
+        for n in range(m):
+            assert (d[m] - d[n]).abs().amax() > 1e-4                # members differ
 
 
 def test_rollout_dataset_of_an_initial_condition(trained):

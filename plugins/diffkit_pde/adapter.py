@@ -7,15 +7,16 @@ output intervals apart, with the ``horizon`` frames that follow (PDE-Refiner, Li
 Shysheya et al. 2024):
 
 - ``fields``: the history, standardised with the per-variable *state* statistics, as
-  conditioning channels ``u@t-1, u@t`` (oldest first);
+  conditioning channels ``u@t-1, u@t`` (oldest first; :func:`diffkit.layout.history_channels`);
 - ``x``: the target, either the next state(s) (``target="state"``) or the change from the last
   history frame (``target="residual"``), standardised with its own per-channel statistics;
 - ``scalars`` (optional): PDE parameters such as ``dt``, ``dx``, ``L`` or ``nu``, standardised.
 
 Normalisation is explicit: the statistics come from the training trajectories unless ``mean``
-and ``std`` are given, and all of them -- with the history length, step and target -- are
-stored in the layout, hence in every checkpoint; :mod:`diffkit_pde.surrogate` rolls out from
-the layout alone.  Trajectories (not windows) are split between training and validation, so
+and ``std`` are given.  The history length, horizon, step, target and state statistics are the
+layout's :class:`~diffkit.layout.AutoregressiveSpec` (``layout.autoregressive``; the target
+statistics are the layout's ``mean``/``std``), hence in every checkpoint;
+:mod:`diffkit_pde.surrogate` rolls out from the layout alone with :func:`diffkit.rollout.rollout`.  Trajectories (not windows) are split between training and validation, so
 validation windows never overlap training ones.
 """
 from __future__ import annotations
@@ -31,9 +32,7 @@ from torch.utils.data import Dataset
 
 from diffkit.adapters import Adapter
 from diffkit.errors import DiffkitError, NonFiniteError, ShapeError
-from diffkit.layout import Layout
-
-TARGETS = ("state", "residual")
+from diffkit.layout import TARGETS, AutoregressiveSpec, Layout, history_channels
 
 
 class PDEDataError(DiffkitError, ValueError):
@@ -145,21 +144,21 @@ def window_starts(n_time: int, history: int, horizon: int, frame_step: int, stri
 # ----------------------------------------------------------------------------- datasets
 class _Windows(Dataset):
     def __init__(self, data: dict, traj: np.ndarray, starts: np.ndarray, scalars: torch.Tensor | None,
-                 stats: dict, spec: dict, path):
+                 layout: Layout, path):
         self.data, self.traj, self.starts, self.scalars = data, traj, starts, scalars
-        self.stats, self.spec, self.path = stats, spec, path
+        self.layout, self.spec, self.path = layout, layout.autoregressive, path
         self.per_traj = len(starts)
 
     def __len__(self):
         return len(self.traj) * self.per_traj
 
     def __getitem__(self, i):
-        h, hz, fs = self.spec["history"], self.spec["horizon"], self.spec["frame_step"]
+        h, hz, fs = self.spec.history, self.spec.horizon, self.spec.frame_step
         tr = int(self.traj[i // self.per_traj])
         s = int(self.starts[i % self.per_traj])
         idx = s + fs * np.arange(h + hz)
         frames = []
-        for v in self.spec["variables"]:
+        for v in self.spec.variables:
             a = self.data[v]
             frames.append(np.asarray(a[tr, idx] if isinstance(a, np.ndarray) else a[tr, s: s + fs * (h + hz - 1) + 1: fs].values,
                                      dtype=np.float32))
@@ -167,18 +166,18 @@ class _Windows(Dataset):
         if not bool(torch.isfinite(u).all()):  # lazy reads are checked here, eager ones at load time
             raise NonFiniteError(f"trajectory {tr} of {self.path} holds NaN or inf in frames {idx.tolist()}; "
                                  f"drop or re-simulate that trajectory")
-        return make_item(u, self.stats, self.spec, None if self.scalars is None else self.scalars[tr])
+        return make_item(u, self.layout, None if self.scalars is None else self.scalars[tr])
 
 
-def make_item(u: torch.Tensor, stats: dict, spec: dict, scalars: torch.Tensor | None) -> dict:
-    """One training pair from physical frames ``u`` of shape ``(history + horizon, C, *S)``."""
-    h = spec["history"]
+def make_item(u: torch.Tensor, layout: Layout, scalars: torch.Tensor | None) -> dict:
+    """One training pair from physical frames ``u`` of shape ``(history + horizon, C, *S)``: the
+    history standardised as ``fields``, the target (the spec's
+    :meth:`~diffkit.layout.AutoregressiveSpec.target_from`) normalised with the layout as ``x``."""
+    spec = layout.autoregressive
     nd = u.ndim - 2
-    sm, ss = (_col(stats[k], nd) for k in ("state_mean", "state_std"))
-    hist, fut = u[:h], u[h:]
-    fields = ((hist - sm) / ss).reshape(-1, *u.shape[2:])
-    tgt = fut - hist[-1:] if spec["target"] == "residual" else fut
-    x = (tgt.reshape(-1, *u.shape[2:]) - _col(stats["target_mean"], nd)) / _col(stats["target_std"], nd)
+    hist, fut = u[:spec.history], u[spec.history:]
+    fields = spec.standardize(hist, nd).reshape(-1, *u.shape[2:])
+    x = layout.normalize(spec.target_from(hist[-1:], fut).reshape(-1, *u.shape[2:]))
     item = {"x": x, "fields": fields}
     if scalars is not None:
         item["scalars"] = scalars
@@ -237,8 +236,7 @@ class TrajectoryAdapter(Adapter):
         if n_val >= ntraj:
             raise PDEDataError(f"{self.path} has {ntraj} trajectories: too few for a validation split of "
                                f"{val_fraction}; simulate more trajectories or set data.val_fraction = 0")
-        self.spec = dict(variables=list(self.variables), history=history, horizon=horizon,
-                         frame_step=frame_step, target=target)
+        self.history, self.horizon, self.frame_step, self.target = history, horizon, frame_step, target
         self.train_traj, self.val_traj = np.arange(ntraj - n_val), np.arange(ntraj - n_val, ntraj)
         self.starts = window_starts(ntime, history, horizon, frame_step, stride)
 
@@ -263,12 +261,13 @@ class TrajectoryAdapter(Adapter):
             self._scalars = None
         self.stats = stats
         self._layout = self._make_layout(ds)
+        self.spec = self._layout.autoregressive
 
     # -- statistics --------------------------------------------------------------------
     def _statistics(self, mean, std) -> dict:
         tr = self.train_traj
         sm, ss, tm, ts = [], [], [], []
-        fs, hz = self.spec["frame_step"], self.spec["horizon"]
+        fs, hz = self.frame_step, self.horizon
         for v in self.variables:
             a = self.data[v]
             if not isinstance(a, np.ndarray):  # lazy: statistics from (up to) the first 64 training trajectories
@@ -284,7 +283,7 @@ class TrajectoryAdapter(Adapter):
             sm.append(m)
             ss.append(s)
             for k in range(1, hz + 1):
-                if self.spec["target"] == "residual":
+                if self.target == "residual":
                     d = a[:, k * fs:] - a[:, : a.shape[1] - k * fs]
                     m_k, s_k = float(d.mean(dtype=np.float64)), float(d.std(dtype=np.float64))
                     if not s_k > 0:
@@ -302,29 +301,29 @@ class TrajectoryAdapter(Adapter):
                     target_channels=C * hz)
 
     def _make_layout(self, ds) -> Layout:
-        sp = self.spec
-        vs, h, hz = self.variables, sp["history"], sp["horizon"]
+        vs, h, hz, fs = self.variables, self.history, self.horizon, self.frame_step
         shape = tuple(ds.sizes[d] for d in self.spatial)
-        pre = "d" if sp["target"] == "residual" else ""
+        pre = "d" if self.target == "residual" else ""
         channels = [f"{pre}{v}@t+{k}" if hz > 1 else f"{pre}{v}" for k in range(1, hz + 1) for v in vs]
-        cond = [f"{v}@t-{j}" if j else f"{v}@t" for j in range(h - 1, -1, -1) for v in vs]
         coords = {d: tuple(float(c) for c in ds[d].values) for d in self.spatial if d in ds.coords}
         dt = float(np.asarray(ds["dt"].values).ravel()[0]) if "dt" in ds.data_vars else float("nan")
+        step = dt * fs if math.isfinite(dt) and dt > 0 else None
+        spec = AutoregressiveSpec(variables=tuple(vs), history=h, horizon=hz, step=step, step_units="1",
+                                  frame_step=fs, target=self.target, state_mean=self.stats["state_mean"],
+                                  state_std=self.stats["state_std"])
         units = {v: str(ds[v].attrs.get("units", "1")) for v in vs}
         attrs: dict[str, Any] = dict(
-            adapter=self.name, variables=",".join(vs), history=h, horizon=hz, frame_step=sp["frame_step"],
-            target=sp["target"], dt_frame=dt, source=str(self.path.name),
+            adapter=self.name, source=str(self.path.name),
             title=str(ds.attrs.get("title", ds.attrs.get("name", ""))),
-            state_mean=list(self.stats["state_mean"]), state_std=list(self.stats["state_std"]),
             scalar_names=",".join(self.scalar_names),
             scalar_mean=list(self.stats.get("scalar_mean", [])), scalar_std=list(self.stats.get("scalar_std", [])),
             units=units, pdebench=json.dumps(self.pdebench),
         )
         nd = len(shape)
         return Layout(channels=tuple(channels), spatial=self.spatial, shape=shape, periodic=self.spatial,
-                      coords=coords, cond_channels=tuple(cond), scalars=tuple(self.scalar_names),
+                      coords=coords, cond_channels=history_channels(vs, h), scalars=tuple(self.scalar_names),
                       mean=_col(self.stats["target_mean"], nd), std=_col(self.stats["target_std"], nd),
-                      attrs=attrs)
+                      attrs=attrs, autoregressive=spec)
 
     # -- protocol ----------------------------------------------------------------------
     @property
@@ -335,18 +334,43 @@ class TrajectoryAdapter(Adapter):
         traj = {"train": self.train_traj, "val": self.val_traj}.get(split)
         if traj is None:
             raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-        return _Windows(self.data, traj, self.starts, self._scalars, self.stats, self.spec, self.path)
+        return _Windows(self.data, traj, self.starts, self._scalars, self._layout, self.path)
 
 
-def spec_from_layout(layout: Layout) -> tuple[dict, dict]:
-    """``(spec, stats)`` of a PDE surrogate, read back from a (checkpoint's) layout."""
-    a = layout.attrs
-    if a.get("adapter") != TrajectoryAdapter.name:
-        raise PDEDataError(f"this checkpoint was not trained on PDE trajectories (adapter {a.get('adapter')!r}); "
+def spec_from_layout(layout: Layout) -> AutoregressiveSpec:
+    """The :class:`~diffkit.layout.AutoregressiveSpec` of a PDE surrogate's (checkpoint's) layout.
+
+    A layout of this adapter must have one; use :func:`upgrade_layout` first for a checkpoint
+    written before the spec was typed (:func:`diffkit_pde.surrogate.load_surrogate` does)."""
+    if layout.attrs.get("adapter") != TrajectoryAdapter.name:
+        raise PDEDataError(f"this checkpoint was not trained on PDE trajectories (adapter {layout.attrs.get('adapter')!r}); "
                            f"`diffkit rollout` needs a model trained with data.adapter = \"pde\"")
-    spec = dict(variables=str(a["variables"]).split(","), history=int(a["history"]), horizon=int(a["horizon"]),
-                frame_step=int(a["frame_step"]), target=str(a["target"]))
-    stats = dict(state_mean=list(a["state_mean"]), state_std=list(a["state_std"]),
-                 target_mean=layout.mean.reshape(-1).tolist(), target_std=layout.std.reshape(-1).tolist(),
-                 scalar_mean=list(a.get("scalar_mean", [])), scalar_std=list(a.get("scalar_std", [])))
-    return spec, stats
+    if layout.autoregressive is None:
+        raise PDEDataError("this PDE layout has no autoregressive spec (Layout.autoregressive); load the checkpoint "
+                           "with diffkit_pde.surrogate.load_surrogate, which converts old checkpoints")
+    return layout.autoregressive
+
+
+#: the PDE keys of ``Layout.attrs`` that old checkpoints (before ``Layout.autoregressive``) held
+_LEGACY = ("variables", "history", "horizon", "frame_step", "target", "state_mean", "state_std", "dt_frame")
+
+
+def upgrade_layout(layout: Layout) -> Layout:
+    """A layout of this adapter with its autoregressive spec: itself if it has one, else the spec read
+    from the attrs of a checkpoint written before the spec was typed (``variables`` as
+    ``"u,v"``, ``history``, ``horizon``, ``frame_step``, ``target``, ``state_mean``/``state_std``,
+    ``dt_frame``), those keys removed from ``attrs``."""
+    if layout.autoregressive is not None or layout.attrs.get("adapter") != TrajectoryAdapter.name:
+        return layout
+    a = layout.attrs
+    if "variables" not in a:
+        raise PDEDataError("this PDE checkpoint's layout has neither an autoregressive spec nor the old attrs "
+                           "(variables, history, target, state_mean, state_std); retrain it with this diffkit")
+    fs = int(a.get("frame_step", 1))
+    dt = float(a.get("dt_frame", float("nan")))
+    try:
+        spec = AutoregressiveSpec.from_legacy_attrs(a, variables=str(a["variables"]).split(","),
+                                                    step=dt * fs if math.isfinite(dt) and dt > 0 else None)
+    except ValueError as e:
+        raise PDEDataError(f"cannot read this old PDE checkpoint's layout: {e}") from None
+    return layout.replace(autoregressive=spec, attrs={k: v for k, v in a.items() if k not in _LEGACY})

@@ -107,6 +107,10 @@ def register_rollout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", default=None, help="sampler (default: the run's sample.sampler)")
     parser.add_argument("--nfe", type=int, default=None, help="denoiser evaluations per step (default: the run's sample.nfe)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same ensemble")
+    parser.add_argument("--perturb", type=float, default=None,
+                        help="std of Gaussian noise added to each member's standardised initial history (relative to "
+                             "each variable's std); default 0 for diffusion models, 0.05 for regression models with "
+                             "more than one member (perturbed-initial-condition ensemble)")
     parser.add_argument("--out", required=True, help="output netCDF file (dims member, time, x[, y])")
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="also write a space-time (1-D) or snapshot (2-D) figure and a correlation curve "
@@ -119,6 +123,7 @@ def run_rollout(args) -> int:
     import torch
 
     from diffkit.adapters import atomic_to_netcdf
+    from diffkit.rollout import resolve_perturb
 
     from .surrogate import initial_condition, load_surrogate, rollout, rollout_dataset
 
@@ -130,11 +135,13 @@ def run_rollout(args) -> int:
         raise ValueError(f"{args.init} has no frames after the history to compare with; give --steps")
     pred = rollout(sur, ic.history, steps, members=args.members,
                    scalars=None if ic.scalars is None else ic.scalars[None], sampler=args.sampler, nfe=args.nfe,
-                   seed=args.seed, progress=not args.no_progress)
+                   seed=args.seed, perturb=args.perturb, progress=not args.no_progress)
+    perturb = resolve_perturb(args.perturb, sur.model, args.members)
     ds = rollout_dataset(pred, sur.layout, ic, attrs={
         "checkpoint": str(args.checkpoint), "init_file": str(args.init), "init_index": args.index,
         "init_start": args.start, "seed": args.seed, "objective": sur.config.model.objective,
-        "sampler": args.sampler or sur.config.sample.sampler, "nfe": args.nfe or sur.config.sample.nfe})
+        "sampler": args.sampler or sur.config.sample.sampler, "nfe": args.nfe or sur.config.sample.nfe,
+        "perturb": perturb})
     out = atomic_to_netcdf(ds, args.out)
     msg = f"diffkit rollout: wrote {args.members} member(s) x {steps} frame(s) to {out}"
     if "high_correlation_time_members" in ds.attrs:
@@ -160,8 +167,7 @@ def plot_rollout(ds, layout, path) -> list:
     from . import plots
     from .adapter import spec_from_layout
 
-    spec, _ = spec_from_layout(layout)
-    v = spec["variables"][0]
+    v = spec_from_layout(layout).variables[0]
     path = Path(path)
     written = []
     truth = ds[f"{v}_truth"].values if f"{v}_truth" in ds else None

@@ -3,17 +3,22 @@
 A surrogate is a checkpoint trained on the ``pde`` adapter: a conditional DDPM
 (``model.objective = "diffusion"``), which samples the next frame(s) given the history, or the
 one-step MSE baseline (``"regression"``) with the same backbone.  :func:`rollout` feeds each
-prediction back as history (PDE-Refiner, Lippe et al. 2023; Shysheya et al. 2024):
+prediction back as history (PDE-Refiner, Lippe et al. 2023; Shysheya et al. 2024) through the
+core's :func:`diffkit.rollout.rollout`; this module only adds the PDE parameters (scalar
+conditions, constant along a trajectory):
 
 - all ``members`` of all initial conditions advance in one batch, one model call per step;
 - the noise comes from one generator seeded by ``seed``: the same seed gives the same ensemble;
-- everything it needs (history length, step, target, normalisation) is read from the layout
-  stored in the checkpoint, so no training data is needed.
+- everything it needs (history length, horizon, step, target, normalisation) is the layout's
+  :class:`~diffkit.layout.AutoregressiveSpec`, stored in the checkpoint, so no training data is
+  needed;
+- the perturbation policy is the core's: a regression model with ``members > 1`` gets
+  :data:`~diffkit.rollout.DEFAULT_PERTURB` initial-condition noise unless ``perturb`` says
+  otherwise; a diffusion model none.
 """
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,12 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffkit.denoiser import Cond, Regressor
+from diffkit.denoiser import Cond
 from diffkit.errors import NonFiniteError, ShapeError
-from diffkit.layout import Layout
+from diffkit.layout import AutoregressiveSpec, Layout
+from diffkit.rollout import rollout as _rollout
 
-from .adapter import (PDEDataError, _col, check_trajectories_finite, open_trajectories, scalar_values,
-                      spec_from_layout)
+from .adapter import (PDEDataError, check_trajectories_finite, open_trajectories, scalar_values,
+                      spec_from_layout, upgrade_layout)
 
 
 @dataclass
@@ -41,101 +47,71 @@ class Surrogate:
         return self.model.layout
 
     @property
-    def spec(self) -> dict:
-        return spec_from_layout(self.layout)[0]
+    def spec(self) -> AutoregressiveSpec:
+        return spec_from_layout(self.layout)
 
     @property
     def dt(self) -> float:
-        """Time between predicted frames (the file's output interval times ``frame_step``)."""
-        return float(self.layout.attrs.get("dt_frame", float("nan"))) * self.spec["frame_step"]
+        """Time between predicted frames (the file's output interval times ``frame_step``; NaN if unknown)."""
+        step = self.spec.step
+        return float("nan") if step is None else step
 
 
 def load_surrogate(path, device=None) -> Surrogate:
-    """The EMA model of a checkpoint (file or run directory) trained with the ``pde`` adapter."""
+    """The EMA model of a checkpoint (file or run directory) trained with the ``pde`` adapter
+    (an old checkpoint's layout is converted, :func:`~diffkit_pde.adapter.upgrade_layout`)."""
     from diffkit.model import load_for_sampling
 
     model, cfg, _ = load_for_sampling(path, device=device)
+    model.layout = upgrade_layout(model.layout)
     spec_from_layout(model.layout)  # raises unless it is a PDE surrogate
     return Surrogate(model, cfg)
 
 
-@torch.no_grad()
 def rollout(model, history: torch.Tensor, steps: int, *, members: int = 1, scalars=None,
             sampler: str | None = None, nfe: int | None = None, spacing: str | None = None, seed: int = 0,
-            generator: torch.Generator | None = None, progress: bool = False, config=None) -> torch.Tensor:
+            generator: torch.Generator | None = None, progress: bool = False, config=None,
+            perturb: float | None = None) -> torch.Tensor:
     """Roll a surrogate out for ``steps`` frames from ``history``; returns physical values.
 
     ``history``: ``(N, history, C, *S)`` (or without ``N``) physical frames, oldest first;
     ``scalars``: ``(N, S)`` physical PDE parameters named by ``layout.scalars``.  Returns
     ``(N, members, steps, C, *S)`` (without ``N`` if ``history`` had none).  ``model`` is a
     :class:`Surrogate`, a Denoiser or a Regressor; sampler, NFE and spacing default to the run's
-    ``[sample]`` section.
+    ``[sample]`` section; ``perturb``: the core's policy (:mod:`diffkit.rollout`).
     """
     if isinstance(model, Surrogate):
         config, model = model.config, model.model
     layout = model.layout
-    spec, stats = spec_from_layout(layout)
-    h, hz, C = spec["history"], spec["horizon"], len(spec["variables"])
+    spec = spec_from_layout(layout)
+    history = torch.as_tensor(history)
     squeeze = history.ndim == 2 + layout.ndim
     if squeeze:
         history = history[None]
-    want = (h, C, *layout.shape)
+    want = (spec.history, spec.num_variables, *layout.shape)
     if tuple(history.shape[1:]) != want:
         raise ShapeError(f"history has shape {tuple(history.shape)}, expected (N, {', '.join(map(str, want))}): "
-                         f"{h} frame(s) of {C} variable(s) {spec['variables']} on the grid {layout.spatial} = "
-                         f"{layout.shape} the model was trained on")
+                         f"{spec.history} frame(s) of {spec.num_variables} variable(s) {list(spec.variables)} on the "
+                         f"grid {layout.spatial} = {layout.shape} the model was trained on")
     if not bool(torch.isfinite(history).all()):
         raise NonFiniteError("the initial history holds NaN or inf; give finite initial conditions")
-    if steps < 1 or members < 1:
-        raise ValueError(f"steps and members must be >= 1, got steps={steps}, members={members}")
-    dev = next(model.parameters()).device
-    N, nd = history.shape[0], layout.ndim
-    sm, ss = _col(stats["state_mean"], nd).to(dev), _col(stats["state_std"], nd).to(dev)
-    hist = ((history.to(dev, torch.float32) - sm) / ss).repeat_interleave(members, 0)  # (N*M, h, C, *S)
-    sc = None
+    condition = None
     if layout.scalars:
         if scalars is None:
             raise ShapeError(f"the model is conditioned on the scalars {layout.scalars}; pass scalars= (N, "
                              f"{len(layout.scalars)})")
-        s = torch.as_tensor(scalars, dtype=torch.float32, device=dev).reshape(N, -1)
+        s = torch.as_tensor(scalars, dtype=torch.float32).reshape(history.shape[0], -1)
         if s.shape[1] != len(layout.scalars):
             raise ShapeError(f"scalars has {s.shape[1]} columns, the model takes {len(layout.scalars)}: {layout.scalars}")
-        m = torch.as_tensor(stats["scalar_mean"], device=dev)
-        d = torch.as_tensor(stats["scalar_std"], device=dev)
-        sc = ((s - m) / d).repeat_interleave(members, 0)
-    sample_cfg = getattr(config, "sample", None)
-    sampler = sampler or (sample_cfg.sampler if sample_cfg else "dpmpp_2m")
-    nfe = nfe or (sample_cfg.nfe if sample_cfg else 20)
-    spacing = spacing or (sample_cfg.spacing if sample_cfg else None)
-    if generator is None:
-        generator = torch.Generator(device=dev).manual_seed(seed)
-    calls = math.ceil(steps / hz)
-    out = []
-    it = range(calls)
-    if progress:
-        from tqdm.auto import tqdm
+        a = layout.attrs
+        m = torch.as_tensor(a["scalar_mean"], dtype=torch.float32)
+        d = torch.as_tensor(a["scalar_std"], dtype=torch.float32)
+        z = (s - m) / d
 
-        it = tqdm(it, desc="rollout", unit="step", dynamic_ncols=True)
-    from diffkit.samplers import sample
-
-    B = hist.shape[0]
-    tm, ts = _col(stats["target_mean"], nd).to(dev), _col(stats["target_std"], nd).to(dev)
-    for _ in it:
-        cond = Cond(fields=hist.reshape(B, h * C, *layout.shape), scalars=sc)
-        if isinstance(model, Regressor):
-            y = model(cond, B)
-        else:
-            y = sample(model.bind(cond), (B, hz * C, *layout.shape), sampler=sampler, nfe=nfe, spacing=spacing,
-                       generator=generator, device=dev)
-        y = (y * ts + tm).reshape(B, hz, C, *layout.shape)  # physical target
-        last = hist[:, -1] * ss + sm
-        new = (last[:, None] + y) if spec["target"] == "residual" else y  # physical next frames
-        if not bool(torch.isfinite(new).all()):
-            raise NonFiniteError(f"the rollout produced NaN or inf after {len(out) * hz} frames; the model is "
-                                 f"unstable this far out (train longer, or roll out fewer steps)")
-        out.append(new)
-        hist = torch.cat([hist, (new - sm) / ss], dim=1)[:, -h:]
-    pred = torch.cat(out, dim=1)[:, :steps].reshape(N, members, steps, C, *layout.shape).cpu()
+        def condition(k, hist, fields):  # the same PDE parameters at every step
+            return Cond(fields=fields, scalars=z.to(fields.device).repeat_interleave(hist.shape[0] // z.shape[0], 0))
+    pred = _rollout(model, history, steps, members, condition=condition, perturb=perturb, sampler=sampler, nfe=nfe,
+                    spacing=spacing, config=config, generator=generator, seed=seed, progress=progress)
     return pred[0] if squeeze else pred
 
 
@@ -159,13 +135,13 @@ def initial_condition(path, layout: Layout, *, index: int = 0, start: int = 0, l
 
     The file's variables and grid must match the checkpoint's; otherwise the error names both.
     """
-    spec, _ = spec_from_layout(layout)
+    spec = spec_from_layout(layout)
     ds = open_trajectories(path, lazy=lazy, pdebench=json.loads(str(layout.attrs.get("pdebench", "{}")) or "{}"))
-    have = [v for v in spec["variables"] if v not in ds.data_vars]
+    have = [v for v in spec.variables if v not in ds.data_vars]
     if have:
         raise PDEDataError(f"{path} lacks the variable(s) {', '.join(have)} the checkpoint predicts "
-                           f"({', '.join(spec['variables'])}); it has {', '.join(ds.data_vars)}")
-    dims = tuple(ds[spec["variables"][0]].dims[2:])
+                           f"({', '.join(spec.variables)}); it has {', '.join(ds.data_vars)}")
+    dims = tuple(ds[spec.variables[0]].dims[2:])
     shape = tuple(ds.sizes[d] for d in dims)
     if dims != layout.spatial or shape != layout.shape:
         raise ShapeError(
@@ -175,13 +151,13 @@ def initial_condition(path, layout: Layout, *, index: int = 0, start: int = 0, l
     ntraj, ntime = ds.sizes["trajectory"], ds.sizes["time"]
     if not 0 <= index < ntraj:
         raise PDEDataError(f"--index {index} is out of range: {path} has {ntraj} trajectories (0..{ntraj - 1})")
-    h, fs = spec["history"], spec["frame_step"]
+    h, fs = spec.history, spec.frame_step
     last = start + (h - 1) * fs
     if start < 0 or last >= ntime:
         raise PDEDataError(f"{path} has {ntime} frames per trajectory: too few for a history of {h} frame(s) "
                            f"{fs} apart from frame {start}; choose an earlier --start or a longer file")
-    arr = np.stack([np.asarray(ds[v][index].values, dtype=np.float32) for v in spec["variables"]], axis=1)
-    for k, v in enumerate(spec["variables"]):
+    arr = np.stack([np.asarray(ds[v][index].values, dtype=np.float32) for v in spec.variables], axis=1)
+    for k, v in enumerate(spec.variables):
         check_trajectories_finite(arr[None, :, k], v, path, offset=index)
     u = torch.from_numpy(arr)
     hist = u[start: last + 1: fs]
@@ -209,7 +185,7 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
 
     from . import metrics as M
 
-    spec, _ = spec_from_layout(layout)
+    spec = spec_from_layout(layout)
     if ic is not None:
         dt, t0 = ic.dt, ic.t0
     Mb, K = pred.shape[:2]
@@ -223,7 +199,7 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
         coords[ax] = (ax, np.asarray(vals), a)
     units = layout.attrs.get("units", {}) if isinstance(layout.attrs.get("units"), dict) else {}
     dv = {}
-    for c, v in enumerate(spec["variables"]):
+    for c, v in enumerate(spec.variables):
         dv[v] = (dims, pred[:, :, c].numpy(), {"long_name": f"{v} (surrogate rollout)", "units": units.get(v, "1")})
     a = {"Conventions": "CF-1.8", "source": "diffkit rollout", "members": Mb, "steps": K,
          **{k: str(v) if not isinstance(v, (int, float)) else v for k, v in (attrs or {}).items()}}
@@ -231,7 +207,7 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
         Ka = min(K, ic.truth.shape[0])
         truth = torch.full((K, *pred.shape[2:]), float("nan"))
         truth[:Ka] = ic.truth[:Ka]
-        for c, v in enumerate(spec["variables"]):
+        for c, v in enumerate(spec.variables):
             dv[f"{v}_truth"] = (dims[1:], truth[:, c].numpy(), {"long_name": f"{v} (reference simulation)",
                                                                  "units": units.get(v, "1")})
         nsp = layout.ndim
