@@ -426,3 +426,59 @@ def test_metrics_registry():
     code = "import sys, diffkit_weather.metrics; assert 'xarray' not in sys.modules"
     plugins = str(Path(__file__).resolve().parents[1] / "plugins")
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": plugins})
+
+
+# ----------------------------------------------------------------------------- the diffkit_metrics hook in evaluate
+def test_metric_da_applies_core_ensemble_metrics_like_the_wrappers():
+    from diffkit import ensemble as E
+
+    fc, truth = _xr_case()
+    close(W.metric_da(E.crps, fc, truth).values, W.crps_da(fc, truth).values, rtol=0, atol=0)
+    close(W.metric_da(E.spread_skill_ratio, fc, truth).values, W.spread_skill_ratio_da(fc, truth).values,
+          rtol=0, atol=0)
+    close(W.metric_da(E.spread, fc, truth).transpose("lead_time", "level").values, W.spread_da(fc).values,
+          rtol=1e-14, atol=0)
+
+
+def test_evaluate_scores_every_registered_ensemble_metric():
+    """`diffkit evaluate` computes the core's ensemble metrics as its columns and a plugin's ensemble
+    metric as a column under its registered name (NaN where the forecast has too few members)."""
+    from diffkit import ensemble as E
+    from diffkit import hookimpl, registry
+    from diffkit_weather import evaluate as EV
+
+    rng = np.random.default_rng(11)
+    M, N, K, nlat, nlon = 4, 2, 2, 5, 6
+    lat, lon = np.linspace(50, 30, nlat), np.arange(nlon) * 10.0
+    init = np.array(["2000-01-01T00", "2000-01-01T06"], "datetime64[ns]")
+    lead = np.array([6, 12], "timedelta64[h]").astype("timedelta64[ns]")
+    times = init[0] + np.arange(4) * np.timedelta64(6, "h")
+    truth = xr.Dataset({"t": (("time", "latitude", "longitude"), rng.normal(size=(4, nlat, nlon)))},
+                       coords=dict(time=times, latitude=lat, longitude=lon))
+    fc = xr.Dataset({"t": (("member", "init_time", "lead_time", "latitude", "longitude"),
+                           rng.normal(size=(M, N, K, nlat, nlon)))},
+                    coords=dict(init_time=init, lead_time=lead, latitude=lat, longitude=lon))
+    fc = fc.assign_coords(valid_time=fc.init_time + fc.lead_time)
+
+    @E.ensemble_metric(min_members=5)
+    def fake_big(forecast, truth, *, member_dim=0, weights=None, mask=None, dims=None, sample_dims=()):
+        """Needs five members."""
+        raise AssertionError("not called with four members")
+
+    plugin = type("P", (), {})()
+    plugin.diffkit_metrics = hookimpl(lambda: {"fake_energy_crps": E.ensemble_metric(
+        lambda forecast, truth, **kw: E.crps(forecast, truth, estimator="nrg", **kw), min_members=1),
+        "fake_big": fake_big})
+    registry.register_plugin(plugin, "fake_weather_metrics")
+    try:
+        s = EV.evaluate(fc, truth, plots=False).scores
+    finally:
+        registry.unregister_plugin("fake_weather_metrics")
+    assert [m for m in s.data_vars] == ["rmse", "crps", "spread", "spread_skill_ratio", "fake_big",
+                                        "fake_energy_crps", "rank_histogram"]
+    assert np.isnan(s["fake_big"].values).all()
+    tr = EV.read_truth(fc, truth)["t"]
+    close(s["fake_energy_crps"].values[0], W.crps_da(fc["t"], tr, estimator="nrg").values, rtol=1e-13, atol=0)
+    close(s["crps"].values[0], W.crps_da(fc["t"], tr).values, rtol=1e-13, atol=0)
+    assert (s["fake_energy_crps"].values > s["crps"].values).all()  # the energy form exceeds the fair one
+    assert "fake_energy_crps" not in EV.evaluate(fc, truth, plots=False).scores

@@ -4,18 +4,26 @@
 writes it: dims ``member, init_time, lead_time, [level,] latitude, longitude``) and the truth (files
 or a dataset on the same grid), reads the truth at each ``valid_time`` (with the time units and
 dims the forecast recorded from its run; a valid time the truth lacks is an error listing them),
-and computes per channel (variable and level) and lead time, with :mod:`diffkit_weather.metrics`:
+and computes per channel (variable and level) and lead time every registered ensemble metric
+(:func:`diffkit.ensemble.registered`: ``fn.kind == "ensemble"``), latitude-weighted over the grid and
+averaged over inits (:func:`diffkit_weather.metrics.metric_da`).  The core's are the columns
 
-- ``rmse``: latitude-weighted RMSE of the ensemble mean (per init, then averaged over inits);
-- ``crps``: the fair ensemble CRPS (Ferro 2014; needs two members);
-- ``spread``: the ensemble spread, square root of the area-mean member variance (ddof 1);
-- ``spread_skill_ratio``: spread / RMSE times ``sqrt((M + 1) / M)`` (1 for a reliable ensemble);
-- ``rank_histogram``: counts of the truth's rank among the members (``M + 1`` bins, ties broken
-  at random with a seeded generator), over all inits and grid points.
+- ``rmse`` (``ensemble_mean_rmse``): latitude-weighted RMSE of the ensemble mean (per init, then
+  averaged over inits);
+- ``crps`` (``ensemble_crps``): the fair ensemble CRPS (Ferro 2014; needs two members);
+- ``spread`` (``ensemble_spread``): the ensemble spread, square root of the area-mean member
+  variance (ddof 1);
+- ``spread_skill_ratio`` (``ensemble_spread_skill_ratio``): spread / RMSE times ``sqrt((M + 1) / M)``
+  (1 for a reliable ensemble);
+
+and a plugin's ensemble metric becomes a column under its registered name.  Besides,
+``rank_histogram``: counts of the truth's rank among the members (``M + 1`` bins, ties broken
+at random with a seeded generator), over all inits and grid points.
 
 Missing values -- NaN in the truth (e.g. masked points, missing frames) or in any member (the
 fixed mask) -- are masked: they get weight 0, and an init with no valid point is left out.
-With one member, CRPS, spread and the ratio are NaN.
+A metric that needs more members than the forecast has (``fn.min_members``; CRPS, spread and the
+ratio need two) is NaN.
 
 The results are an :class:`xarray.Dataset` (dims ``channel``, ``lead_time``, ``rank``; coordinates
 ``variable``, ``level``, ``units``, ``lead_hours``) and a tidy table (one row per channel and lead:
@@ -39,8 +47,31 @@ from .forecast import _fc_roles, read_truth
 __all__ = ["Evaluation", "evaluate", "open_forecast", "scores_table", "summarise", "write_scores", "format_table",
            "METRICS"]
 
-#: the per-lead scores, in table order
+#: the core's per-lead scores, in table order (any other registered ensemble metric follows)
 METRICS = ("rmse", "crps", "spread", "spread_skill_ratio")
+#: the registered core ensemble metrics behind the columns of :data:`METRICS`
+CORE_COLUMNS = {"ensemble_mean_rmse": "rmse", "ensemble_crps": "crps", "ensemble_spread": "spread",
+                "ensemble_spread_skill_ratio": "spread_skill_ratio"}
+
+
+def _metric_columns() -> dict:
+    """``{column: (registered name, fn)}`` of the registered ensemble metrics: the core's first."""
+    from diffkit.ensemble import registered
+
+    reg = registered()
+    cols = {CORE_COLUMNS[n]: (n, f) for n, f in reg.items() if n in CORE_COLUMNS}
+    missing = [c for c in METRICS if c not in cols]
+    if missing:
+        raise RuntimeError(f"the core ensemble metrics behind {', '.join(missing)} are not registered "
+                           f"(is DIFFKIT_PLUGINS excluding diffkit's own?)")
+    out = {c: cols[c] for c in METRICS}
+    out.update({n: (n, f) for n, f in reg.items() if n not in CORE_COLUMNS})
+    return out
+
+
+def _metric_vars(scores) -> list[str]:
+    """The per-(channel, lead) scores of a score dataset, in table order."""
+    return [m for m in scores.data_vars if scores[m].dims == ("channel", "lead_time")]
 
 
 @dataclass
@@ -103,7 +134,8 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
     K = int(fc.sizes["lead_time"])
     g = torch.Generator().manual_seed(int(seed))
     names, variables, levels, units = [], [], [], []
-    res = {m: [] for m in METRICS}
+    columns = _metric_columns()
+    res = {m: [] for m in columns}
     ranks = []
     nan = np.full(K, np.nan)
     for v in fc.data_vars:
@@ -111,11 +143,11 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
         t = tr[v]
         valid = np.isfinite(t) & np.isfinite(f).all("member")
         kw = dict(mask=valid, member_dim="member", lat_dim=latn, lon_dim=lonn)
-        out_v = {"rmse": M.rmse_da(f, t, **kw)}
-        if Mm >= 2:
-            out_v["crps"] = M.crps_da(f, t, **kw)
-            out_v["spread"] = M.spread_da(f, **kw)
-            out_v["spread_skill_ratio"] = M.spread_skill_ratio_da(f, t, calibrated=True, **kw)
+        out_v = {}
+        for col, (name, fn) in columns.items():
+            if Mm < getattr(fn, "min_members", 1):
+                continue
+            out_v[col] = M.metric_da(fn, f, t, **kw)
         rh = M.rank_histogram_da(f, t, mask=valid, member_dim="member", lat_dim=latn, lon_dim=lonn, generator=g)
         ld = [d for d in f.dims if d in r.get("level", [])]
         lv = [None] if not ld else list(np.asarray(fc[ld[0]].values))
@@ -125,7 +157,7 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
             variables.append(str(v))
             levels.append(np.nan if l is None else float(l))
             units.append(str(fc[v].attrs.get("units", "")))
-            for m in METRICS:
+            for m in columns:
                 res[m].append(out_v[m].isel(sel).transpose("lead_time").values if m in out_v else nan)
             ranks.append(rh.isel(sel).transpose("lead_time", "rank").values)
     lead = fc["lead_time"]
@@ -138,8 +170,12 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
         "spread_skill_ratio": {"long_name": "spread / RMSE of the ensemble mean times sqrt((M+1)/M)",
                                "units": "1"},
     }
+    for m, (name, fn) in columns.items():
+        if m not in attrs_m:
+            attrs_m[m] = {"long_name": " ".join((fn.__doc__ or name).strip().split("\n\n")[0].split()),
+                          "metric": name}
     dv = {m: (("channel", "lead_time"), np.asarray(res[m], np.float64).reshape(len(names), K), attrs_m[m])
-          for m in METRICS}
+          for m in columns}
     rank = np.asarray(ranks, np.int64).reshape(len(names), K, Mm + 1)
     dv["rank_histogram"] = (("channel", "lead_time", "rank"), rank,
                             {"long_name": "counts of the rank of the truth among the members (ties at random)"})
@@ -178,7 +214,7 @@ def scores_table(scores):
                    "channel": str(scores["channel"].values[c]),
                    "units": str(scores["units"].values[c]),
                    "lead_hours": float(scores["lead_hours"].values[k])}
-            for m in METRICS:
+            for m in _metric_vars(scores):
                 row[m] = float(scores[m].values[c, k])
             row["members"] = M
             row["n_init"] = int(scores.attrs.get("n_init", 0))
@@ -190,11 +226,11 @@ def scores_table(scores):
 
 def summarise(scores) -> dict:
     """Plain per-channel lists of the scores, for JSON reports: ``{channel: {lead_hours, rmse,
-    crps, spread, spread_skill_ratio}}`` (non-finite values become None)."""
+    crps, spread, spread_skill_ratio, ...}}`` (every per-lead score; non-finite values become None)."""
     out = {}
     for c, name in enumerate(scores["channel"].values):
         row = {"lead_hours": [float(x) for x in scores["lead_hours"].values]}
-        for m in ("rmse", "crps", "spread", "spread_skill_ratio"):
+        for m in _metric_vars(scores):
             row[m] = [None if not np.isfinite(x) else float(x) for x in scores[m].values[c]]
         out[str(name)] = row
     return out
