@@ -326,3 +326,35 @@ def test_plot_replaces_existing_file_atomically_and_checks_shapes(tmp_path):
         plots.plot_space_time(np.zeros((4, 8, 8)), {}, tmp_path / "bad.png")
     assert not (tmp_path / "bad.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["st.png"]
+
+
+# ----------------------------------------------------------------------------- the diffkit_metrics hook in the rollout report
+def test_rollout_dataset_reports_every_registered_ensemble_metric_per_step(tmp_path):
+    """The rollout report computes the registered ensemble metrics (diffkit.ensemble) per step over
+    (C, x): equal to the PDE wrappers where the file has truth, NaN past its end."""
+    import xarray as xr
+
+    from diffkit import ensemble as E
+    from diffkit_pde.adapter import TrajectoryAdapter
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "traj.nc"
+    xr.Dataset({"u": (("trajectory", "time", "x"), rng.normal(size=(3, 10, 16)))},
+               coords={"x": np.arange(16) * 0.5, "time": np.arange(10) * 0.1}).to_netcdf(path)
+    layout = TrajectoryAdapter(str(path)).layout
+    ic = P.initial_condition(path, layout, index=1, start=2)
+    Ka, K, Mb = ic.truth.shape[0], ic.truth.shape[0] + 2, 4
+    pred = torch.randn(Mb, K, *ic.truth.shape[1:], generator=_gen(1))
+    ds = P.rollout_dataset(pred, layout, ic)
+    assert set(E.registered()) <= set(ds.data_vars)
+    truth = ic.truth.double()
+    p = pred[:, :Ka].double()
+    np.testing.assert_allclose(ds["ensemble_spread_skill_ratio"].values[:Ka],
+                               M.spread_skill_ratio(p, truth, 1, member_dim=0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ds["ensemble_mean_rmse"].values[:Ka],
+                               M.ensemble_mean_skill(p, truth, 1, member_dim=0).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(ds["ensemble_spread"].values[:Ka], ds["spread"].values[:Ka], rtol=1e-6)
+    np.testing.assert_allclose(ds["ensemble_crps"].values[:Ka],
+                               E.crps(p, truth, dims=(1, 2)).numpy(), rtol=1e-12)
+    for name in E.registered():
+        assert ds[name].dims == ("time",) and np.isnan(ds[name].values[Ka:]).all(), name

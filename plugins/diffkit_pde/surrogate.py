@@ -179,7 +179,9 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
 
     With the initial condition's truth, adds ``{var}_truth`` (NaN where the file ends), the
     per-member and ensemble-mean Pearson correlation and normalised RMSE per step, the
-    ensemble spread, and the high-correlation times (threshold 0.8) as attributes.
+    ensemble spread, the high-correlation times (threshold 0.8) as attributes, and every registered
+    ensemble metric (:func:`diffkit.ensemble.registered`: ``ensemble_mean_rmse``, ``ensemble_crps``,
+    ``ensemble_spread_skill_ratio``, ... and any plugin's) per step over ``(C, *spatial)``.
     """
     import xarray as xr
 
@@ -226,6 +228,14 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
         a["high_correlation_time_members"] = [float(x) for x in hct]
         a["high_correlation_time_ensemble_mean"] = float(M.high_correlation_time(mcorr[:Ka], dt=dt, threshold=0.8))
         a["truth_frames"] = Ka
+        from diffkit.ensemble import registered
+
+        ok = torch.isfinite(truth)  # frames past the end of the file are masked out: NaN there
+        for name, fn in registered().items():
+            if Mb >= fn.min_members:
+                val = fn(pred, truth, member_dim=0, mask=ok, dims=tuple(range(1, truth.ndim)))
+                doc = " ".join((fn.__doc__ or name).strip().split("\n\n")[0].split())
+                dv[name] = (("time",), val.numpy(), {"long_name": doc})
     if Mb > 1:
         dv["spread"] = (("time",), M.ensemble_spread(pred, layout.ndim, member_dim=0).numpy(),
                         {"long_name": "ensemble spread (RMS over space of the member standard deviation)"})
