@@ -97,8 +97,19 @@ def diffkit_metrics() -> dict:
     """Register metrics: ``{name: function}``.
 
     ``fn(*tensors, **options) -> Tensor``: tensors in (for example a prediction and the truth),
-    tensors out; options are keywords with defaults.  Names are global across plugins, so
-    domain metrics carry a prefix (``weather_rmse``).
+    tensors out; options are keywords with defaults.  Names are global across plugins, so a
+    plugin's metrics carry its prefix (``weather_rmse``, ``pde_nrmse``); diffkit's own ensemble
+    metrics are ``ensemble_*``.
+
+    Ensemble metrics that score a forecast with a member dim, one value per remaining index, are
+    marked with :func:`diffkit.ensemble.ensemble_metric` (``fn.kind == "ensemble"``,
+    ``fn.min_members``) and take
+    ``fn(forecast, truth, *, member_dim=0, weights=None, mask=None, dims=None, sample_dims=(), **options) -> Tensor``:
+    weights and mask broadcast to the forecast without its member dim (the layout), ``dims`` are
+    the layout dims averaged with the weights, ``sample_dims`` those averaged after with equal
+    weight (see :mod:`diffkit.ensemble`).  Consumers call every registered one
+    (:func:`diffkit.ensemble.registered`) without knowing it: ``diffkit evaluate`` adds a column
+    per metric, the ``diffkit rollout`` dataset a variable per step.
     """
 
 
