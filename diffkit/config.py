@@ -62,7 +62,7 @@ from .samplers import SPACINGS
 __all__ = [
     "Config", "DataConfig", "FieldDoc", "LossConfig", "ModelConfig", "SampleConfig", "TrainerConfig",
     "apply_overrides", "config_from_dict", "config_to_dict", "describe", "dump_config",
-    "format_config_help", "format_config_markdown", "load_config",
+    "format_config_help", "format_config_markdown", "is_surrogate", "load_config", "resolve_loss_defaults",
 ]
 
 #: strings read as None where a value may be unset (in files only when the type has no str)
@@ -125,16 +125,45 @@ class ModelConfig(_Validated):
 
 @dataclass(frozen=True, kw_only=True)
 class LossConfig(_Validated):
-    """The training objective (see diffkit.losses)."""
+    """The training objective: where the noise levels are drawn and how each is weighted (see
+    diffkit.losses).  Unset keys are resolved when training starts, from the model and the adapter's
+    layout, and the resolved values are what the run's config.toml and checkpoints hold."""
 
-    weighting: Literal["simple", "vdm", "min_snr", "native"] = "min_snr"
-    """Per-time loss weighting: simple (Ho et al. 2020), vdm (continuous-time ELBO), min_snr
-    (Hang et al. 2023) or native (MSE in the network's own output space)."""
+    weighting: Literal["simple", "vdm", "min_snr", "edm", "native"] | None = None
+    """Per-noise-level loss weighting: simple (Ho et al. 2020), vdm (continuous-time ELBO,
+    importance-weighted under any noise distribution), min_snr (Hang et al. 2023), edm (Karras et al.
+    2022; 1 + sigma~^2/sigma_data^2 on the eps-MSE, the v-MSE when sigma_data = 1) or native (MSE in
+    the network's own output space).  Unset: edm for a surrogate (a diffusion model whose layout has
+    an autoregressive spec), min_snr otherwise."""
+    noise: Literal["uniform_t", "lognormal", "logsnr_uniform"] | None = None
+    """Training noise distribution: uniform_t (t uniform in (0, 1]; n uniform in 1..T on a discrete
+    schedule), lognormal (log sigma~ normal with mean p_mean and std p_std, sigma~ = sigma/alpha; EDM)
+    or logsnr_uniform (log-SNR uniform over [sigma_min, sigma_max] in sigma~ units).  Unset: lognormal
+    for a surrogate, uniform_t otherwise."""
+    p_mean: float = -1.2
+    """Mean of log sigma~ of the lognormal noise distribution (finite)."""
+    p_std: float = 1.2
+    """Standard deviation of log sigma~ of the lognormal noise distribution (> 0)."""
+    sigma_min: float = 0.002
+    """Smallest noise level sigma~ of the logsnr_uniform distribution (> 0, below sigma_max)."""
+    sigma_max: float = 80.0
+    """Largest noise level sigma~ of the logsnr_uniform distribution (finite, above sigma_min)."""
+    sigma_data: float = 1.0
+    """Data standard deviation sigma_d of the edm weighting (> 0; 1 for standardised data)."""
     gamma: float = 5.0
     """SNR cap of the min_snr weighting (> 0)."""
     p_uncond: float = 0.1
     """Probability of dropping the class label during training, which trains the unconditional
     model used by classifier-free guidance; in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sigma_min >= self.sigma_max:
+            ctx = _CONTEXT.get()
+            prefix, source = (ctx[1], ctx[2]) if ctx is not None and ctx[0] is LossConfig else ("loss", "LossConfig(...)")
+            key = _join(prefix, "sigma_min")
+            raise _error(f"{key!r} in {source} must be below {_join(prefix, 'sigma_max')!r} ({self.sigma_max!r}), "
+                         f"got {self.sigma_min!r}", key, source)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -232,6 +261,29 @@ class Config(_Validated):
 _SECTION = {DataConfig: "data", ModelConfig: "model", LossConfig: "loss", TrainerConfig: "trainer",
             SampleConfig: "sample"}
 
+#: what an unset [loss] key becomes: (for a surrogate, for any other model); see resolve_loss_defaults
+LOSS_AUTO = {"weighting": ("edm", "min_snr"), "noise": ("lognormal", "uniform_t")}
+
+
+def is_surrogate(cfg: "Config", layout: Any) -> bool:
+    """Whether ``cfg`` trains a surrogate: a diffusion model whose layout has an autoregressive spec
+    (``layout.autoregressive``, a next-state model with a state or residual target), whose conditional
+    distributions are narrow in model units (spreads of 0.01-0.3 standardised units)."""
+    return cfg.model.objective == "diffusion" and getattr(layout, "autoregressive", None) is not None
+
+
+def resolve_loss_defaults(cfg: "Config", layout: Any) -> "Config":
+    """``cfg`` with its unset ``[loss]`` keys (weighting, noise) resolved for this model and layout
+    (:data:`LOSS_AUTO`: edm weighting and lognormal noise for a surrogate, min_snr and uniform_t
+    otherwise).  Keys already set are kept; the trainer stores the result in config.toml and its
+    checkpoints, so a resumed run, ``diffkit sample`` and an inspection see the resolved values."""
+    which = 0 if is_surrogate(cfg, layout) else 1
+    changes = {k: v[which] for k, v in LOSS_AUTO.items() if getattr(cfg.loss, k) is None}
+    if not changes:
+        return cfg
+    return dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, **changes))
+
+
 #: value checks: field -> (predicate, what the value must be); skipped for None
 _RULES: dict[type, tuple[tuple[str, Any, str], ...]] = {
     DataConfig: (
@@ -244,6 +296,11 @@ _RULES: dict[type, tuple[tuple[str, Any, str], ...]] = {
          "a schedule name or a table with a 'name' key, like {name = \"cosine\"}"),
     ),
     LossConfig: (
+        ("p_mean", math.isfinite, "finite"),
+        ("p_std", lambda v: 0 < v < math.inf, "> 0 and finite"),
+        ("sigma_min", lambda v: 0 < v < math.inf, "> 0 and finite"),
+        ("sigma_max", lambda v: 0 < v < math.inf, "> 0 and finite"),
+        ("sigma_data", lambda v: 0 < v < math.inf, "> 0 and finite"),
         ("gamma", lambda v: v > 0, "> 0"),
         ("p_uncond", lambda v: 0 <= v < 1, "in [0, 1)"),
     ),
@@ -390,6 +447,12 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
                 return _convert(value, arm, key, source)
             except ConfigError:
                 continue
+        literal = [a for a in args if get_origin(a) is Literal]
+        if isinstance(value, str) and len(literal) == 1 and len(args) == 2 and type(None) in args:
+            try:  # an optional choice: the choice's error, with its suggestion
+                _convert(value, literal[0], key, source)
+            except ConfigError as e:
+                raise _error(str(e).replace(", got ", " (or unset), got ", 1), key, source) from None
         raise _wrong_type(value, tp, key, source)
     if tp is type(None):
         if value is None:

@@ -223,6 +223,16 @@ class CosineSchedule(Schedule):
         ab = torch.where(t == 0, torch.ones_like(ab), ab.clamp(min=ab_min, max=1.0))
         return ab.log()
 
+    def t_from_logsnr(self, logsnr, **_) -> torch.Tensor:
+        """Closed-form inverse of :meth:`logsnr` (``t = 2(1+s)/pi arccos(f(0) sqrt(alpha_bar)) - s``);
+        like the generic bisection, log-SNRs below ``logsnr_min`` map to ``t = 1``."""
+        la = torch.nn.functional.logsigmoid(torch.as_tensor(logsnr, dtype=_DT))  # log alpha_bar
+        f0 = math.cos(self.s / (1 + self.s) * (math.pi / 2))
+        theta = torch.arccos((f0 * (0.5 * la).exp()).clamp(max=1.0))
+        t = (theta * (2 * (1 + self.s) / math.pi) - self.s).clamp(0.0, 1.0)
+        below = la < -math.log1p(math.exp(-self.logsnr_min))  # log alpha_bar at logsnr_min
+        return torch.where(below, torch.ones_like(t), t)
+
     def __repr__(self):
         return f"CosineSchedule(s={self.s}, logsnr_min={self.logsnr_min}, T={self.T})"
 

@@ -35,11 +35,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from . import registry
 from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
-from .config import Config, config_to_dict, dump_config
+from .config import Config, config_to_dict, dump_config, resolve_loss_defaults
 from .denoiser import Cond, Denoiser, Regressor
 from .errors import DiffkitError
 from .layout import Layout
-from .losses import diffusion_loss, regression_loss, sample_times
+from .losses import diffusion_loss, noise_distribution, regression_loss, sample_times
 from .model import _accepts, _check_options, build_model, checkpoint_path
 from .model import load_for_sampling  # noqa: F401  (diffkit.train.load_for_sampling, for existing user scripts)
 
@@ -139,6 +139,9 @@ class Trainer:
             adapter = adapter_cls(**options)
         self.adapter = adapter
         self.layout: Layout = self.adapter.layout
+        # unset [loss] keys take their defaults for this model and layout (a surrogate's differ); the
+        # resolved config is the one saved in config.toml and the checkpoints
+        self.cfg = cfg = resolve_loss_defaults(cfg, self.layout)
         lw = self.layout.weights  # on the device once, not a host-to-device copy every step
         self._layout_weights = None if lw is None else lw.to(self.device)
         self.train_set = self.adapter.dataset("train")
@@ -235,7 +238,7 @@ class Trainer:
         """Noise level and noise for this rank's rows of the global micro-batch."""
         W, r, B = self.dist.world, self.dist.rank, x.shape[0]
         t = sample_times(self.model.schedule, W * B, continuous=self.cfg.loss.weighting == "vdm",
-                         generator=self.noise_gen, device=self.device)
+                         generator=self.noise_gen, device=self.device, noise=noise_distribution(self.cfg.loss))
         eps = torch.randn((W * B, *x.shape[1:]), generator=self.noise_gen, device=self.device, dtype=x.dtype)
         return t[r::W], eps[r::W]
 
@@ -251,7 +254,8 @@ class Trainer:
                 return regression_loss(model or self.model, x0, cond=cond if cond.given else None, weight=w)
             return diffusion_loss(model or self.model, x0, cond=cond if cond.given else None,
                                   weighting=lc.weighting, weight=w, gamma=lc.gamma, p_uncond=p_uncond,
-                                  t=t, eps=eps, generator=self.noise_gen)
+                                  t=t, eps=eps, generator=self.noise_gen, noise=noise_distribution(lc),
+                                  sigma_data=lc.sigma_data)
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> dict:
@@ -386,7 +390,8 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> float:
-        """EMA loss on the validation split with fixed noise (comparable across steps)."""
+        """EMA loss on the validation split with fixed noise (comparable across steps), the noise
+        levels drawn from the training distribution (so it estimates the training objective)."""
         if self.val_set is None or len(self.val_set) == 0:
             return float("nan")
         g = torch.Generator(device=self.device).manual_seed(12345)
@@ -395,7 +400,8 @@ class Trainer:
         tot, n = 0.0, 0
         for batch in itertools.islice(loader, self.cfg.trainer.val_batches):  # reads no batch beyond them
             x0, cond, weight = _collate_to(batch, self.device)
-            t = sample_times(self.model.schedule, x0.shape[0], generator=g, device=self.device)
+            t = sample_times(self.model.schedule, x0.shape[0], continuous=self.cfg.loss.weighting == "vdm",
+                             generator=g, device=self.device, noise=noise_distribution(self.cfg.loss))
             eps = torch.randn(x0.shape, generator=g, device=self.device, dtype=x0.dtype)
             l = self._loss(x0, cond, weight, t=t, eps=eps, model=self.ema)
             tot += float(l.sum())

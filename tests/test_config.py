@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import get_args
+from typing import Literal, get_args
 
 import pytest
 
@@ -42,7 +42,7 @@ def test_defaults():
     cfg = Config()
     assert cfg.data.adapter == "mixture" and cfg.data.batch_size == 64 and cfg.data.options == {}
     assert cfg.model.parameterization == "v" and cfg.model.schedule == "cosine"
-    assert cfg.loss.weighting == "min_snr" and cfg.loss.gamma == 5.0
+    assert cfg.loss.weighting is None and cfg.loss.noise is None and cfg.loss.gamma == 5.0  # resolved by the trainer
     assert cfg.trainer.betas == (0.9, 0.999) and cfg.trainer.time_budget is None and cfg.trainer.grad_clip == 1.0
     assert cfg.trainer.precision == "auto" and cfg.trainer.snapshot_every == 0
     assert cfg.sample.sampler == "dpmpp_2m" and cfg.sample.spacing is None
@@ -89,7 +89,7 @@ def test_help_lists_every_key():
 
 
 def test_choices_match_the_engine():
-    assert get_args(describe()["loss.weighting"].type) == losses.WEIGHTINGS
+    assert get_args(describe()["loss.weighting"].type)[0] == Literal[losses.WEIGHTINGS]  # (| None: resolved later)
     assert get_args(describe()["model.parameterization"].type) == param.PARAMETERIZATIONS
     for spacing in samplers.SPACINGS:
         assert SampleConfig(spacing=spacing).spacing == spacing
@@ -198,7 +198,7 @@ def test_key_in_the_wrong_section():
     ("trainer", "betas", [0.9, 0.99, 0.999], r"must be a list of 2 values .* got 3"),
     ("trainer", "betas", [0.9, "x"], r"'trainer\.betas\[1\]' .* must be float"),
     ("model", "parameterization", "V", r"must be one of 'eps', 'x0', 'v', got 'V'; did you mean 'v'\?"),
-    ("loss", "weighting", "minsnr", r"'loss\.weighting' .* must be one of 'simple', 'vdm', 'min_snr', 'native'.*"
+    ("loss", "weighting", "minsnr", r"'loss\.weighting' .* must be one of 'simple', 'vdm', 'min_snr', 'edm', 'native'.*"
                                     r"did you mean 'min_snr'"),
     ("trainer", "precision", "fp16", r"must be one of 'auto', 'fp32', 'bf16', got 'fp16'"),
     ("trainer", "steps", 0, r"'trainer\.steps' in f\.toml must be >= 1, got 0"),

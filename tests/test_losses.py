@@ -60,6 +60,8 @@ def by_hand(x0, eps, t, p, weighting, gamma=5.0, weight=None):
     if weighting == "min_snr":
         snr = ab / (1 - ab)
         return torch.clamp(snr, max=gamma) / snr * mse_eps
+    if weighting == "edm":  # Karras et al.: lambda |D - x0|^2 = (sigma~^2 + 1)/sigma~^2 * sigma~^2 |eps err|^2
+        return (1 + (1 - ab) / ab) * mse_eps
     if weighting == "native":
         return mean((out - native_target) ** 2)
     raise AssertionError(weighting)
@@ -74,7 +76,7 @@ def _inputs(shape, seed=0):
 
 
 @pytest.mark.parametrize("p", ["eps", "x0", "v"])
-@pytest.mark.parametrize("weighting", ["simple", "vdm", "min_snr", "native"])
+@pytest.mark.parametrize("weighting", ["simple", "vdm", "min_snr", "edm", "native"])
 def test_loss_equals_definition(affine_net, shape, weighting, p):
     D = dk.Denoiser(affine_net(), dk.cosine(), p)
     x0, eps, t = _inputs(shape)
@@ -214,7 +216,7 @@ def test_non_finite_data_raises(affine_net, shape, bad):
 
 def test_unknown_weighting_raises(affine_net):
     D = dk.Denoiser(affine_net(), dk.cosine(), "eps")
-    with pytest.raises(ValueError, match="simple, vdm, min_snr, native"):
+    with pytest.raises(ValueError, match="simple, vdm, min_snr, edm, native"):
         dk.diffusion_loss(D, torch.randn(3, 2), weighting="elbo")
 
 
