@@ -70,7 +70,7 @@ def resolve_perturb(perturb: float | None, model, members: int) -> float:
         return DEFAULT_PERTURB if (isinstance(model, Regressor) and members > 1) else 0.0
     perturb = float(perturb)
     if not perturb >= 0 or not math.isfinite(perturb):
-        raise ValueError(f"perturb must be a finite number >= 0, got {perturb}")
+        raise ValueError(f"perturb must be >= 0 and finite, got {perturb}")
     return perturb
 
 
@@ -91,7 +91,8 @@ def _device(model) -> torch.device:
 def rollout(model, history: torch.Tensor, steps: int, members: int = 1, *,
             condition: ConditionHook | None = None, perturb: float | None = None,
             sampler: str | None = None, nfe: int | None = None, spacing: str | None = None, config=None,
-            generator: torch.Generator | None = None, seed: int = 0, fixed_mask: torch.Tensor | None = None,
+            generator: torch.Generator | None = None, seed: int = 0, layout: Layout | None = None,
+            fixed_mask: torch.Tensor | None = None,
             allow_missing: bool = False, progress: bool = False, desc: str = "rollout") -> torch.Tensor:
     """Roll an autoregressive model out for ``steps`` states; returns physical values
     ``(N, members, steps, C, *S)`` (float32, CPU).
@@ -102,14 +103,14 @@ def rollout(model, history: torch.Tensor, steps: int, members: int = 1, *,
     ``condition``: the per-step hook (:data:`ConditionHook`); ``None`` gives the history fields alone.
     ``perturb``: see the module doc.  ``sampler``/``nfe``/``spacing`` default to the run's ``[sample]``
     section (``config``, or the handle's; without one, :class:`diffkit.config.SampleConfig`'s
-    defaults).  ``fixed_mask``: ``(C, *S)`` bool, points that are always missing: NaN in the output,
+    defaults).  ``layout``: the layout to roll out with (default: the model's).  ``fixed_mask``: ``(C, *S)`` bool, points that are always missing: NaN in the output,
     never perturbed, exempt from the finite checks.  ``allow_missing``: accept NaN in the initial
     states elsewhere too (the hook must then tell the model, e.g. with a mask channel).
     A model with ``horizon > 1`` predicts ``horizon`` states per call; the last call's extra states
     are dropped.
     """
     model, config = _unwrap(model, config)
-    layout: Layout = model.layout
+    layout = model.layout if layout is None else layout
     spec = autoregressive_spec(layout)
     h, hz, C, nd = spec.history, spec.horizon, spec.num_variables, layout.ndim
     history = torch.as_tensor(history)

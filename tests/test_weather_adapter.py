@@ -139,8 +139,8 @@ def test_storm_layout_channels_grid_and_statistics():
     for c, (v, f) in enumerate(zip("uvtp", STORM)):
         with xr.open_dataset(f) as ds:
             x = ds[v].values[:58].astype(np.float64)
-        assert a.layout.attrs["state_mean"][c] == pytest.approx(np.nanmean(x), rel=1e-12)
-        assert a.layout.attrs["state_std"][c] == pytest.approx(np.nanstd(x), rel=1e-10)
+        assert a.layout.autoregressive.state_mean[c] == pytest.approx(np.nanmean(x), rel=1e-12)
+        assert a.layout.autoregressive.state_std[c] == pytest.approx(np.nanstd(x), rel=1e-10)
         assert float(L.mean[c, 0, 0]) == pytest.approx(np.nanmean(x), rel=1e-6)
         assert float(L.std[c, 0, 0]) == pytest.approx(np.nanstd(x), rel=1e-6)
     # a checkpoint holds plain data only: the layout survives torch.save / weights_only load
@@ -304,7 +304,7 @@ def test_time_split_over_files_equals_one_file(tmp_path, era5_path):
     assert len(a.dataset("train")) == len(b.dataset("train")) == 10
     for i in (0, 3, 9):                      # pair 3 reads from both files
         torch.testing.assert_close(a.dataset("train")[i], b.dataset("train")[i])
-    assert a.layout.attrs["state_mean"] == pytest.approx(b.layout.attrs["state_mean"], rel=1e-12)
+    assert a.layout.autoregressive.state_mean == pytest.approx(b.layout.autoregressive.state_mean, rel=1e-12)
     A.check_grid([p1, p2], a.layout)
 
 
@@ -385,7 +385,7 @@ def test_error_nan_outside_fixed_mask_and_allow_missing(tmp_path):
     assert w[c].sum() == 19 * 36 - 2 and w[-1].sum() == 19 * 36 - 3
     # stats of t@850 skip the two NaNs
     ref = ds["t"].values[:, 1].astype(np.float64)
-    assert a.layout.attrs["state_mean"][c] == pytest.approx(np.nanmean(ref), rel=1e-12)
+    assert a.layout.autoregressive.state_mean[c] == pytest.approx(np.nanmean(ref), rel=1e-12)
 
 
 def test_error_non_monotonic_latitude(tmp_path):
@@ -519,4 +519,4 @@ def test_residual_statistics_and_irregular_reads(tmp_path):
     assert len(a.dataset("train")) == ok.size
     assert float(a.layout.mean[0]) == pytest.approx(d.mean(), rel=1e-5, abs=1e-6)
     assert float(a.layout.std[0]) == pytest.approx(d.std(), rel=1e-6)
-    assert a.layout.attrs["state_std"][0] == pytest.approx(raw.std(), rel=1e-10)
+    assert a.layout.autoregressive.state_std[0] == pytest.approx(raw.std(), rel=1e-10)

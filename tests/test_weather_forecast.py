@@ -95,11 +95,11 @@ class ShiftOracle(nn.Module):
 
     def __init__(self, layout):
         super().__init__()
-        a = layout.attrs
+        a = layout.autoregressive
         self.w = nn.Parameter(torch.zeros(()))
-        self.h, self.C, self.target = int(a["history"]), layout.num_channels, a["target"]
-        self.sm = torch.tensor(a["state_mean"]).reshape(-1, 1, 1)
-        self.ss = torch.tensor(a["state_std"]).reshape(-1, 1, 1)
+        self.h, self.C, self.target = a.history, layout.num_channels, a.target
+        self.sm = torch.tensor(a.state_mean).reshape(-1, 1, 1)
+        self.ss = torch.tensor(a.state_std).reshape(-1, 1, 1)
         self.tm, self.ts = layout.mean, layout.std
         self.seen: list[tuple] = []
 
@@ -193,7 +193,7 @@ def test_perturbed_initial_condition_ensemble_of_a_regression_model(shift):
     q = F.forecast(model, None, ist, steps=2, members=3)
     r = F.forecast(model, None, ist, steps=2, members=3, seed=1)
     assert torch.equal(p.nan_to_num(), q.nan_to_num()) and not torch.equal(p.nan_to_num(), r.nan_to_num())
-    ss = torch.tensor(L.attrs["state_std"]).reshape(1, 1, 1, 4, 1, 1)
+    ss = torch.tensor(L.autoregressive.state_std).reshape(1, 1, 1, 4, 1, 1)
     err = (p - torch.from_numpy(truth_model(np.array([4, 6]), 2))[:, None]) / ss
     fin = torch.isfinite(err)
     assert 0.045 < float(err[fin].std()) < 0.055                     # noise of std 0.05 * the climate std

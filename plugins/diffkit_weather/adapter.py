@@ -22,7 +22,8 @@ Conventions
   doubly periodic); else longitude alone when the grid covers 360 degrees.
 - **Channels** are ``"var"`` (no level) or ``"var@level"`` (``"t@500"``; level in the file's
   units), variables in the order given, levels in the file's order.  Conditioning fields are
-  the history states ``"t@500@t-1"``, ``"t@500@t"`` (oldest first, ``lead`` apart),
+  the history states ``"t@500@t-1"``, ``"t@500@t"`` (oldest first, ``lead`` apart;
+  :func:`diffkit.layout.history_channels`),
   standardised with the state statistics, then static fields, then ``"mask"`` (only when the
   data have missing values anywhere).
 - **Forcings** (``layout.scalars``) are sin/cos of the UTC time of day and of the fraction of
@@ -40,8 +41,9 @@ Conventions
   the training times (and members), accumulated in float64 over blocks of ``stats_block`` time
   steps (Chan et al.'s pairwise update), so memory does not grow with the number of steps; with
   ``target="residual"`` also those of ``x(t + lead) - x(t)`` over the training pairs.  The
-  layout's ``mean``/``std`` are those of the target; ``attrs["state_mean"/"state_std"]`` those
-  of the inputs.  Everything the decoder needs (names, attributes, units, levels, coordinates
+  layout's ``mean``/``std`` are those of the target; the state statistics of the inputs, with the
+  history, lead (``step``, in hours) and target, are the layout's
+  :class:`~diffkit.layout.AutoregressiveSpec` (``layout.autoregressive``).  Everything the decoder needs (names, attributes, units, levels, coordinates
   in the file's order, fixed masks) is in ``layout.attrs``: a checkpoint alone can decode.
 - **Splits** are by time: the last ``val_fraction`` of the times (or ``train_slice`` /
   ``val_slice``, ISO dates, inclusive) are validation; a pair belongs to a split only if *all*
@@ -63,9 +65,7 @@ from torch.utils.data import Dataset
 
 from diffkit.adapters import Adapter, atomic_to_netcdf
 from diffkit.errors import DiffkitError
-from diffkit.layout import Layout
-
-TARGETS = ("state", "residual")
+from diffkit.layout import TARGETS, AutoregressiveSpec, Layout, history_channels
 FORCINGS = ("time_of_day", "day_of_year")
 ROLES = ("time", "latitude", "longitude", "level", "member")
 
@@ -1004,15 +1004,14 @@ class GriddedAdapter(Adapter):
         return out
 
     def _make_item(self, u: np.ndarray, t_init: int) -> dict:
-        h = self.history
-        sm = self.state_mean[:, None, None]
-        ss = self.state_std[:, None, None]
+        spec = self._layout.autoregressive
+        h = spec.history
         hist = u[:h]
-        tgt = u[h] - hist[-1] if self.target == "residual" else u[h]
+        tgt = spec.target_from(hist[-1], u[h])
         tm = (self.target_mean if self.target == "residual" else self.state_mean)[:, None, None]
         ts = (self.target_std if self.target == "residual" else self.state_std)[:, None, None]
         x = ((tgt - tm) / ts).astype(np.float32)
-        fields = ((hist - sm) / ss).astype(np.float32).reshape(-1, *u.shape[2:])
+        fields = spec.standardize(hist, 2).astype(np.float32).reshape(-1, *u.shape[2:])
         item: dict[str, torch.Tensor] = {}
         if self.has_missing:
             valid_t = np.isfinite(x)
@@ -1040,8 +1039,7 @@ class GriddedAdapter(Adapter):
         from .metrics import latitude_weights
 
         w = latitude_weights(torch.as_tensor(lat_m)).to(torch.float32).reshape(1, -1, 1)
-        cond = [f"{c}@t-{j}" if j else f"{c}@t" for j in range(self.history - 1, -1, -1) for c in self.channels]
-        cond += self.static_channels
+        cond = list(history_channels(self.channels, self.history)) + list(self.static_channels)
         if self.has_missing:
             cond.append("mask")
         tm = self.target_mean if self.target == "residual" else self.state_mean
@@ -1078,9 +1076,7 @@ class GriddedAdapter(Adapter):
             lat_attrs=g["lat_attrs"], lon_attrs=g["lon_attrs"], coord_dtypes=dict(self.coord_dtypes),
             lat_flipped=int(self.orient["lat_flip"]), lon_flipped=int(self.orient["lon_flip"]),
             global_grid=int(self.orient["periodic"]),
-            history=self.history, lead_hours=self.lead_hours, step_hours=self.step_hours, target=self.target,
-            forcings=list(self.forcings), forcing_time="init",
-            state_mean=self.state_mean.tolist(), state_std=self.state_std.tolist(),
+            step_hours=self.step_hours, forcings=list(self.forcings), forcing_time="init",
             static=list(self.static_names), static_channels=list(self.static_channels),
             static_mean=np.asarray(self.static_mean).tolist(), static_std=np.asarray(self.static_std).tolist(),
             mask_channel=int(self.has_missing), fixed_mask=fixed,
@@ -1094,7 +1090,11 @@ class GriddedAdapter(Adapter):
                       coords={"latitude": tuple(lat_m.tolist()), "longitude": tuple(lon_m.tolist())},
                       weights=w, cond_channels=tuple(cond), scalars=tuple(self.scalar_names),
                       mean=torch.as_tensor(tm, dtype=torch.float32).reshape(C, 1, 1),
-                      std=torch.as_tensor(ts, dtype=torch.float32).reshape(C, 1, 1), attrs=attrs)
+                      std=torch.as_tensor(ts, dtype=torch.float32).reshape(C, 1, 1), attrs=attrs,
+                      autoregressive=AutoregressiveSpec(
+                          variables=tuple(self.channels), history=self.history, horizon=1, step=self.lead_hours,
+                          step_units="hours", target=self.target, state_mean=self.state_mean.tolist(),
+                          state_std=self.state_std.tolist()))
 
     # -- protocol --------------------------------------------------------------------------
     @property
@@ -1126,8 +1126,9 @@ class GriddedAdapter(Adapter):
         layout.check(x, "samples")
         ds = unstack(layout.denormalize(x), layout)
         a = layout.attrs
-        ds.attrs["target"] = str(a.get("target", "state"))
-        ds.attrs["lead_hours"] = float(a.get("lead_hours", float("nan")))
+        spec = upgrade_layout(layout).autoregressive
+        ds.attrs["target"] = spec.target if spec is not None else "state"
+        ds.attrs["lead_hours"] = spec.step if spec is not None and spec.step is not None else float("nan")
         ds.attrs.update({k: (v if isinstance(v, (int, float)) else str(v)) for k, v in (attrs or {}).items()})
         for v in ds.data_vars:
             fv = a.get("fill_values", {}).get(v)
@@ -1271,16 +1272,32 @@ def unstack(x, layout: Layout, *, dim: str = "sample", values=None):
 def next_state(x: torch.Tensor, fields: torch.Tensor, layout: Layout) -> torch.Tensor:
     """Physical next state ``(B, C, lat, lon)`` from standardised samples ``x`` and the item's
     ``fields`` (``(B, cond, lat, lon)``): the sample itself for ``target="state"``, the latest input
-    state plus the increment for ``target="residual"``."""
-    y = layout.denormalize(x)
-    if layout.attrs.get("target") != "residual":
-        return y
-    C = layout.num_channels
-    h = int(layout.attrs["history"])
-    last = fields[:, (h - 1) * C: h * C]
-    sm = torch.as_tensor(layout.attrs["state_mean"], dtype=y.dtype, device=y.device).reshape(1, C, 1, 1)
-    ss = torch.as_tensor(layout.attrs["state_std"], dtype=y.dtype, device=y.device).reshape(1, C, 1, 1)
-    return y + (last * ss + sm)
+    state plus the increment for ``target="residual"``
+    (:meth:`diffkit.layout.AutoregressiveSpec.state_from`, as in :func:`diffkit.rollout.rollout`)."""
+    spec = upgrade_layout(layout).autoregressive
+    C, h = spec.num_variables, spec.history
+    last = spec.destandardize(fields[:, (h - 1) * C: h * C], 2)
+    return spec.state_from(last, layout.denormalize(x))
+
+
+#: the keys of ``Layout.attrs`` that old weather checkpoints (before ``Layout.autoregressive``) held
+_LEGACY = ("history", "lead_hours", "target", "state_mean", "state_std")
+
+
+def upgrade_layout(layout: Layout) -> Layout:
+    """A weather layout with its autoregressive spec: itself if it has one, else the spec read from
+    the attrs of a checkpoint written before the spec was typed (``history``, ``lead_hours``,
+    ``target``, ``state_mean``/``state_std``; the state channels are ``attrs["channels"]``), those
+    keys removed from ``attrs``."""
+    if layout.autoregressive is not None or layout.attrs.get("adapter") != GriddedAdapter.name:
+        return layout
+    a = layout.attrs
+    try:
+        spec = AutoregressiveSpec.from_legacy_attrs(a, variables=a.get("channels", layout.channels),
+                                                    step=a.get("lead_hours"), step_units="hours")
+    except ValueError as e:
+        raise WeatherDataError(f"cannot read this old weather checkpoint's layout: {e}") from None
+    return layout.replace(autoregressive=spec, attrs={k: v for k, v in a.items() if k not in _LEGACY})
 
 
 def check_grid(ds_or_path, layout: Layout, *, dims: Mapping[str, str] | None = None) -> None:

@@ -139,10 +139,9 @@ def run_forecast(args) -> int:
     pred = forecast(fc, None, ist, steps=args.steps, members=args.members, seed=args.seed, sampler=args.sampler,
                     nfe=args.nfe, perturb=perturb, progress=not args.no_progress)
     regression = fc.objective == "regression"
-    if perturb is None:
-        from .forecast import DEFAULT_PERTURB
+    from diffkit.rollout import resolve_perturb
 
-        perturb = DEFAULT_PERTURB if (regression and args.members > 1) else 0.0
+    perturb = resolve_perturb(perturb, fc.model, args.members)
     sc = fc.config.sample
     attrs = {"checkpoint": str(args.checkpoint), "seed": args.seed, "objective": fc.objective,
              "sampler": "none (regression)" if regression else (args.sampler or sc.sampler),
@@ -151,7 +150,7 @@ def run_forecast(args) -> int:
              "command": _forecast_command(args, inits)}
     ds = forecast_dataset(pred, fc.layout, ist.times, attrs=attrs, options=opts)
     out = atomic_to_netcdf(ds, args.out)
-    lead = float(fc.layout.attrs["lead_hours"])
+    lead = fc.layout.autoregressive.step
     print(f"diffkit forecast: wrote {args.members} member(s) x {len(ist.times)} init time(s) x {args.steps} step(s) "
           f"of {lead:g} h ({fc.objective}{f', perturb {perturb:g}' if perturb else ''}) to {out}")
     return 0

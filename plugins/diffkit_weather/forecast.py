@@ -4,7 +4,8 @@ A forecaster is a checkpoint trained with ``data.adapter = "weather"``: a condit
 model (``model.objective = "diffusion"``, GenCast-style: each step samples the next state given
 the latest ``history`` states and the forcings), or the deterministic MSE baseline
 (``"regression"``) with the same backbone.  :func:`forecast` rolls it out autoregressively,
-``lead`` hours per step:
+``lead`` hours per step, with the core's :func:`diffkit.rollout.rollout`; this module adds the
+weather conditioning (forcings, static fields, the mask channel) and the fixed missing-value mask:
 
 - all ``N`` initial conditions times ``M`` members advance in **one batch**, one model call (a
   Regressor) or one sampler run (a Denoiser, :func:`diffkit.samplers.sample`) per step;
@@ -13,8 +14,8 @@ the latest ``history`` states and the forcings), or the deterministic MSE baseli
 - the **forcings** (sin/cos of the time of day and of the year) are those of each step's own
   initialisation time ``t + k * lead``, as in training (``layout.attrs["forcing_time"] = "init"``);
 - the **target** is the state or the increment (``target = "residual"``), turned into the next
-  physical state as :func:`~diffkit_weather.adapter.next_state` does (latest input state plus
-  the de-normalised increment);
+  physical state by the layout's :class:`~diffkit.layout.AutoregressiveSpec` (latest input state
+  plus the de-normalised increment), as :func:`~diffkit_weather.adapter.next_state` does;
 - **missing values**: inputs are filled with 0 (the normalised mean) and flagged in the
   ``"mask"`` channel exactly as the adapter does for training; outputs are NaN on the layout's
   fixed missing-value mask (points missing at every training time);
@@ -22,16 +23,16 @@ the latest ``history`` states and the forcings), or the deterministic MSE baseli
   the layout stored in the checkpoint; the data files only supply the initial states (and static
   fields), read with the adapter's coordinate logic and checked against the checkpoint's grid.
 
-**Perturbed-initial-condition ensembles.**  A regression model is deterministic, so its members
-would be identical.  ``perturb`` adds independent Gaussian noise of standard deviation ``perturb``
-to the *normalised* initial state of every member (i.e. ``perturb`` times each channel's
-climatological standard deviation in physical units); one noise field per member is added to
-every history state, so the recent tendency the model sees is kept.  All members are perturbed
-(no unperturbed control), so the members are exchangeable, as the fair CRPS and the rank
-histogram assume.  The default (``perturb=None``) is 0 for a diffusion model (its spread comes
-from the sampler) and :data:`DEFAULT_PERTURB` (0.05) for a regression model with more than one
-member: the "perturbed-initial-condition ensemble" baseline.  Missing and masked points are not
-perturbed.
+**Perturbed-initial-condition ensembles.**  The policy is the core's (:mod:`diffkit.rollout`, the
+same for PDE surrogates): ``perturb`` adds independent Gaussian noise of standard deviation
+``perturb`` to the *normalised* initial state of every member (i.e. ``perturb`` times each
+channel's climatological standard deviation in physical units); one noise field per member is
+added to every history state, so the recent tendency the model sees is kept.  All members are
+perturbed (no unperturbed control), so the members are exchangeable, as the fair CRPS and the
+rank histogram assume.  The default (``perturb=None``) is 0 for a diffusion model (its spread
+comes from the sampler) and :data:`~diffkit.rollout.DEFAULT_PERTURB` (0.05) for a regression model
+with more than one member: the "perturbed-initial-condition ensemble" baseline.  Points of the
+fixed missing-value mask are not perturbed.
 
 :func:`forecast_dataset` turns a forecast into CF netCDF: dims ``(member, init_time, lead_time,
 [level,] latitude, longitude)`` with the file's own variable, coordinate and level names,
@@ -53,13 +54,11 @@ import torch
 from diffkit.denoiser import Cond, Regressor
 from diffkit.errors import NonFiniteError, ShapeError
 from diffkit.layout import Layout
+from diffkit.rollout import DEFAULT_PERTURB, rollout
 
 from .adapter import (GriddedAdapter, WeatherDataError, _fmt_time, _hours, _same_coord, _text_vars,
                       _vals, check_grid, decode_time, find_coords, fixed_mask, open_lazy,
-                      resolve_paths, time_forcings, unstack)
-
-#: relative noise of the perturbed-initial-condition ensemble of a regression model (members > 1)
-DEFAULT_PERTURB = 0.05
+                      resolve_paths, time_forcings, unstack, upgrade_layout)
 #: the keyword of ``--init`` for every validation initialisation time
 ALL_VAL = "all-val"
 
@@ -91,10 +90,12 @@ class Forecaster:
         return dict(self.config.data.options) if self.config is not None else {}
 
 
-def _check_layout(layout: Layout, where: str = "the checkpoint") -> None:
+def _check_layout(layout: Layout, where: str = "the checkpoint") -> Layout:
+    """The weather layout with its autoregressive spec (an old checkpoint's converted), or an error."""
     if layout.attrs.get("adapter") != GriddedAdapter.name:
         raise WeatherDataError(f"{where} was not trained on the weather adapter (its layout comes from adapter "
                                f"{layout.attrs.get('adapter')!r}); forecast needs data.adapter = \"weather\"")
+    return upgrade_layout(layout)
 
 
 def load_forecaster(ckpt, device=None) -> Forecaster:
@@ -103,7 +104,7 @@ def load_forecaster(ckpt, device=None) -> Forecaster:
     from diffkit.model import load_for_sampling
 
     model, cfg, _ = load_for_sampling(ckpt, device=device)
-    _check_layout(model.layout, f"checkpoint {ckpt}")
+    model.layout = _check_layout(model.layout, f"checkpoint {ckpt}")
     return Forecaster(model, cfg, str(ckpt))
 
 
@@ -379,7 +380,8 @@ def select_init_times(available, layout: Layout, init_times, *, steps: int | Non
     keys = _keys(available) if available.size else np.zeros(0)
     kset = {float(k): i for i, k in enumerate(keys)}
     a = layout.attrs
-    h, lead = int(a["history"]), float(a["lead_hours"])
+    spec = _check_layout(layout, "the layout").autoregressive
+    h, lead = spec.history, spec.step
     back = [-(h - 1 - j) * lead for j in range(h)]
     fwd = [k * lead for k in range(1, (steps or 0) + 1)]
     have = lambda k, offs: all(round(k + o, 6) in kset for o in offs)
@@ -514,7 +516,7 @@ def initial_states(data, layout: Layout, init_times, *, steps: int | None = None
     init time ``t`` (see :func:`select_init_times`; ``"all-val"`` needs ``steps``) the history states
     ``t - (history - 1) * lead, ..., t`` are read in physical units and the model's orientation.
     """
-    _check_layout(layout, "the layout")
+    layout = _check_layout(layout, "the layout")
     o = _opts(options, time_units=time_units, dims=dims, member=member)
     dims = o.get("dims")
     check_grid(data, layout, dims=dims)
@@ -524,7 +526,7 @@ def initial_states(data, layout: Layout, init_times, *, steps: int | None = None
     idx = select_init_times(files.times, layout, init_times, steps=steps, val_slice=o.get("val_slice"),
                             need_truth=need_truth)
     times = files.times[idx]
-    h, lead = int(a["history"]), float(a["lead_hours"])
+    h, lead = layout.autoregressive.history, layout.autoregressive.step
     N, C = len(idx), layout.num_channels
     keys = files.keys[idx]
     want = np.stack([keys - (h - 1 - j) * lead for j in range(h)], 1).round(6)  # (N, h)
@@ -546,12 +548,6 @@ def initial_states(data, layout: Layout, init_times, *, steps: int | None = None
 
 
 # ----------------------------------------------------------------------------- the forecast
-def _device(model) -> torch.device:
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
-@torch.no_grad()
 def forecast(model, layout: Layout | None, history, init_times=None, steps: int = 1, members: int = 1, *,
              seed: int = 0, sampler: str | None = None, nfe: int | None = None, spacing: str | None = None,
              perturb: float | None = None, static=None, static_valid=None, generator: torch.Generator | None = None,
@@ -569,16 +565,15 @@ def forecast(model, layout: Layout | None, history, init_times=None, steps: int 
     """
     if isinstance(model, Forecaster):
         config, model = model.config, model.model
-    layout = layout if layout is not None else model.layout
-    _check_layout(layout, "the layout")
+    layout = _check_layout(layout if layout is not None else model.layout, "the layout")
     if isinstance(history, InitialStates):
         if init_times is None:
             init_times = history.times
         if static is None:
             static, static_valid = history.static, history.static_valid
         history = history.history
-    a = layout.attrs
-    h, C, lead = int(a["history"]), layout.num_channels, float(a["lead_hours"])
+    a, spec = layout.attrs, layout.autoregressive
+    h, C, lead = spec.history, layout.num_channels, spec.step
     history = torch.as_tensor(history)
     want = (h, C, *layout.shape)
     if history.ndim != 5 or tuple(history.shape[1:]) != want:
@@ -588,15 +583,10 @@ def forecast(model, layout: Layout | None, history, init_times=None, steps: int 
     if not isinstance(steps, int) or not isinstance(members, int) or steps < 1 or members < 1:
         raise ValueError(f"steps and members must be integers >= 1, got steps={steps!r}, members={members!r}")
     N = history.shape[0]
-    regression = isinstance(model, Regressor)
-    if perturb is None:
-        perturb = DEFAULT_PERTURB if (regression and members > 1) else 0.0
-    perturb = float(perturb)
-    if not perturb >= 0:
-        raise ValueError(f"perturb must be >= 0, got {perturb}")
     fm = torch.from_numpy(fixed_mask(layout))
+    mask_channel = bool(int(a.get("mask_channel", 0)))
     bad = ~torch.isfinite(history) & ~fm.to(history.device)
-    if bool(bad.any()) and not int(a.get("mask_channel", 0)):
+    if bool(bad.any()) and not mask_channel:
         raise NonFiniteError(f"the initial states hold NaN or inf at {int(bad.sum())} value(s) outside the "
                              f"checkpoint's fixed missing-value mask, and the model was trained without missing "
                              f"values (no mask channel); give complete initial states")
@@ -616,64 +606,28 @@ def forecast(model, layout: Layout | None, history, init_times=None, steps: int 
         static = torch.as_tensor(static, dtype=torch.float32)
         if tuple(static.shape) != (len(S), *layout.shape):
             raise ShapeError(f"static has shape {tuple(static.shape)}, expected {(len(S), *layout.shape)}")
-    dev = _device(model)
-    sm = torch.as_tensor(a["state_mean"], dtype=torch.float32, device=dev).reshape(1, C, 1, 1)
-    ss = torch.as_tensor(a["state_std"], dtype=torch.float32, device=dev).reshape(1, C, 1, 1)
-    fm = fm.to(dev)
-    B = N * members
-    z = ((history.to(dev, torch.float32) - sm[:, None]) / ss[:, None]).repeat_interleave(members, 0)  # (B, h, C, H, W)
-    if generator is None:
-        generator = torch.Generator(device=dev).manual_seed(int(seed))
-    if perturb > 0:
-        noise = torch.randn((B, 1, C, *layout.shape), generator=generator, device=dev) * perturb
-        z = z + torch.where(fm, torch.zeros((), device=dev), noise)
-    stat = None
-    if S:
-        stat = static.to(dev)[None].expand(B, -1, -1, -1)
-    sv = None if static_valid is None else torch.as_tensor(static_valid, dtype=torch.bool, device=dev)
-    mask_channel = bool(int(a.get("mask_channel", 0)))
-    residual = a.get("target") == "residual"
-    sample_cfg = getattr(config, "sample", None)
-    sampler = sampler or (sample_cfg.sampler if sample_cfg else "dpmpp_2m")
-    nfe = nfe or (sample_cfg.nfe if sample_cfg else 20)
-    spacing = spacing or (sample_cfg.spacing if sample_cfg else None)
-    from diffkit.samplers import sample
+    sv = None if static_valid is None else torch.as_tensor(static_valid, dtype=torch.bool)
 
-    it = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(it, desc="forecast", unit="step", dynamic_ncols=True)
-    out = []
-    for k in it:
-        parts = [torch.nan_to_num(z, nan=0.0, posinf=0.0, neginf=0.0).reshape(B, h * C, *layout.shape)]
-        if stat is not None:
-            parts.append(stat)
+    def condition(k, hist, fields):
+        """The adapter's conditioning of step ``k``: history, static fields, the mask channel; the
+        forcings of the step's own init time ``t + k * lead``."""
+        B, dev = fields.shape[0], fields.device
+        parts = [fields]
+        if S:
+            parts.append(static.to(dev)[None].expand(B, -1, -1, -1))
         if mask_channel:
-            valid = torch.isfinite(z).all(1).all(1)
+            valid = torch.isfinite(hist).all(1).all(1)
             if sv is not None:
-                valid = valid & sv
+                valid = valid & sv.to(dev)
             parts.append(valid.to(torch.float32)[:, None])
-        fields = torch.cat(parts, 1)
         sc = None
         if layout.scalars:
-            sc = forcing_scalars(times, layout, k * lead).to(dev).repeat_interleave(members, 0)
-        cond = Cond(fields=fields, scalars=sc)
-        if regression:
-            x = model(cond, B)
-        else:
-            x = sample(model.bind(cond), (B, C, *layout.shape), sampler=sampler, nfe=nfe, spacing=spacing,
-                       generator=generator, device=dev)
-        new = layout.denormalize(x.to(torch.float32))               # physical target (B, C, H, W)
-        if residual:  # the adapter's next_state, with the statistics already on the device
-            new = new + (fields[:, (h - 1) * C: h * C] * ss + sm)
-        new = torch.where(fm, torch.full((), float("nan"), device=dev), new)
-        if not bool((torch.isfinite(new) | fm).all()):
-            raise NonFiniteError(f"the forecast produced NaN or inf at step {k + 1} (lead {(k + 1) * lead:g} h); the "
-                                 f"model is unstable this far out (train longer, or forecast fewer steps)")
-        out.append(new)
-        z = torch.cat([z[:, 1:], ((new - sm) / ss)[:, None]], 1)
-    return torch.stack(out, 1).reshape(N, members, steps, C, *layout.shape).cpu()
+            sc = forcing_scalars(times, layout, k * lead).to(dev).repeat_interleave(B // N, 0)
+        return Cond(fields=torch.cat(parts, 1), scalars=sc)
+
+    return rollout(model, history, steps, members, condition=condition, perturb=perturb, sampler=sampler, nfe=nfe,
+                   spacing=spacing, config=config, generator=generator, seed=seed, layout=layout, fixed_mask=fm,
+                   allow_missing=True, progress=progress, desc="forecast")
 
 
 # ----------------------------------------------------------------------------- netCDF
@@ -720,7 +674,8 @@ def forecast_dataset(pred, layout: Layout, init_times, *, attrs: Mapping | None 
     if init_times.shape != (N,):
         raise ShapeError(f"{init_times.size} init time(s) for {N} initial condition(s)")
     a = layout.attrs
-    lead_h = float(a["lead_hours"])
+    spec = _check_layout(layout, "the layout").autoregressive
+    lead_h = spec.step
     flat = pred.permute(1, 0, 2, 3, 4, 5).reshape(M * N * K, *layout.sample_shape)
     tpl = unstack(flat, layout, dim="sample")
     leads = (np.arange(1, K + 1) * np.int64(round(lead_h * 3600e9))).astype("timedelta64[ns]")
@@ -745,7 +700,7 @@ def forecast_dataset(pred, layout: Layout, init_times, *, attrs: Mapping | None 
     gattrs["source"] = (str(gattrs.get("source", "")).replace("| diffkit weather adapter", "").strip(" |") +
                         " | diffkit forecast").strip(" |")
     gattrs.update({"Conventions": "CF-1.8", "lead_hours": lead_h, "members": int(M), "steps": int(K),
-                   "history_states": int(a["history"]), "target": str(a.get("target", "state"))})
+                   "history_states": spec.history, "target": spec.target})
     o = {k: v for k, v in dict(options or {}).items() if k in ("time_units", "dims", "member") and v is not None}
     gattrs["diffkit_data_options"] = json.dumps({k: _jsonable(v) for k, v in o.items()})
     gattrs.update({k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in (attrs or {}).items()
