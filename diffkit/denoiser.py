@@ -93,6 +93,9 @@ class Cond:
                                  f"({layout.num_classes} is the null label)")
 
 
+_NO_COND = Cond()
+
+
 class Denoiser(nn.Module):
     """Wrap a backbone ``net`` as an x0-estimator over the VP process of ``schedule``.
 
@@ -108,17 +111,21 @@ class Denoiser(nn.Module):
         self.parameterization = P.check_parameterization(parameterization)
         self.layout = layout if layout is not None else getattr(net, "layout", None)
         self.logsnr_clip = float(logsnr_clip)
+        self._c_noise_cache: dict = {}
 
     # -- raw network call --------------------------------------------------------------
     def net_output(self, x: torch.Tensor, t, cond: Cond | None = None) -> torch.Tensor:
         """The backbone's raw output (in its parameterisation) at noisy ``x`` and time ``t``."""
         B = x.shape[0]
         t = as_batch_time(t, B, device=x.device)
-        cond = cond or Cond()
+        c_noise = self.schedule.logsnr(t).clamp(-self.logsnr_clip, self.logsnr_clip).to(torch.float32)
+        return self._net(x, c_noise, cond)
+
+    def _net(self, x, c_noise, cond):
+        cond = cond or _NO_COND
         if self.layout is not None:
             self.layout.check(x, "x", spatial=False)
             cond.check(self.layout, x)
-        c_noise = self.schedule.logsnr(t).clamp(-self.logsnr_clip, self.logsnr_clip).to(torch.float32)
         x_in = x if cond.fields is None else torch.cat([x, cond.fields.to(x.dtype)], dim=1)
         return self.net(x_in, c_noise, scalars=cond.scalars, labels=cond.labels)
 
@@ -134,9 +141,13 @@ class Denoiser(nn.Module):
         p = self.parameterization
         return P.to_x0(p, out, x, a, s), P.to_eps(p, out, x, a, s)
 
-    def _guided_output(self, x, t, cond, guidance):
+    def _guided_output(self, x, t, cond, guidance, c_noise=None):
+        """Network output with optional guidance; ``c_noise`` (the clipped float32 log-SNR per
+        sample) is computed from ``t`` unless given."""
+        if c_noise is None:
+            c_noise = self.schedule.logsnr(t).clamp(-self.logsnr_clip, self.logsnr_clip).to(torch.float32)
         if guidance is None or guidance == 1.0:
-            return self.net_output(x, t, cond)
+            return self._net(x, c_noise, cond)
         if cond is None or cond.labels is None:
             raise ValueError("classifier-free guidance needs class labels in Cond.labels")
         if self.layout is None or not self.layout.num_classes:
@@ -148,7 +159,7 @@ class Denoiser(nn.Module):
             scalars=None if cond.scalars is None else torch.cat([cond.scalars, cond.scalars]),
             labels=torch.cat([cond.labels, null]),
         )
-        out_c, out_u = self.net_output(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        out_c, out_u = self._net(torch.cat([x, x]), torch.cat([c_noise, c_noise]), both).chunk(2)
         # The conversions to x0/eps are affine in the output, so guidance in output space
         # equals guidance in eps space (Ho & Salimans 2022) and in x0 space.
         return out_u + guidance * (out_c - out_u)
@@ -156,6 +167,46 @@ class Denoiser(nn.Module):
     def forward(self, x: torch.Tensor, t, cond: Cond | None = None, guidance: float | None = None) -> torch.Tensor:
         """Estimate of x0 -- the contract every sampler relies on."""
         return self.predict(x, t, cond, guidance)[0]
+
+    def x0_at(self, x: torch.Tensor, t, alpha: float, sigma: float, logsnr: float, cond: Cond | None = None,
+              guidance: float | None = None) -> torch.Tensor:
+        """``forward(x, t, cond, guidance)`` for a batch at one time ``t`` whose ``alpha``,
+        ``sigma`` and log-SNR the caller already has (Python floats): the samplers' fast path.
+
+        It skips what a sampler has done once for its whole grid -- the range check of ``t``
+        and the schedule evaluations (``coeffs``, ``logsnr``) -- and the eps estimate that
+        :meth:`forward` discards.  The result equals ``forward``'s (bit for bit up to the last
+        ulp of the float64 schedule arithmetic, which is computed once per grid instead of once
+        per sample).  A subclass that overrides ``forward``, ``predict`` or ``net_output``, or a
+        module with hooks, gets the plain ``forward`` call, so overrides are never bypassed."""
+        if self._plain_only():
+            return self(x, t, cond, guidance)
+        lam = min(max(float(logsnr), -self.logsnr_clip), self.logsnr_clip)
+        key = (lam, x.shape[0], x.device)
+        c_noise = self._c_noise_cache.get(key)
+        if c_noise is None:  # one small tensor per grid level, reused by every call at that level
+            if len(self._c_noise_cache) > 512:
+                self._c_noise_cache.clear()
+            c_noise = torch.full((x.shape[0],), lam, dtype=torch.float32, device=x.device)
+            self._c_noise_cache[key] = c_noise
+        out = self._guided_output(x, None, cond, guidance, c_noise=c_noise)
+        p = self.parameterization
+        if p == "x0":
+            return out
+        a, s = float(alpha), float(sigma)
+        if out.dtype != x.dtype:  # as param.to_x0: coefficients in x's dtype, then type promotion
+            a, s = (float(torch.tensor(v, dtype=x.dtype)) for v in (a, s))
+            dt = torch.promote_types(out.dtype, x.dtype)
+            out, x = out.to(dt), x.to(dt)
+        if p == "eps":
+            return (x - s * out) / a
+        return a * x - s * out
+
+    def _plain_only(self) -> bool:
+        cls = type(self)
+        return (cls.forward is not Denoiser.forward or cls.predict is not Denoiser.predict
+                or cls.net_output is not Denoiser.net_output or cls._guided_output is not Denoiser._guided_output
+                or bool(self._forward_hooks or self._forward_pre_hooks))
 
     def bind(self, cond: Cond | None = None, guidance: float | None = None) -> "BoundDenoiser":
         """A denoiser with the conditioning fixed, for samplers."""
@@ -171,6 +222,13 @@ class BoundDenoiser:
 
     def __call__(self, x, t):
         return self.denoiser(x, t, self.cond, self.guidance)
+
+    def x0_at(self, x, t, alpha: float, sigma: float, logsnr: float):
+        """The samplers' fast path (:meth:`Denoiser.x0_at`) with the bound conditioning."""
+        fast = getattr(self.denoiser, "x0_at", None)
+        if fast is None:
+            return self(x, t)
+        return fast(x, t, alpha, sigma, logsnr, self.cond, self.guidance)
 
 
 class Regressor(nn.Module):

@@ -16,14 +16,35 @@ Multistep history lives in local variables; nothing is stored between calls.  Ea
 declares its order, whether it is stochastic, and how many denoiser evaluations (NFE) a grid
 costs, through :func:`sampler_info`.
 
-The deterministic samplers integrate the probability-flow ODE.  Euler and Heun work in the
-variance-exploding variables of Karras et al. (2022), ``x~ = x / alpha`` and
+The deterministic samplers integrate the probability-flow ODE.  Euler, Heun and DPM-Solver++(2S)
+work in the variance-exploding variables of Karras et al. (2022), ``x~ = x / alpha`` and
 ``sigma~ = sigma / alpha``, where the ODE is ``dx~/dsigma~ = (x~ - D) / sigma~``.
+
+**Default grids resolve small noise levels.**  Every built-in sampler defaults to the ``logsnr``
+spacing from ``sigma~ = 80`` down to ``sigma~ = SIGMA_MIN = 1e-3``.  The last denoiser call is
+made at ``sigma_min``, and its x0 estimate is the sample: data whose conditional spread ``s``
+is below the smallest noise level on the grid collapse to the conditional mean (for Gaussian
+data the final call shrinks the spread by ``s / sqrt(s^2 + sigma_min^2)``).  Measured with the
+exact denoiser (:class:`diffkit.GaussianDenoiser`, 4000 x 64 samples, float64), the former
+default, DPM-Solver++(2M) on a grid uniform in t, returned std ratios 1.00/0.74/0.32/0.11 for
+data std 1/0.1/0.03/0.01 at NFE 20, because its last call was at ``sigma~ ~ 0.2``; with the
+``logsnr`` grid to 1e-3 it returns 1.019/1.019/1.018/1.010 at NFE 20 and 1.042/1.034/1.017/0.977
+at NFE 10, on the cosine, linear and sigmoid schedules alike (``benchmarks/samplers.py`` and
+``tests/test_noise_levels.py``; ``docs/engine.md`` has the table).
+
+**Optional fast path.**  A denoiser may define
+``x0_at(x, t, alpha, sigma, logsnr, **extra_args)``: the same result as
+``denoiser(x, t, **extra_args)``, given the schedule's ``alpha``, ``sigma`` and log-SNR at
+``t`` as Python floats (every sample of the batch is at the same time), which the sampler has
+computed once for its whole grid.  :class:`diffkit.Denoiser` and its ``bind()`` result define
+it and so skip the per-call schedule arithmetic and range checks; any other callable gets the
+plain ``denoiser(x, t, **extra_args)`` call.
 """
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -32,9 +53,16 @@ import torch
 from ._shape import check_finite
 
 #: sigma~ = sigma/alpha at which the noise-level spacings (karras, logsnr) stop and start by
-#: default (Karras et al. 2022)
-SIGMA_MIN = 0.002
+#: default.  SIGMA_MAX is Karras et al.'s (2022) 80; SIGMA_MIN is half of their 0.002, chosen by
+#: measurement so that data with a conditional spread of 0.01 keep 99.5 % of it (see the module
+#: docstring and :func:`timesteps`).
+SIGMA_MIN = 1e-3
 SIGMA_MAX = 80.0
+#: Heun's method is unstable below this NFE: on a two-component mixture (means +-1, std 0.05 or
+#: 0.3, d = 4) samples at NFE 3..11 are 1.7x to 500x too spread, with max|x| up to 170 instead
+#: of ~1.2 (logsnr and karras grids alike); at NFE 12 the spread excess falls below 2.4x, at
+#: NFE 19 to 1.2x.  :func:`heun` warns below it.
+HEUN_MIN_NFE = 12
 
 
 @dataclass(frozen=True)
@@ -50,7 +78,7 @@ def _one_per_step(nfe: int) -> tuple[int, dict]:
     return nfe, {}
 
 
-def sampler_info(*, order: int, stochastic: bool, default_spacing: str = "uniform",
+def sampler_info(*, order: int, stochastic: bool, default_spacing: str = "logsnr",
                  plan: Callable[[int], tuple[int, dict]] = _one_per_step):
     """Decorator declaring a sampler's order, stochasticity, default spacing and NFE plan."""
 
@@ -66,35 +94,60 @@ class _Grid:
     """Everything a sampler needs about its time grid, computed once per call.
 
     Per-step coefficients are Python floats, so the loop does no schedule arithmetic (the
-    only tensor work per step is on ``x``).  ``tb[i]`` is the per-sample time tensor that the
-    denoiser receives.
+    only tensor work per step is on ``x``).  ``a``, ``s`` and ``lam`` are alpha, sigma and the
+    log-SNR at every grid time, from one vectorised evaluation of the schedule (cached);
+    ``tb[i]`` is the per-sample time tensor that the denoiser receives, and :meth:`call`
+    hands all of these to the denoiser's optional fast path ``x0_at``.
     """
 
-    __slots__ = ("t", "a", "s", "tb", "n")
+    __slots__ = ("t", "a", "s", "lam", "tb", "n", "fast", "den")
 
-    def __init__(self, schedule, ts, x: torch.Tensor):
+    def __init__(self, denoiser, ts, x: torch.Tensor):
         ts = torch.as_tensor(ts, dtype=torch.float64).flatten().cpu()
         self.t = ts.tolist()
-        self.a, self.s = _grid_coeffs(schedule, tuple(self.t))
+        self.a, self.s, self.lam = _grid_coeffs(denoiser.schedule, tuple(self.t))
         self.n = len(self.t) - 1
         self.tb = ts.to(x.device)[:, None].expand(-1, x.shape[0])
+        self.den = denoiser
+        self.fast = getattr(denoiser, "x0_at", None)
 
     def sigma_tilde(self, i: int) -> float:
         """Karras et al.'s noise level ``sigma / alpha`` at grid point ``i``."""
         return self.s[i] / self.a[i]
 
+    def call(self, x, i: int, kw: dict) -> torch.Tensor:
+        """The denoiser at grid point ``i``."""
+        if self.fast is not None:
+            return self.fast(x, self.tb[i], self.a[i], self.s[i], self.lam[i], **kw)
+        return self.den(x, self.tb[i], **kw)
+
+    def call_at(self, x, tb, a: float, s: float, lam: float, kw: dict) -> torch.Tensor:
+        """The denoiser at an off-grid time ``tb`` with precomputed coefficients."""
+        if self.fast is not None:
+            return self.fast(x, tb, a, s, lam, **kw)
+        return self.den(x, tb, **kw)
+
 
 @functools.lru_cache(maxsize=128)
-def _grid_coeffs(schedule, t: tuple) -> tuple[list, list]:
-    """Check a grid and return its ``(alpha, sigma)`` lists; cached, since grids are reused."""
+def _grid_coeffs(schedule, t: tuple) -> tuple[list, list, list]:
+    """Check a grid and return its ``(alpha, sigma, logsnr)`` lists; cached, since grids are reused."""
     if len(t) < 2:
         raise ValueError("the time grid needs at least 2 points (one step); NFE must be >= 1")
     if any(b >= a for a, b in zip(t, t[1:])):
         raise ValueError("the time grid must be strictly decreasing")
     if t[0] > 1 or t[-1] < 0:
         raise ValueError(f"time grid values must lie in [0, 1], got {t[0]} .. {t[-1]}")
-    a, s = schedule.coeffs(torch.tensor(t, dtype=torch.float64))  # (1, 0) exactly at t = 0
-    return a.tolist(), s.tolist()
+    tt = torch.tensor(t, dtype=torch.float64)
+    a, s = schedule.coeffs(tt)  # (1, 0) exactly at t = 0
+    return a.tolist(), s.tolist(), schedule.logsnr(tt).tolist()
+
+
+def _levels(schedule, sig) -> tuple[torch.Tensor, list, list, list]:
+    """Times, alpha, sigma and log-SNR at noise levels ``sig`` (sigma~, a 1-D float64 tensor), in
+    one vectorised call: for the off-grid evaluations of churn and of DPM-Solver++(2S)."""
+    t = schedule.t_from_logsnr(-2.0 * sig.log()).clamp(0.0, 1.0)
+    a, s = schedule.coeffs(t)
+    return t, a.tolist(), s.tolist(), schedule.logsnr(t).tolist()
 
 
 def _noise(x, generator):
@@ -107,38 +160,58 @@ def _report(callback, g: _Grid, i, x, x0):
 
 
 # -- samplers ------------------------------------------------------------------------------
-@sampler_info(order=1, stochastic=True, default_spacing="uniform")
-def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, variance: str = "small"):
+def _check_noise(churn_noise) -> float:
+    v = float(churn_noise)
+    if not (v >= 0 and math.isfinite(v)):
+        raise ValueError(f"churn_noise must be a finite number >= 0, got {churn_noise!r}")
+    return v
+
+
+@sampler_info(order=1, stochastic=True)
+def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, variance: str = "small",
+         churn_noise: float = 1.0):
     """Ancestral DDPM (Ho et al. 2020): draw from q(x_s | x_t, x0_hat) at every step.
 
     ``variance="small"`` uses the posterior variance (beta tilde), ``"large"`` the forward
     step variance (beta); both are Ho et al.'s choices.  No noise is added on the last step.
+    ``churn_noise`` scales the std of the fresh noise (EDM's S_noise; 1 is the exact posterior).
+
+    First order: on Gaussian data (exact denoiser) the sample std comes out 23 % low at NFE 20
+    and within 10 % only from NFE 100 (0.94 at NFE 100, default logsnr grid), whatever the data std.
     """
     if variance not in ("small", "large"):
         raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
-    g = _Grid(denoiser.schedule, ts, x)
+    churn_noise = _check_noise(churn_noise)
+    g = _Grid(denoiser, ts, x)
     kw = extra_args or {}
     for i in range(g.n):
-        x0 = denoiser(x, g.tb[i], **kw)
+        x0 = g.call(x, i, kw)
         a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
         lam = a_t / a_s  # AR(1) coefficient of q(x_t | x_s); posterior as in process.posterior_coeffs
         sig2 = max(1.0 - lam * lam, 0.0)
         x = (a_s * sig2 / s_t**2) * x0 + (lam * s_s**2 / s_t**2) * x
         if i < g.n - 1:
             var = sig2 * s_s**2 / s_t**2 if variance == "small" else sig2
-            x = x + math.sqrt(var) * _noise(x, generator)
+            x = x + (math.sqrt(var) * churn_noise) * _noise(x, generator)
         _report(callback, g, i, x, x0)
     return x
 
 
-@sampler_info(order=1, stochastic=False, default_spacing="uniform")  # stochastic only with eta > 0
-def ddim(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, eta: float = 0.0):
+@sampler_info(order=1, stochastic=False)  # stochastic only with eta > 0
+def ddim(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, eta: float = 0.0,
+         churn_noise: float = 1.0):
     """DDIM (Song et al. 2021a).  ``eta = 0`` is deterministic (the probability-flow ODE's
-    exponential-Euler step); ``eta = 1`` has the ancestral DDPM marginals."""
-    g = _Grid(denoiser.schedule, ts, x)
+    exponential-Euler step); ``eta = 1`` has the ancestral DDPM marginals.  ``churn_noise``
+    scales the std of the fresh noise of ``eta > 0`` (EDM's S_noise).
+
+    First order: on Gaussian data the sample std comes out 13 % low at NFE 20 and within 10 %
+    from NFE 50 (0.95 at NFE 50, 0.97 at NFE 100; default logsnr grid), whatever the data std;
+    with ``eta = 1`` it is DDPM: 0.77 at NFE 20, 0.94 at NFE 100."""
+    churn_noise = _check_noise(churn_noise)
+    g = _Grid(denoiser, ts, x)
     kw = extra_args or {}
     for i in range(g.n):
-        x0 = denoiser(x, g.tb[i], **kw)
+        x0 = g.call(x, i, kw)
         a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
         c = 0.0
         if eta > 0 and s_s > 0:
@@ -146,7 +219,7 @@ def ddim(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, eta
         k = math.sqrt(max(s_s**2 - c**2, 0.0)) / s_t  # x_s = a_s x0 + k (x - a_t x0) [+ c z]
         x = torch.add(x0, x - a_t * x0, alpha=k / a_s).mul_(a_s) if k else a_s * x0
         if c > 0:
-            x = x + c * _noise(x, generator)
+            x = x + (c * churn_noise) * _noise(x, generator)
         _report(callback, g, i, x, x0)
     return x
 
@@ -155,16 +228,18 @@ def _half_logsnr(g: _Grid, i: int) -> float:
     return math.log(g.a[i] / g.s[i])
 
 
-@sampler_info(order=2, stochastic=False, default_spacing="uniform")
+@sampler_info(order=2, stochastic=False)
 def dpmpp_2m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order data-prediction solver.
 
-    The last step onto t = 0 is first order (it returns the x0 estimate)."""
-    g = _Grid(denoiser.schedule, ts, x)
+    The last step onto t = 0 is first order (it returns the x0 estimate).  The default sampler
+    of :func:`sample`: on Gaussian data of std 1, 0.1, 0.03, 0.01 (exact denoiser, default
+    logsnr grid) it returns the std to within 2 % at NFE 20 and 5 % at NFE 10."""
+    g = _Grid(denoiser, ts, x)
     kw = extra_args or {}
     x0_prev, h_prev = None, None
     for i in range(g.n):
-        x0 = denoiser(x, g.tb[i], **kw)
+        x0 = g.call(x, i, kw)
         if g.s[i + 1] == 0:
             x = x0
         else:
@@ -180,19 +255,23 @@ def dpmpp_2m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None)
     return x
 
 
-@sampler_info(order=3, stochastic=False, default_spacing="uniform")
+@sampler_info(order=3, stochastic=False)
 def dpmpp_3m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None):
     """DPM-Solver++(3M) (Lu et al. 2022), multistep third order in log-SNR.
 
     The data-prediction ODE solution is expanded to second order in the half-log-SNR step h
     with divided differences of the last three x0 estimates (phi_2, phi_3 of the exponential
     integrator).  Lower order on the first steps, order <= 2 on the step before the final
-    one, and the final step onto t = 0 returns the x0 estimate."""
-    g = _Grid(denoiser.schedule, ts, x)
+    one, and the final step onto t = 0 returns the x0 estimate.
+
+    Needs NFE >= 20 on the default logsnr grid: on Gaussian data the std comes out within 2 %
+    at NFE 20 (1.007/1.006/1.007/1.026 for data std 1/0.1/0.03/0.01) but up to 27 % too high
+    at NFE 10 (where dpmpp_2m is within 5 %)."""
+    g = _Grid(denoiser, ts, x)
     kw = extra_args or {}
     x0_1 = x0_2 = h_1 = h_2 = None
     for i in range(g.n):
-        x0 = denoiser(x, g.tb[i], **kw)
+        x0 = g.call(x, i, kw)
         if g.s[i + 1] == 0:
             x = x0
         else:
@@ -218,24 +297,54 @@ def dpmpp_3m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None)
     return x
 
 
-def _churn(sched, g: _Grid, i, xt, n, churn, churn_tmin, churn_tmax, churn_noise, generator):
-    """EDM stochastic churn (Karras et al. 2022, Alg. 2): raise the noise level of ``x~``
-    from sigma~ to sigma^ = sigma~ (1 + gamma) by adding fresh noise.
+class _Churn:
+    """EDM stochastic churn (Karras et al. 2022, Alg. 2), planned once per sampling call: at
+    step ``i`` the noise level of ``x~`` is raised from sigma~ to sigma^ = sigma~ (1 + gamma)
+    by adding fresh noise of std ``sqrt(sigma^2 - sigma~^2) * churn_noise``, with
+    ``gamma = min(churn / n, sqrt(2) - 1)`` where ``churn_tmin <= sigma~ <= churn_tmax``.
 
-    Returns ``(x~, t^ tensor, alpha^, sigma^)``."""
-    sig = g.sigma_tilde(i)
-    if churn <= 0 or not (churn_tmin <= sig <= churn_tmax):
-        return xt, g.tb[i], g.a[i], sig
-    gamma = min(churn / n, math.sqrt(2.0) - 1.0)
-    a1, s1 = sched.coeffs(torch.tensor(1.0, dtype=torch.float64))
-    sig_hat = min(sig * (1 + gamma), float(s1 / a1))
-    if sig_hat <= sig:
-        return xt, g.tb[i], g.a[i], sig
-    xt = xt + (math.sqrt(sig_hat**2 - sig**2) * churn_noise) * _noise(xt, generator)
-    t_hat = sched.t_from_logsnr(torch.tensor(-2.0 * math.log(sig_hat), dtype=torch.float64))
-    t_hat = torch.clamp(t_hat, min=g.t[i], max=1.0)  # round-off must not move t below the grid point
-    a_hat, s_hat = (float(v) for v in sched.coeffs(t_hat))
-    return xt, t_hat.to(xt.device).expand(xt.shape[0]), a_hat, s_hat / a_hat
+    The raised levels, their times and coefficients come from one vectorised schedule
+    evaluation (no per-step bisection)."""
+
+    __slots__ = ("on", "sig", "add", "tb", "a", "s", "lam")
+
+    def __init__(self, g: _Grid, churn, churn_tmin, churn_tmax, churn_noise):
+        n = g.n
+        self.on = [False] * n
+        self.sig = [g.s[i] / g.a[i] for i in range(n)]
+        self.add = [0.0] * n
+        if churn <= 0:
+            return
+        sched = g.den.schedule
+        gamma = min(churn / n, math.sqrt(2.0) - 1.0)
+        a1, s1 = (float(v) for v in sched.coeffs(torch.tensor(1.0, dtype=torch.float64)))
+        idx, hats = [], []
+        for i in range(n):
+            sig = self.sig[i]
+            if churn_tmin <= sig <= churn_tmax:
+                hat = min(sig * (1 + gamma), s1 / a1)
+                if hat > sig:
+                    idx.append(i)
+                    hats.append(hat)
+        if not idx:
+            return
+        t_hat, a_h, s_h, l_h = _levels(sched, torch.tensor(hats, dtype=torch.float64))
+        t_hat = torch.maximum(t_hat, torch.tensor([g.t[i] for i in idx], dtype=torch.float64))  # round-off
+        dev = g.tb.device
+        self.tb, self.a, self.s, self.lam = {}, {}, {}, {}
+        for k, i in enumerate(idx):
+            self.on[i] = True
+            self.add[i] = math.sqrt(hats[k] ** 2 - self.sig[i] ** 2) * churn_noise
+            self.sig[i] = s_h[k] / a_h[k]
+            self.tb[i] = t_hat[k].to(dev).expand(g.tb.shape[1])
+            self.a[i], self.s[i], self.lam[i] = a_h[k], s_h[k], l_h[k]
+
+    def apply(self, g: _Grid, i: int, xt, generator, kw):
+        """``(x^~, x0 at x^~)`` at step ``i``: fresh noise (if churned), then one denoiser call."""
+        if not self.on[i]:
+            return xt, g.call(g.a[i] * xt, i, kw)
+        xt = xt + self.add[i] * _noise(xt, generator)
+        return xt, g.call_at(self.a[i] * xt, self.tb[i], self.a[i], self.s[i], self.lam[i], kw)
 
 
 def _heun_plan(nfe: int) -> tuple[int, dict]:
@@ -243,24 +352,36 @@ def _heun_plan(nfe: int) -> tuple[int, dict]:
     return n, {"second_order_steps": nfe - n}
 
 
+def _promote(x0, xt):
+    if x0.dtype != xt.dtype:  # follow type promotion, as the other samplers' arithmetic does
+        dt = torch.promote_types(x0.dtype, xt.dtype)
+        x0, xt = x0.to(dt), xt.to(dt)
+    return x0, xt
+
+
+def _churn_args(churn, churn_tmin, churn_tmax, churn_noise):
+    churn_noise = _check_noise(churn_noise)
+    if not (float(churn) >= 0 and math.isfinite(float(churn))):
+        raise ValueError(f"churn must be a finite number >= 0, got {churn!r}")
+    return float(churn), float(churn_tmin), float(churn_tmax), churn_noise
+
+
 def _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn_tmin, churn_tmax,
                   churn_noise, second_order_steps):
-    sched = denoiser.schedule
-    g = _Grid(sched, ts, x)
+    churn, churn_tmin, churn_tmax, churn_noise = _churn_args(churn, churn_tmin, churn_tmax, churn_noise)
+    g = _Grid(denoiser, ts, x)
+    ch = _Churn(g, churn, churn_tmin, churn_tmax, churn_noise)
     kw = extra_args or {}
     xt = x / g.a[0]  # x~ = x / alpha
     for i in range(g.n):
-        xt, tb_hat, a_hat, sig_hat = _churn(sched, g, i, xt, g.n, churn, churn_tmin, churn_tmax, churn_noise,
-                                            generator)
-        x0 = denoiser(a_hat * xt, tb_hat, **kw)
+        xt, x0 = ch.apply(g, i, xt, generator, kw)
+        sig_hat = ch.sig[i]
         a_s, sig_s = g.a[i + 1], g.sigma_tilde(i + 1)
         # Euler: x~' = x~ + (sig_s - sig) (x~ - x0) / sig = lerp(x0, x~, sig_s / sig)
-        if x0.dtype != xt.dtype:  # follow type promotion, as the other samplers' arithmetic does
-            dt = torch.promote_types(x0.dtype, xt.dtype)
-            x0, xt = x0.to(dt), xt.to(dt)
+        x0, xt = _promote(x0, xt)
         x_next = torch.lerp(x0, xt, sig_s / sig_hat)
         if sig_s > 0 and i < second_order_steps:
-            x0_2 = denoiser(a_s * x_next, g.tb[i + 1], **kw)
+            x0_2 = g.call(a_s * x_next, i + 1, kw)
             # Heun: x~ + (sig_s - sig)/2 (d + d'), d = (x~ - x0)/sig, d' = (x~' - x0')/sig_s
             half = 0.5 * (sig_s - sig_hat)
             x_next = torch.add(xt, xt - x0, alpha=half / sig_hat).add_(x_next - x0_2, alpha=half / sig_s)
@@ -270,16 +391,23 @@ def _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn
     return g.a[-1] * xt
 
 
-@sampler_info(order=1, stochastic=False, default_spacing="karras")
+@sampler_info(order=1, stochastic=False)
 def euler(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
           churn: float = 0.0, churn_tmin: float = 0.0, churn_tmax: float = float("inf"), churn_noise: float = 1.0):
     """Euler on the probability-flow ODE in Karras et al.'s variables, with optional EDM
-    stochastic churn (``churn > 0``, applied where ``churn_tmin <= sigma~ <= churn_tmax``)."""
+    stochastic churn (``churn > 0``, applied where ``churn_tmin <= sigma~ <= churn_tmax``;
+    ``churn_noise`` is EDM's S_noise).
+
+    The Euler step in ``x~`` is DDIM's step, so it shares DDIM's first-order under-dispersion:
+    on Gaussian data the std comes out 13 % low at NFE 20 and within 10 % from NFE 50.  Churn
+    lengthens every step (it restarts from sigma^ > sigma~) and so adds to it: with
+    ``churn=2.5`` the std is 0.84 at NFE 20, 0.93 at NFE 50, 0.97 at NFE 100 (default logsnr
+    grid, any data std); use Heun or ``dpmpp_2s`` with churn at low NFE."""
     return _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn_tmin, churn_tmax,
                          churn_noise, second_order_steps=0)
 
 
-@sampler_info(order=2, stochastic=False, default_spacing="karras", plan=_heun_plan)
+@sampler_info(order=2, stochastic=False, plan=_heun_plan)
 def heun(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
          churn: float = 0.0, churn_tmin: float = 0.0, churn_tmax: float = float("inf"), churn_noise: float = 1.0,
          second_order_steps: int | None = None):
@@ -287,11 +415,79 @@ def heun(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
 
     The first ``second_order_steps`` steps get the trapezoidal correction (default: all; a
     step landing on t = 0 never does), so a grid ending in 0 with ``n`` steps costs
-    ``2n - 1`` denoiser calls.  :func:`sample` sets ``second_order_steps`` to spend an exact NFE."""
+    ``2n - 1`` denoiser calls.  :func:`sample` sets ``second_order_steps`` to spend an exact NFE.
+
+    Where it holds: the trapezoidal rule in sigma~ over-shoots the exact contraction of a
+    step that crosses the data's scale (for Gaussian data of std ``s`` the ODE gives
+    ``x~ ~ sqrt(s^2 + sigma~^2)``; a Heun step from sigma~ = s to s/2.9 keeps 0.769 of x~
+    where the exact flow keeps 0.748), so at low NFE Heun over-disperses, for every data std:
+    std ratio 1.22 at NFE 21, 1.07 at NFE 35, 1.03 at NFE 51 on the default logsnr grid (the
+    karras grid is worse at small std: 1.64 at NFE 21, 1.19 at NFE 35 for data std 0.01,
+    because its last steps have sigma ratios of 5 to 8).  Churn does not cure it (1.29 at NFE 21
+    with ``churn=2.5``, 1.09 at NFE 35, 1.04 at NFE 51).  Use NFE >= 35, or ``dpmpp_2m`` / ``dpmpp_2s``.  Below NFE
+    ``HEUN_MIN_NFE`` = 12 Heun is unstable (samples many times too spread, or divergent) and
+    a ``UserWarning`` says so."""
     n = len(torch.as_tensor(ts).flatten()) - 1
     k = n if second_order_steps is None else int(second_order_steps)
+    ends_at_zero = float(torch.as_tensor(ts).flatten()[-1]) == 0.0
+    corrected = min(k, n - 1 if ends_at_zero else n)
+    if corrected > 0 and n + corrected < HEUN_MIN_NFE:
+        warnings.warn(f"heun with NFE {n + corrected} is unstable (samples can be many times too spread or "
+                      f"diverge); use NFE >= {HEUN_MIN_NFE}, or dpmpp_2m at low NFE", UserWarning, stacklevel=2)
     return _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn_tmin, churn_tmax,
                          churn_noise, second_order_steps=k)
+
+
+@sampler_info(order=2, stochastic=False, plan=_heun_plan)
+def dpmpp_2s(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
+             churn: float = 0.0, churn_tmin: float = 0.0, churn_tmax: float = float("inf"),
+             churn_noise: float = 1.0, second_order_steps: int | None = None):
+    """DPM-Solver++(2S) (Lu et al. 2022), the single-step second-order data-prediction solver,
+    with optional EDM stochastic churn -- GenCast's sampler (Price et al. 2024: ``churn=2.5``,
+    ``churn_noise=1.05``, 20 noise levels).
+
+    Each step from sigma^ (after churn) to sigma_s evaluates the denoiser at x~ and at the
+    midpoint ``sqrt(sigma^ sigma_s)`` in log sigma~ (r = 1/2), and takes the exponential-
+    integrator step ``x~' = lerp(D_mid, x~, sigma_s / sigma^)``.  Like :func:`heun`, the first
+    ``second_order_steps`` steps are second order (default: all but the one onto t = 0), so a
+    grid of ``n`` steps ending in 0 costs ``2n - 1`` calls, and :func:`sample` spends an exact
+    NFE.
+
+    Where it holds: it under-disperses slightly at low NFE instead of over-dispersing like
+    Heun.  On Gaussian data (exact denoiser, default logsnr grid, any data std from 1 to 0.01)
+    the std ratio is 0.81 at NFE 11, 0.94 at NFE 21, 0.97 at NFE 31; with GenCast's
+    ``churn=2.5, churn_noise=1.05`` it is 0.96 at NFE 21 and 1.00 at NFE 31 (``churn_noise > 1``
+    compensates the solver's contraction; ``churn=2.5`` alone gives 0.92 at NFE 21)."""
+    churn, churn_tmin, churn_tmax, churn_noise = _churn_args(churn, churn_tmin, churn_tmax, churn_noise)
+    g = _Grid(denoiser, ts, x)
+    ch = _Churn(g, churn, churn_tmin, churn_tmax, churn_noise)
+    k = g.n if second_order_steps is None else int(second_order_steps)
+    kw = extra_args or {}
+    # midpoints of the second-order steps, from one vectorised schedule evaluation
+    steps = [i for i in range(min(k, g.n)) if g.s[i + 1] > 0]
+    mid = {}
+    if steps:
+        sm = torch.tensor([math.sqrt(ch.sig[i] * g.sigma_tilde(i + 1)) for i in steps], dtype=torch.float64)
+        t_m, a_m, s_m, l_m = _levels(g.den.schedule, sm)
+        for j, i in enumerate(steps):
+            mid[i] = (t_m[j].to(g.tb.device).expand(g.tb.shape[1]), a_m[j], s_m[j], l_m[j], float(sm[j]))
+    xt = x / g.a[0]
+    for i in range(g.n):
+        xt, x0 = ch.apply(g, i, xt, generator, kw)
+        x0, xt = _promote(x0, xt)
+        sig_hat, a_s, sig_s = ch.sig[i], g.a[i + 1], g.sigma_tilde(i + 1)
+        if i in mid:
+            tb_m, a_m, s_m, l_m, sig_m = mid[i]
+            x_mid = torch.lerp(x0, xt, sig_m / sig_hat)
+            d = g.call_at(a_m * x_mid, tb_m, a_m, s_m, l_m, kw)
+            d, xt = _promote(d, xt)
+            x_next = torch.lerp(d, xt, sig_s / sig_hat)
+        else:
+            x_next = torch.lerp(x0, xt, sig_s / sig_hat)
+        xt = x_next
+        if callback is not None:
+            _report(callback, g, i, a_s * xt, x0)
+    return g.a[-1] * xt
 
 
 BUILTIN_SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m,
@@ -318,8 +514,19 @@ def timesteps(schedule, n: int, spacing: str = "uniform", *, t_max: float = 1.0,
     80 (cosine: ~1800) otherwise spend their first steps where nothing happens, which makes
     Heun unstable at low NFE.  The prior N(0, I) differs from the true marginal at sigma~ = 80
     by ``alpha ~ 0.0125`` times the data.  ``sigma_max=None`` starts at ``t_max``.
-    ``sigma_min`` defaults to 0.002, or to the first training step ``t = 1/T`` of a discrete
-    schedule if that is noisier.  Grids are cached: repeated calls cost nothing.
+
+    ``sigma_min`` defaults to ``SIGMA_MIN = 1e-3`` for every schedule, discrete ones included.
+    The last denoiser call is made there, and data spread finer than ``sigma_min`` is lost
+    (Gaussian data of std ``s`` keep ``s / sqrt(s^2 + sigma_min^2)`` of it).  Earlier versions
+    clamped ``sigma_min`` to the first training step ``t = 1/T`` of a discrete schedule
+    (sigma~ ~ 0.01 for DDPM's linear T = 1000), which kept only 71 % of a 0.01 spread.  Calling
+    an eps- or v-network slightly below its smallest training noise level is benign: its x0
+    estimate is ``(x - sigma eps_hat) / alpha`` or ``alpha x - sigma v_hat``, so whatever the
+    network outputs at the unseen noise level enters x0 multiplied by ``sigma <= 0.01``, and its
+    input there is as close to clean data as at the smallest trained level (the log-SNR it is
+    conditioned on, 13.8 at 1e-3 against 9.2 at ``t = 1/T``, is within ``Denoiser.logsnr_clip``).
+    An x0-network has no such damping; pass ``sigma_min`` explicitly if yours extrapolates badly.
+    Grids are cached: repeated calls cost nothing.
     """
     return _timesteps(schedule, n, spacing, float(t_max), sigma_min, sigma_max, float(rho)).clone()
 
@@ -339,19 +546,18 @@ def _timesteps(schedule, n, spacing, t_max, sigma_min, sigma_max, rho) -> torch.
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     if sigma_min is None:
         sigma_min = SIGMA_MIN
-        if schedule.T:
-            a, s = schedule.coeffs(torch.tensor(1.0 / schedule.T, dtype=dt))
-            sigma_min = max(sigma_min, float(s / a))
+    if not (sigma_min > 0 and math.isfinite(sigma_min)):
+        raise ValueError(f"sigma_min must be a finite number > 0, got {sigma_min!r}")
     if sigma_max is not None:
         t_max = min(t_max, float(schedule.t_from_logsnr(torch.tensor(-2.0 * math.log(sigma_max), dtype=dt))))
     l_hi = float(schedule.logsnr(torch.tensor(t_max, dtype=dt)))
     l_lo_cap = -2.0 * math.log(sigma_min)
     if n == 1:
         return torch.tensor([t_max, 0.0], dtype=dt)
+    s_max, s_min = math.exp(-0.5 * l_hi), sigma_min
+    if s_min >= s_max:
+        raise ValueError(f"sigma_min {s_min} is not below sigma~ at t_max ({s_max})")
     if spacing == "karras":
-        s_max, s_min = math.exp(-0.5 * l_hi), sigma_min
-        if s_min >= s_max:
-            raise ValueError(f"sigma_min {s_min} is not below sigma~ at t_max ({s_max})")
         r = torch.linspace(0, 1, n, dtype=dt)
         sig = (s_max ** (1 / rho) + r * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho
         lsnr = -2.0 * sig.log()
@@ -372,7 +578,11 @@ def get_sampler(name_or_fn):
     return registry.get("sampler", name_or_fn)
 
 
-def sample(denoiser, shape, *, sampler="dpmpp_2m", nfe: int = 20, spacing: str | None = None,
+#: the defaults of :func:`sample` and of the ``[sample]`` config section (measured; see the module docstring)
+DEFAULT_SAMPLER, DEFAULT_NFE = "dpmpp_2m", 20
+
+
+def sample(denoiser, shape, *, sampler=DEFAULT_SAMPLER, nfe: int = DEFAULT_NFE, spacing: str | None = None,
            generator: torch.Generator | None = None, device=None, dtype=torch.float32,
            x_init: torch.Tensor | None = None, extra_args: dict | None = None,
            progress: bool = False, callback=None, t_max: float = 1.0, sigma_min: float | None = None,
@@ -380,8 +590,10 @@ def sample(denoiser, shape, *, sampler="dpmpp_2m", nfe: int = 20, spacing: str |
     """Draw samples of ``shape = (B, C, *spatial)`` with exactly ``nfe`` denoiser calls.
 
     ``sampler`` is a registered name or a sampler function; ``spacing`` defaults to the
-    sampler's own (``sampler.info.default_spacing``); ``t_max``, ``sigma_min`` and
-    ``sigma_max`` go to :func:`timesteps`.  ``x_init`` (default: standard normal noise) is
+    sampler's own (``sampler.info.default_spacing``: ``logsnr`` for every built-in one);
+    ``t_max``, ``sigma_min`` and ``sigma_max`` go to :func:`timesteps`.  The defaults,
+    DPM-Solver++(2M) with 20 calls on the logsnr grid from sigma~ = 80 to 1e-3, reproduce the
+    std of Gaussian data of std 1 to 0.01 within 2 % (exact denoiser; module docstring).  ``x_init`` (default: standard normal noise) is
     the state at the grid's first time.  ``progress=True`` shows a tqdm bar; other keyword
     arguments are the sampler's options (e.g. ``eta``, ``churn``).
     """

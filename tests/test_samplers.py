@@ -20,6 +20,9 @@ import diffkit as dk
 from diffkit import samplers as S
 from diffkit.errors import NonFiniteError, UnknownComponentError
 
+# Heun warns below its stable NFE (tested in test_noise_levels.py); here low NFEs test plumbing
+pytestmark = pytest.mark.filterwarnings("ignore:heun with NFE:UserWarning")
+
 F64 = torch.float64
 ALL = ["ddpm", "ddim", "dpmpp_2m", "dpmpp_3m", "euler", "heun"]
 DETERMINISTIC = ["ddim", "euler", "heun", "dpmpp_2m", "dpmpp_3m"]
@@ -366,7 +369,7 @@ def test_timesteps_spacings(spacing, which):
             elif spacing == "quadratic":
                 torch.testing.assert_close(ts, t_max * (torch.arange(n, -1, -1, dtype=F64) / n) ** 2)
             else:
-                sig_min = max(0.002, float(sch.sigma(1e-3) / sch.alpha(1e-3))) if which == "linear" else 0.002
+                sig_min = S.SIGMA_MIN  # 1e-3 for every schedule: no clamp to t = 1/T
                 a, s = sch.coeffs(inner)
                 sig = s / a
                 assert float(sig[-1]) == pytest.approx(sig_min, rel=1e-6)
@@ -444,3 +447,152 @@ def test_custom_sampler_function_is_accepted():
     out = dk.sample(D, (3,), sampler=last_x0, nfe=5, dtype=F64)
     assert D.calls == 5
     torch.testing.assert_close(out, torch.full((3,), 0.25, dtype=F64))
+
+
+# ------------------------------------------------------------------------------------------
+# DPM-Solver++(2S) (not registered by name: see docs/engine.md)
+# ------------------------------------------------------------------------------------------
+def test_dpmpp_2s_second_order_convergence():
+    sch = dk.cosine()
+    g = torch.Generator().manual_seed(7)
+    mu, sd = 0.5 + torch.randn(2, 3, generator=g, dtype=F64), 0.3
+    D = ExactGaussian(sch, mu, sd)
+    x_a = 1.5 * torch.randn(4, 2, 3, generator=g, dtype=F64)
+    exact = flow_map(sch, mu, sd, x_a, 1.0, 0.05)
+    ns = np.array([64, 128, 256, 512])
+    errs = np.array([float((S.dpmpp_2s(D, x_a.clone(), logsnr_grid(sch, int(n))) - exact).abs().max()) for n in ns])
+    assert bool((np.diff(errs) < 0).all()), errs
+    order = -np.polyfit(np.log(ns), np.log(errs), 1)[0]
+    assert abs(order - 2) <= 0.3, (errs, order)
+    assert S.dpmpp_2s.info.order == 2 and S.dpmpp_2s.info.default_spacing == "logsnr"
+
+
+@pytest.mark.parametrize("opts", [{}, {"churn": 2.5, "churn_noise": 1.05}])
+def test_dpmpp_2s_spends_exactly_nfe_and_is_reproducible(opts):
+    sch = dk.linear()
+    for nfe in range(1, 13):
+        D = dk.GaussianMixtureDenoiser(sch, torch.tensor([[-1.0, 1.0], [1.0, 0.0]]), [0.3, 0.5])
+        run = lambda seed: dk.sample(D, (3, 2), sampler=S.dpmpp_2s, nfe=nfe,
+                                     generator=torch.Generator().manual_seed(seed), **opts)
+        x = run(0)
+        assert D.nfe == nfe and x.shape == (3, 2) and bool(torch.isfinite(x).all())
+        assert torch.equal(x, run(0))
+
+
+def test_dpmpp_2s_churn_adds_noise_from_the_generator():
+    D = ExactGaussian(dk.cosine(), MU2, 0.5)
+    x1 = torch.randn(6, 2)
+    run = lambda seed, **kw: dk.sample(D, (6, 2), sampler=S.dpmpp_2s, nfe=9, x_init=x1,
+                                       generator=torch.Generator().manual_seed(seed), **kw)
+    assert torch.equal(run(0), run(1))  # deterministic without churn
+    assert not torch.allclose(run(0, churn=2.5), run(1, churn=2.5))
+
+
+# ------------------------------------------------------------------------------------------
+# churn_noise (EDM's S_noise) scales the injected noise exactly
+# ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler, opts", [("ddpm", {}), ("ddpm", {"variance": "large"}), ("ddim", {"eta": 0.7}),
+                                           ("euler", {"churn": 3.0}), ("heun", {"churn": 3.0}),
+                                           (S.dpmpp_2s, {"churn": 3.0})])
+def test_churn_noise_scales_the_injected_noise(sampler, opts):
+    """With the (linear) Gaussian denoiser the output is affine in the injected noise, so
+    out(c) = out(0) + c (out(1) - out(0)) for the same generator."""
+    D = ExactGaussian(dk.cosine(), MU2, 0.4)
+    x1 = torch.randn(50, 2, dtype=F64, generator=torch.Generator().manual_seed(3))
+    run = lambda c: dk.sample(D, (50, 2), sampler=sampler, nfe=12, x_init=x1, churn_noise=c,
+                              generator=torch.Generator().manual_seed(4), **opts)
+    o0, o1, o2 = run(0.0), run(1.0), run(1.7)
+    assert not torch.allclose(o0, o1)
+    torch.testing.assert_close(o2, o0 + 1.7 * (o1 - o0), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "euler", "heun", S.dpmpp_2s])
+@pytest.mark.parametrize("bad", [-0.5, float("nan"), float("inf")])
+def test_bad_churn_noise_is_refused(sampler, bad):
+    D = ExactGaussian(dk.cosine(), 0.0, 1.0)
+    with pytest.raises(ValueError, match="churn_noise must be a finite number >= 0"):
+        dk.sample(D, (2, 2), sampler=sampler, nfe=4, churn_noise=bad)
+    assert D.calls == 0
+
+
+# ------------------------------------------------------------------------------------------
+# the Denoiser fast path (x0_at) gives the plain call's result
+# ------------------------------------------------------------------------------------------
+class PlainOnly:
+    """The plain ``denoiser(x, t, **kw)`` contract only: hides ``x0_at``."""
+
+    def __init__(self, den):
+        self.den, self.schedule = den, den.schedule
+
+    def __call__(self, x, t, **kw):
+        return self.den(x, t, **kw)
+
+
+FAST_SAMPLERS = [(n, {}) for n in ALL] + [("euler", {"churn": 2.0}), ("heun", {"churn": 2.0}), ("ddim", {"eta": 0.5}),
+                                          (S.dpmpp_2s, {}), (S.dpmpp_2s, {"churn": 2.5, "churn_noise": 1.05})]
+
+
+@pytest.mark.parametrize("p", ["eps", "v", "x0"])
+@pytest.mark.parametrize("which", ["cosine", "linear"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_fast_path_equals_plain_call_bit_for_bit(p, which, dtype, affine_net):
+    net = affine_net(out_channels=2, d=0.3).to(dtype)
+    den = dk.Denoiser(net, which, p)
+    x1 = torch.randn(4, 2, 5, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    calls = {"fast": 0}
+    orig = den.x0_at
+
+    def counted(*a, **k):
+        calls["fast"] += 1
+        return orig(*a, **k)
+
+    den.x0_at = counted
+    for sampler, opts in FAST_SAMPLERS:
+        run = lambda d: dk.sample(d, x1.shape, sampler=sampler, nfe=9, x_init=x1,
+                                  generator=torch.Generator().manual_seed(1), **opts)
+        calls["fast"] = 0
+        a = run(den)
+        assert calls["fast"] == 9  # every call took the fast path
+        b = run(PlainOnly(den))
+        assert a.dtype == b.dtype == dtype
+        assert torch.equal(a, b), (sampler, opts, float((a - b).abs().max()))
+
+
+@pytest.mark.parametrize("sampler, opts", [("dpmpp_2m", {}), ("heun", {"churn": 2.0}), (S.dpmpp_2s, {})])
+def test_fast_path_on_any_rank_with_conditioning_and_guidance(sampler, opts, shape, affine_net):
+    """Ranks 1-5 (the ``shape`` fixture) without a layout; from rank 2, class labels with
+    classifier-free guidance through bind() and through extra_args."""
+    x1 = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(2))
+    run = lambda d, **kw: dk.sample(d, shape, sampler=sampler, nfe=7, x_init=x1, dtype=F64,
+                                    generator=torch.Generator().manual_seed(3), **opts, **kw)
+    den = dk.Denoiser(affine_net(d=0.3), "cosine", "v")
+    torch.testing.assert_close(run(den), run(PlainOnly(den)), rtol=0, atol=1e-12)
+    if len(shape) < 2:
+        return
+    C, spatial = shape[1], shape[2:]
+    layout = dk.Layout(channels=tuple(f"c{i}" for i in range(C)), spatial=tuple(f"s{i}" for i in range(len(spatial))),
+                       shape=spatial, num_classes=3)
+    den = dk.Denoiser(affine_net(out_channels=C, d=0.3), "cosine", "v", layout=layout)
+    labels = torch.arange(shape[0]) % 3
+    for guidance in (None, 2.5):
+        bound = den.bind(dk.Cond(labels=labels), guidance)
+        ref = run(PlainOnly(bound))
+        torch.testing.assert_close(run(bound), ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(run(den, extra_args={"cond": dk.Cond(labels=labels), "guidance": guidance}), ref,
+                                   rtol=0, atol=1e-12)
+
+
+def test_fast_path_never_bypasses_overrides_or_hooks(affine_net):
+    class Shifted(dk.Denoiser):
+        def forward(self, x, t, cond=None, guidance=None):
+            return super().forward(x, t, cond, guidance) + 1.0
+
+    x1 = torch.randn(3, 2, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    den = Shifted(affine_net(out_channels=2, d=0.3).double(), "cosine", "eps")
+    a = dk.sample(den, x1.shape, nfe=5, x_init=x1)
+    torch.testing.assert_close(a, dk.sample(PlainOnly(den), x1.shape, nfe=5, x_init=x1), rtol=0, atol=0)
+    plain = dk.Denoiser(affine_net(out_channels=2, d=0.3).double(), "cosine", "eps")
+    seen = []
+    plain.register_forward_hook(lambda mod, inp, out: seen.append(1))
+    dk.sample(plain, x1.shape, nfe=5, x_init=x1)
+    assert len(seen) == 5  # with a hook, every call goes through forward
