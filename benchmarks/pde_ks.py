@@ -60,7 +60,8 @@ def config(args, s: dict, data: Path, run_dir: Path, objective: str):
                   "schedule": args.schedule,
                   "options": {"channels": s["channels"], "channel_mult": list(s["mult"]),
                               "num_res_blocks": s["res_blocks"], "attn_levels": [], "mid_attn": False}},
-        "loss": {"weighting": args.weighting},
+        # unset keys take the config's defaults, resolved per model when training starts
+        "loss": {k: v for k, v in (("weighting", args.weighting), ("noise", args.noise)) if v is not None},
         "trainer": {"steps": s["steps"], "lr": s["lr"], "warmup": min(200, s["steps"] // 10), "seed": args.seed,
                     "val_every": 0, "ckpt_every": 0, "log_every": 100, "ema_decay": 0.995},
         "sample": {"sampler": args.sampler, "nfe": s["nfe"], "spacing": args.spacing},
@@ -114,7 +115,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--target", choices=["state", "residual"], default="residual")
     ap.add_argument("--parameterization", default="v")
     ap.add_argument("--schedule", default="cosine")
-    ap.add_argument("--weighting", default="min_snr")
+    ap.add_argument("--weighting", default=None,
+                    help="loss.weighting (default: the config's, resolved per model: edm for a surrogate)")
+    ap.add_argument("--noise", default=None,
+                    help="loss.noise, the training noise distribution (default: the config's, resolved per model)")
     ap.add_argument("--sampler", default="dpmpp_2m")
     ap.add_argument("--spacing", default=None, help="sampler time grid (default: the sampler's)")
     ap.add_argument("--nfe", type=int, default=None, help="denoiser calls per rollout step (default: the setting's)")
@@ -170,6 +174,12 @@ def main(argv=None) -> dict:
         c0, cm, dt = evaluate(sur, test, s["test_traj"], members, args.seed, progress)
         t_eval = time.time() - t0
         curves[label] = c0
+        if objective == "diffusion":  # what the run actually used (unset keys resolved at training)
+            from diffkit.samplers import get_sampler
+
+            lc, sc = sur.config.loss, sur.config.sample
+            res["resolved"] = dict(weighting=lc.weighting, noise=lc.noise, sampler=sc.sampler, nfe=sc.nfe,
+                                   spacing=sc.spacing or get_sampler(sc.sampler).info.default_spacing)
         res[label] = dict(params=n_params, train_s=t_train, eval_s=t_eval, dt=dt, steps=cfg.trainer.steps,
                           **{f"hct_{th}": hct_stats(c0, dt, th) for th in (0.8, 0.9, 0.95)},
                           corr_mean_curve=c0.mean(0).tolist())
@@ -197,6 +207,15 @@ def main(argv=None) -> dict:
     return res
 
 
+def _resolved(res: dict, o: dict, s: dict) -> str:
+    r = res.get("resolved")
+    if r is None:  # --eval-only of an old result
+        return (f"{o['weighting']} weighting, sampler {o['sampler']} ({o['spacing'] or 'default'} spacing) with "
+                f"{s['nfe']} NFE per step")
+    return (f"{r['weighting']} weighting, {r['noise']} training noise levels, sampler {r['sampler']} "
+            f"({r['spacing']} spacing) with {r['nfe']} NFE per step")
+
+
 def write_markdown(res: dict, path: Path, curves: dict, dt: float) -> None:
     from diffkit_pde.plots import plot_correlation
 
@@ -215,8 +234,7 @@ def write_markdown(res: dict, path: Path, curves: dict, dt: float) -> None:
         f"Both models: UNet channels {s['channels']}, mult {list(s['mult'])}, {s['res_blocks']} res block(s), "
         f"{res['DDPM']['params'] / 1e6:.2f} M parameters, batch {s['batch']}, {res['DDPM']['steps']} AdamW steps, "
         f"lr {s['lr']}, EMA 0.995. DDPM: {o['parameterization']}-prediction, {o['schedule']} schedule, "
-        f"{o['weighting']} weighting, sampler {o['sampler']} ({o['spacing'] or 'default'} spacing) with {s['nfe']} NFE "
-        f"per step, {s['members']} members.", "",
+        f"{_resolved(res, o, s)}, {s['members']} members.", "",
         "| model | high-corr. time (0.8) | (0.9) | (0.95) | of the mean curve (0.8) | censored | train s | eval s |",
         "|---|---|---|---|---|---|---|---|",
     ]

@@ -157,6 +157,12 @@ def main(argv=None) -> dict:
         tr.fit()
         t_train = _train_seconds(Path(cfg.run_dir) / "metrics.jsonl", time.time() - t0)
         fc = F.load_forecaster(cfg.run_dir, device=tr.device)
+        if objective == "diffusion":  # what the run actually used (unset keys resolved at training)
+            from diffkit.samplers import get_sampler
+
+            lc, sc = fc.config.loss, fc.config.sample
+            res["resolved"] = dict(weighting=lc.weighting, noise=lc.noise, sampler=sc.sampler, nfe=sc.nfe,
+                                   spacing=sc.spacing or get_sampler(sc.sampler).info.default_spacing)
         t0 = time.time()
         ist = F.initial_states(data, fc.layout, inits, steps=s["k"], options=fc.data_options)
         pred = F.forecast(fc, None, ist, steps=s["k"], members=s["members"], seed=args.seed,
@@ -193,6 +199,14 @@ def main(argv=None) -> dict:
     return res
 
 
+def _resolved(res: dict, s: dict) -> str:
+    r = res.get("resolved")
+    if r is None:
+        return f"DPM-Solver++(2M) with {s['nfe']} NFE per step"
+    return (f"{r['weighting']} weighting, {r['noise']} training noise levels, sampler {r['sampler']} "
+            f"({r['spacing']} spacing) with {r['nfe']} NFE per step")
+
+
 def write_markdown(res: dict, path: Path, work: Path) -> None:
     import shutil
 
@@ -214,7 +228,7 @@ def write_markdown(res: dict, path: Path, work: Path) -> None:
         f"({s['k'] * s['lead'] // 24} days), {s['members']} members each.", "",
         f"Both models: UNet channels {s['channels']}, mult {list(s['mult'])}, {d['params'] / 1e6:.2f} M parameters, "
         f"batch {s['batch']}, {s['steps']} AdamW steps, lr {s['lr']}.  DDPM: v-prediction, cosine schedule, "
-        f"min-SNR weighting, DPM-Solver++(2M) with {s['nfe']} NFE per step.  Baseline: the same network trained by "
+        f"{_resolved(res, s)}.  Baseline: the same network trained by "
         f"MSE (`model.objective = \"regression\"`), members from initial conditions perturbed by "
         f"{res['perturb']} x the climatological std."
         + (f"  DDPM config overrides: `{' '.join(res['ddpm_set'])}`." if res.get("ddpm_set") else ""), "",
