@@ -358,3 +358,19 @@ def test_rollout_dataset_reports_every_registered_ensemble_metric_per_step(tmp_p
                                E.crps(p, truth, dims=(1, 2)).numpy(), rtol=1e-12)
     for name in E.registered():
         assert ds[name].dims == ("time",) and np.isnan(ds[name].values[Ka:]).all(), name
+
+
+def test_spread_skill_ratio_pooling_orders_match_the_one_convention():
+    """Pooling over trajectories (and steps) follows diffkit.ensemble: by default the root per
+    trajectory and step first, then the means; ``sqrt_first=False`` pools the squares."""
+    g = _gen(12)
+    ens = torch.randn(3, 4, 2, 1, 32, generator=g, dtype=torch.float64)  # (N, M, K, C, x)
+    truth = torch.randn(3, 2, 1, 32, generator=g, dtype=torch.float64)
+    s = M.ensemble_spread(ens, 1, member_dim=1)
+    e = M.ensemble_mean_skill(ens, truth, 1, member_dim=1)
+    f = math.sqrt(5 / 4)
+    torch.testing.assert_close(M.spread_skill_ratio(ens, truth, 1, member_dim=1, pool_dims=0), f * s.mean(0) / e.mean(0))
+    torch.testing.assert_close(M.spread_skill_ratio(ens, truth, 1, member_dim=1, pool_dims=(0, -1), sqrt_first=False),
+                               f * s.square().mean().sqrt() / e.square().mean().sqrt())
+    with pytest.raises(ShapeError, match="pool_dims"):
+        M.spread_skill_ratio(ens, truth, 1, member_dim=1, pool_dims=2)
