@@ -52,7 +52,7 @@ ensemble metric, a plugin's too, without knowing it; :func:`registered` lists th
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from diffkit import ensemble as E
-from diffkit.ensemble import _as64, _dim, crps_pointwise
+from diffkit.ensemble import _as64, _dim, crps_pointwise  # noqa: F401  (crps_pointwise: re-exported)
 from diffkit.errors import ShapeError
 
 __all__ = [
