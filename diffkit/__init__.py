@@ -11,7 +11,7 @@ from .denoiser import BoundDenoiser, Cond, Denoiser, Regressor
 from .errors import (ConfigError, DiffkitError, NonFiniteError, PluginError, ShapeError,
                      UnknownComponentError)
 from .hookspecs import hookimpl, hookspec
-from .layout import Layout
+from .layout import AutoregressiveSpec, Layout
 from .losses import diffusion_loss
 from .metrics import sliced_wasserstein
 from .process import posterior, posterior_sample, q_sample
@@ -22,7 +22,7 @@ from .schedules import Schedule, cosine, from_alpha_bar, get_schedule, linear, s
 __version__ = "0.1.0"
 
 __all__ = [
-    "BoundDenoiser", "Cond", "ConfigError", "Denoiser", "DiffkitError", "GaussianDenoiser",
+    "AutoregressiveSpec", "BoundDenoiser", "Cond", "ConfigError", "Denoiser", "DiffkitError", "GaussianDenoiser",
     "GaussianMixtureDenoiser", "Layout", "NonFiniteError", "PluginError", "PluginWarning", "Regressor", "Schedule",
     "ShapeError", "UnknownComponentError", "append_dims", "bcast", "check_finite", "cosine",
     "diffusion_loss", "from_alpha_bar", "get_schedule", "hookimpl", "hookspec", "linear", "posterior",

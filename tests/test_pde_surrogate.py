@@ -164,6 +164,33 @@ def test_max_trajectories_ignores_the_rest_even_if_broken(tmp_path):
     assert a.layout.autoregressive.state_mean == pytest.approx([u[:2].mean()], rel=1e-9)
 
 
+def test_old_checkpoint_layouts_are_converted(synth):
+    """A layout dict as written before Layout.autoregressive (the spec in attrs) loads with
+    weights_only=True and is converted by upgrade_layout, as load_surrogate does."""
+    import io
+
+    from diffkit.layout import Layout
+    from diffkit_pde.adapter import upgrade_layout
+
+    L = TrajectoryAdapter(str(synth), history=2, horizon=2, frame_step=2, target="residual", val_fraction=0.2).layout
+    d = L.to_dict()
+    sp = d.pop("autoregressive")
+    d["attrs"] = {**d["attrs"], "variables": "u", "history": 2, "horizon": 2, "frame_step": 2, "target": "residual",
+                  "dt_frame": float(DT[0]), "state_mean": sp["state_mean"], "state_std": sp["state_std"]}
+    buf = io.BytesIO()
+    torch.save(d, buf)
+    buf.seek(0)
+    old = Layout.from_dict(torch.load(buf, weights_only=True))
+    assert old.autoregressive is None
+    with pytest.raises(PDEDataError, match="no autoregressive spec.*load_surrogate"):
+        spec_from_layout(old)
+    up = upgrade_layout(old)
+    assert up.autoregressive == L.autoregressive and up.attrs == L.attrs
+    d["attrs"].pop("target")
+    with pytest.raises(PDEDataError, match="old PDE checkpoint.*lack target"):
+        upgrade_layout(Layout.from_dict(d))
+
+
 def test_explicit_mean_and_std_are_used_as_given(synth):
     u = known_u()
     a = TrajectoryAdapter(str(synth), mean={"u": 5.0}, std={"u": 2.0}, history=2, val_fraction=0.2)

@@ -33,6 +33,7 @@ from diffkit.checkpoint import capture_rng_state, restore_rng_state  # noqa: E40
 from diffkit.cli import main  # noqa: E402
 from diffkit.config import config_from_dict  # noqa: E402
 from diffkit.denoiser import Cond, Denoiser, Regressor  # noqa: E402
+from diffkit.layout import Layout  # noqa: E402
 from diffkit_weather import evaluate as E  # noqa: E402
 from diffkit_weather import forecast as F  # noqa: E402
 from diffkit_weather import metrics as WM  # noqa: E402
@@ -182,6 +183,39 @@ def test_regressor_oracle_forecast_is_exact_and_unstacks_to_the_file(shift, hist
     back = E.open_forecast(atomic_to_netcdf(ds, tmp_path / "fc.nc"))
     assert back["lead_time"].dtype.kind == "m" and back.attrs["members"] == M
     _close_nan(back["z"].values, ds["z"].values, atol=0)
+
+
+def _old_layout_dict(layout):
+    """The dict of ``layout`` as written before Layout.autoregressive: the spec in attrs."""
+    d = layout.to_dict()
+    sp = d.pop("autoregressive")
+    d["attrs"] = {**d["attrs"], "history": sp["history"], "lead_hours": sp["step"], "target": sp["target"],
+                  "state_mean": sp["state_mean"], "state_std": sp["state_std"]}
+    return d
+
+
+def test_old_checkpoint_layouts_are_converted(shift, tmp_path):
+    import io
+
+    L = A.GriddedAdapter(str(shift), history=2, target="residual", val_fraction=0.25).layout
+    assert L.autoregressive.step == 6.0 and L.autoregressive.step_units == "hours"
+    assert not {"history", "lead_hours", "target", "state_mean", "state_std"} & set(L.attrs)
+    buf = io.BytesIO()
+    torch.save(_old_layout_dict(L), buf)
+    buf.seek(0)
+    old = Layout.from_dict(torch.load(buf, weights_only=True))
+    assert old.autoregressive is None
+    up = A.upgrade_layout(old)
+    assert up.autoregressive == L.autoregressive and repr(up.attrs) == repr(L.attrs)   # (NaN fill values)
+    # forecasts accept the old layout as it is (converted on the way in)
+    model = Regressor(ShiftOracle(L), L)
+    ist = F.initial_states(shift, old, "2000-01-02T00:00")
+    torch.testing.assert_close(F.forecast(model, old, ist, steps=2, members=1),
+                               F.forecast(model, L, ist, steps=2, members=1), rtol=0, atol=0, equal_nan=True)
+    broken = {**_old_layout_dict(L)}
+    broken["attrs"] = {k: v for k, v in broken["attrs"].items() if k != "state_std"}
+    with pytest.raises(A.WeatherDataError, match="old weather checkpoint.*lack state_std"):
+        A.upgrade_layout(Layout.from_dict(broken))
 
 
 def test_perturbed_initial_condition_ensemble_of_a_regression_model(shift):
