@@ -391,7 +391,9 @@ def trained_run(tmp_path_factory) -> Path:
 
 
 def test_run_directory_holds_config_metrics_and_checkpoints(trained_run):
-    expected = apply_overrides(Config(), [*CLI_SETS, f'run_dir="{trained_run}"'])
+    # (the unset [loss] keys are stored resolved: a mixture model is not a surrogate)
+    expected = apply_overrides(Config(), [*CLI_SETS, f'run_dir="{trained_run}"', "loss.weighting=min_snr",
+                                          "loss.noise=uniform_t"])
     saved = load_config(trained_run / "config.toml")
     assert saved == expected
     ck = load_checkpoint(ckpt_file(trained_run, 20))
