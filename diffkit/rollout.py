@@ -103,8 +103,9 @@ def rollout(model, history: torch.Tensor, steps: int, members: int = 1, *,
     ``condition``: the per-step hook (:data:`ConditionHook`); ``None`` gives the history fields alone.
     ``perturb``: see the module doc.  ``sampler``/``nfe``/``spacing`` default to the run's ``[sample]``
     section (``config``, or the handle's; without one, :class:`diffkit.config.SampleConfig`'s
-    defaults).  ``layout``: the layout to roll out with (default: the model's).  ``fixed_mask``: ``(C, *S)`` bool, points that are always missing: NaN in the output,
-    never perturbed, exempt from the finite checks.  ``allow_missing``: accept NaN in the initial
+    defaults).  ``layout``: the layout to roll out with (default: the model's).  ``fixed_mask``:
+    ``(C, *S)`` bool, points that are always missing: NaN in the output, never perturbed, exempt
+    from the finite checks.  ``allow_missing``: accept NaN in the initial
     states elsewhere too (the hook must then tell the model, e.g. with a mask channel).
     A model with ``horizon > 1`` predicts ``horizon`` states per call; the last call's extra states
     are dropped.
