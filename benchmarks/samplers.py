@@ -2,7 +2,12 @@
 
     python benchmarks/samplers.py [--quick] [--markdown FILE]
 
-Two measurements, both on the linear DDPM schedule (T = 1000, beta 1e-4 .. 0.02):
+Four measurements.  The accuracy runs use two discrete T = 1000 schedules, DDPM's linear one
+(beta 1e-4 .. 0.02) and diffusers' ``squaredcos_cap_v2`` cosine, with the very same
+``alphas_cumprod`` on both sides (diffkit gets diffusers' array through ``from_alpha_bar``); a
+diffusers configuration that raises (DPM++2M and UniPC with ``use_karras_sigmas`` on the cosine
+schedule: IndexError / AssertionError in diffusers 0.42) is reported as "fail" in the tables.
+diffkit's ``dpmpp_2s`` (DPM-Solver++(2S), a function of ``diffkit.samplers``) is included.
 
 1. **Accuracy.**  Every method samples the same isotropic Gaussian mixture (K = 8 components,
    means of scale ~2, std 0.3) in d = 2 and d = 16 through the *same* exact denoiser
@@ -24,9 +29,21 @@ Two measurements, both on the linear DDPM schedule (T = 1000, beta 1e-4 .. 0.02)
    + ``scale_model_input`` + ``step``; diffkit: :func:`diffkit.samplers.sample`), median of
    several repeats, the (tiny) time of the zero model itself subtracted.
 
-Targets (from the issue): at every NFE diffkit's best deterministic sampler is at least as
+3. **Narrow component.**  A two-component mixture (d = 8, linear schedule) with a wide (std 0.3)
+   and a narrow (std 0.02) component: the ratio of the sampled narrow component's std to the
+   true one, per method and NFE -- what a grid whose last denoiser call sits far above
+   sigma~ = 0.02 loses (it collapses the component towards its mean).
+
+4. **Overhead through a real Denoiser.**  As 2., but diffkit samples through a
+   :class:`diffkit.Denoiser` whose backbone is a trivial module (``ZeroNet``), both with the
+   ``x0_at`` fast path (per-grid coefficients) and through the plain ``denoiser(x, t)`` call,
+   against diffusers' loop, all interleaved in one run; the network's own time is subtracted.
+   The two diffkit paths must give bit-equal samples.
+
+Targets (from the issues): at every NFE diffkit's best deterministic sampler is at least as
 accurate as diffusers' best deterministic scheduler; diffkit's per-step overhead is at most
-half of diffusers'.  The script always exits with status 0.
+half of diffusers', also through a real Denoiser (DDIM, DPM++(2M), Euler).  The script always
+exits with status 0.
 """
 from __future__ import annotations
 
@@ -44,11 +61,29 @@ import torch
 from diffkit import samplers as dks
 from diffkit.analytic import GaussianMixtureDenoiser
 from diffkit.metrics import sliced_wasserstein
-from diffkit.schedules import linear
+from diffkit.schedules import from_alpha_bar, linear
 
 NFES = (5, 10, 20, 50, 100)
 DIMS = (2, 16)
-DK_DETERMINISTIC = ("ddim", "dpmpp_2m", "dpmpp_3m", "euler", "heun")
+SCHEDULES = ("linear", "cosine")
+DK_DETERMINISTIC = ("ddim", "dpmpp_2m", "dpmpp_3m", "euler", "heun", "dpmpp_2s")
+NARROW_STD = 0.02  # the narrow component of the narrow-spread table
+
+
+def dk_sampler(name):
+    """A diffkit sampler by name: the registered ones, and dpmpp_2s (a function in diffkit.samplers)."""
+    return dks.BUILTIN_SAMPLERS.get(name) or getattr(dks, name)
+
+
+def make_schedule(name: str):
+    """``(diffkit schedule, diffusers config)`` of the same discrete T = 1000 schedule: DDPM's linear
+    betas, or diffusers' ``squaredcos_cap_v2`` cosine (its own ``alphas_cumprod`` as a diffkit
+    ``from_alpha_bar`` schedule, so both sides sample the very same process)."""
+    if name == "linear":
+        return linear(1000, 1e-4, 0.02), {}
+    d = _diffusers()
+    ac = d.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+    return from_alpha_bar(ac.to(torch.float64)), {"beta_schedule": "squaredcos_cap_v2"}
 SEED_MIX, SEED_REF, SEED_REF2, SEED_NOISE, SEED_PROJ, SEED_DDPM = 0, 1, 2, 3, 4, 5
 
 BASE_CONFIG = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
@@ -233,9 +268,49 @@ def ode_reference(D, x_init, n_steps: int):
         return dks.heun(D, x_init.clone(), ts)
 
 
-def accuracy(d: int, N: int, n_proj: int, quick: bool, log):
+def diffkit_methods(quick: bool):
+    """(sampler name, spacing, deterministic, extra options) of every diffkit run."""
+    dk_methods = [("ddpm", None, False, {})]
+    for name in DK_DETERMINISTIC:
+        dflt = dk_sampler(name).info.default_spacing
+        dk_methods.append((name, dflt, True, {}))
+        others = ("uniform", "quadratic") if quick else dks.SPACINGS  # quick: fewer spacings
+        if name == "dpmpp_2s":
+            others = ("karras",)
+        dk_methods += [(name, s, True, {}) for s in others if s != dflt]
+        if not quick and name != "dpmpp_2s":  # noise-level spacings started at t = 1 instead of sigma~ = 80
+            dk_methods += [(name, s, True, {"sigma_max": None}) for s in ("karras", "logsnr")]
+    return dk_methods
+
+
+def _dk_label(name, spacing, kw):
+    label = name if spacing is None else f"{name}/{spacing}"
+    if spacing == dk_sampler(name).info.default_spacing:
+        label += "*"
+    if kw:
+        label += "@t1"
+    return label
+
+
+def _run_diffusers_safe(diffusers, label, cls_name, extra, det, nfe, D, x_init, sched_cfg):
+    """(x or None, calls, error text): a config diffusers cannot run is recorded as a failure."""
+    cls = getattr(diffusers, cls_name)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler = cls(**_config(cls, **{**sched_cfg, **extra}))
+            model = EpsModel(D, scheduler.alphas_cumprod)
+            g = torch.Generator().manual_seed(SEED_DDPM)
+            x = run_diffusers(scheduler, model, x_init.clone(), diffusers_steps(cls_name, nfe),
+                              generator=None if det else g)
+        return x.to(torch.float64), model.calls, None
+    except Exception as e:  # noqa: BLE001 -- reported in the table
+        return None, 0, f"{type(e).__name__}: {e}"
+
+
+def accuracy(d: int, N: int, n_proj: int, quick: bool, log, schedule: str = "linear"):
     diffusers = _diffusers()
-    sched = linear(1000, 1e-4, 0.02)
+    sched, sched_cfg = make_schedule(schedule)
     D = make_mixture(d, sched)
     ref = D.sample_data(N, torch.Generator().manual_seed(SEED_REF))
     sw = SlicedW(ref, n_proj)
@@ -245,7 +320,7 @@ def accuracy(d: int, N: int, n_proj: int, quick: bool, log):
     x_init = torch.randn(N, d, generator=torch.Generator().manual_seed(SEED_NOISE), dtype=torch.float64)
     t0 = time.perf_counter()
     x_ode = ode_reference(D, x_init, 300 if quick else 500)
-    log(f"  [d={d}] ODE reference: {time.perf_counter() - t0:.1f}s;  floor SW = {floor:.4f} "
+    log(f"  [{schedule}, d={d}] ODE reference: {time.perf_counter() - t0:.1f}s;  floor SW = {floor:.4f} "
         f"(3 exact sets: {min(floors):.4f}..{max(floors):.4f}), "
         f"SW(ODE reference) = {sw(x_ode):.4f}")
 
@@ -259,48 +334,114 @@ def accuracy(d: int, N: int, n_proj: int, quick: bool, log):
 
     # diffkit
     t0 = time.perf_counter()
-    dk_methods = [("ddpm", None, False, {})]
-    for name in DK_DETERMINISTIC:
-        dflt = dks.BUILTIN_SAMPLERS[name].info.default_spacing
-        dk_methods.append((name, dflt, True, {}))
-        others = ("quadratic",) if quick else dks.SPACINGS  # quick: the default and quadratic only
-        dk_methods += [(name, s, True, {}) for s in others if s != dflt]
-        if not quick:  # noise-level spacings started at t = 1 (sigma~ = 157) instead of sigma~ = 80
-            dk_methods += [(name, s, True, {"sigma_max": None}) for s in ("karras", "logsnr")]
-    for name, spacing, det, kw in dk_methods:
-        label = name if spacing is None else f"{name}/{spacing}"
-        if spacing == dks.BUILTIN_SAMPLERS[name].info.default_spacing:
-            label += "*"
-        if kw:
-            label += "@t1"
+    for name, spacing, det, kw in diffkit_methods(quick):
+        label = _dk_label(name, spacing, kw)
         for nfe in NFES:
             D.nfe = 0
             g = torch.Generator().manual_seed(SEED_DDPM)
-            x = dks.sample(D, (N, d), sampler=name, nfe=nfe, spacing=spacing, x_init=x_init.clone(),
-                           generator=g, dtype=torch.float64, **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Heun's low-NFE warning: its result is in the table
+                x = dks.sample(D, (N, d), sampler=dk_sampler(name), nfe=nfe, spacing=spacing, x_init=x_init.clone(),
+                               generator=g, dtype=torch.float64, **kw)
             record("diffkit", label, det, nfe, D.nfe, x)
-    log(f"  [d={d}] diffkit runs: {time.perf_counter() - t0:.1f}s")
+    log(f"  [{schedule}, d={d}] diffkit runs: {time.perf_counter() - t0:.1f}s")
 
     # diffusers
     t0 = time.perf_counter()
     for label, cls_name, extra, det in diffusers_methods(quick):
-        cls = getattr(diffusers, cls_name)
         for nfe in NFES:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    scheduler = cls(**_config(cls, **extra))
-                    model = EpsModel(D, scheduler.alphas_cumprod)
-                    g = torch.Generator().manual_seed(SEED_DDPM)
-                    x = run_diffusers(scheduler, model, x_init.clone(), diffusers_steps(cls_name, nfe),
-                                      generator=None if det else g)
-                record("diffusers", label, det, nfe, model.calls, x.to(torch.float64))
-            except Exception as e:  # a config diffusers cannot run counts as a failure of that config
-                log(f"  [d={d}] {label} NFE {nfe}: {type(e).__name__}: {e}")
+            x, calls, err = _run_diffusers_safe(diffusers, label, cls_name, extra, det, nfe, D, x_init, sched_cfg)
+            if x is not None:
+                record("diffusers", label, det, nfe, calls, x)
+            else:
+                log(f"  [{schedule}, d={d}] {label} NFE {nfe}: {err}")
                 rows.append(dict(side="diffusers", label=label, det=det, nfe=nfe, actual=0,
                                  sw=float("nan"), err=float("nan"), x=None))
-    log(f"  [d={d}] diffusers runs: {time.perf_counter() - t0:.1f}s")
+    log(f"  [{schedule}, d={d}] diffusers runs: {time.perf_counter() - t0:.1f}s")
     return floor, sw, rows
+
+
+def narrow(N: int, quick: bool, log, d: int = 8):
+    """Narrow-spread table: a two-component mixture on the linear schedule, a wide component
+    (std 0.3) at -1.5 e_1 and a narrow one (std ``NARROW_STD``) at +1.5 e_1; the ratio of the
+    sampled narrow component's std (pooled over the d - 1 directions orthogonal to e_1, samples
+    with x_1 > 0.75) to the true one, per method and NFE.  1 is exact; a grid whose last call is
+    far above sigma~ = 0.02 collapses the component towards its mean (ratio << 1)."""
+    diffusers = _diffusers()
+    sched, sched_cfg = make_schedule("linear")
+    means = torch.zeros(2, d, dtype=torch.float64)
+    means[0, 0], means[1, 0] = -1.5, 1.5
+    D = GaussianMixtureDenoiser(sched, means, [0.3, NARROW_STD])
+    x_init = torch.randn(N, d, generator=torch.Generator().manual_seed(SEED_NOISE + 7), dtype=torch.float64)
+
+    def ratio(x):
+        if x is None or not bool(torch.isfinite(x).all()):
+            return float("nan")
+        sel = x[:, 0] > 0.75
+        if int(sel.sum()) < 10:
+            return float("nan")
+        return float(x[sel][:, 1:].var(0).mean().sqrt()) / NARROW_STD
+
+    rows = []
+    methods = [("ddpm", None, False, {})] + [(n, dk_sampler(n).info.default_spacing, True, {}) for n in DK_DETERMINISTIC]
+    methods += [("dpmpp_2m", "uniform", True, {}), ("dpmpp_2m", "karras", True, {}), ("heun", "karras", True, {})]
+    t0 = time.perf_counter()
+    for name, spacing, det, kw in methods:
+        for nfe in NFES:
+            D.nfe = 0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                x = dks.sample(D, (N, d), sampler=dk_sampler(name), nfe=nfe, spacing=spacing, x_init=x_init.clone(),
+                               generator=torch.Generator().manual_seed(SEED_DDPM), dtype=torch.float64, **kw)
+            rows.append(dict(side="diffkit", label=_dk_label(name, spacing, kw), det=det, nfe=nfe, actual=D.nfe,
+                             narrow=ratio(x)))
+    for label, cls_name, extra, det in diffusers_methods(True):
+        for nfe in NFES:
+            x, calls, err = _run_diffusers_safe(diffusers, label, cls_name, extra, det, nfe, D, x_init, sched_cfg)
+            if err:
+                log(f"  [narrow] {label} NFE {nfe}: {err}")
+            rows.append(dict(side="diffusers", label=label, det=det, nfe=nfe, actual=calls, narrow=ratio(x)))
+    log(f"  [narrow] runs: {time.perf_counter() - t0:.1f}s")
+    return rows
+
+
+STD_CASES = [  # (sampler, NFE, options) of the std-ratio table (the defaults first)
+    ("dpmpp_2m", 20, {}), ("dpmpp_2m", 10, {}), ("dpmpp_2m", 8, {}),
+    ("dpmpp_2m", 20, {"spacing": "uniform"}), ("dpmpp_2m", 8, {"spacing": "uniform"}),
+    ("dpmpp_2m", 10, {"sigma_min": 2e-3}), ("dpmpp_2m", 10, {"sigma_min": 5e-4}), ("dpmpp_2m", 10, {"spacing": "karras"}),
+    ("dpmpp_3m", 10, {}), ("dpmpp_3m", 20, {}),
+    ("ddim", 20, {}), ("ddim", 50, {}), ("ddim", 100, {}), ("ddpm", 20, {}), ("ddpm", 100, {}),
+    ("euler", 50, {}), ("euler", 20, {"churn": 2.5}), ("euler", 50, {"churn": 2.5}),
+    ("heun", 21, {}), ("heun", 35, {}), ("heun", 51, {}), ("heun", 21, {"spacing": "karras"}),
+    ("heun", 35, {"spacing": "karras"}), ("heun", 21, {"churn": 2.5}), ("heun", 51, {"churn": 2.5}),
+    ("dpmpp_2s", 11, {}), ("dpmpp_2s", 21, {}), ("dpmpp_2s", 31, {}),
+    ("dpmpp_2s", 21, {"churn": 2.5, "churn_noise": 1.05}), ("dpmpp_2s", 31, {"churn": 2.5, "churn_noise": 1.05}),
+]
+
+
+def std_ratios(log, stds=(1.0, 0.1, 0.03, 0.01), N: int = 4000, d: int = 64):
+    """Sampled std / true std on Gaussian data N(0, s^2 I) through the exact denoiser
+    (``diffkit.GaussianDenoiser``), 4000 x 64 samples, float64 (std SE 0.14 %), for the cosine,
+    linear (T = 1000) and sigmoid schedules: the measurement behind the sampler defaults."""
+    from diffkit import GaussianDenoiser
+    from diffkit.schedules import cosine, sigmoid
+
+    scheds = {"cosine": cosine(), "linear": linear(1000, 1e-4, 0.02), "sigmoid": sigmoid()}
+    header = ["schedule", "sampler", "NFE", "options"] + [f"s = {s:g}" for s in stds]
+    rows = []
+    for sname, sch in scheds.items():
+        for name, nfe, opts in STD_CASES:
+            vals = []
+            for s in stds:
+                den = GaussianDenoiser(sch, torch.zeros(d, dtype=torch.float64), s)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    x = dks.sample(den, (N, d), sampler=dk_sampler(name), nfe=nfe, dtype=torch.float64,
+                                   generator=torch.Generator().manual_seed(0), **opts)
+                vals.append(f"{float(x.std()) / s:.3f}")
+            rows.append([sname, name, nfe, ", ".join(f"{k}={v}" for k, v in opts.items()) or "default"] + vals)
+        log(f"  [std ratios] {sname} done")
+    return header, rows
 
 
 def best(rows, side, nfe):
@@ -387,6 +528,68 @@ def overhead(nfe: int, repeats: int, B: int = 16, d: int = 16):
     return t_model * 1e6, out
 
 
+class ZeroNet(torch.nn.Module):
+    """Trivial backbone with the diffkit signature: zeros shaped like x (no parameters used)."""
+
+    def forward(self, x, c_noise, scalars=None, labels=None):
+        return torch.zeros_like(x)
+
+
+class PlainCall:
+    """A denoiser seen through the plain ``denoiser(x, t)`` contract only (no ``x0_at``)."""
+
+    def __init__(self, den):
+        self.den, self.schedule = den, den.schedule
+
+    def __call__(self, x, t, **kw):
+        return self.den(x, t, **kw)
+
+
+DENOISER_PAIRS = [("ddim", "DDIMScheduler"), ("dpmpp_2m", "DPMSolverMultistepScheduler"),
+                  ("euler", "EulerDiscreteScheduler")]
+
+
+def overhead_denoiser(nfe: int, repeats: int, B: int = 16, d: int = 16):
+    """Per-NFE time outside the network (µs) when diffkit samples through a real
+    :class:`diffkit.Denoiser` (eps-parameterised, trivial ``ZeroNet`` backbone), with and without
+    its ``x0_at`` fast path, against diffusers' loop around a zero eps-model; everything timed
+    interleaved in one run.  The network's own time (``ZeroNet`` called ``nfe`` times) is
+    subtracted from diffkit, the zero model's from diffusers."""
+    from diffkit.denoiser import Denoiser
+
+    diffusers = _diffusers()
+    sched = linear(1000, 1e-4, 0.02)
+    net = ZeroNet()
+    den = Denoiser(net, sched, "eps")
+    plain = PlainCall(den)
+    x_init = torch.randn(B, d, generator=torch.Generator().manual_seed(SEED_NOISE))
+    xz, cz = torch.zeros(B, d), torch.zeros(B)
+    t_net, t_model = _median_times([lambda: [net(xz, cz) for _ in range(nfe)],
+                                    lambda: [zero_eps(xz, 0.5) for _ in range(nfe)]], repeats)
+    t_net, t_model = t_net / nfe, t_model / nfe
+    out = []
+    for dk_name, cls_name in DENOISER_PAIRS:
+        cls = getattr(diffusers, cls_name)
+        scheduler = cls(**_config(cls))
+        with torch.no_grad():
+            a = dks.sample(den, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init)
+            b = dks.sample(plain, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init)
+        same = bool(torch.equal(a, b))
+        t_fast, t_plain, t_df = _median_times([
+            lambda: dks.sample(den, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init),
+            lambda: dks.sample(plain, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init),
+            lambda: run_diffusers(scheduler, zero_eps, x_init, nfe),
+        ], repeats)
+        us_fast = max(t_fast / nfe - t_net, 0.0) * 1e6
+        us_plain = max(t_plain / nfe - t_net, 0.0) * 1e6
+        us_df = max(t_df / nfe - t_model, 0.0) * 1e6
+        out.append(dict(nfe=nfe, dk=f"{dk_name}/{dks.BUILTIN_SAMPLERS[dk_name].info.default_spacing}",
+                        df=cls_name, us_fast=us_fast, us_plain=us_plain, us_df=us_df, same=same,
+                        ratio=us_fast / us_df if us_df > 0 else float("inf"),
+                        ratio_plain=us_plain / us_df if us_df > 0 else float("inf")))
+    return t_net * 1e6, out
+
+
 # -- reporting ---------------------------------------------------------------------------------
 def fmt_table(header, rows, align=None):
     cols = list(zip(*([header] + rows)))
@@ -424,6 +627,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="fewer samples, configs and repeats (~1 minute)")
     p.add_argument("--markdown", metavar="FILE", help="also write the results as Markdown tables to FILE")
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 4000, quick 1000)")
+    p.add_argument("--std-ratios", action="store_true",
+                   help="only the exact-denoiser std-ratio table behind the sampler defaults (~1-2 minutes)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: steadier timings, and small batches gain nothing)")
     args = p.parse_args(argv)
@@ -435,21 +640,30 @@ def main(argv=None):
     repeats = 15 if quick else 41
     t_start = time.perf_counter()
     log = lambda s: print(s, flush=True)
+    if args.std_ratios:
+        h, t = std_ratios(log)
+        log(fmt_table(h, t, ["<", "<", ">", "<"] + [">"] * (len(h) - 4)))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write("# Sampled / true std on Gaussian data (exact denoiser, 4000 x 64, float64)\n\n"
+                        + md_table(h, t) + "\n")
+        return 0
     title = f"diffkit vs diffusers {_diffusers().__version__} samplers ({'quick' if quick else 'full'} run)"
-    setup = (f"linear DDPM schedule (T=1000, beta 1e-4..0.02); exact GMM denoiser, K=8, std 0.3; N={N} samples, "
+    setup = (f"linear DDPM schedule (T=1000, beta 1e-4..0.02) and diffusers' squaredcos_cap_v2 cosine (T=1000), the "
+             f"same alphas_cumprod on both sides; exact GMM denoiser, K=8, std 0.3; N={N} samples, "
              f"float64; SW with {n_proj} fixed projections; torch {torch.__version__}, {args.threads} thread(s)")
     md = [f"# {title}", "", setup, ""]
     log(title + "\n" + setup)
 
     summary_acc = []
-    for d in DIMS:
-        log(f"\n== accuracy, d = {d} ==")
-        floor, sw, rows = accuracy(d, N, n_proj, quick, log)
+    for schedule, d in [(sc, d) for sc in SCHEDULES for d in DIMS]:
+        log(f"\n== accuracy, {schedule} schedule, d = {d} ==")
+        floor, sw, rows = accuracy(d, N, n_proj, quick, log, schedule)
         h, t = method_table(rows, "sw")
         log(f"\nSliced-Wasserstein distance to exact samples (floor, SW between exact sample sets: {floor:.4f}; "
             "* marks a diffkit sampler's default spacing; @t1: noise-level spacing started at t = 1, sigma_max=None)")
         log(fmt_table(h, t, ["<", "<", "<"] + [">"] * (len(h) - 3)))
-        md += [f"## Accuracy, d = {d}", "", f"Sliced-Wasserstein distance to exact samples (floor, SW between "
+        md += [f"## Accuracy, {schedule} schedule, d = {d}", "", f"Sliced-Wasserstein distance to exact samples (floor, SW between "
                f"exact sample sets of the same size: {floor:.4f}; * marks a diffkit sampler's default spacing; @t1: started at t = 1 with sigma_max=None).",
                "", md_table(h, t), ""]
         h2, t2 = method_table([r for r in rows if r["det"]], "err")
@@ -461,28 +675,38 @@ def main(argv=None):
         for nfe in NFES:
             bk, bf = best(rows, "diffkit", nfe), best(rows, "diffusers", nfe)
             if bk is None or bf is None:
-                summary_acc.append([d, nfe, "-", "-", "-", "-", "-", "-", "-", f"{floor:.4f}",
+                summary_acc.append([schedule, d, nfe, "-", "-", "-", "-", "-", "-", "-", f"{floor:.4f}",
                                     "FAIL (no result)" if bk is None else "PASS"])
                 continue
             diff = bk["sw"] - bf["sw"]
             se = sw.paired_bootstrap_se(bk["x"], bf["x"], n_boot)
             verdict = "PASS" if diff <= 0 else ("FAIL (within 2 SE)" if diff <= 2 * se else "FAIL")
-            summary_acc.append([d, nfe, f"{bk['label']} ({bk['actual']})", f"{bk['sw']:.4f}",
+            summary_acc.append([schedule, d, nfe, f"{bk['label']} ({bk['actual']})", f"{bk['sw']:.4f}",
                                 f"{bf['label']} ({bf['actual']})", f"{bf['sw']:.4f}", f"{bk['sw'] / bf['sw']:.3f}",
                                 f"{diff:+.4f}", f"{se:.4f}", f"{floor:.4f}", verdict])
         for r in rows:
             r.pop("x", None)
 
-    h = ["d", "NFE", "diffkit best (NFE)", "SW", "diffusers best (NFE)", "SW", "dk/df", "dk-df", "SE(dk-df)",
+    h = ["schedule", "d", "NFE", "diffkit best (NFE)", "SW", "diffusers best (NFE)", "SW", "dk/df", "dk-df", "SE(dk-df)",
          "floor", "target"]
     log("\n== accuracy target: diffkit's best deterministic sampler at least as accurate as diffusers' best ==")
-    log(fmt_table(h, summary_acc, [">", ">", "<", ">", "<", ">", ">", ">", ">", ">", "<"]))
+    log(fmt_table(h, summary_acc, ["<", ">", ">", "<", ">", "<", ">", ">", ">", ">", ">", "<"]))
     log("(SE: paired-bootstrap standard error of the SW difference; PASS means dk-df <= 0)")
     md += ["## Accuracy target", "", "diffkit's best deterministic sampler vs diffusers' best deterministic "
            "scheduler (SW, lower is better; SE is the paired-bootstrap standard error of the difference):", "",
            md_table(h, summary_acc), ""]
 
     log(f"(accuracy part: {time.perf_counter() - t_start:.0f} s)")
+
+    log(f"\n== narrow component: sampled std / true std ({NARROW_STD}) ==")
+    nrows = narrow(2000 if quick else 4000, quick, log)
+    hn, tn = method_table(nrows, "narrow")
+    note_n = (f"two-component mixture in d = 8 on the linear schedule: std 0.3 at -1.5 e1 and std {NARROW_STD} at "
+              "+1.5 e1; ratio of the sampled narrow component's std (directions orthogonal to e1) to the true "
+              "one, 1 is exact; * marks a diffkit sampler's default spacing")
+    log("(" + note_n + ")")
+    log(fmt_table(hn, tn, ["<", "<", "<"] + [">"] * (len(hn) - 3)))
+    md += ["## Narrow component", "", note_n.capitalize() + ":", "", md_table(hn, tn), ""]
     t_ov = time.perf_counter()
     log("\n== sampler overhead (zero denoiser, batch 16 x 16, default settings of each side) ==")
     ov_rows = []
@@ -504,15 +728,37 @@ def main(argv=None):
     md += ["## Sampler overhead", "", "Time outside the model per denoiser call, µs (" + note + "):", "",
            md_table(h, ov_rows), ""]
 
+    log("\n== overhead through a real Denoiser (trivial ZeroNet backbone), batch 16 x 16, interleaved ==")
+    dn_rows = []
+    for nfe in ((20,) if quick else (10, 20, 100)):
+        t_net, res = overhead_denoiser(nfe, repeats)
+        for r in res:
+            dn_rows.append([r["nfe"], r["dk"], f"{r['us_fast']:.1f}", f"{r['us_plain']:.1f}",
+                            r["df"].replace("Scheduler", ""), f"{r['us_df']:.1f}", f"{r['ratio']:.2f}",
+                            f"{r['ratio_plain']:.2f}", "yes" if r["same"] else "NO",
+                            "PASS" if r["ratio"] <= 0.5 and r["same"] else "FAIL"])
+    h = ["NFE", "diffkit", "us/NFE x0_at", "us/NFE plain call", "diffusers", "us/NFE", "dk/df",
+         "dk/df plain", "bit-equal", "target <= 0.5"]
+    note = (f"median of {repeats} complete sampling loops, the three timed interleaved; diffkit samples through "
+            f"diffkit.Denoiser(ZeroNet, linear, 'eps') with its x0_at fast path and through the plain "
+            f"denoiser(x, t) call; ZeroNet's own time ({t_net:.2f} us/call) subtracted from diffkit, the zero "
+            "eps-model's from diffusers")
+    log("(" + note + ")")
+    log(fmt_table(h, dn_rows, [">", "<", ">", ">", "<", ">", ">", ">", "<", "<"]))
+    md += ["## Overhead through a real Denoiser", "", "Time outside the network per call, µs (" + note + "):", "",
+           md_table(h, dn_rows), ""]
     log(f"(overhead part: {time.perf_counter() - t_ov:.0f} s)")
     acc_pass = sum(r[-1] == "PASS" for r in summary_acc)
     ov_paired = [r for r in ov_rows if r[-1] != "(info)"]
     ov_pass = sum(r[-1] == "PASS" for r in ov_paired)
+    dn_pass = sum(r[-1] == "PASS" for r in dn_rows)
     wall = time.perf_counter() - t_start
     summary = [f"accuracy target: {acc_pass}/{len(summary_acc)} (d, NFE) cases PASS -> "
                f"{'PASS' if acc_pass == len(summary_acc) else 'FAIL'}",
                f"overhead target: {ov_pass}/{len(ov_paired)} (NFE, sampler) pairs PASS -> "
                f"{'PASS' if ov_pass == len(ov_paired) else 'FAIL'}",
+               f"overhead through a Denoiser: {dn_pass}/{len(dn_rows)} (NFE, sampler) pairs PASS -> "
+               f"{'PASS' if dn_pass == len(dn_rows) else 'FAIL'}",
                f"wall time: {wall:.0f} s"]
     log("\n== summary ==")
     for line in summary:
