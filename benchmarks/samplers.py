@@ -514,6 +514,7 @@ def overhead(nfe: int, repeats: int, B: int = 16, d: int = 16):
 
         run_diffusers(scheduler, model, x_init, steps, generator=dg)
         nfe_df = counter["n"]
+        warnings.filterwarnings("ignore", message="heun with NFE")  # timing only: Heun's low-NFE warning
         t_dk, g_dk, t_df, g_df = _median_times([
             lambda: dks.sample(Z, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init, generator=g),
             lambda: dks.timesteps(sched, n_dk, info.default_spacing),
