@@ -18,7 +18,7 @@ Noise distributions (``noise=``):
                     sigma_min]``
 ==================  ==============================================  ==============================
 
-The two new ones draw a log-SNR and map it to the time ``t = schedule.t_from_logsnr(logSNR)``
+``lognormal`` and ``logsnr_uniform`` draw a log-SNR and map it to the time ``t = schedule.t_from_logsnr(logSNR)``
 (continuous ``t``, also for a discrete schedule: the network is conditioned on the log-SNR, and
 a discrete schedule's log-SNR between grid points is that of its interpolated ``log alpha_bar``).
 Draws are restricted to the schedule's range ``[logSNR(1), LOGSNR_MAX]``: the log-normal is

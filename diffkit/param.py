@@ -14,6 +14,11 @@ For a prediction error in one space, the squared error in another is a per-sampl
 (:func:`eps_error_factor`), which lets losses weight in any space without ill-conditioned
 division: ``|x0 - x0_hat|^2 = |eps - eps_hat|^2 / SNR`` and
 ``|v - v_hat|^2 = |eps - eps_hat|^2 / alpha^2``.
+
+Karras et al.'s (EDM) preconditioning with ``sigma_data = 1`` is v-prediction: in their variables
+``y = x_t / alpha``, ``sigma~ = sigma / alpha``, ``c_in = alpha``, ``c_skip = alpha^2``,
+``c_out = sigma``, and ``D = c_skip y + c_out F`` is ``to_x0("v", -F, x_t, alpha, sigma)``; their
+loss ``lambda |D - x0|^2`` is the v-MSE (docs/design.md; tested in tests/test_noise_training.py).
 """
 from __future__ import annotations
 

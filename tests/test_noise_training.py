@@ -145,20 +145,16 @@ def test_discrete_schedules_keep_grid_times_for_uniform_t_and_continuous_times_o
 
 @pytest.mark.parametrize("kind", NOISES)
 def test_one_uniform_draw_per_sample_and_reproducible(kind):
-    """Exact resume relies on the generator advancing by a fixed amount per draw."""
+    """Exact resume relies on the generator advancing by a fixed amount per draw: every distribution
+    consumes exactly one float64 uniform per sample (on a continuous schedule)."""
     sch = dk.cosine()
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     a = sample_times(sch, 64, generator=g1, noise=kind)
-    b = sample_times(sch, 64, generator=g2, noise=kind)
-    assert torch.equal(a, b) and torch.equal(g1.get_state(), g2.get_state())
-    torch.rand(64, generator=g2, dtype=F64)
-    g3 = torch.Generator().manual_seed(5)
-    sample_times(sch, 64, generator=g3, noise=kind)
-    torch.rand(64, generator=g3, dtype=F64)
-    assert torch.equal(g2.get_state(), g3.get_state())
-    # the global-batch draw sliced per rank (as the trainer does) is the single-process draw
-    full = sample_times(sch, 64, generator=torch.Generator().manual_seed(6), noise=kind)
-    assert torch.equal(torch.cat([full[0::2], full[1::2]]).sort().values, full.sort().values)
+    assert torch.equal(a, sample_times(sch, 64, generator=g2, noise=kind))
+    ref = torch.Generator().manual_seed(5)
+    torch.rand(64, generator=ref, dtype=F64)
+    assert torch.equal(g1.get_state(), ref.get_state())
+    assert not torch.equal(a, sample_times(sch, 64, generator=g1, noise=kind))
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -310,7 +306,8 @@ def test_edm_preconditioning_equals_v_prediction():
     c_noise = sig.log()[:, 0] / 4
     F = lambda x, c: -net(x, (-8 * c).to(torch.float32))  # the Denoiser hands the net a float32 log-SNR
     D_edm = c_skip * y + c_out * F(c_in * y, c_noise)
-    torch.testing.assert_close(c_skip, alpha**2) and torch.testing.assert_close(c_out, sigma)
+    torch.testing.assert_close(c_skip, alpha**2)
+    torch.testing.assert_close(c_out, sigma)
     torch.testing.assert_close(c_in, alpha)
     with torch.no_grad():
         torch.testing.assert_close(Dv(x_t, t), D_edm, rtol=1e-9, atol=1e-9)
