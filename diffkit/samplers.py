@@ -590,7 +590,9 @@ def sample(denoiser, shape, *, sampler=DEFAULT_SAMPLER, nfe: int = DEFAULT_NFE, 
     """Draw samples of ``shape = (B, C, *spatial)`` with exactly ``nfe`` denoiser calls.
 
     ``sampler`` is a registered name or a sampler function; ``spacing`` defaults to the
-    sampler's own (``sampler.info.default_spacing``: ``logsnr`` for every built-in one);
+    schedule's ``sample_spacing`` if it sets one (the ``refiner`` schedule: ``uniform``, its own
+    levels), else to the sampler's own (``sampler.info.default_spacing``: ``logsnr`` for every
+    built-in one);
     ``t_max``, ``sigma_min`` and ``sigma_max`` go to :func:`timesteps`.  The defaults,
     DPM-Solver++(2M) with 20 calls on the logsnr grid from sigma~ = 80 to 1e-3, reproduce the
     std of Gaussian data of std 1 to 0.01 within 2 % (exact denoiser; module docstring).  ``x_init`` (default: standard normal noise) is
@@ -604,8 +606,8 @@ def sample(denoiser, shape, *, sampler=DEFAULT_SAMPLER, nfe: int = DEFAULT_NFE, 
     if not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
     n, plan_opts = info.plan(nfe)
-    ts = timesteps(denoiser.schedule, n, spacing or info.default_spacing, t_max=t_max, sigma_min=sigma_min,
-                   sigma_max=sigma_max)
+    spacing = spacing or getattr(denoiser.schedule, "sample_spacing", None) or info.default_spacing
+    ts = timesteps(denoiser.schedule, n, spacing, t_max=t_max, sigma_min=sigma_min, sigma_max=sigma_max)
     if x_init is None:
         x_init = torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
     else:

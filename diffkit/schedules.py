@@ -44,6 +44,11 @@ class Schedule(abc.ABC):
     T: int | None = None
     #: log-SNR at t=1 must be finite and low enough that x_1 is close to N(0, I)
     name: str = "schedule"
+    #: the time spacing this schedule's levels are meant to be sampled on, used by
+    #: :func:`diffkit.sample` in place of the sampler's default when no spacing is given
+    #: (``None``: the sampler's default).  The ``refiner`` schedule sets ``"uniform"``: its few
+    #: levels *are* the sampling grid, which ``nfe = T`` visits exactly.
+    sample_spacing: str | None = None
 
     @abc.abstractmethod
     def _log_alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
@@ -198,7 +203,9 @@ def refiner(steps: int = 3, sigma_min: float = 4e-7, logsnr_max_noise: float = -
     if bool((logsnr[1:] >= logsnr[:-1]).any()):
         raise ValueError(f"logsnr_max_noise = {logsnr_max_noise} must lie below the log-SNR of the largest "
                          f"refinement noise ({float(logsnr[-2]):.3g})")
-    return DiscreteSchedule(torch.sigmoid(logsnr), name="refiner")
+    sched = DiscreteSchedule(torch.sigmoid(logsnr), name="refiner")
+    sched.sample_spacing = "uniform"  # sample on the levels themselves (ddpm with nfe = T), not a logsnr grid
+    return sched
 
 
 def from_alpha_bar(alpha_bar) -> DiscreteSchedule:

@@ -133,3 +133,16 @@ def test_heun_warns_when_called_directly():
     ts = S.timesteps(den.schedule, 3, "logsnr")  # 3 steps ending in 0: 5 calls
     with pytest.warns(UserWarning, match="heun with NFE 5"):
         S.heun(den, torch.randn(4, 3, dtype=F64), ts)
+
+
+def test_refiner_schedule_is_sampled_on_its_own_levels(counting):
+    """PDE-Refiner's recipe (ddpm, nfe = T) must keep visiting exactly the refiner's levels
+    t = n/T although the samplers' default grid is now logsnr: the schedule's sample_spacing."""
+    sch = dk.get_schedule({"name": "refiner", "steps": 3, "sigma_min": 4e-7})
+    assert sch.sample_spacing == "uniform" and dk.cosine().sample_spacing is None
+    den = counting(dk.GaussianDenoiser(sch, torch.zeros(3, dtype=F64), 0.1))
+    dk.sample(den, (5, 3), sampler="ddpm", nfe=sch.T, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert den.times == pytest.approx([1.0, 0.75, 0.5, 0.25], abs=1e-15)
+    den = counting(dk.GaussianDenoiser(sch, torch.zeros(3, dtype=F64), 0.1))
+    dk.sample(den, (5, 3), sampler="ddpm", nfe=sch.T, spacing="logsnr", dtype=F64)  # an explicit spacing wins
+    assert den.times != pytest.approx([1.0, 0.75, 0.5, 0.25], abs=1e-6)

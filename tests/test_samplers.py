@@ -304,7 +304,8 @@ def test_deterministic_samplers_ignore_generator(name):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name, opts", [(n, {}) for n in ALL] + [("heun", {"churn": 2.0})])
+@pytest.mark.parametrize("name, opts", [(n, {}) for n in ALL] + [("heun", {"churn": 2.0}), ("ddpm", {"churn_noise": 1.3}),
+                                       (S.dpmpp_2s, {}), (S.dpmpp_2s, {"churn": 2.5, "churn_noise": 1.05})])
 def test_samplers_work_on_any_rank(name, opts, shape):
     """Element-wise data: a rank-k batch gives the same result as the flattened (B, d) batch."""
     g = torch.Generator().manual_seed(3)
