@@ -340,7 +340,7 @@ def test_huge_data_values_stop_training_naming_the_step(poison_plugin, tmp_path)
     assert ck["step"] == 3 and ck["adapter"] == "poisoned_mixture"
     assert all(torch.isfinite(v).all() for v in ck["ema"].values())
     den, cfg2, adapter_cls = load_for_sampling(run_dir)  # the last good checkpoint is usable
-    assert adapter_cls is PoisonedMixture and cfg2 == cfg
+    assert adapter_cls is PoisonedMixture and cfg2 == trainer.cfg  # (the config with [loss] resolved)
 
 
 # -- 3. full disk ---------------------------------------------------------------------------
