@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
     progress = not args.no_progress
     if args.quick:
         sim = dict(nx=64, L=22.0, burn_in=50.0)      # a small, still chaotic KS domain
-        n_train, n_test, frames, test_frames, steps, ch = 24, 4, 60, 80, 150, 16
+        n_train, n_test, frames, test_frames, steps, ch = 24, 4, 60, 80, 300, 16
     else:
         sim = dict()                                 # the LPSDA set-up: nx = 256, L = 64 +- 10 %
         n_train, n_test, frames, test_frames, steps, ch = 128, 8, 140, 300, 1500, 24
