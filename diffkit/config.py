@@ -218,11 +218,12 @@ class SampleConfig(_Validated):
     """Sampling, for snapshots during training and for `diffkit sample`."""
 
     sampler: str = "dpmpp_2m"
-    """Registered sampler name (ddpm, ddim, dpmpp_2m, dpmpp_3m, euler, heun or a plugin's)."""
+    """Registered sampler name (ddpm, ddim, dpmpp_2m, dpmpp_2s, dpmpp_3m, euler, heun or a plugin's)."""
     nfe: int = 20
     """Denoiser evaluations per sample (>= 1)."""
     spacing: str | None = None
-    """Time grid: uniform, quadratic, karras or logsnr; unset uses the sampler's default."""
+    """Time grid: uniform, quadratic, karras or logsnr; unset uses the sampler's default (logsnr from
+    sigma~ = 80 to 1e-3 for every built-in sampler; a schedule may declare its own, as refiner does)."""
     n: int = 16
     """Number of samples to draw (>= 1)."""
     guidance: float | None = None

@@ -490,7 +490,7 @@ def dpmpp_2s(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
     return g.a[-1] * xt
 
 
-BUILTIN_SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_3m": dpmpp_3m,
+BUILTIN_SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_2s": dpmpp_2s, "dpmpp_3m": dpmpp_3m,
                     "euler": euler, "heun": heun}
 
 

@@ -141,6 +141,7 @@ class Trainer:
         self.layout: Layout = self.adapter.layout
         # unset [loss] keys take their defaults for this model and layout (a surrogate's differ); the
         # resolved config is the one saved in config.toml and the checkpoints
+        self._given_loss = cfg.loss  # before resolution: _resume keeps a run's stored choices for unset keys
         self.cfg = cfg = resolve_loss_defaults(cfg, self.layout)
         lw = self.layout.weights  # on the device once, not a host-to-device copy every step
         self._layout_weights = None if lw is None else lw.to(self.device)
@@ -208,8 +209,33 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
         restore_rng_state(ck["rng"])
         self.noise_gen.set_state(ck["noise_generator"].to(self.noise_gen.get_state().device))
+        self._keep_stored_loss(ck.get("config"), path)
         if self.dist.main:
             print(f"diffkit: resumed from {path} at step {self.step}")
+
+    #: what a checkpoint written before a [loss] key existed trained with
+    _LOSS_BEFORE_KEY = {"noise": "uniform_t"}
+
+    def _keep_stored_loss(self, stored, path) -> None:
+        """A resumed run keeps the loss it was trained with: a [loss] key left unset in this config
+        takes the checkpoint's stored value (or, for a checkpoint older than the key, what training
+        did then) instead of today's per-model default, so changed defaults never switch a run's
+        objective half-way.  Keys set explicitly in this config win."""
+        import dataclasses
+
+        old = dict((stored or {}).get("loss") or {})
+        changes = {}
+        for key in ("weighting", "noise"):
+            if getattr(self._given_loss, key) is not None:
+                continue
+            value = old.get(key) if key in old else self._LOSS_BEFORE_KEY.get(key)
+            if value is not None and value != getattr(self.cfg.loss, key):
+                changes[key] = value
+        if changes:
+            self.cfg = dataclasses.replace(self.cfg, loss=dataclasses.replace(self.cfg.loss, **changes))
+            if self.dist.main:
+                print(f"diffkit: keeping the stored loss settings of {path} for unset keys: "
+                      + ", ".join(f"loss.{k} = {v!r}" for k, v in changes.items()))
 
     def save_checkpoint(self) -> Path | None:
         if not self.dist.main:

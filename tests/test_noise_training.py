@@ -510,3 +510,30 @@ def test_resume_with_lognormal_noise_is_bitwise_exact(tmp_path):
     for (k, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
         assert torch.equal(a, b), k
     assert torch.equal(full.noise_gen.get_state(), resumed.noise_gen.get_state())
+
+
+def test_resume_keeps_the_stored_loss_for_unset_keys(tmp_path, capsys):
+    """A surrogate run trained with min_snr + uniform_t (explicit, or a checkpoint written before
+    loss.noise existed) keeps them when resumed from a config that leaves the keys unset, instead of
+    switching to today's surrogate default (edm + lognormal) half-way; a key set explicitly wins."""
+    from diffkit.checkpoint import CheckpointManager, save_checkpoint
+    from diffkit.train import Trainer
+
+    first = _trainer(tmp_path, _surrogate_layout(), "trainer.steps=2", "loss.weighting=min_snr",
+                     "loss.noise=uniform_t", name="old")
+    first.fit()
+    path, ck = CheckpointManager(tmp_path / "old" / "checkpoints").latest_valid(require=("config",))
+    unset = dataclasses.replace(first.cfg, loss=dataclasses.replace(first.cfg.loss, weighting=None, noise=None))
+    again = Trainer(unset, device="cpu", progress=False, adapter=_PairAdapter(_surrogate_layout()), resume=str(path))
+    assert (again.cfg.loss.weighting, again.cfg.loss.noise) == ("min_snr", "uniform_t")
+    assert "keeping the stored loss settings" in capsys.readouterr().out
+    # a checkpoint from before loss.noise existed: its runs drew t uniformly
+    del ck["config"]["loss"]["noise"]
+    old_path = tmp_path / "older.pt"
+    save_checkpoint(old_path, {k: v for k, v in ck.items() if k not in ("format", "format_version", "diffkit_version")})
+    older = Trainer(unset, device="cpu", progress=False, adapter=_PairAdapter(_surrogate_layout()), resume=str(old_path))
+    assert older.cfg.loss.noise == "uniform_t"
+    # explicit keys in the resuming config win over the stored ones
+    mixed = dataclasses.replace(unset, loss=dataclasses.replace(unset.loss, weighting="edm"))
+    explicit = Trainer(mixed, device="cpu", progress=False, adapter=_PairAdapter(_surrogate_layout()), resume=str(path))
+    assert (explicit.cfg.loss.weighting, explicit.cfg.loss.noise) == ("edm", "uniform_t")
