@@ -52,7 +52,7 @@ def _cmd_sample(args) -> int:
 
     from .samplers import sample
     from .model import load_for_sampling
-    from .train import init_distributed
+    from .distributed import init_distributed
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = init_distributed(device)

@@ -23,10 +23,8 @@ import copy
 import itertools
 import json
 import math
-import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,35 +38,13 @@ from .denoiser import Cond, Denoiser, Regressor
 from .errors import DiffkitError
 from .layout import Layout
 from .losses import diffusion_loss, noise_distribution, regression_loss, sample_times
+from .distributed import Dist, init_distributed  # noqa: F401  (Dist: diffkit.train.Dist for existing imports)
 from .model import _accepts, _check_options, build_model, checkpoint_path
 from .model import load_for_sampling  # noqa: F401  (diffkit.train.load_for_sampling, for existing user scripts)
 
 
 class TrainingDiverged(DiffkitError):
     """The loss became NaN or inf."""
-
-
-# -- distributed helpers ------------------------------------------------------------------
-@dataclass(frozen=True)
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device | None = None) -> Dist:
-    """Join the process group started by ``torchrun`` (if any)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Dist()
-    if not torchdist.is_initialized():
-        backend = "nccl" if (device is None and torch.cuda.is_available()) or (device is not None and device.type == "cuda") else "gloo"
-        torchdist.init_process_group(backend=backend)
-    return Dist(torchdist.get_rank(), torchdist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
 class ResumableSampler(DistributedSampler):
