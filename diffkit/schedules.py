@@ -160,8 +160,17 @@ class DiscreteSchedule(Schedule):
         x = t * self.T
         i = x.floor().clamp(0, self.T - 1).long()
         w = x - i
-        g = self._grid
+        g = self._grid_on(t.device)
         return g[i] * (1 - w) + g[i + 1] * w
+
+    def _grid_on(self, device) -> torch.Tensor:
+        """The log alpha_bar grid on ``device`` (training draws t on the model's device), cached."""
+        if self._grid.device == device:
+            return self._grid
+        cache = self.__dict__.setdefault("_grids", {})
+        if device not in cache:
+            cache[device] = self._grid.to(device)
+        return cache[device]
 
     def t_from_logsnr(self, logsnr, **_) -> torch.Tensor:
         """Exact inverse of the piecewise-linear ``log alpha_bar``."""

@@ -785,3 +785,13 @@ def test_refiner_schedule_has_pde_refiner_noise_levels():
         dk.get_schedule({"name": "refiner", "sigma_min": 2.0})
     with pytest.raises(ValueError, match="logsnr_max_noise"):
         dk.get_schedule({"name": "refiner", "logsnr_max_noise": 40.0})
+
+
+def test_discrete_schedule_looks_up_its_grid_on_the_device_of_t():
+    """Training draws t on the model's device; a discrete schedule must index a copy of its grid
+    there (indexing the CPU grid with CUDA indices fails).  The meta device stands in for CUDA:
+    the result lives where t lives, and the CPU path is unchanged."""
+    s = dk.linear()
+    t = torch.rand(5, dtype=torch.float64)
+    assert s._log_alpha_bar(t.to("meta")).device.type == "meta"
+    torch.testing.assert_close(s._log_alpha_bar(t), s.log_alpha_bar(t), rtol=0, atol=0)
