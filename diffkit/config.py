@@ -218,7 +218,7 @@ class SampleConfig(_Validated):
     """Sampling, for snapshots during training and for `diffkit sample`."""
 
     sampler: str = "dpmpp_2m"
-    """Registered sampler name (ddpm, ddim, dpmpp_2m, dpmpp_2s, dpmpp_3m, euler, heun or a plugin's)."""
+    """Registered sampler name (ddpm, ddim, dpmpp_2m, dpmpp_2s, dpmpp_3m, euler, heun, unipc or a plugin's)."""
     nfe: int = 20
     """Denoiser evaluations per sample (>= 1)."""
     spacing: str | None = None

@@ -490,8 +490,133 @@ def dpmpp_2s(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
     return g.a[-1] * xt
 
 
+def _solve(a: list, b: list) -> list:
+    """Solve the small dense system ``a y = b`` (Gaussian elimination with partial pivoting,
+    Python floats: UniPC's systems are at most 3 x 3)."""
+    n = len(b)
+    m = [list(row) + [v] for row, v in zip(a, b)]
+    for c in range(n):
+        p = max(range(c, n), key=lambda r: abs(m[r][c]))
+        m[c], m[p] = m[p], m[c]
+        for r in range(c + 1, n):
+            f = m[r][c] / m[c][c]
+            for k in range(c, n + 1):
+                m[r][k] -= f * m[c][k]
+    y = [0.0] * n
+    for r in reversed(range(n)):
+        y[r] = (m[r][n] - sum(m[r][k] * y[k] for k in range(r + 1, n))) / m[r][r]
+    return y
+
+
+def _unipc_coeffs(h: float, rks: list, variant: str) -> tuple[float, float, list, list]:
+    """``(phi1, B, R, b)`` of one UniPC step of half-log-SNR length ``h`` in data prediction.
+
+    ``rks`` are the step-length ratios ``r_k = (lambda_{i-k} - lambda_i) / h`` of the older
+    estimates, followed by 1 (the new point).  ``phi1 = expm1(-h)``; ``B`` is the variant's
+    ``B(h)`` (``bh1``: ``-h``, ``bh2``: ``expm1(-h)``); ``R[p][k] = r_k^p`` and
+    ``b[p] = h phi_{p+2}(-h) (p + 1)! / B(h)``, the Vandermonde system of the paper's
+    Theorem 3.1 (``phi_{k+1}(z) = (phi_k(z) - 1/k!) / z``, ``phi_1(z) = (e^z - 1) / z``)."""
+    hh = -h
+    phi1 = math.expm1(hh)
+    bh = hh if variant == "bh1" else phi1
+    phi = phi1 / hh - 1.0  # h phi_2 scaled: (e^z - 1 - z) / z with z = -h, i.e. z phi_2(z)
+    fact, b = 1, []
+    for p in range(1, len(rks) + 1):
+        b.append(phi * fact / bh)
+        fact *= p + 1
+        phi = phi / hh - 1.0 / fact
+    R = [[r ** p for r in rks] for p in range(len(rks))]
+    return phi1, bh, R, b
+
+
+@sampler_info(order=3, stochastic=False)
+def unipc(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, order: int = 2,
+          variant: str = "bh2", lower_order_final: bool = True):
+    """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast
+    Sampling of Diffusion Models"): the multistep predictor UniP-``order`` with the corrector
+    UniC, in data-prediction (x0) form in the half-log-SNR ``lambda = log(alpha / sigma)``.
+
+    Step ``i`` (``h = lambda_{i+1} - lambda_i``) starts from the denoiser's estimate ``m_i`` at
+    ``x_i``:
+
+    - *corrector* (UniC, on every step's result except the last one's): once ``m_i`` is known,
+      the step ``i-1 -> i`` is redone from ``x_{i-1}`` with ``m_i`` as one more point of the x0
+      polynomial, which raises its order by one at no extra call (``m_i`` is not re-evaluated
+      at the corrected point, so NFE = number of steps);
+    - *predictor* (UniP): ``x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} phi1 m_i
+      - alpha_{i+1} B(h) sum_k rho_k D_k`` with ``phi1 = e^{-h} - 1``, the divided differences
+      ``D_k = (m_{i-k} - m_i) / r_k`` of the older estimates, ``r_k = (lambda_{i-k} - lambda_i) / h``,
+      and ``rho`` from the Vandermonde system of the paper's Theorem 3.1 (``B(h) = e^{-h} - 1``
+      for ``variant="bh2"``, ``-h`` for ``"bh1"``; the two-point predictor and the one-point
+      corrector take ``rho = 1/2``, as the paper's bh2 does).
+
+    ``order`` (1, 2 or 3) is the predictor's order.  The first steps use the older estimates
+    there are, and with ``lower_order_final`` on a grid ending in 0 the last steps drop to
+    ... 3, 2, 1 (diffusers' ``lower_order_final``); the final step onto t = 0 returns the x0
+    estimate.  With the corrector the global error is of order ``order + 1``: measured on
+    Gaussian data (exact denoiser, 64..512 steps uniform in log-SNR from t = 1 to 0.05) 2.0,
+    3.0, and 3.8-4.6 for ``order`` 1, 2, 3; the declared order is the default's, 3.
+
+    The default ``order=2`` holds at NFE 10 on the default logsnr grid: on Gaussian data of std
+    1/0.1/0.03/0.01 (exact denoiser) the std ratio is 1.058/1.060/1.052/1.019 at NFE 10 and
+    1.015/1.015/1.014/1.012 at NFE 20 (cosine, linear and sigmoid schedules alike).  ``order=3``
+    is diffusers' ``UniPCMultistepScheduler(solver_order=3)``: 1.002/1.003/1.001/1.008 at NFE 20
+    but up to 24 % too spread at NFE 10 (1.033/1.176/1.235/1.158), like ``dpmpp_3m``."""
+    if variant not in ("bh1", "bh2"):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+    g = _Grid(denoiser, ts, x)
+    kw = extra_args or {}
+    lam = [_half_logsnr(g, i) if g.s[i] > 0 else math.inf for i in range(g.n + 1)]
+    ends_at_zero = g.s[-1] == 0
+    ms: list = []  # x0 estimates m_i, m_{i-1}, ... (newest first), at most `order` of them
+    x_prev, k_prev = None, 0
+    for i in range(g.n):
+        m = g.call(x, i, kw)
+        if x_prev is not None and g.s[i + 1] > 0:  # UniC on the step i-1 -> i (useless before the x0 step)
+            x = _unipc_step(g, i - 1, x_prev, ms, lam, k_prev, variant, m_new=m)
+        ms.insert(0, m)
+        del ms[order:]
+        if g.s[i + 1] == 0:
+            x_next = m
+        else:
+            k = min(order, len(ms))
+            if lower_order_final and ends_at_zero:
+                k = min(k, g.n - i)
+            x_next = _unipc_step(g, i, x, ms, lam, k, variant)
+            x_prev, k_prev = x, k
+        x = x_next
+        _report(callback, g, i, x, m)
+    return x
+
+
+def _unipc_step(g: _Grid, i: int, x, ms: list, lam: list, k: int, variant: str, m_new=None):
+    """One UniPC step from grid point ``i`` (state ``x``, estimates ``ms = [m_i, m_{i-1}, ...]``)
+    to ``i + 1`` with ``k`` points: the predictor UniP-k, or with ``m_new`` (the estimate at
+    the predicted point) the corrector UniC-k."""
+    h = lam[i + 1] - lam[i]
+    m0 = ms[0]
+    rks = [(lam[i - j] - lam[i]) / h for j in range(1, k)]
+    a_s = g.a[i + 1]
+    phi1, bh, R, b = _unipc_coeffs(h, rks + [1.0], variant)
+    out = (g.s[i + 1] / g.s[i]) * x - (a_s * phi1) * m0
+    if m_new is None:  # predictor: the older estimates only
+        if k == 1:
+            return out
+        rhos = [0.5] if k == 2 else _solve([row[:-1] for row in R[:-1]], b[:-1])
+    else:  # corrector: the older estimates and the new one
+        rhos = [0.5] if k == 1 else _solve(R, b)
+    corr = 0
+    for j in range(1, k):
+        corr = corr + (rhos[j - 1] / rks[j - 1]) * (ms[j] - m0)
+    if m_new is not None:
+        corr = corr + rhos[-1] * (m_new - m0)
+    return out - (a_s * bh) * corr
+
+
 BUILTIN_SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_2s": dpmpp_2s, "dpmpp_3m": dpmpp_3m,
-                    "euler": euler, "heun": heun}
+                    "euler": euler, "heun": heun, "unipc": unipc}
 
 
 # -- time grids ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from diffkit.cli import main
 
 ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
 BUILTINS = [("schedule", n) for n in ("alpha_bar", "cosine", "linear", "sigmoid")] + \
-           [("sampler", n) for n in ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun")] + [("metric", "sliced_wasserstein")] + \
+           [("sampler", n) for n in ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun", "unipc")] + [("metric", "sliced_wasserstein")] + \
            [("adapter", "mixture")]
 
 
@@ -125,7 +125,7 @@ def test_plugins_kind_filter(capsys):
     assert main(["plugins", "--kind", "sampler"]) == 0
     rows = table(capsys.readouterr().out)
     assert {r[0] for r in rows} == {"sampler"}
-    assert {r[1] for r in rows} == {"ddim", "ddpm", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun"}
+    assert {r[1] for r in rows} == {"ddim", "ddpm", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun", "unipc"}
     assert main(["plugins", "--kind", "adapter"]) == 0
     assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("adapter", "mixture", "diffkit"),
                                                                             ("adapter", "pde", "pde"),

@@ -25,7 +25,8 @@ SCHEDULES = {"cosine": dk.cosine, "linear": lambda: dk.linear(1000), "sigmoid": 
 # (named in its docstring); first-order samplers need more calls
 HOLDS_AT = [("dpmpp_2m", {}, 20), ("dpmpp_3m", {}, 20), ("ddim", {}, 50), ("euler", {}, 50), ("heun", {}, 35),
             ("ddpm", {}, 100), (S.dpmpp_2s, {}, 21), (S.dpmpp_2s, {"churn": 2.5, "churn_noise": 1.05}, 21),
-            ("euler", {"churn": 2.5}, 50), ("heun", {"churn": 2.5}, 51), ("ddim", {"eta": 1.0}, 100)]
+            ("euler", {"churn": 2.5}, 50), ("heun", {"churn": 2.5}, 51), ("ddim", {"eta": 1.0}, 100),
+            ("unipc", {}, 10), ("unipc", {}, 20), ("unipc", {"order": 3}, 20)]
 
 
 def _mean(std: float) -> torch.Tensor:

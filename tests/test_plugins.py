@@ -28,7 +28,7 @@ from diffkit.testing import check_backbone, check_plugin_registers, check_sample
 
 CORE = {
     "schedule": {"linear", "cosine", "sigmoid", "alpha_bar", "refiner"},
-    "sampler": {"ddpm", "ddim", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun"},
+    "sampler": {"ddpm", "ddim", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun", "unipc"},
     "metric": {"sliced_wasserstein", "ensemble_mean_rmse", "ensemble_spread", "ensemble_spread_skill_ratio",
                "ensemble_crps", "ensemble_rank_histogram"},
     "adapter": {"mixture"},
@@ -298,7 +298,7 @@ def test_unknown_name_lists_the_installed_names():
     with pytest.raises(UnknownComponentError) as e:
         registry.get("sampler", "dpmpp_9m")
     msg = str(e.value)
-    assert "'dpmpp_9m'" in msg and "ddim, ddpm, dpmpp_2m, dpmpp_2s, dpmpp_3m, euler, heun" in msg
+    assert "'dpmpp_9m'" in msg and "ddim, ddpm, dpmpp_2m, dpmpp_2s, dpmpp_3m, euler, heun, unipc" in msg
     assert "autoload is off" not in msg
     assert isinstance(e.value, KeyError) and not msg.startswith('"')
     with pytest.raises(UnknownComponentError, match="installed adapters: images, mixture"):
