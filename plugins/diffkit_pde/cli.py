@@ -159,7 +159,21 @@ def run_rollout(args) -> int:
 
 
 def plot_rollout(ds, layout, path) -> list:
-    """Figures of a rollout dataset: space-time (1-D) or snapshots (2-D), and correlation curves."""
+    """Figures of a rollout dataset: space-time (1-D) or snapshots (2-D), and correlation curves;
+    writes them (atomically) and returns their paths.  See :func:`rollout_figures`."""
+    from diffkit.figures import save_figure
+
+    return [save_figure(fig, p) for p, fig in rollout_figures(ds, layout, path)]
+
+
+def rollout_figures(ds, layout, path) -> list:
+    """``[(path, Figure), ...]`` of a rollout dataset, not yet written: the space-time diagram
+    (1-D) or snapshots (2-D) at ``path``, and the correlation curves at ``path`` with the suffix
+    ``-correlation``.  Both figures are labelled from the dataset itself: the x axis is the
+    netCDF's spatial coordinate (its values, name, ``long_name`` and ``units``), the colour bar the
+    variable's name and ``units``, and the time axes of both figures are the *lead time* since the
+    initial condition (the time of the last history frame, given in the title), in the units of
+    the ``time`` coordinate."""
     from pathlib import Path
 
     import numpy as np
@@ -169,25 +183,34 @@ def plot_rollout(ds, layout, path) -> list:
 
     v = spec_from_layout(layout).variables[0]
     path = Path(path)
-    written = []
+    figures = []
     truth = ds[f"{v}_truth"].values if f"{v}_truth" in ds else None
     rolls = {f"member {m}": ds[v].values[m] for m in range(min(2, ds.sizes["member"]))}
     if ds.sizes["member"] > 1:
         rolls["ensemble mean"] = ds[v].values.mean(0)
     t = ds["time"].values
     dt = float(t[1] - t[0]) if len(t) > 1 else 1.0
+    t_init = float(t[0]) - dt                      # the last history frame: lead time 0
+    lead = plots.axis_label("lead time", ds["time"].attrs.get("units"))
+    field = plots.axis_label(v, ds[v].attrs.get("units"))
     if truth is not None:
         ok = np.isfinite(truth.reshape(truth.shape[0], -1)).all(1)
         truth_ = truth[ok]
         rolls_ = {k: r[ok] for k, r in rolls.items()}
-        t0 = float(t[0])
+        title = f"{v}: rollout vs truth from the initial condition at time {t_init:.4g}"
         if layout.ndim == 1:
-            written.append(plots.plot_space_time(truth_, rolls_, path, dt=dt, t0=t0, title=f"{v}: rollout vs truth"))
+            ax = layout.spatial[0]
+            c = ds[ax]
+            name = f"{ax}: {c.attrs['long_name']}" if c.attrs.get("long_name") not in (None, "", ax) else ax
+            xlabel = plots.axis_label(name, c.attrs.get("units"))
+            fig = plots.space_time_figure(truth_, rolls_, dt=dt, x=c.values, title=title, xlabel=xlabel,
+                                          tlabel=lead, clabel=field)
         else:
-            written.append(plots.plot_snapshots(truth_, rolls_, path, dt=dt, t0=t0, title=f"{v}: rollout vs truth"))
+            fig = plots.snapshots_figure(truth_, rolls_, dt=dt, title=title, tlabel=lead, clabel=field)
+        figures.append((path, fig))
         curves = {"members": ds["correlation"].values[:, ok]}
         if ds.sizes["member"] > 1:
             curves["ensemble mean"] = ds["ensemble_mean_correlation"].values[ok]
         cp = path.with_name(path.stem + "-correlation" + path.suffix)
-        written.append(plots.plot_correlation(curves, cp, dt=dt, threshold=0.8))
-    return written
+        figures.append((cp, plots.correlation_figure(curves, dt=dt, threshold=0.8, xlabel=lead)))
+    return figures

@@ -8,7 +8,12 @@ then :func:`os.replace`) and returns the :class:`~pathlib.Path` written; the for
 suffix (``.png`` by default).  Inputs may be torch tensors or numpy arrays.
 
 Times follow :mod:`diffkit_pde.metrics`: row/step ``k = 1..K`` of a rollout is at ``t0 + (k-1)*dt``
-with ``t0 = dt`` by default (the initial condition is not part of a rollout).
+with ``t0 = dt`` by default, i.e. at the *lead time* ``k*dt`` since the initial condition (which is
+not part of a rollout); the time axes are then labelled "lead time", as in :func:`plot_correlation`.
+Pass ``t0`` (and a ``tlabel``) to plot absolute times instead.
+
+Each ``plot_*`` function has a ``*_figure`` twin that returns the
+:class:`matplotlib.figure.Figure` without writing it, so that labels and ticks can be checked.
 """
 from __future__ import annotations
 
@@ -21,7 +26,8 @@ import numpy as np
 
 from diffkit.errors import ShapeError
 
-__all__ = ["plot_space_time", "plot_snapshots", "plot_correlation", "plot_spectra"]
+__all__ = ["plot_space_time", "plot_snapshots", "plot_correlation", "plot_spectra", "space_time_figure",
+           "snapshots_figure", "correlation_figure", "axis_label"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -40,6 +46,26 @@ def _figure(width: float, height: float):
 
 def _save(fig, path, dpi: int = 120) -> Path:
     return save_figure(fig, path, dpi)
+
+
+def axis_label(name: str, units: str | None = None) -> str:
+    """``name`` with its units for an axis or colour bar: ``"x [m]"``; units ``"1"`` (CF's
+    dimensionless) read ``"x (nondimensional)"``; a CF time unit ``"s since ..."`` gives ``"[s]"``."""
+    u = "" if units is None else str(units).strip()
+    if " since " in u:
+        u = u.split(" since ", 1)[0].strip()
+    if not u:
+        return name
+    if u == "1":
+        return f"{name} (nondimensional)"
+    return f"{name} [{u}]"
+
+
+def _time_label(tlabel: str | None, t0: float | None) -> str:
+    """The time axis' label: lead time unless ``t0`` moved the axis to absolute time."""
+    if tlabel is not None:
+        return tlabel
+    return "lead time" if t0 is None else "time"
 
 
 def _absmax(*arrays: np.ndarray) -> float:
@@ -82,23 +108,18 @@ def _times(K: int, dt: float, t0: float | None) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- fields
-def plot_space_time(truth, rollouts, path, *, dt: float = 1.0, x=None, names: Sequence[str] | None = None,
-                    title: str | None = None, t0: float | None = None) -> Path:
-    """Space-time diagrams of 1-D rollouts: truth, each rollout and each rollout's error, side by side.
-
-    ``truth`` is ``(K, nx)`` and ``rollouts`` maps a name to a ``(K, nx)`` rollout (e.g.
-    ``{"DDPM member 0": ..., "MSE": ...}``; a bare tensor is named "rollout"); ``names`` selects
-    and orders the rollouts shown (default: all, in dict order).  Time runs up the vertical axis
-    (row ``k`` at ``t0 + k*dt``, ``t0 = dt`` by default), ``x`` (grid coordinates, default the
-    grid index) along the horizontal one.  Fields share one symmetric ``RdBu_r`` colour scale,
-    errors (rollout - truth) another; non-finite values are left blank.
-    """
+def space_time_figure(truth, rollouts, *, dt: float = 1.0, x=None, names: Sequence[str] | None = None,
+                      title: str | None = None, t0: float | None = None, xlabel: str | None = None,
+                      tlabel: str | None = None, clabel: str = "value"):
+    """The figure of :func:`plot_space_time`, not written: a ``matplotlib.figure.Figure``."""
     t, r = _fields(truth, rollouts, 2, "plot_space_time", names)
     K, nx = t.shape
     times = _times(K, dt, t0)
     xs = np.arange(nx, dtype=np.float64) if x is None else _np(x)
     if xs.shape != (nx,):
         raise ShapeError(f"plot_space_time: x has shape {xs.shape}, expected ({nx},)")
+    if xlabel is None:
+        xlabel = "grid index" if x is None else "x"
     errs = {k: a - t for k, a in r.items()}
     vf = _absmax(t, *r.values())
     ve = _absmax(*errs.values()) if errs else 1.0
@@ -112,30 +133,44 @@ def plot_space_time(truth, rollouts, path, *, dt: float = 1.0, x=None, names: Se
         m = ax.pcolormesh(xs, times, np.ma.masked_invalid(a), cmap="RdBu_r", vmin=-v, vmax=v,
                           shading="nearest", rasterized=True)
         ax.set_title(label, fontsize=9)
-        ax.set_xlabel("x")
+        ax.set_xlabel(xlabel)
         (err_axes if is_err else field_axes).append(ax)
         if is_err:
             me = m
         else:
             mf = m
-    axes[0].set_ylabel("time")
-    fig.colorbar(mf, ax=field_axes, label="field", shrink=0.9)
+    axes[0].set_ylabel(_time_label(tlabel, t0))
+    fig.colorbar(mf, ax=field_axes, label=clabel, shrink=0.9)
     if me is not None:
-        fig.colorbar(me, ax=err_axes, label="error", shrink=0.9)
+        fig.colorbar(me, ax=err_axes, label=f"error in {clabel}", shrink=0.9)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
 
 
-def plot_snapshots(truth, rollouts, path, *, times_idx: Sequence[int] | None = None, dt: float = 1.0,
-                   names: Sequence[str] | None = None, title: str | None = None, t0: float | None = None) -> Path:
-    """Snapshots of 2-D rollouts: one row per selected time, columns truth | each rollout.
+def plot_space_time(truth, rollouts, path, *, dt: float = 1.0, x=None, names: Sequence[str] | None = None,
+                    title: str | None = None, t0: float | None = None, xlabel: str | None = None,
+                    tlabel: str | None = None, clabel: str = "value") -> Path:
+    """Space-time diagrams of 1-D rollouts: truth, each rollout and each rollout's error, side by side.
 
-    ``truth`` is ``(K, nx, ny)`` and ``rollouts`` maps a name to a ``(K, nx, ny)`` rollout;
-    ``times_idx`` are row indices into ``K`` (default: up to 4 evenly spaced, first and last
-    included; negative indices count from the end).  Fields are drawn with ``x`` horizontal and
-    ``y`` up on one shared symmetric ``RdBu_r`` scale with a colour bar.
+    ``truth`` is ``(K, nx)`` and ``rollouts`` maps a name to a ``(K, nx)`` rollout (e.g.
+    ``{"DDPM member 0": ..., "MSE": ...}``; a bare tensor is named "rollout"); ``names`` selects
+    and orders the rollouts shown (default: all, in dict order).  Time runs up the vertical axis
+    (row ``k`` at ``t0 + k*dt``; by default ``t0 = dt``, the lead time, labelled "lead time"),
+    ``x`` (grid coordinates; default the grid index, labelled "grid index") along the horizontal
+    one.  ``xlabel``, ``tlabel`` and ``clabel`` label the x axis, the time axis and the field's
+    colour bar (:func:`axis_label` makes ``"u [m/s]"`` from a name and units); the error bar
+    reads "error in" ``clabel``.  Fields share one symmetric ``RdBu_r`` colour scale, errors
+    (rollout - truth) another; non-finite values are left blank.
     """
+    return _save(space_time_figure(truth, rollouts, dt=dt, x=x, names=names, title=title, t0=t0, xlabel=xlabel,
+                                   tlabel=tlabel, clabel=clabel), path)
+
+
+def snapshots_figure(truth, rollouts, *, times_idx: Sequence[int] | None = None, dt: float = 1.0,
+                     names: Sequence[str] | None = None, title: str | None = None, t0: float | None = None,
+                     tlabel: str | None = None, clabel: str = "value"):
+    """The figure of :func:`plot_snapshots`, not written: a ``matplotlib.figure.Figure``."""
     t, r = _fields(truth, rollouts, 3, "plot_snapshots", names)
     K = t.shape[0]
     times = _times(K, dt, t0)
@@ -147,6 +182,7 @@ def plot_snapshots(truth, rollouts, path, *, times_idx: Sequence[int] | None = N
         if bad or not idx:
             raise ValueError(f"plot_snapshots: times_idx {list(times_idx)} must be non-empty indices into K = {K} steps")
         idx = [i % K for i in idx]
+    tl = _time_label(tlabel, t0)
     cols = [("truth", t)] + list(r.items())
     v = _absmax(t, *r.values())
     fig = _figure(2.3 * len(cols) + 1.0, 2.2 * len(idx) + 0.4)
@@ -162,25 +198,47 @@ def plot_snapshots(truth, rollouts, path, *, times_idx: Sequence[int] | None = N
             if i == 0:
                 ax.set_title(label, fontsize=9)
             if j == 0:
-                ax.set_ylabel(f"t = {times[ti]:.4g}")
-    fig.colorbar(m, ax=axes.ravel().tolist(), shrink=0.9)
+                ax.set_ylabel(f"{tl} {times[ti]:.4g}")
+    fig.colorbar(m, ax=axes.ravel().tolist(), label=clabel, shrink=0.9)
     if title:
         fig.suptitle(title)
-    return _save(fig, path)
+    return fig
+
+
+def plot_snapshots(truth, rollouts, path, *, times_idx: Sequence[int] | None = None, dt: float = 1.0,
+                   names: Sequence[str] | None = None, title: str | None = None, t0: float | None = None,
+                   tlabel: str | None = None, clabel: str = "value") -> Path:
+    """Snapshots of 2-D rollouts: one row per selected time, columns truth | each rollout.
+
+    ``truth`` is ``(K, nx, ny)`` and ``rollouts`` maps a name to a ``(K, nx, ny)`` rollout;
+    ``times_idx`` are row indices into ``K`` (default: up to 4 evenly spaced, first and last
+    included; negative indices count from the end).  Each row is labelled with its time (the lead
+    time ``k*dt`` by default; ``t0`` and ``tlabel`` as in :func:`plot_space_time`).  Fields are
+    drawn with ``x`` horizontal and ``y`` up on one shared symmetric ``RdBu_r`` scale with a
+    colour bar labelled ``clabel``.
+    """
+    return _save(snapshots_figure(truth, rollouts, times_idx=times_idx, dt=dt, names=names, title=title, t0=t0,
+                                  tlabel=tlabel, clabel=clabel), path)
 
 
 # ----------------------------------------------------------------------------- curves
 def plot_correlation(curves, path, *, dt: float = 1.0, threshold: float | None = 0.8,
-                     ylabel: str = "Pearson correlation") -> Path:
-    """Correlation (or any per-step metric) against time, with each curve's high-correlation time.
+                     ylabel: str = "Pearson correlation", xlabel: str = "lead time") -> Path:
+    """Correlation (or any per-step metric) against lead time, with each curve's high-correlation time.
 
     ``curves`` maps a name to a ``(K,)`` curve or an ``(N, K)`` set of curves (then their mean
     is drawn with a band of +-1 standard error of the mean across ``N``).  Step ``k = 1..K`` is
-    at time ``k*dt``.  The threshold is drawn as a horizontal line and each curve's
-    :func:`~diffkit_pde.metrics.high_correlation_time` (of the mean curve; NaN counts as a
-    drop) as a vertical dotted line in the curve's colour, labelled ">=" when censored at the
-    horizon.  ``threshold=None`` draws neither (for error curves).
+    at lead time ``k*dt`` (the x axis, labelled ``xlabel``).  The threshold is drawn as a
+    horizontal line and each curve's :func:`~diffkit_pde.metrics.high_correlation_time` (of the
+    mean curve; NaN counts as a drop) as a vertical dotted line in the curve's colour, labelled
+    ">=" when censored at the horizon.  ``threshold=None`` draws neither (for error curves).
     """
+    return _save(correlation_figure(curves, dt=dt, threshold=threshold, ylabel=ylabel, xlabel=xlabel), path)
+
+
+def correlation_figure(curves, *, dt: float = 1.0, threshold: float | None = 0.8,
+                       ylabel: str = "Pearson correlation", xlabel: str = "lead time"):
+    """The figure of :func:`plot_correlation`, not written: a ``matplotlib.figure.Figure``."""
     import torch
 
     from .metrics import high_correlation_time, never_dropped
@@ -214,11 +272,11 @@ def plot_correlation(curves, path, *, dt: float = 1.0, threshold: float | None =
             ax.fill_between(tt, mean - se, mean + se, color=color, alpha=0.25, linewidth=0)
     if threshold is not None:
         ax.axhline(threshold, color="0.4", linestyle="--", linewidth=1.0, label=f"threshold {threshold:g}")
-    ax.set_xlabel("time")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return fig
 
 
 def plot_spectra(spectra, path, *, xlabel: str = "wavenumber k", ylabel: str = "E(k)") -> Path:
