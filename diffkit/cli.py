@@ -65,6 +65,8 @@ def _cmd_sample(args) -> int:
     nfe = args.steps if args.steps is not None else sc.nfe
     guidance = args.guidance if args.guidance is not None else sc.guidance
     layout = den.layout
+    if args.n is None and args.label is None and layout.num_classes:
+        n = class_balanced_count(n, layout.num_classes)   # the same number per class: full rows in a grid
     cond = None
     from .denoiser import Regressor
 
@@ -114,13 +116,32 @@ def _cmd_sample(args) -> int:
     if dist.main:
         from .adapters import decode_samples
 
-        attrs = {"sampler": sampler, "nfe": nfe, "seed": args.seed, "checkpoint": str(args.checkpoint)}
+        attrs = {"sampler": sampler, "nfe": nfe, "seed": args.seed, "checkpoint": str(args.checkpoint),
+                 "command": " ".join(["diffkit", *getattr(args, "argv", ["sample", str(args.checkpoint)])])}
         if labels is not None:
             attrs["guidance"] = "none" if guidance is None else guidance
         out = decode_samples(adapter_cls, x, layout, args.out, attrs=attrs, labels=labels)
-        print(f"diffkit sample: wrote {n} samples to {out}")
+        per = ""
+        if labels is not None and args.label is None:
+            per = f" ({n // layout.num_classes} per class)" if n % layout.num_classes == 0 else \
+                f" (not the same number per class: {n} is not a multiple of {layout.num_classes} classes)"
+        if n != sc.n and args.n is None:
+            per += f"; sample.n = {sc.n} rounded up to a multiple of the {layout.num_classes} classes (--n N draws N)"
+        print(f"diffkit sample: wrote {n} samples to {out}{per}")
     _leave_process_group()
     return 0
+
+
+def class_balanced_count(n: int, num_classes: int) -> int:
+    """``n`` rounded up to a multiple of ``num_classes`` (``n`` as is for ``num_classes = 0``).
+
+    The default number of samples of a class-conditional model (``sample.n`` in ``diffkit sample``
+    and in training snapshots), whose labels cycle through the classes: every class then gets the
+    same number of samples, e.g. a full row per class in an image grid (16 -> 20 for 10 classes).
+    An explicit ``--n`` is drawn as given."""
+    if num_classes <= 0:
+        return n
+    return -(-n // num_classes) * num_classes
 
 
 def _leave_process_group() -> None:
@@ -181,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     # --nnodes/--nproc-per-node/... even after the script name, so `torchrun ... -m diffkit sample`
     # needs a spelling it does not mistake for one of its options
     sp.add_argument("--n", "-n", "--num-samples", dest="n", type=int, default=None,
-                    help="number of samples (default: sample.n of the run); under torchrun write -n or --num-samples")
+                    help="number of samples (default: sample.n of the run, for a class-conditional model rounded up to "
+                         "a multiple of the number of classes); under torchrun write -n or --num-samples")
     sp.add_argument("--sampler", default=None, help="sampler name (default: the run's; `diffkit plugins --kind sampler`)")
     sp.add_argument("--steps", type=int, default=None, help="number of denoiser evaluations (NFE)")
     sp.add_argument("--spacing", default=None, help="time spacing: uniform, quadratic, karras, logsnr")
@@ -276,6 +298,7 @@ def main(argv=None) -> int:
         print(f"diffkit: error: unknown command {cmd!r}; plugin commands could not be loaded: {msg}", file=sys.stderr)
         return 1
     args = parser.parse_args(argv)
+    args.argv = words  # the command line: outputs name it in their history attribute
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

@@ -429,6 +429,10 @@ class Trainer:
         n = sc.n if cond is None else (cond.fields if cond.fields is not None else cond.scalars).shape[0]
         labels = None
         if self.layout.num_classes:
+            if cond is None:  # the same number per class, as `diffkit sample` draws by default
+                from .cli import class_balanced_count
+
+                n = class_balanced_count(n, self.layout.num_classes)
             labels = torch.arange(n, device=self.device) % self.layout.num_classes
             cond = Cond(None if cond is None else cond.fields, None if cond is None else cond.scalars, labels)
         if isinstance(self.ema, Regressor):

@@ -138,3 +138,76 @@ def test_rollout_png_colourbar_names_variable(tmp_path):
     written = plot_rollout(ds, layout, tmp_path / "out.png")
     assert [p.name for p in written] == ["out.png", "out-correlation.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in written)
+
+
+# ============================================================================= images: the sample grid
+IMAGES_CONFIG = """
+run_dir = "{run}"
+[data]
+adapter = "images"
+options = {{ source = "digits", max_images = 200 }}
+batch_size = 16
+[model]
+backbone = "unet"
+options = {{ channels = 8, channel_mult = [1, 2], num_res_blocks = 1, attn_levels = [], mid_attn = false }}
+[trainer]
+steps = 2
+warmup = 1
+log_every = 1
+val_every = 0
+ckpt_every = 0
+snapshot_every = 2
+[sample]
+nfe = 2
+"""
+
+
+def _rows(z) -> list[list[int]]:
+    """The grid's rows, as the labels of the samples in each (from make_grid's cell positions)."""
+    from diffkit_images import make_grid
+
+    _, pos, _ = make_grid(z["pixels"], z["labels"])
+    tops = sorted({p[1] for p in pos})
+    return [[int(z["labels"][i]) for i in range(len(pos)) if pos[i][1] == t] for t in tops]
+
+
+def test_sample_grid_default_n_gives_full_rows_per_class(tmp_path, capsys):
+    from PIL import Image
+
+    from diffkit.cli import class_balanced_count, main
+    from diffkit_images import make_grid
+    from diffkit.config import SampleConfig
+
+    default_n = SampleConfig().n
+    assert default_n % 10 != 0                       # the default alone would give uneven rows for 10 digits
+    cfg = tmp_path / "digits.toml"
+    cfg.write_text(IMAGES_CONFIG.format(run=(tmp_path / "run").as_posix()))
+    assert main(["train", str(cfg), "--no-progress", "--device", "cpu"]) == 0
+    want = -(-default_n // 10) * 10                  # 16 -> 20: two per class
+    assert class_balanced_count(default_n, 10) == want and class_balanced_count(default_n, 0) == default_n
+    # the training snapshot: sample.n rounded up too
+    snap = np.load(tmp_path / "run" / "snapshots" / "step-000000002.npz", allow_pickle=False)
+    assert sorted(snap["labels"].tolist()) == sorted(list(range(10)) * (want // 10))
+    assert _rows(snap) == [[k] * (want // 10) for k in range(10)]
+    capsys.readouterr()
+    # `diffkit sample` with the default n: every class a full row of the same length
+    assert main(["sample", str(tmp_path / "run"), "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "s.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {want} samples" in out and f"({want // 10} per class)" in out
+    assert f"sample.n = {default_n} rounded up" in out
+    z = np.load(tmp_path / "s.npz", allow_pickle=False)
+    assert np.bincount(z["labels"], minlength=10).tolist() == [want // 10] * 10
+    rows = _rows(z)
+    assert rows == [[k] * (want // 10) for k in range(10)]
+    img, _, _ = make_grid(z["pixels"], z["labels"])
+    assert Image.open(tmp_path / "s.png").size == img.size
+    # an explicit --n is drawn as given (and the output says the classes are uneven)
+    assert main(["sample", str(tmp_path / "run"), "--n", str(default_n), "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "e.png")]) == 0
+    assert "not the same number per class" in capsys.readouterr().out
+    assert len(np.load(tmp_path / "e.npz", allow_pickle=False)["labels"]) == default_n
+    # one class: as many as asked
+    assert main(["sample", str(tmp_path / "run"), "--label", "3", "--no-progress", "--device", "cpu",
+                 "--out", str(tmp_path / "three.png")]) == 0
+    assert np.load(tmp_path / "three.npz", allow_pickle=False)["labels"].tolist() == [3] * default_n
