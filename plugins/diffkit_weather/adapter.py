@@ -148,15 +148,38 @@ def _index(local: np.ndarray):
     return local.tolist()
 
 
+class RemotePath(str):
+    """A URL of a zarr store (``gs://bucket/era5.zarr``, ``s3://...``, ``memory://...``): a ``str``
+    with :class:`~pathlib.Path`'s ``name``, so it stands where a local path does."""
+
+    @property
+    def name(self) -> str:
+        return self.rstrip("/").rsplit("/", 1)[-1]
+
+    def resolve(self) -> "RemotePath":
+        return self
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+#: the fsspec filesystem package a URL scheme needs (none of them is a diffkit dependency)
+_FS_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs",
+                "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp"}
+_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray", ".zmetadata")
+
+
 def resolve_paths(path) -> list[Path]:
-    """The files of ``path``: a file, a glob pattern, or a list of either (sorted per glob)."""
+    """The data of ``path``: a netCDF file, a zarr store (a directory, usually ``*.zarr``, or a URL
+    such as ``gs://bucket/era5.zarr``), a glob pattern, or a list of these (sorted per glob)."""
     items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     if not items:
-        raise WeatherDataError("data.options.path is empty; give a netCDF file, a glob such as 'era5/*.nc' or a list")
-    out: list[Path] = []
+        raise WeatherDataError("data.options.path is empty; give a netCDF file, a zarr store, a glob such as "
+                               "'era5/*.nc' or a list")
+    out: list = []
     for it in items:
         s = os.fspath(it)
-        if any(c in s for c in "*?["):
+        if _URL.match(s):  # a remote store: existence is checked when it is opened
+            out.append(RemotePath(s))
+        elif any(c in s for c in "*?["):
             hits = sorted(_glob.glob(s))
             if not hits:
                 raise WeatherDataError(f"no file matches the pattern {s!r}; check the path (data.options.path)")
@@ -174,14 +197,99 @@ def resolve_paths(path) -> list[Path]:
     return uniq
 
 
+def is_zarr(path) -> bool:
+    """Whether ``path`` is read as a zarr store: a URL, a ``*.zarr`` path, or a directory holding zarr metadata."""
+    s = os.fspath(path)
+    if _URL.match(s) or s.rstrip("/\\").endswith(".zarr"):
+        return True
+    p = Path(s)
+    return p.is_dir() and any((p / m).exists() for m in _ZARR_MARKERS)
+
+
 def open_lazy(path):
-    """Open one netCDF file lazily (no data read, times not decoded: :func:`decode_time` does that)."""
+    """Open one netCDF file or zarr store lazily (no data read, times not decoded: :func:`decode_time`
+    does that).  A zarr store is opened through dask with its own chunks, so a read of some times
+    loads only the chunks holding them."""
     import xarray as xr
 
+    if is_zarr(path):
+        return _open_zarr(path)
+    if Path(os.fspath(path)).is_dir():
+        raise WeatherDataError(f"{path} is a directory, neither a netCDF file nor a zarr store (no "
+                               f"{' / '.join(_ZARR_MARKERS)} in it); give netCDF files, a glob such as "
+                               f"'{Path(path) / '*.nc'}', or a zarr store")
     try:
         return xr.open_dataset(path, decode_times=False, decode_timedelta=False, cache=False)
     except Exception as e:
         raise WeatherDataError(f"cannot read {path} as netCDF ({type(e).__name__}: {e}); give CF netCDF files") from None
+
+
+_fork_hook_set = False
+
+
+def _dask_synchronous_after_fork() -> None:
+    # dask's threaded scheduler keeps a thread pool that a forked child (a DataLoader worker)
+    # inherits without its threads: a compute there waits forever.  Children compute in their own
+    # thread instead (each worker is one reader; the parallelism is the workers).
+    import dask
+
+    dask.config.set(scheduler="synchronous")
+
+
+def _open_zarr(path):
+    global _fork_hook_set
+    import warnings
+
+    import xarray as xr
+
+    s = os.fspath(path)
+    try:
+        import dask.array  # noqa: F401  (open_zarr(chunks=...) needs it)
+        import zarr  # noqa: F401
+    except ImportError as e:
+        raise WeatherDataError(f"{s} is a zarr store; reading it needs the optional packages zarr and dask "
+                               f"({(e.name or 'zarr').split('.')[0]} is not installed): pip install \"diffkit[zarr]\"") from None
+    remote = _URL.match(s)
+    if remote:
+        scheme = s.split("://", 1)[0].lower()
+        try:
+            import fsspec
+
+            fsspec.get_filesystem_class(scheme)
+        except ImportError as e:
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise WeatherDataError(f"reading {s} needs the fsspec filesystem for {scheme}://, which is not "
+                                   f"installed ({why}); it is no diffkit dependency: pip install "
+                                   f"{_FS_PACKAGES.get(scheme, 'fsspec and the package for ' + scheme + '://')}") from None
+        except ValueError:
+            raise WeatherDataError(f"{s}: fsspec knows no filesystem {scheme}://; give a local path or a URL "
+                                   f"such as gs://bucket/store.zarr (gcsfs) or s3://bucket/store.zarr (s3fs)") from None
+    if not _fork_hook_set:
+        os.register_at_fork(after_in_child=_dask_synchronous_after_fork)
+        _fork_hook_set = True
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.filterwarnings("always", message="Failed to open Zarr store with consolidated metadata")
+            ds = xr.open_zarr(s, chunks={}, decode_times=False, decode_timedelta=False)
+    except FileNotFoundError as e:  # also zarr's GroupNotFoundError: no store metadata there
+        if remote:
+            raise WeatherDataError(f"no zarr store at {s} ({type(e).__name__}: {e}); check the URL "
+                                   f"(data.options.path)") from None
+        if not Path(s).exists():
+            raise FileNotFoundError(f"zarr store {s} does not exist; check data.options.path") from None
+        raise WeatherDataError(f"{s} is not a zarr store ({type(e).__name__}: {e}); give the directory "
+                               f"that holds the store's zarr.json / .zgroup") from None
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else ""
+        raise WeatherDataError(f"cannot read {s} as a zarr store ({type(e).__name__}: {msg})") from None
+    for w in caught:
+        if "consolidated metadata" in str(w.message):
+            if remote:  # slow, but works: say so in one line
+                warnings.warn(f"{s} has no consolidated metadata, so opening it reads each array's metadata "
+                              f"separately; zarr.consolidate_metadata() on the store makes it faster", stacklevel=3)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return ds
 
 
 # ----------------------------------------------------------------------------- coordinates
@@ -859,7 +967,6 @@ class GriddedAdapter(Adapter):
     def _scan(self):
         C = len(self.channels)
         H, W = len(self.grid["lat"]), len(self.grid["lon"])
-        T = len(self.hours)
         n = np.zeros(C)
         mean = np.zeros(C)
         m2 = np.zeros(C)
@@ -869,9 +976,10 @@ class GriddedAdapter(Adapter):
         train = self.train_times
         maxL = max(len(self.levels.get(v) or [None]) for v in self.variables)
         nb = self._block(maxL * H * W)
-        for m in self.members:
-            for s in range(0, T, nb):
-                tidx = np.arange(s, min(T, s + nb))
+        used = np.flatnonzero(train | self.val_times)  # times outside both splits are never read (a time slice
+        for m in self.members:                         # of a 1959-2023 store reads that slice only)
+            for s in range(0, used.size, nb):
+                tidx = used[s: s + nb]
                 tr = train[tidx]
                 for v in self.variables:
                     a = self.store.read(v, tidx, m)
