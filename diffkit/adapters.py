@@ -74,16 +74,107 @@ def _accepts_keyword(fn, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+# ----------------------------------------------------------------------------- CF metadata of outputs
+#: the attributes of an input's data variables that outputs keep; everything else (``GRIB_*``,
+#: ``valid_range``, ``cell_methods`` naming the input's dims, ...) describes the input file, not the output
+CF_VARIABLE_ATTRS = ("units", "long_name", "standard_name")
+#: the attributes of an input's coordinate variables that outputs keep
+CF_COORDINATE_ATTRS = ("units", "long_name", "standard_name", "axis", "positive", "calendar")
+#: the value of the ``Conventions`` attribute of every output
+CONVENTIONS = "CF-1.8"
+
+
+def cf_attrs(attrs, keep: tuple[str, ...] = CF_VARIABLE_ATTRS) -> dict:
+    """The attributes of ``attrs`` named in ``keep`` (:data:`CF_VARIABLE_ATTRS` by default), empty strings
+    dropped: what an output keeps of an input variable's attributes."""
+    return {k: v for k, v in dict(attrs or {}).items() if k in keep and not (isinstance(v, str) and not v.strip())}
+
+
+def history_line(command: str) -> str:
+    """One line of a CF ``history`` attribute: UTC timestamp, the command, the diffkit version."""
+    import datetime
+
+    from . import __version__
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{now}: {' '.join(str(command).split())} (diffkit {__version__})"
+
+
+def extend_history(previous, command: str) -> str:
+    """The input's ``history`` attribute (``previous``; None or empty if it had none) with a new last
+    line naming ``command`` (:func:`history_line`), as CF asks of programs that modify a file."""
+    old = str(previous).rstrip("\n") if previous is not None else ""
+    return f"{old}\n{history_line(command)}" if old.strip() else history_line(command)
+
+
+def cf_encode(ds):
+    """Set the netCDF encodings of ``ds`` (in place, returned) that CF-1.8 asks for: no ``_FillValue``
+    on coordinates, 64-bit and unsigned integers stored as int32 (float64 where they do not fit; CF-1.8
+    has no int64), dates and durations stored as float64 with CF ``units`` (xarray picks ``"<unit>
+    since <date>"``)."""
+    import numpy as np
+
+    for name, var in ds.variables.items():
+        dt = var.dtype
+        if dt.kind in "Mm" or (dt == object and var.size and hasattr(np.asarray(var.values).flat[0], "calendar")):
+            if np.dtype(var.encoding.get("dtype", "int64")).kind in "iu":
+                var.encoding["dtype"] = "float64"
+            var.encoding.pop("_FillValue", None)
+            if name in ds.coords:
+                var.encoding["_FillValue"] = None
+            continue
+        if dt.kind in "iu" and (dt.itemsize == 8 or dt.kind == "u") and "dtype" not in var.encoding:
+            v = np.asarray(var.values)
+            fits = not v.size or (int(v.min()) >= np.iinfo(np.int32).min and int(v.max()) <= np.iinfo(np.int32).max)
+            var.encoding["dtype"] = "int32" if fits else "float64"
+        if name in ds.coords and dt.kind in "fiu":
+            var.encoding["_FillValue"] = None
+    return ds
+
+
+def cf_output(ds, *, title: str, command: str, history=None):
+    """Make the :class:`xarray.Dataset` ``ds`` a CF-1.8 output (in place; returned): the global
+    attributes ``Conventions``, ``title``, ``source`` (``ds.attrs["source"]``, else ``"diffkit"``) and
+    ``history`` (``history``, the input's or None, extended by a line naming ``command``:
+    :func:`extend_history`) first, then the rest of ``ds.attrs``; a ``long_name`` (the variable's
+    name) on every variable with neither ``long_name`` nor ``standard_name``; the encodings of
+    :func:`cf_encode`."""
+    rest = {k: v for k, v in ds.attrs.items() if k not in ("Conventions", "title", "history")}
+    ds.attrs = {"Conventions": CONVENTIONS, "title": title, "source": rest.pop("source", "diffkit"),
+                "history": extend_history(history, command), **rest}
+    for name, var in ds.variables.items():
+        if not str(var.attrs.get("long_name", "")).strip() and not str(var.attrs.get("standard_name", "")).strip():
+            var.attrs["long_name"] = str(name)
+    return cf_encode(ds)
+
+
+def command_of(attrs, default: str = "diffkit") -> str:
+    """What the ``history`` line of an output names: ``attrs["command"]`` (the command line that wrote
+    it), else a training snapshot's step (``attrs["step"]``), else ``default``."""
+    a = dict(attrs or {})
+    if a.get("command") not in (None, ""):
+        return str(a["command"])
+    if a.get("step") is not None:
+        return f"diffkit train: snapshot at step {a['step']}"
+    return default
+
+
 def write_netcdf(x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = None,
                  labels: torch.Tensor | None = None) -> Path:
     """Write physical-unit samples as CF netCDF, one variable per channel, atomically.
 
-    ``labels`` (``(N,)`` class indices) become the coordinate ``label(sample)``, with CF
+    Channel variables carry ``long_name`` (the channel name unless declared), the layout's
+    ``channel_attrs`` (units, standard_name, ...) and, for layouts that keep units in
+    ``attrs["units"]`` (one string for every channel, or ``{channel: units}``), those units;
+    spatial coordinates carry the layout's ``coord_attrs``.  Global attributes: ``Conventions``,
+    ``title``, ``source``, a ``history`` line naming ``attrs["command"]`` (the command line) and
+    ``attrs``.  ``labels`` (``(N,)`` class indices) become the coordinate ``label(sample)``, with CF
     ``flag_values`` / ``flag_meanings`` when the layout's attrs hold ``class_names``."""
+    import numpy as np
     import xarray as xr  # lazy: `import diffkit` must not import xarray
 
     dims = ("sample", *layout.spatial)
-    coords = {"sample": ("sample", list(range(x.shape[0])), {"long_name": "sample index"})}
+    coords = {"sample": ("sample", np.arange(x.shape[0], dtype=np.int32), {"long_name": "sample index"})}
     if labels is not None:
         lab = torch.as_tensor(labels).detach().cpu().reshape(-1).to(torch.int64)
         if lab.shape[0] != x.shape[0]:
@@ -91,22 +182,24 @@ def write_netcdf(x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = 
         la = {"long_name": "class label"}
         names = layout.attrs.get("class_names")
         if isinstance(names, (list, tuple)) and names:
-            la["flag_values"] = list(range(len(names)))
+            la["flag_values"] = np.arange(len(names), dtype=np.int32)  # the type of the stored labels (int32)
             la["flag_meanings"] = " ".join(str(n).replace(" ", "_") for n in names)
         coords["label"] = ("sample", lab.numpy(), la)
     for ax, n in zip(layout.spatial, layout.shape):
         vals = layout.coords.get(ax, tuple(range(n)))
-        coords[ax] = (ax, list(vals))
+        coords[ax] = (ax, list(vals), {"long_name": ax, **layout.coord_attrs.get(ax, {})})
     data_vars = {}
-    units = layout.attrs.get("units", {}) if isinstance(layout.attrs.get("units"), dict) else {}
+    units = layout.attrs.get("units")
+    units = {ch: units for ch in layout.channels} if isinstance(units, str) else \
+        units if isinstance(units, dict) else {}
     for i, ch in enumerate(layout.channels):
         a = {"long_name": ch}
-        if ch in units:
+        if isinstance(units.get(ch), str) and units[ch].strip():
             a["units"] = units[ch]
+        a.update(layout.channel_attrs.get(ch, {}))
         data_vars[ch] = (dims, x[:, i].numpy(), a)
-    ds = xr.Dataset(data_vars, coords=coords,
-                    attrs={"Conventions": "CF-1.8", "source": "diffkit", **{k: str(v) for k, v in (attrs or {}).items()}})
-    return atomic_to_netcdf(ds, path)
+    ds = xr.Dataset(data_vars, coords=coords, attrs={k: str(v) for k, v in (attrs or {}).items()})
+    return atomic_to_netcdf(cf_output(ds, title="diffkit samples", command=command_of(attrs, "diffkit: samples")), path)
 
 
 def atomic_to_netcdf(ds, path) -> Path:

@@ -27,6 +27,36 @@ def _tuple_str(v, what: str) -> tuple[str, ...]:
     return v
 
 
+def _attr_value(v, where: str):
+    """A netCDF attribute value as plain, checkpoint-safe data: str, int, float, or a list of numbers."""
+    if hasattr(v, "item") and getattr(v, "ndim", None) == 0:  # numpy / torch scalars
+        v = v.item()
+    if isinstance(v, bool):
+        return int(v)
+    if isinstance(v, (str, int, float)):
+        return v
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        return list(v)
+    raise TypeError(f"Layout.{where} must be a str, a number or a list of numbers (a netCDF attribute), "
+                    f"got {type(v).__name__} {v!r:.60}")
+
+
+def _attr_table(table, what: str, names: Sequence[str], kind: str) -> dict:
+    """``{name: {attribute: value}}`` checked against the layout's ``names`` (its channels or spatial axes)."""
+    if not isinstance(table, Mapping):
+        raise TypeError(f"Layout.{what} must be a dict {{name: {{attribute: value}}}}, got {type(table).__name__}")
+    unknown = [k for k in table if k not in names]
+    if unknown:
+        raise ValueError(f"Layout.{what} names {unknown}, which are not {kind} {tuple(names)}")
+    out = {}
+    for k, attrs in table.items():
+        if not isinstance(attrs, Mapping):
+            raise TypeError(f"Layout.{what}[{k!r}] must be a dict of attributes (e.g. {{\"units\": \"K\"}}), "
+                            f"got {type(attrs).__name__} {attrs!r:.60}")
+        out[str(k)] = {str(a): _attr_value(v, f"{what}[{k!r}][{a!r}]") for a, v in attrs.items()}
+    return out
+
+
 #: what an autoregressive model predicts: the next state(s), or their change from the latest input state
 TARGETS = ("state", "residual")
 
@@ -208,6 +238,12 @@ class Layout:
     """Free-form metadata for the adapter's decoder (units, long names, ...); str/number values."""
     autoregressive: AutoregressiveSpec | None = None
     """For models that predict the next state(s) from the latest ones: how to roll them out (``None``: not such a model)."""
+    coord_attrs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """CF attributes of the spatial coordinates, per spatial axis (``{"lat": {"units": "degrees_north",
+    "standard_name": "latitude", "axis": "Y"}}``): netCDF outputs write them on the coordinate variables."""
+    channel_attrs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """CF attributes of the data channels, per channel (``{"T": {"units": "K", "long_name": "temperature",
+    "standard_name": "air_temperature"}}``): netCDF outputs write them on each channel's variable."""
 
     def __post_init__(self):
         object.__setattr__(self, "channels", _tuple_str(self.channels, "channels"))
@@ -247,6 +283,9 @@ class Layout:
             object.__setattr__(self, name, v)
         object.__setattr__(self, "coords", {k: tuple(float(c) for c in v) for k, v in dict(self.coords).items()})
         object.__setattr__(self, "attrs", dict(self.attrs))
+        object.__setattr__(self, "coord_attrs", _attr_table(self.coord_attrs, "coord_attrs", self.spatial, "spatial axes"))
+        object.__setattr__(self, "channel_attrs", _attr_table(self.channel_attrs, "channel_attrs", self.channels,
+                                                              "channels"))
         ar = self.autoregressive
         if ar is not None:
             if isinstance(ar, Mapping):
@@ -342,7 +381,8 @@ class Layout:
             elif isinstance(v, tuple):
                 v = list(v)
             elif isinstance(v, Mapping):
-                v = {k: (list(c) if isinstance(c, tuple) else c) for k, c in v.items()}
+                v = {k: (list(c) if isinstance(c, tuple) else dict(c) if isinstance(c, Mapping) else c)
+                     for k, c in v.items()}
             d[f.name] = v
         return d
 
@@ -350,7 +390,8 @@ class Layout:
     def from_dict(cls, d: Mapping) -> "Layout":
         """Inverse of :meth:`to_dict`.  A layout saved before ``autoregressive`` existed loads with
         ``autoregressive = None`` and its ``attrs`` as they were; the domain plugin that wrote it
-        converts those attrs (:meth:`AutoregressiveSpec.from_legacy_attrs`) when it loads the model."""
+        converts those attrs (:meth:`AutoregressiveSpec.from_legacy_attrs`) when it loads the model.
+        One saved before ``coord_attrs`` / ``channel_attrs`` existed loads with them empty."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -264,9 +264,10 @@ def test_era5_round_trip_items_unstack_decode(era5_path, tmp_path, target):
                 assert dec[v].attrs == raw[v].attrs and dec[v].dims == ("sample", *raw[v].dims[1:])
                 ref = raw[v].isel(time=tgt).values
                 np.testing.assert_allclose(dec[v].values[0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+            cf = {"latitude": A.CF_LATITUDE, "longitude": A.CF_LONGITUDE}   # CF attributes added (test_cf_outputs.py)
             for c in ("latitude", "longitude", "level"):
                 np.testing.assert_array_equal(dec[c].values, raw[c].values)
-                assert dec[c].attrs == raw[c].attrs and dec[c].dtype == raw[c].dtype
+                assert dec[c].attrs == {**raw[c].attrs, **cf.get(c, {})} and dec[c].dtype == raw[c].dtype
         assert not list(tmp_path.glob(".*tmp*"))
 
 

@@ -141,7 +141,7 @@ def run_rollout(args) -> int:
         "checkpoint": str(args.checkpoint), "init_file": str(args.init), "init_index": args.index,
         "init_start": args.start, "seed": args.seed, "objective": sur.config.model.objective,
         "sampler": args.sampler or sur.config.sample.sampler, "nfe": args.nfe or sur.config.sample.nfe,
-        "perturb": perturb})
+        "perturb": perturb, "command": " ".join(["diffkit", *getattr(args, "argv", ["rollout", str(args.checkpoint)])])})
     out = atomic_to_netcdf(ds, args.out)
     msg = f"diffkit rollout: wrote {args.members} member(s) x {steps} frame(s) to {out}"
     if "high_correlation_time_members" in ds.attrs:

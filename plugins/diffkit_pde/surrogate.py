@@ -185,6 +185,8 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
     """
     import xarray as xr
 
+    from diffkit.adapters import cf_output, command_of
+
     from . import metrics as M
 
     spec = spec_from_layout(layout)
@@ -193,17 +195,20 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
     Mb, K = pred.shape[:2]
     times = t0 + dt * np.arange(1, K + 1)
     dims = ("member", "time", *layout.spatial)
-    coords = {"member": ("member", np.arange(Mb), {"long_name": "ensemble member", "standard_name": "realization"}),
-              "time": ("time", times, {"long_name": "time (nondimensional)", "units": "1", "axis": "T"})}
+    coords = {"member": ("member", np.arange(Mb, dtype=np.int32),
+                         {"long_name": "ensemble member", "standard_name": "realization", "units": "1"}),
+              # no axis attributes: CF's axis T is a "<unit> since <date>" time, X / Y are longitude / latitude;
+              # nondimensional time and space are none of them
+              "time": ("time", times, {"long_name": "time (nondimensional)", "units": "1"})}
     for ax, n in zip(layout.spatial, layout.shape):
         vals = layout.coords.get(ax, tuple(range(n)))
-        a = {"units": "1", **({"axis": ax.upper()} if ax in ("x", "y", "z") else {})}
+        a = {"long_name": f"{ax} coordinate", "units": "1", **layout.coord_attrs.get(ax, {})}  # the adapter's win
         coords[ax] = (ax, np.asarray(vals), a)
     units = layout.attrs.get("units", {}) if isinstance(layout.attrs.get("units"), dict) else {}
     dv = {}
     for c, v in enumerate(spec.variables):
         dv[v] = (dims, pred[:, :, c].numpy(), {"long_name": f"{v} (surrogate rollout)", "units": units.get(v, "1")})
-    a = {"Conventions": "CF-1.8", "source": "diffkit rollout", "members": Mb, "steps": K,
+    a = {"source": "diffkit rollout", "members": Mb, "steps": K,
          **{k: str(v) if not isinstance(v, (int, float)) else v for k, v in (attrs or {}).items()}}
     if ic is not None and ic.truth.shape[0]:
         Ka = min(K, ic.truth.shape[0])
@@ -239,4 +244,5 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
     if Mb > 1:
         dv["spread"] = (("time",), M.ensemble_spread(pred, layout.ndim, member_dim=0).numpy(),
                         {"long_name": "ensemble spread (RMS over space of the member standard deviation)"})
-    return xr.Dataset(dv, coords=coords, attrs=a)
+    return cf_output(xr.Dataset(dv, coords=coords, attrs=a), title="diffkit rollout",
+                     command=command_of(attrs, "diffkit rollout"))

@@ -63,7 +63,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffkit.adapters import Adapter, atomic_to_netcdf
+from diffkit.adapters import (CF_COORDINATE_ATTRS, Adapter, atomic_to_netcdf, cf_attrs, cf_output,
+                              command_of)
 from diffkit.errors import DiffkitError
 from diffkit.layout import TARGETS, AutoregressiveSpec, Layout, history_channels
 FORCINGS = ("time_of_day", "day_of_year")
@@ -1202,7 +1203,13 @@ class GriddedAdapter(Adapter):
                       autoregressive=AutoregressiveSpec(
                           variables=tuple(self.channels), history=self.history, horizon=1, step=self.lead_hours,
                           step_units="hours", target=self.target, state_mean=self.state_mean.tolist(),
-                          state_std=self.state_std.tolist()))
+                          state_std=self.state_std.tolist()),
+                      # CF metadata of the outputs: the recognised grid's, and the CF subset of each variable's
+                      coord_attrs={"latitude": cf_grid_attrs("latitude", g["lat_attrs"]),
+                                   "longitude": cf_grid_attrs("longitude", g["lon_attrs"])},
+                      channel_attrs={ch: {k: (x if isinstance(x, (int, float, str)) else str(x))
+                                          for k, x in cf_attrs(var_attrs[v]).items()}
+                                     for v in self.variables for ch in self.channels[self.ch_slices[v]]})
 
     # -- protocol --------------------------------------------------------------------------
     @property
@@ -1223,7 +1230,8 @@ class GriddedAdapter(Adapter):
     @classmethod
     def decode(cls, x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = None) -> Path:
         """Write standardised samples ``(N, C, lat, lon)`` as CF netCDF with the file's variable names,
-        attributes, units, levels and coordinates (original order and convention), atomically.
+        units, levels and coordinates (original order and convention), atomically; the CF metadata is
+        that of :func:`cf_metadata` (``attrs["command"]``, the command line, names the history line).
 
         With ``target = "residual"`` the samples are increments over ``lead_hours`` (global attribute
         ``target = "residual"``); add them to the initial state for a forecast.
@@ -1235,13 +1243,56 @@ class GriddedAdapter(Adapter):
         ds = unstack(layout.denormalize(x), layout)
         a = layout.attrs
         spec = upgrade_layout(layout).autoregressive
-        ds.attrs["target"] = spec.target if spec is not None else "state"
-        ds.attrs["lead_hours"] = spec.step if spec is not None and spec.step is not None else float("nan")
+        ds.attrs = {"target": spec.target if spec is not None else "state",
+                    "lead_hours": spec.step if spec is not None and spec.step is not None else float("nan")}
         ds.attrs.update({k: (v if isinstance(v, (int, float)) else str(v)) for k, v in (attrs or {}).items()})
         for v in ds.data_vars:
             fv = a.get("fill_values", {}).get(v)
             ds[v].encoding["_FillValue"] = np.dtype(ds[v].dtype).type(fv) if fv is not None else None
+        ds = cf_metadata(ds, layout, title="diffkit samples", command=command_of(attrs, "diffkit: samples"))
         return atomic_to_netcdf(ds, path)
+
+
+#: CF attributes of a latitude / longitude the adapter recognised: every output carries them, whatever the input had
+CF_LATITUDE = {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"}
+CF_LONGITUDE = {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"}
+
+
+def cf_grid_attrs(role: str, file_attrs: Mapping) -> dict:
+    """CF attributes of the recognised ``"latitude"`` or ``"longitude"`` dim whose coordinate variable
+    has ``file_attrs``: :data:`CF_LATITUDE` / :data:`CF_LONGITUDE` (``units``, ``standard_name`` and
+    ``axis`` always; the file's ``long_name`` if it has one).  A rotated-pole ``grid_latitude`` /
+    ``grid_longitude`` keeps its standard name, in ``degrees``."""
+    ref = dict(CF_LATITUDE if role == "latitude" else CF_LONGITUDE)
+    sn = str(file_attrs.get("standard_name", "")).strip().lower()
+    if sn == f"grid_{role}":
+        ref.update(standard_name=sn, units="degrees", long_name=f"{role} in the rotated grid")
+    ln = str(file_attrs.get("long_name", "")).strip()
+    return {**ref, **({"long_name": ln} if ln else {})}
+
+
+def cf_metadata(ds, layout: Layout, *, title: str, command: str):
+    """The CF metadata of a weather output ``ds`` (:func:`unstack`'s variables and coordinates,
+    ``ds.attrs`` diffkit's own global attributes), set in place and returned: latitude and longitude
+    get the layout's ``coord_attrs`` (:func:`cf_grid_attrs` for a layout without them); levels and
+    variables keep only the CF attributes of the data file (:data:`diffkit.adapters.CF_COORDINATE_ATTRS`,
+    :data:`~diffkit.adapters.CF_VARIABLE_ATTRS`: no ``GRIB_*`` or other input-specific ones) and the
+    layout's ``channel_attrs``; of the file's global attributes only ``history`` is carried, extended by
+    a line naming ``command`` (:func:`diffkit.adapters.cf_output`)."""
+    a = layout.attrs
+    for role, name, fa in (("latitude", a["lat_name"], a.get("lat_attrs", {})),
+                           ("longitude", a["lon_name"], a.get("lon_attrs", {}))):
+        if name in ds.variables:
+            ds[name].attrs = dict(layout.coord_attrs.get(role) or cf_grid_attrs(role, fa))
+    for v, ld in a.get("level_dims", {}).items():
+        if ld in ds.variables:
+            ds[ld].attrs = cf_attrs(ds[ld].attrs, CF_COORDINATE_ATTRS)
+    for v in ds.data_vars:
+        lv = a.get("levels", {}).get(v)
+        first = f"{v}@{_fmt_level(lv[0])}" if lv else str(v)   # the variable's (first) channel
+        ds[v].attrs = {**cf_attrs(ds[v].attrs), **layout.channel_attrs.get(first, {})}
+    history = a.get("global_attrs", {}).get("history")
+    return cf_output(ds, title=title, command=command, history=history)
 
 
 def _chan_update(a: np.ndarray, n: np.ndarray, mean: np.ndarray, m2: np.ndarray, cs: slice) -> None:

@@ -665,6 +665,10 @@ def forecast_dataset(pred, layout: Layout, init_times, *, attrs: Mapping | None 
     """
     import xarray as xr
 
+    from diffkit.adapters import command_of
+
+    from .adapter import cf_metadata
+
     pred = torch.as_tensor(pred).detach().float().cpu()
     if pred.ndim != 6 or tuple(pred.shape[3:]) != tuple(layout.sample_shape):
         raise ShapeError(f"forecast has shape {tuple(pred.shape)}, expected (N, M, K, "
@@ -696,11 +700,9 @@ def forecast_dataset(pred, layout: Layout, init_times, *, attrs: Mapping | None 
         da = tpl[v]
         arr = da.values.reshape(M, N, K, *da.shape[1:])
         dv[v] = (("member", "init_time", "lead_time", *da.dims[1:]), arr, dict(da.attrs))
-    gattrs = dict(tpl.attrs)
-    gattrs["source"] = (str(gattrs.get("source", "")).replace("| diffkit weather adapter", "").strip(" |") +
-                        " | diffkit forecast").strip(" |")
-    gattrs.update({"Conventions": "CF-1.8", "lead_hours": lead_h, "members": int(M), "steps": int(K),
-                   "history_states": spec.history, "target": spec.target})
+    # the data file's global attributes are not copied: cf_metadata extends its history only
+    gattrs = {"source": "diffkit forecast", "lead_hours": lead_h, "members": int(M), "steps": int(K),
+              "history_states": spec.history, "target": spec.target}
     o = {k: v for k, v in dict(options or {}).items() if k in ("time_units", "dims", "member") and v is not None}
     gattrs["diffkit_data_options"] = json.dumps({k: _jsonable(v) for k, v in o.items()})
     gattrs.update({k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in (attrs or {}).items()
@@ -711,7 +713,7 @@ def forecast_dataset(pred, layout: Layout, init_times, *, attrs: Mapping | None 
     for v in ds.data_vars:
         fv = a.get("fill_values", {}).get(v)
         ds[v].encoding["_FillValue"] = np.dtype(ds[v].dtype).type(fv) if fv is not None else None
-    return ds
+    return cf_metadata(ds, layout, title="diffkit forecast", command=command_of(attrs, "diffkit forecast"))
 
 
 # ----------------------------------------------------------------------------- truth
