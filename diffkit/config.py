@@ -17,6 +17,10 @@ FieldDoc(type, default, help)}`` and :func:`format_config_help` lists them for t
 An unknown key is a :class:`~diffkit.errors.ConfigError` naming the dotted key and where it
 came from (the file, or ``--set ...``), the valid keys and the closest match; a value of the
 wrong type or out of range is one naming the key, the expected type and the value given.
+Reading a file or dict collects every problem and raises one error listing them all
+(``"3 problems in c.toml: (1) ...; (2) ...; (3) ..."``, one line; ``.errors`` holds each).
+Integers must fit in 64 bits, ``T`` of a schedule table is an integer in 1..1000000, and
+``sample.sampler`` must be a registered sampler (a plugin's sampler once its plugin is loaded).
 Types are checked strictly: an int is accepted for a float, but not for a bool, and a bool
 is not an int.  The errors carry ``.key`` and ``.source`` attributes.
 
@@ -57,7 +61,7 @@ import yaml
 
 from ._io import atomic_write
 from .errors import ConfigError
-from .samplers import SPACINGS
+from .samplers import BUILTIN_SAMPLERS, MAX_NFE, SPACINGS
 
 __all__ = [
     "Config", "DataConfig", "FieldDoc", "LossConfig", "ModelConfig", "SampleConfig", "TrainerConfig",
@@ -162,8 +166,8 @@ class LossConfig(_Validated):
             ctx = _CONTEXT.get()
             prefix, source = (ctx[1], ctx[2]) if ctx is not None and ctx[0] is LossConfig else ("loss", "LossConfig(...)")
             key = _join(prefix, "sigma_min")
-            raise _error(f"{key!r} in {source} must be below {_join(prefix, 'sigma_max')!r} ({self.sigma_max!r}), "
-                         f"got {self.sigma_min!r}", key, source)
+            _report(_error(f"{key!r} in {source} must be below {_join(prefix, 'sigma_max')!r} ({self.sigma_max!r}), "
+                           f"got {self.sigma_min!r}", key, source))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -220,7 +224,7 @@ class SampleConfig(_Validated):
     sampler: str = "dpmpp_2m"
     """Registered sampler name (ddpm, ddim, dpmpp_2m, dpmpp_2s, dpmpp_3m, euler, heun, unipc or a plugin's)."""
     nfe: int = 20
-    """Denoiser evaluations per sample (>= 1)."""
+    """Denoiser evaluations per sample (1 to 1000000)."""
     spacing: str | None = None
     """Time grid: uniform, quadratic, karras or logsnr; unset uses the sampler's default (logsnr from
     sigma~ = 80 to 1e-3 for every built-in sampler; a schedule may declare its own, as refiner does)."""
@@ -228,7 +232,27 @@ class SampleConfig(_Validated):
     """Number of samples to draw (>= 1)."""
     guidance: float | None = None
     """Classifier-free guidance scale w (>= 0; 1 is the conditional model, 0 the unconditional
-    one); unset means no guidance."""
+    one); unset means no guidance.  Only class-conditional models (num_classes > 0) are guided."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.sampler, str) or self.sampler in BUILTIN_SAMPLERS:
+            return
+        from . import registry
+        from .errors import UnknownComponentError
+
+        try:  # a plugin's sampler: checked against the registry, so a typo fails before training
+            registry.get("sampler", self.sampler)
+        except UnknownComponentError:
+            ctx = _CONTEXT.get()
+            prefix, source = (ctx[1], ctx[2]) if ctx is not None and ctx[0] is SampleConfig else ("sample", "SampleConfig(...)")
+            key = _join(prefix, "sampler")
+            names = sorted(c.name for c in registry.components("sampler"))
+            msg = f"{key!r} in {source} must be a registered sampler ({', '.join(names)}), got {self.sampler!r}"
+            close = difflib.get_close_matches(self.sampler.lower(), names, n=1, cutoff=0.5)
+            if close:
+                msg += f"; did you mean {close[0]!r}?"
+            _report(_error(msg + "; `diffkit plugins --kind sampler` lists them with their plugins", key, source))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,9 +278,9 @@ class Config(_Validated):
         if batch % accum:
             ctx = _CONTEXT.get()
             source = ctx[2] if ctx is not None and ctx[0] is Config else "Config(...)"
-            raise _error(f"'data.batch_size' in {source} must be a multiple of 'trainer.grad_accum' ({accum}): "
-                         f"it is the global batch, split into grad_accum micro-batches; got {batch}",
-                         "data.batch_size", source)
+            _report(_error(f"'data.batch_size' in {source} must be a multiple of 'trainer.grad_accum' ({accum}): "
+                           f"it is the global batch, split into grad_accum micro-batches; got {batch}",
+                           "data.batch_size", source))
 
 
 _SECTION = {DataConfig: "data", ModelConfig: "model", LossConfig: "loss", TrainerConfig: "trainer",
@@ -323,12 +347,32 @@ _RULES: dict[type, tuple[tuple[str, Any, str], ...]] = {
         ("keep_last", lambda v: v >= 1, ">= 1"),
     ),
     SampleConfig: (
-        ("nfe", lambda v: v >= 1, ">= 1"),
+        ("nfe", lambda v: 1 <= v <= MAX_NFE, f"in 1..{MAX_NFE} (the number of denoiser calls)"),
         ("spacing", lambda v: v in SPACINGS, "one of " + ", ".join(SPACINGS) + " (or unset)"),
         ("n", lambda v: v >= 1, ">= 1"),
-        ("guidance", lambda v: 0 <= v < math.inf, ">= 0 and finite (or unset)"),
+        ("guidance", lambda v: 0 <= v < math.inf, ">= 0 and finite (or unset; negative guidance is not supported: "
+                                                   "0 is the unconditional model, 1 the conditional one)"),
     ),
 }
+
+#: the most discrete steps a schedule table may ask for (``T``): a discrete schedule holds a
+#: float64 grid of T values; 1000 is DDPM's
+MAX_SCHEDULE_T = 1_000_000
+
+
+def _check_schedule_table(obj: "ModelConfig", prefix: str, source: str) -> None:
+    """``T`` in a schedule table is an integer in 1..MAX_SCHEDULE_T, named with its key."""
+    spec = obj.schedule
+    if not isinstance(spec, dict) or "T" not in spec:
+        return
+    T, key = spec["T"], _join(prefix, "schedule.T")
+    if T is None:  # continuous time
+        return
+    if isinstance(T, bool) or not isinstance(T, int):
+        _report(_wrong_type(T, int, key, source, "an integer number of discrete steps (or unset)"))
+    elif not 1 <= T <= MAX_SCHEDULE_T:
+        _report(_error(f"{key!r} in {source} must be an integer in 1..{MAX_SCHEDULE_T} (the number of discrete "
+                       f"steps of the schedule; 1000 is DDPM's), got {T!r}", key, source))
 
 #: (class being built, key prefix, source) while a mapping is turned into a config
 _CONTEXT: contextvars.ContextVar[tuple[type, str, str] | None] = contextvars.ContextVar(
@@ -339,6 +383,44 @@ _CONTEXT: contextvars.ContextVar[tuple[type, str, str] | None] = contextvars.Con
 def _error(msg: str, key: str | None, source: str | None) -> ConfigError:
     err = ConfigError(msg)
     err.key, err.source = key, source
+    return err
+
+
+#: the problems found so far while a file or dict is read (None: raise the first one at once)
+_ERRORS: contextvars.ContextVar[list | None] = contextvars.ContextVar("diffkit_config_errors", default=None)
+
+
+def _report(err: ConfigError) -> None:
+    """Record ``err`` while a file or dict is read (so that every problem is reported at once), else raise it."""
+    errors = _ERRORS.get()
+    if errors is None:
+        raise err
+    errors.append(err)
+
+
+@contextlib.contextmanager
+def _raising():
+    """Raise the first problem at once (for trial conversions, whose failures are expected)."""
+    token = _ERRORS.set(None)
+    try:
+        yield
+    finally:
+        _ERRORS.reset(token)
+
+
+def _combined(errors: list[ConfigError], source: str) -> ConfigError:
+    """One error for every problem found in ``source``: the first one's message if it is alone,
+    else ``"3 problems in f.toml: (1) ...; (2) ...; (3) ..."``.  ``.errors`` holds them all; ``.key``
+    is the first one's key."""
+    if len(errors) == 1:
+        return errors[0]
+    parts = []
+    for i, e in enumerate(errors, 1):
+        msg = getattr(e, "short", None) or str(e)
+        msg = msg.replace(f" in {source}", "").rstrip(". ")
+        parts.append(f"({i}) {msg}")
+    err = _error(f"{len(errors)} problems in {source}: " + "; ".join(parts), errors[0].key, source)
+    err.errors = list(errors)
     return err
 
 
@@ -364,9 +446,13 @@ def _unknown_key(name: Any, cls: type, prefix: str, source: str) -> ConfigError:
                 hint = _join(prefix, close[0])
     if hint:
         msg += f"; did you mean {hint!r}?"
+    short = msg  # in a list of several problems, a suggestion is enough
     where = f"in [{prefix}]" if prefix else "at the top level"
     msg += f" Valid keys {where}: {', '.join(valid)}"
-    return _error(msg, key, source)
+    err = _error(msg, key, source)
+    if hint:
+        err.short = short
+    return err
 
 
 def _wrong_type(value: Any, tp: Any, key: str, source: str, expected: str | None = None) -> ConfigError:
@@ -445,7 +531,8 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
             if arm is type(None):
                 continue
             try:
-                return _convert(value, arm, key, source)
+                with _raising():
+                    return _convert(value, arm, key, source)
             except ConfigError:
                 continue
         literal = [a for a in args if get_origin(a) is Literal]
@@ -465,6 +552,9 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
         raise _wrong_type(value, tp, key, source)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not _INT64[0] <= value <= _INT64[1]:
+                raise _error(f"{key!r} in {source} is out of range: {value} does not fit in a 64-bit integer "
+                             f"({_INT64[0]} .. {_INT64[1]})", key, source)
             return value
         raise _wrong_type(value, tp, key, source)
     if tp is float:
@@ -510,27 +600,40 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     raise TypeError(f"diffkit.config cannot check values of type {tp!r} (field {key!r})")  # a bug here
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
 def _fits(value: Any, tp: Any) -> bool:
     try:
-        _convert(value, tp, "", "")
+        with _raising():
+            _convert(value, tp, "", "")
     except ConfigError:
         return False
     return True
 
 
 def _validate(obj: Any, prefix: str, source: str) -> None:
+    """Convert and check every field of ``obj``.  While a file or dict is read (:func:`_build`),
+    each bad value is recorded and replaced by its default so that the rest are checked too."""
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         key = _join(prefix, f.name)
         value = getattr(obj, f.name)
-        new = _convert(value, hints[f.name], key, source)
+        try:
+            new = _convert(value, hints[f.name], key, source)
+        except ConfigError as e:
+            _report(e)
+            new = _default(f)
         if new is not value:
             object.__setattr__(obj, f.name, new)
     for name, ok, what in _RULES.get(type(obj), ()):
         value = getattr(obj, name)
         if value is not None and not ok(value):
             key = _join(prefix, name)
-            raise _error(f"{key!r} in {source} must be {what}, got {value!r}", key, source)
+            _report(_error(f"{key!r} in {source} must be {what}, got {value!r}", key, source))
+            object.__setattr__(obj, name, _default(next(f for f in dataclasses.fields(obj) if f.name == name)))
+    if type(obj) is ModelConfig:
+        _check_schedule_table(obj, prefix, source)
 
 
 def _build(cls: type, value: Any, prefix: str, source: str) -> Any:
@@ -539,10 +642,20 @@ def _build(cls: type, value: Any, prefix: str, source: str) -> Any:
         what = f"{prefix!r} in {source}" if prefix else f"the configuration in {source}"
         raise _error(f"{what} must be a table of settings (keys {', '.join(f.name for f in dataclasses.fields(cls))}), "
                      f"got {value!r} ({type(value).__name__})", prefix or None, source)
+    if _ERRORS.get() is None:  # the outermost call: collect every problem, then raise them together
+        errors: list[ConfigError] = []
+        token = _ERRORS.set(errors)
+        try:
+            out = _build(cls, value, prefix, source)
+        finally:
+            _ERRORS.reset(token)
+        if errors:
+            raise _combined(errors, source)
+        return out
     names = {f.name for f in dataclasses.fields(cls)}
-    for k in value:
-        if k not in names:
-            raise _unknown_key(k, cls, prefix, source)
+    for k in [k for k in value if k not in names]:
+        _report(_unknown_key(k, cls, prefix, source))
+        value = {kk: v for kk, v in value.items() if kk != k}
     token = _CONTEXT.set((cls, prefix, source))
     try:
         return cls(**value)
@@ -674,8 +787,10 @@ def format_config_markdown(cls: type = Config) -> str:
         "so an empty file (or none at all) is a valid configuration.  Override any key on the command",
         "line with `--set KEY=VALUE`, the value written as in TOML: `--set trainer.lr=1e-4`,",
         "`--set model.options.channels=32`.  An unknown key or a wrong type is an error naming the key",
-        "and the file.  `diffkit config` prints this list in a terminal; [training.md](training.md)",
-        "shows the workflow.",
+        "and the file; a file with several problems gets one error listing them all, each with its",
+        "\"did you mean\".  `sample.sampler` must be a registered sampler and integers must fit in 64",
+        "bits, checked when the file is read, before training starts.  `diffkit config` prints this",
+        "list in a terminal; [training.md](training.md) shows the workflow.",
         "",
         "TOML has no null: an optional key whose default is unset is left out, and `\"none\"` switches",
         "off one whose default is set (`grad_clip = \"none\"`).",

@@ -15,7 +15,7 @@ import torch
 from . import registry
 from .config import Config, config_from_dict
 from .denoiser import Denoiser, Regressor
-from .errors import ConfigError, DiffkitError
+from .errors import ConfigError
 from .layout import Layout
 from .schedules import get_schedule
 
@@ -28,10 +28,24 @@ def build_model(cfg: Config, layout: Layout) -> Denoiser | Regressor:
     factory = registry.get("backbone", cfg.model.backbone)
     options = dict(cfg.model.options)
     _check_options(factory, options, f"model.options (backbone {cfg.model.backbone!r})")
+    schedule = _schedule(cfg.model.schedule)
     net = factory(layout, **options)
     if cfg.model.objective == "regression":
-        return Regressor(net, layout, get_schedule(cfg.model.schedule))
-    return Denoiser(net, get_schedule(cfg.model.schedule), cfg.model.parameterization, layout)
+        return Regressor(net, layout, schedule)
+    return Denoiser(net, schedule, cfg.model.parameterization, layout)
+
+
+def _schedule(spec):
+    """The schedule ``model.schedule`` names; a bad option is a ConfigError naming the key."""
+    if not isinstance(spec, dict):
+        return get_schedule(spec)
+    options = {k: v for k, v in spec.items() if k != "name"}
+    factory = registry.get("schedule", spec.get("name"))
+    _check_options(factory, options, f"model.schedule (schedule {spec.get('name')!r})")
+    try:
+        return get_schedule(spec)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.schedule {spec!r} is invalid: {' '.join(str(e).split())}") from None
 
 
 def _accepts(factory, name: str) -> bool:
@@ -64,6 +78,43 @@ def checkpoint_path(path) -> Path:
     return p
 
 
+#: what a path given to an inference command may be
+_GIVE = "give a checkpoint file (.pt), a checkpoints directory or a run directory (the run_dir of diffkit train)"
+
+
+def _find_checkpoint(path, require) -> tuple[Path, dict]:
+    """``(file, checkpoint)`` for inference: the file itself, or the newest valid checkpoint of a
+    checkpoints or run directory.  The errors speak to someone sampling, not resuming: they never
+    suggest ``--resume``, and a directory whose checkpoints all fail is one line naming each."""
+    import warnings
+
+    from .checkpoint import _RESUME_HINT, CheckpointManager, load_checkpoint
+    from .errors import CheckpointError
+
+    hint = "use another checkpoint file, or pass the run directory to use its newest valid checkpoint"
+    p = checkpoint_path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; check the path: {_GIVE}")
+    try:
+        if not p.is_dir():
+            return p, load_checkpoint(p, require=require)
+        found = CheckpointManager(p).list()
+        if not found:
+            raise CheckpointError(f"no checkpoint found in {path}; {_GIVE} holding checkpoints/")
+        reasons = []
+        for _, f in reversed(found):
+            try:
+                return f, load_checkpoint(f, require=require)
+            except CheckpointError as e:
+                reason = " ".join(str(e).replace(f"; {_RESUME_HINT}", "").split())
+                reasons.append(f"{f.name}: {reason}")
+                warnings.warn(f"skipping checkpoint {f}: {reason}", stacklevel=3)
+        raise CheckpointError(f"none of the {len(found)} checkpoints in {p} can be loaded ({'; '.join(reasons)}); "
+                              f"give a valid checkpoint file")
+    except CheckpointError as e:
+        raise CheckpointError(" ".join(str(e).replace(_RESUME_HINT, hint).split())) from None
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     """A trained model ready for inference: the EMA weights in eval mode, its config, the
@@ -87,13 +138,7 @@ class LoadedModel:
 def load_model(path, device=None) -> LoadedModel:
     """The EMA model of a checkpoint file, checkpoint directory or run directory (the newest
     valid checkpoint there), loaded with ``weights_only=True``."""
-    from .checkpoint import resume as find
-
-    got = find(checkpoint_path(path), require=("ema", "layout", "config", "adapter"))
-    if got is None:
-        raise DiffkitError(f"no checkpoint found in {path}; give a checkpoint file or a run directory "
-                           f"holding checkpoints/")
-    file, ck = got
+    file, ck = _find_checkpoint(path, require=("ema", "layout", "config", "adapter"))
     cfg = config_from_dict(ck["config"], source=f"{path} (stored config)")
     layout = Layout.from_dict(ck["layout"])
     model = build_model(cfg, layout)

@@ -214,7 +214,7 @@ def test_key_in_the_wrong_section():
     ("trainer", "betas", [0.9, 1.0], r"two numbers in \[0, 1\)"),
     ("trainer", "grad_clip", 0.0, r"'trainer\.grad_clip' .* must be > 0"),
     ("sample", "spacing", "linear", r"'sample\.spacing' .* must be one of uniform, quadratic, karras, logsnr"),
-    ("sample", "nfe", 0, r"'sample\.nfe' .* must be >= 1"),
+    ("sample", "nfe", 0, r"'sample\.nfe' .* must be in 1\.\.1000000"),
     ("model", "schedule", {"T": 10}, r"'model\.schedule' .* table with a 'name' key"),
 ])
 def test_bad_values(section, key, value, pattern):
@@ -344,3 +344,95 @@ def test_override_errors():
 def test_overrides_then_dump_round_trip(tmp_path):
     cfg = apply_overrides(custom(), ["trainer.lr=3e-5", "model.options.channels=16", "sample.spacing=none"])
     assert load_config(dump_config(cfg, tmp_path / "config.toml")) == cfg
+
+
+# -- issue 13: names checked at config time, every typo at once, out-of-range values -------------
+def test_unknown_sampler_rejected_at_config_time(tmp_path):
+    """``sample.sampler = "nope"`` used to train to the end with exit 0; now loading the config fails,
+    listing the registered samplers (and the spacings, for a bad spacing)."""
+    p = write(tmp_path, "c.toml", '[sample]\nsampler = "nope"\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "'sample.sampler'" in msg and "'nope'" in msg and str(p) in msg and e.value.key == "sample.sampler"
+    for name in samplers.BUILTIN_SAMPLERS:
+        assert name in msg
+    with pytest.raises(ConfigError, match=r"got 'dpmpp2m'; did you mean 'dpmpp_2m'\?"):
+        apply_overrides(Config(), ["sample.sampler=dpmpp2m"])
+    with pytest.raises(ConfigError, match=r"'sample\.spacing' .* one of uniform, quadratic, karras, logsnr"):
+        load_config(write(tmp_path, "s.toml", '[sample]\nspacing = "lin"\n'))
+    # a plugin's sampler is a registered name too
+    from diffkit import registry
+
+    class Plugin:
+        @staticmethod
+        @__import__("diffkit").hookimpl
+        def diffkit_samplers():
+            return {"my_sampler": samplers.ddim}
+
+    registry.register_plugin(Plugin(), "test_sampler_plugin")
+    try:
+        assert config_from_dict({"sample": {"sampler": "my_sampler"}}).sample.sampler == "my_sampler"
+    finally:
+        registry.unregister_plugin("test_sampler_plugin")
+    # and the CLI stops before training starts: no run directory
+    from diffkit.cli import main
+
+    cfg = write(tmp_path, "t.toml", f'run_dir = "{(tmp_path / "run").as_posix()}"\n[sample]\nsampler = "nope"\n')
+    assert main(["train", str(cfg), "--no-progress"]) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_several_typos_reported_at_once(tmp_path):
+    p = write(tmp_path, "c.toml", '[trainer]\nlrr = 1e-4\nstesp = 10\nema_decay = 2.0\n'
+                                  '[smaple]\nn = 3\n[sample]\nsampler = "dpmpp2m"\nnfe = 0\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"6 problems in {p}: (1) ")
+    for part in ["unknown key 'smaple'; did you mean 'sample'?", "unknown key 'trainer.lrr'; did you mean 'trainer.lr'?",
+                 "unknown key 'trainer.stesp'; did you mean 'trainer.steps'?", "'trainer.ema_decay' must be in [0, 1)",
+                 "'sample.nfe' must be in 1..", "got 'dpmpp2m'; did you mean 'dpmpp_2m'?"]:
+        assert part in msg, part
+    assert [x.key for x in e.value.errors] == ["smaple", "trainer.lrr", "trainer.stesp", "trainer.ema_decay",
+                                               "sample.nfe", "sample.sampler"]
+    assert e.value.key == "smaple" and e.value.source == str(p)
+    # one problem is reported as before, with the valid keys
+    with pytest.raises(ConfigError, match=r"^unknown key 'trainer\.lrr' in .*Valid keys in \[trainer\]"):
+        load_config(write(tmp_path, "one.toml", "[trainer]\nlrr = 1\n"))
+
+
+def test_out_of_range_steps_named_with_key(tmp_path):
+    """Integers beyond int64 and a schedule's ``T`` are errors naming their key."""
+    big = 2**70
+    with pytest.raises(ConfigError, match=rf"^'trainer\.steps' in .*c\.toml is out of range: {big} does not fit "
+                                          r"in a 64-bit integer"):
+        load_config(write(tmp_path, "c.toml", f"[trainer]\nsteps = {big}\n"))
+    with pytest.raises(ConfigError, match=r"'sample\.nfe' .* must be in 1\.\.1000000"):
+        config_from_dict({"sample": {"nfe": 10**7}})
+    for T, pattern in [(0, r"must be an integer in 1\.\.1000000 .* got 0"), (10**12, r"got 1000000000000"),
+                       (1.5, r"must be an integer number of discrete steps \(or unset\), got 1\.5"),
+                       ("10", r"got '10' \(str\)"), (big, r"got 1180591620717411303424")]:
+        with pytest.raises(ConfigError, match=r"^'model\.schedule\.T' in f\.toml .*" + pattern) as e:
+            config_from_dict({"model": {"schedule": {"name": "linear", "T": T}}}, source="f.toml")
+        assert e.value.key == "model.schedule.T"
+    with pytest.raises(ConfigError, match=r"'model\.schedule\.T' in --set model\.schedule\.T=-3"):
+        apply_overrides(Config(), ["model.schedule.T=-3"])
+    assert config_from_dict({"model": {"schedule": {"name": "linear", "T": 50}}}).model.schedule["T"] == 50
+    # a schedule's other options are checked when the model is built, named with model.schedule
+    from diffkit.layout import Layout
+    from diffkit.model import build_model
+
+    cfg = config_from_dict({"model": {"schedule": {"name": "linear", "Tt": 5}}})
+    with pytest.raises(ConfigError, match=r"model\.schedule \(schedule 'linear'\): unknown option\(s\) Tt; "
+                                          r"valid options: T, beta_start, beta_end"):
+        build_model(cfg, Layout(channels=("a", "b")))
+    cfg = config_from_dict({"model": {"schedule": {"name": "refiner", "steps": 3, "sigma_min": 2.0}}})
+    with pytest.raises(ConfigError, match=r"model\.schedule .* is invalid: refiner needs"):
+        build_model(cfg, Layout(channels=("a", "b")))
+
+
+def test_negative_guidance_is_rejected():
+    with pytest.raises(ConfigError, match=r"'sample\.guidance' .* must be >= 0 .*negative guidance is not supported.*"
+                                          r"got -1\.0"):
+        config_from_dict({"sample": {"guidance": -1.0}})
