@@ -25,6 +25,7 @@ import operator
 import os
 import random
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -232,6 +233,13 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping) -> Path:
         raise CheckpointError(f"could not write checkpoint {path}: {e}; the previous checkpoints are untouched") from None
     obj = {"format": FORMAT, "format_version": FORMAT_VERSION, "diffkit_version": _diffkit_version(), **obj}
 
+    for d in (path.parent, *path.parent.parents):  # before the temp file's name can show up in an error
+        if d.exists():
+            if not d.is_dir():
+                raise CheckpointError(
+                    f"could not write checkpoint {path}: {d} is a file, not a directory; move the file away "
+                    "or write the checkpoints elsewhere; the previous checkpoints are untouched")
+            break
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     replaced = False
     try:
@@ -244,6 +252,8 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping) -> Path:
         replaced = True
         _fsync_dir(path.parent)
     except BaseException as e:
+        # measured before the temp file is removed, which frees what it had taken
+        full = isinstance(e, Exception) and _disk_full(e, path.parent)
         if not replaced:
             try:
                 tmp.unlink()
@@ -253,9 +263,16 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping) -> Path:
                 warnings.warn(f"could not remove the temporary file {tmp}: {ue}; delete it by hand", stacklevel=2)
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: clean up, then let it through
             raise
-        reason = f"{type(e).__name__}: {e}" if not isinstance(e, OSError) else (e.strerror or str(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            reason += " (free some disk space or lower keep_last)"
+        if full and not replaced:
+            raise CheckpointError(
+                f"could not write checkpoint {path}: disk full ({full}); free some disk space (or lower "
+                "trainer.keep_last) and resume with --resume; the previous checkpoints are untouched"
+            ) from e
+        if isinstance(e, OSError):  # the error names the checkpoint, not the temp file
+            named = e.filename is not None and str(e.filename) not in (str(tmp), str(path))
+            reason = f"{e.strerror or str(e) or type(e).__name__}{f': {e.filename}' if named else ''}"
+        else:
+            reason = f"{type(e).__name__}: {e}"
         if replaced:
             raise CheckpointError(
                 f"checkpoint {path} was written but its directory could not be synced to disk ({reason}); "
@@ -265,6 +282,48 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping) -> Path:
             f"could not write checkpoint {path}: {reason}; the previous checkpoints are untouched"
         ) from e
     return path
+
+
+#: errno values that mean "no room left": the disk, or the user's quota
+_NO_SPACE = tuple(getattr(errno, n) for n in ("ENOSPC", "EDQUOT") if hasattr(errno, n))
+#: torch.save's writer checks the position after every record: a short write (a full disk whose
+#: ENOSPC was swallowed on the way) surfaces as "[enforce fail at inline_container.cc] ... unexpected pos"
+_TORCH_SHORT_WRITE = re.compile(r"unexpected pos|inline_container|PytorchStreamWriter failed writing")
+#: below this much free space a torch short write is taken for a full disk
+_NEARLY_FULL = 1 << 20
+
+
+def _disk_full(e: BaseException, directory: Path) -> str:
+    """``"<free> free on <directory>"`` when ``e`` means the disk (or quota) is full, else ``""``.
+
+    torch does not pass ENOSPC on: writing to a full disk raises ``RuntimeError: [enforce fail at
+    inline_container.cc:...] . unexpected pos ...``, with the file's ``OSError`` (if any) only in the
+    exception's context.  So: an ENOSPC/EDQUOT anywhere in the chain, or a torch short write while
+    the directory has (almost) no free space left.
+    """
+    chain, seen, cur = [], set(), e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        chain.append(cur)
+        cur = cur.__cause__ or cur.__context__
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        free = None
+    no_space = [x for x in chain if isinstance(x, OSError) and x.errno in _NO_SPACE]
+    short_write = any(isinstance(x, RuntimeError) and _TORCH_SHORT_WRITE.search(str(x)) for x in chain)
+    if not (no_space or (short_write and free is not None and free < _NEARLY_FULL)):
+        return ""
+    where = f"{_format_bytes(free)} free on {directory}" if free is not None else f"on {directory}"
+    return f"{no_space[0].strerror or os.strerror(no_space[0].errno)}; {where}" if no_space else where
+
+
+def _format_bytes(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 # --------------------------------------------------------------------------------------

@@ -32,10 +32,11 @@ import torch.distributed as torchdist
 from torch.utils.data import DataLoader, DistributedSampler
 
 from . import registry
-from .checkpoint import CheckpointManager, capture_rng_state, restore_rng_state
+from ._io import atomic_write
+from .checkpoint import CheckpointManager, _disk_full, capture_rng_state, restore_rng_state
 from .config import Config, config_to_dict, dump_config, resolve_loss_defaults
 from .denoiser import Cond, Denoiser, Regressor
-from .errors import DiffkitError
+from .errors import CheckpointError, ConfigError, DiffkitError
 from .layout import Layout
 from .losses import diffusion_loss, noise_distribution, regression_loss, sample_times
 from .distributed import Dist, init_distributed  # noqa: F401  (Dist: diffkit.train.Dist for existing imports)
@@ -88,7 +89,7 @@ class Trainer:
                  progress: bool = True, adapter=None):
         self.cfg = cfg
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.dist = init_distributed(self.device)
+        self.dist = init_distributed(self.device, ddp=True)
         if self.device.type == "cuda" and self.dist.world > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
@@ -100,7 +101,7 @@ class Trainer:
             raise DiffkitError(f"data.batch_size = {gb} is not divisible by world size {self.dist.world} x "
                                f"trainer.grad_accum {tc.grad_accum}; choose a multiple")
         self.micro = gb // (self.dist.world * tc.grad_accum)  # per-rank micro-batch
-        self.run_dir = Path(cfg.run_dir)
+        self.run_dir = _check_run_dir(cfg.run_dir)
         self.progress = progress and self.dist.main
 
         torch.manual_seed(tc.seed)
@@ -130,13 +131,7 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.net = self.model.net
         self.ddp = None
-        if self.dist.world > 1:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            self.ddp = DDP(self.model.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-            self.model.net = self.ddp  # the Denoiser calls the DDP wrapper
-        if tc.compile:
-            self.model.net = torch.compile(self.model.net)
+        self._wrap_net()
         # the parameter lists, once: walking the module tree costs ~0.1 ms a step (clip, EMA)
         self._params, self._ema_params = list(self.net.parameters()), list(self.ema.net.parameters())
         self.opt = torch.optim.AdamW(self._params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
@@ -148,8 +143,36 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if (prec == "bf16" or (prec == "auto" and self.device.type == "cuda")) else None
         self.ckpts = CheckpointManager(self.run_dir / "checkpoints", keep_last=tc.keep_last)
         self._stop = False
+        self._resumed = False
+        #: why the last fit() ended before trainer.steps: "time_budget", "interrupted" or None
+        self.stopped: str | None = None
         if resume:
             self._resume(resume)
+
+    def _wrap_net(self) -> None:
+        """The network the Denoiser calls: DDP's wrapper of ``self.net`` under torchrun, compiled
+        if ``trainer.compile``."""
+        net = self.net
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp = net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if self.cfg.trainer.compile:
+            net = torch.compile(net)
+        self.model.net = net
+
+    def _unwrap_net(self) -> None:
+        """Drop the DDP wrapper once fit() is done: it holds the process group, and a group that
+        outlives ``destroy_process_group`` keeps its gloo threads running into interpreter shutdown,
+        where a rank can abort with "terminate called without an active exception".  The next
+        fit() wraps the network again."""
+        if self.ddp is None:
+            return
+        import gc
+
+        self.ddp = None
+        self.model.net = self.net
+        gc.collect()  # DDP sits in reference cycles (its hooks): free it, and its reference to the group, now
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -178,6 +201,7 @@ class Trainer:
                 print(f"diffkit: no checkpoint in {where}; starting from step 0")
             return
         path, ck = got
+        self._check_same_model(ck, path)
         self.net.load_state_dict(ck["model"])
         self.ema.net.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
@@ -186,8 +210,48 @@ class Trainer:
         restore_rng_state(ck["rng"])
         self.noise_gen.set_state(ck["noise_generator"].to(self.noise_gen.get_state().device))
         self._keep_stored_loss(ck.get("config"), path)
+        self._resumed = True
         if self.dist.main:
             print(f"diffkit: resumed from {path} at step {self.step}")
+
+    def _check_same_model(self, ck: dict, path) -> None:
+        """Raise a one-line :class:`CheckpointError` when the checkpoint's weights do not fit this
+        model, naming the config keys that differ (and the first weights whose shapes differ)
+        instead of torch's list of every missing and unexpected state-dict key."""
+        here, there = self.net.state_dict(), ck["model"]
+        if not isinstance(there, dict):
+            raise CheckpointError(f"checkpoint {path} holds no model weights (its 'model' entry is a "
+                                  f"{type(there).__name__}); use a checkpoint written by diffkit train")
+        missing = [k for k in here if k not in there]
+        unexpected = [k for k in there if k not in here]
+        shapes = [(k, tuple(there[k].shape), tuple(v.shape)) for k, v in here.items()
+                  if k in there and isinstance(there[k], torch.Tensor) and tuple(there[k].shape) != tuple(v.shape)]
+        if not (missing or unexpected or shapes):
+            return
+        stored = (ck.get("config") or {}) if isinstance(ck.get("config"), dict) else {}
+        now = config_to_dict(self.cfg)
+        diffs = []
+        # the [model] keys first; only when they agree, the data (whose layout sets the channels)
+        for section, prefixes in (("model", ("model.",)), ("data", ("data.adapter", "data.options."))):
+            a, b = _flat(stored.get(section, {}), section), _flat(now.get(section, {}), section)
+            diffs = [_differs(key, a.get(key, _UNSET), b.get(key, _UNSET)) for key in sorted(set(a) | set(b))
+                     if key.startswith(prefixes) and a.get(key, _UNSET) != b.get(key, _UNSET)]
+            if diffs:
+                break
+        weights = []
+        if shapes:
+            k, a, b = shapes[0]
+            weights.append(f"{len(shapes)} weight(s) differ in shape, e.g. {k} is {list(a)} in the checkpoint "
+                           f"and {list(b)} here")
+        if missing:
+            weights.append(f"{len(missing)} weight(s) of this model are not in the checkpoint, e.g. {missing[0]}")
+        if unexpected:
+            weights.append(f"{len(unexpected)} weight(s) of the checkpoint are not in this model, e.g. {unexpected[0]}")
+        why = (f"the checkpoint was trained with {'; '.join(diffs)}" if diffs
+               else "the checkpoint was trained with a different model")
+        raise CheckpointError(
+            f"cannot resume from {path}: {why} ({'; '.join(weights)}); resume with the checkpoint's config "
+            f"(the config.toml beside its checkpoints/) or start a new run_dir without --resume")
 
     #: what a checkpoint written before a [loss] key existed trained with
     _LOSS_BEFORE_KEY = {"noise": "uniform_t"}
@@ -262,10 +326,15 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> dict:
         tc = self.cfg.trainer
+        log_path = self.run_dir / "metrics.jsonl"
         if self.dist.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.toml")
-        log_path = self.run_dir / "metrics.jsonl"
+            if self._resumed:  # the steps after the checkpoint are logged again: no duplicate records
+                _trim_metrics(log_path, self.step)
+        self.stopped = None
+        if self.dist.world > 1 and self.ddp is None:  # (a second fit())
+            self._wrap_net()
         batches = self._batches()
         bar = None
         if self.progress:
@@ -279,10 +348,13 @@ class Trainer:
         last = {}
         try:
             while self.step < tc.steps:
-                stop = self._stop or (tc.time_budget is not None and time.time() - t_start >= tc.time_budget)
+                # 0: go on, 1: the time budget is spent, 2: Ctrl-C (which wins: it is what the user did)
+                stop = 2 if self._stop else \
+                    int(tc.time_budget is not None and time.time() - t_start >= tc.time_budget)
                 if self.dist.world > 1:  # all ranks stop at the same step, or the others hang in DDP's all-reduce
-                    stop = self._all_reduce(float(stop), torchdist.ReduceOp.MAX) > 0
+                    stop = int(self._all_reduce(float(stop), torchdist.ReduceOp.MAX))
                 if stop:
+                    self.stopped = "interrupted" if stop == 2 else "time_budget"
                     break
                 loss = self._train_step(batches)
                 n_samples += self.cfg.data.batch_size
@@ -312,6 +384,7 @@ class Trainer:
                 if tc.ckpt_every and self.step % tc.ckpt_every == 0:
                     self.save_checkpoint()
                 if self._stop and self.dist.world == 1:  # (several ranks: agreed at the top of the loop)
+                    self.stopped = "interrupted"
                     break
             if not (tc.ckpt_every and self.step % tc.ckpt_every == 0):
                 self.save_checkpoint()
@@ -320,9 +393,16 @@ class Trainer:
                 bar.close()
             if old_handler is not None:
                 signal.signal(signal.SIGINT, old_handler)
-        if self._stop and self.dist.main:
+            self._unwrap_net()
+        if self.dist.main and self.stopped == "interrupted":
             print(f"diffkit: interrupted at step {self.step}; checkpoint saved. Resume with --resume")
-        return {**last, "step": self.step}  # the step reached, not that of the last log record
+        elif self.dist.main and self.stopped == "time_budget":
+            print(f"diffkit: time budget reached (trainer.time_budget = {tc.time_budget:g} s) at step "
+                  f"{self.step} of {tc.steps}; checkpoint saved. Continue with --resume")
+        out = {**last, "step": self.step}  # the step reached, not that of the last log record
+        if self.stopped:
+            out["stopped"] = self.stopped
+        return out
 
     def _all_reduce(self, value: float, op) -> float:
         v = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
@@ -448,6 +528,81 @@ class Trainer:
         return decode_samples(type(self.adapter), x, self.layout, out, attrs={"step": self.step}, labels=labels)
 
 
+_UNSET = object()
+
+
+def _flat(d, prefix: str) -> dict:
+    """``{"model.options.hidden": 32, ...}`` from nested config dicts."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}") if isinstance(v, dict) and v else {f"{prefix}.{k}": v})
+    return out
+
+
+def _differs(key: str, old, new) -> str:
+    """``"model.channels=32, this config has 64"`` (a key set on one side only says so)."""
+    def show(v):
+        return json.dumps(v) if isinstance(v, str) else repr(v)
+
+    if old is _UNSET:
+        return f"{key} unset, this config has {key}={show(new)}"
+    if new is _UNSET:
+        return f"{key}={show(old)}, this config leaves it unset"
+    return f"{key}={show(old)}, this config has {show(new)}"
+
+
+def _check_run_dir(run_dir) -> Path:
+    """The run directory as a Path, or a one-line error when it cannot be one: empty, a file,
+    below a file, or holding a file named ``checkpoints``."""
+    if run_dir is None or not str(run_dir).strip():
+        raise ConfigError(f"run_dir is empty ({str(run_dir)!r}); set run_dir = \"runs/NAME\" in the config "
+                          "or pass --run-dir NAME")
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise DiffkitError(f"run_dir {path} is a file, not a directory; choose another run_dir (--run-dir) "
+                           "or move the file away")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if not path.exists() and parent is not None and not parent.is_dir():
+        raise DiffkitError(f"run_dir {path} cannot be created: {parent} is a file, not a directory; choose "
+                           "another run_dir (--run-dir)")
+    ck = path / "checkpoints"
+    if ck.exists() and not ck.is_dir():
+        raise DiffkitError(f"{ck} is a file, not a directory: the run's checkpoints go there; move the file "
+                           "away or choose another run_dir (--run-dir)")
+    return path
+
+
+def _trim_metrics(path: Path, step: int) -> int:
+    """Drop the records of ``metrics.jsonl`` after ``step`` (atomically); return how many.
+
+    A run killed after its last checkpoint had logged the steps since; resumed from that
+    checkpoint it logs them again, so without this they would appear twice.  A last line cut by
+    the kill (no newline, not JSON) goes too.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return 0
+    lines = text.splitlines(keepends=True)
+    keep = []
+    for i, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1 and not line.endswith("\n"):
+                continue  # half a record: the process was killed while writing it
+            keep.append(line)
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > step:
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if keep != lines:
+        atomic_write(path, lambda f: f.write("".join(keep)))
+    return len(lines) - len(keep)
+
+
 def threading_main() -> bool:
     import threading
 
@@ -455,6 +610,13 @@ def threading_main() -> bool:
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except OSError as e:
+        full = _disk_full(e, path.parent)
+        if full:
+            raise DiffkitError(f"could not append to {path}: disk full ({full}); free some disk space and "
+                               "resume with --resume") from e
+        raise

@@ -74,7 +74,16 @@ def fit(self):
 
 
 train.Trainer.fit = fit
-raise SystemExit(main(sys.argv[1:]))
+rc = main(sys.argv[1:])
+# what is left running once the command is done (the process group destroyed): a native thread
+# still alive here runs on into interpreter shutdown
+threads = []
+for t in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+    with open(f"/proc/self/task/{t}/comm") as f:
+        threads.append(f.read().strip())
+with open(os.path.join(os.environ["PROBE_OUT"], f"rank{os.environ['RANK']}-exit.json"), "w") as f:
+    json.dump({"threads": threads, "initialized": td.is_initialized()}, f)
+raise SystemExit(rc)
 '''
 
 
@@ -219,6 +228,20 @@ def test_ema_and_weights_identical_on_every_rank(runs):
         assert r["model"] == 0.0 and r["ema"] == 0.0, r
 
 
+def test_every_rank_leaves_no_process_group_threads_behind(runs):
+    # DDP's first import of torch._dynamo took references to the process group that outlived
+    # destroy_process_group (as did the DDP wrapper itself): its gloo threads then ran on into
+    # interpreter shutdown, where a rank could abort ("terminate called without an active exception")
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("no /proc/self/task to list a process's threads")
+    probe = runs["root"] / "probe"
+    for r in range(2):
+        left = json.loads((probe / f"rank{r}-exit.json").read_text())
+        assert not left["initialized"]
+        assert not [t for t in left["threads"] if "gloo" in t], (r, left["threads"])
+    assert "terminate called" not in runs["resume_proc"].stderr
+
+
 def test_resume_a_one_process_checkpoint_with_two_processes(runs):
     root = runs["root"]
     start = root / "one" / "checkpoints" / f"ckpt-{20:09d}.pt"
@@ -236,6 +259,10 @@ def test_time_budget_stops_every_rank_at_the_same_step(runs):
     m = re.findall(r"diffkit train: stopped early at step (\d+)", p.stdout)
     assert len(m) == 1, f"{p.stdout}\n{p.stderr[-3000:]}"
     step = int(m[0])
+    # said once (by rank 0), naming the budget
+    assert p.stdout.count("diffkit: time budget reached (trainer.time_budget = 1 s) at step") == 1, p.stdout
+    assert f"at step {step} of 1000000" in p.stdout
+    assert "terminate called" not in p.stderr
     names = sorted(c.name for c in (root / "budget" / "checkpoints").iterdir())
     assert names == [f"ckpt-{step:09d}.pt"], (names, p.stdout)
 

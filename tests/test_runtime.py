@@ -364,7 +364,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypa
     with pytest.raises(CheckpointError) as ei:
         trainer.fit()
     msg = str(ei.value)
-    assert "ckpt-000000004.pt" in msg and os.strerror(errno.ENOSPC) in msg
+    assert "ckpt-000000004.pt" in msg and os.strerror(errno.ENOSPC) in msg and "disk full" in msg
     assert "previous checkpoints are untouched" in msg
     assert trainer.step == 4
     monkeypatch.undo()
