@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import warnings
+from pathlib import Path
 
 
 def _cmd_plugins(args) -> int:
@@ -35,6 +39,8 @@ def _cmd_train(args) -> int:
     if args.run_dir:
         sets.append(f'run_dir="{args.run_dir}"')
     cfg = apply_overrides(cfg, sets)
+    if args.device:
+        _device(args.device)  # cuda without CUDA: one line, before the data is loaded
     from .train import Trainer
 
     resume = False if args.resume is None else (True if args.resume == "" else args.resume)
@@ -54,14 +60,19 @@ def _cmd_sample(args) -> int:
     from .model import load_for_sampling
     from .distributed import init_distributed
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .samplers import MAX_NFE, SPACINGS
+
+    _check_sample_args(args, MAX_NFE, SPACINGS)
+    device = _device(args.device)
     dist = init_distributed(device)
     den, cfg, adapter_cls = load_for_sampling(args.checkpoint, device=device)
     sc = cfg.sample
     n = args.n if args.n is not None else sc.n
-    if n < 1:
-        raise ValueError(f"--n must be >= 1, got {n}")
     sampler = args.sampler or sc.sampler
+    if args.sampler is not None:
+        from . import registry
+
+        registry.get("sampler", sampler)  # a typo fails before the model runs, listing the samplers
     nfe = args.steps if args.steps is not None else sc.nfe
     guidance = args.guidance if args.guidance is not None else sc.guidance
     layout = den.layout
@@ -76,6 +87,14 @@ def _cmd_sample(args) -> int:
     if layout.cond_channels or layout.scalars:
         raise ValueError("this model is conditional on fields or scalars; use the domain's command "
                          "(e.g. diffkit forecast / rollout) to give the conditions")
+    if not layout.num_classes and guidance is not None:
+        if args.guidance is not None:
+            raise ValueError(f"--guidance {args.guidance:g} was given but this model is unconditional (num_classes = 0): "
+                             "classifier-free guidance needs a class-conditional model; leave --guidance out")
+        warnings.warn(f"sample.guidance = {guidance:g} in the run's config is ignored: this model is unconditional "
+                      "(num_classes = 0)", UserWarning, stacklevel=2)
+        guidance = None
+    _check_out(args.out, adapter_cls)
     g = torch.Generator(device=device).manual_seed(args.seed)
     # every rank draws the noise of all n members and keeps its share, so the result does not
     # depend on the number of processes (deterministic samplers)
@@ -120,7 +139,11 @@ def _cmd_sample(args) -> int:
                  "command": " ".join(["diffkit", *getattr(args, "argv", ["sample", str(args.checkpoint)])])}
         if labels is not None:
             attrs["guidance"] = "none" if guidance is None else guidance
-        out = decode_samples(adapter_cls, x, layout, args.out, attrs=attrs, labels=labels)
+        try:
+            out = decode_samples(adapter_cls, x, layout, args.out, attrs=attrs, labels=labels)
+        except IsADirectoryError:  # a decoder that takes no directory, with a temp file's name in the error
+            raise ValueError(f"--out {args.out} is a directory; give a file name, e.g. "
+                             f"--out {Path(args.out) / 'samples.nc'}") from None
         per = ""
         if labels is not None and args.label is None:
             per = f" ({n // layout.num_classes} per class)" if n % layout.num_classes == 0 else \
@@ -142,6 +165,68 @@ def class_balanced_count(n: int, num_classes: int) -> int:
     if num_classes <= 0:
         return n
     return -(-n // num_classes) * num_classes
+
+
+#: what the default decoder (:meth:`diffkit.adapters.Adapter.decode`, netCDF) writes
+NETCDF_SUFFIXES = (".nc", ".nc4", ".netcdf", ".cdf")
+
+
+def _check_sample_args(args, max_nfe: int, spacings) -> None:
+    """Bad numbers and names of ``diffkit sample``, each named with its option, before any work."""
+    if args.n is not None and args.n < 1:
+        raise ValueError(f"--n must be >= 1, got {args.n}")
+    if args.steps is not None and not 1 <= args.steps <= max_nfe:
+        raise ValueError(f"--steps must be in 1..{max_nfe} (the number of denoiser calls), got {args.steps}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be in 0..{2**63 - 1} (a 64-bit seed), got {args.seed}")
+    if args.spacing is not None and args.spacing not in spacings:
+        raise ValueError(f"--spacing must be one of {', '.join(spacings)}, got {args.spacing!r}")
+    g = args.guidance
+    if g is not None and not (0 <= g < float("inf")):
+        what = "negative guidance is not supported" if g < 0 else "it must be a finite number"
+        raise ValueError(f"--guidance must be >= 0 (0 is the unconditional model, 1 the conditional one, larger "
+                         f"values guide more strongly), got {g:g}: {what}")
+
+
+def _check_out(out, adapter_cls) -> None:
+    """``--out`` before sampling: an existing directory, or a suffix the decoder does not write.
+
+    An adapter class may declare ``output_suffixes`` (e.g. ``(".nc",)``; ``"/"`` in it means a
+    directory is fine); one that keeps the default netCDF decoder writes :data:`NETCDF_SUFFIXES`."""
+    from .adapters import Adapter
+
+    suffixes = getattr(adapter_cls, "output_suffixes", None)
+    if suffixes is None and getattr(adapter_cls.decode, "__func__", None) is Adapter.decode.__func__:
+        suffixes = NETCDF_SUFFIXES
+    if suffixes is None:
+        return
+    p = Path(out)
+    files = [x for x in suffixes if x != "/"]
+    if p.is_dir() or str(out).endswith(("/", os.sep)):
+        if "/" not in suffixes:
+            raise ValueError(f"--out {out} is a directory; give a file name, e.g. --out {p / ('samples' + files[0])}")
+        return
+    ext = p.suffix.lower()
+    if ext not in files:
+        name = getattr(adapter_cls, "name", adapter_cls.__name__)
+        what = f"has an unknown extension {ext!r}" if ext else "has no extension"
+        raise ValueError(f"--out {out} {what}: the {name!r} adapter writes {', '.join(files)} files; "
+                         f"e.g. --out {p.with_suffix(files[0])}")
+
+
+def _device(name):
+    """The torch device ``--device`` names (default: cuda if available); cuda without CUDA is an error."""
+    import torch
+
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r} is not a torch device ({' '.join(str(e).split())}); use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu")
+    return device
 
 
 def _leave_process_group() -> None:
@@ -277,9 +362,65 @@ def _group_help(parser):
     return run
 
 
-def main(argv=None) -> int:
-    import warnings
+def _from_diffkit(filename) -> bool:
+    """Whether a warning was issued by diffkit or one of its plugins (``diffkit_*`` packages)."""
+    parts = Path(str(filename)).parts
+    return any(p == "diffkit" or p.startswith("diffkit_") for p in parts[:-1])
 
+
+def format_warning(message, category, filename, lineno) -> str:
+    """A warning as the CLI prints it: one line, ``warning: <message>`` (diffkit's and its plugins'),
+    or ``warning: <message> (<Category> at <file>:<line>)`` for other libraries' -- never the
+    Python source line that :func:`warnings.formatwarning` adds."""
+    msg = " ".join(str(message).split()) or category.__name__
+    if _from_diffkit(filename):
+        return f"warning: {msg}\n"
+    return f"warning: {msg} ({category.__name__} at {Path(str(filename)).name}:{lineno})\n"
+
+
+@contextlib.contextmanager
+def _one_line_warnings(enabled: bool = True):
+    """While the CLI runs, warnings print as one line each (:func:`format_warning`); ``--debug``
+    keeps Python's format, source line included."""
+    if not enabled:
+        yield
+        return
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        try:
+            (file or sys.stderr).write(format_warning(message, category, filename, lineno))
+        except (OSError, AttributeError):  # stderr closed or gone: nowhere to warn
+            pass
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
+def _subparser(parser, args):
+    """The parser of the (sub)command ``args`` selected (``diffkit data pde``: that one), so that a
+    usage error shows the usage of the command that was typed."""
+    p = parser
+    if not getattr(args, "command", None):
+        return p
+    for word in _command_name(args).split():
+        action = next((a for a in p._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if action is None or word not in action.choices:
+            break
+        p = action.choices[word]
+    return p
+
+
+def main(argv=None) -> int:
+    words = sys.argv[1:] if argv is None else list(argv)
+    with _one_line_warnings("--debug" not in words):
+        return _main(argv, words)
+
+
+def _main(argv, words) -> int:
     from .registry import PluginWarning
 
     # plugin commands are mounted at start-up, so plugin problems surface here: one line each
@@ -291,13 +432,14 @@ def main(argv=None) -> int:
             print(f"warning: {w.message}", file=sys.stderr)
         else:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    words = sys.argv[1:] if argv is None else list(argv)
     cmd = next((w for w in words if not w.startswith("-")), None)
     if _PLUGIN_ERROR is not None and cmd is not None and cmd not in _choices(parser):
         msg = " ".join(str(_PLUGIN_ERROR).split())
         print(f"diffkit: error: unknown command {cmd!r}; plugin commands could not be loaded: {msg}", file=sys.stderr)
         return 1
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the typed command's usage, not the top level's
+        _subparser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     args.argv = words  # the command line: outputs name it in their history attribute
     if not getattr(args, "command", None):
         parser.print_help()

@@ -104,11 +104,14 @@ def _find_checkpoint(path, require) -> tuple[Path, dict]:
         reasons = []
         for _, f in reversed(found):
             try:
-                return f, load_checkpoint(f, require=require)
+                ck = load_checkpoint(f, require=require)
             except CheckpointError as e:
-                reason = " ".join(str(e).replace(f"; {_RESUME_HINT}", "").split())
-                reasons.append(f"{f.name}: {reason}")
-                warnings.warn(f"skipping checkpoint {f}: {reason}", stacklevel=3)
+                reasons.append((f, " ".join(str(e).replace(f"; {_RESUME_HINT}", "").split())))
+                continue
+            for bad, reason in reasons:  # newer ones that failed: said once the one used is known
+                warnings.warn(f"skipping checkpoint {bad}: {reason}", stacklevel=3)
+            return f, ck
+        reasons = [f"{f.name}: {r}" for f, r in reasons]
         raise CheckpointError(f"none of the {len(found)} checkpoints in {p} can be loaded ({'; '.join(reasons)}); "
                               f"give a valid checkpoint file")
     except CheckpointError as e:

@@ -221,3 +221,111 @@ def test_in_process_error_path(monkeypatch, capsys):
     assert err == "diffkit plugins: error: two plugins clash (--debug shows the traceback)\n"
     with pytest.raises(diffkit.PluginError):
         main(["plugins", "--debug"])
+
+
+# -- issue 13: messages of diffkit sample and of usage errors ---------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A 2-step unconditional run (the built-in mixture data, an MLP)."""
+    d = tmp_path_factory.mktemp("tiny_run")
+    registry.refresh()
+    assert main(["train", "--no-progress", "--run-dir", str(d / "run"), "--set", "trainer.steps=2",
+                 "--set", "data.batch_size=8", "--set", "data.options.n=64", "--set", "trainer.val_every=0",
+                 "--set", "sample.nfe=2", "--set", "sample.n=2"]) == 0
+    return d / "run"
+
+
+def one_error_line(capsys, prefix="diffkit sample: error: ") -> str:
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix) and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_guidance_on_unconditional_model_says_so(tiny_run, tmp_path, capsys):
+    out = tmp_path / "s.nc"
+    assert main(["sample", str(tiny_run), "--guidance", "2", "--out", str(out), "--no-progress"]) == 1
+    line = one_error_line(capsys)
+    assert "--guidance 2 was given but this model is unconditional (num_classes = 0)" in line
+    assert not out.exists()
+
+
+def test_negative_guidance_is_rejected(tiny_run, tmp_path, capsys):
+    assert main(["sample", str(tiny_run), "--guidance", "-1.5", "--out", str(tmp_path / "s.nc")]) == 1
+    line = one_error_line(capsys)
+    assert "--guidance must be >= 0" in line and "got -1.5: negative guidance is not supported" in line
+
+
+def test_out_is_a_directory(tiny_run, tmp_path, capsys):
+    d = tmp_path / "outdir"
+    d.mkdir()
+    assert main(["sample", str(tiny_run), "--out", str(d), "--no-progress"]) == 1
+    line = one_error_line(capsys)
+    assert f"--out {d} is a directory; give a file name, e.g. --out {d / 'samples.nc'}" in line
+    assert ".tmp" not in line and list(d.iterdir()) == []
+
+
+@pytest.mark.parametrize("name, what", [("s.png", "has an unknown extension '.png'"), ("s", "has no extension"),
+                                        ("s.zarr", "has an unknown extension '.zarr'")])
+def test_out_unknown_extension(tiny_run, tmp_path, capsys, name, what):
+    out = tmp_path / name
+    assert main(["sample", str(tiny_run), "--out", str(out), "--no-progress"]) == 1
+    line = one_error_line(capsys)
+    assert f"--out {out} {what}: the 'mixture' adapter writes .nc, .nc4, .netcdf, .cdf files" in line
+    assert ".tmp" not in line and not out.exists()
+    assert main(["sample", str(tiny_run), "--out", str(out.with_suffix(".nc")), "--no-progress", "--n", "2"]) == 0
+
+
+def test_warnings_print_one_line(tiny_run, tmp_path, capsys):
+    """A diffkit warning printed by the CLI is ``warning: <message>``, without the Python source line."""
+    assert main(["sample", str(tiny_run), "--sampler", "heun", "--steps", "3", "--n", "2", "--no-progress",
+                 "--out", str(tmp_path / "s.nc")]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["warning: heun with NFE 3 is unstable (samples can be many times too spread or "
+                                "diverge); use NFE >= 12, or dpmpp_2m at low NFE"]
+    assert "warnings.warn" not in err and ".py:" not in err
+    # another library's warning: one line too, with its category and origin
+    from diffkit.cli import format_warning
+
+    line = format_warning("x is deprecated\n  use y", DeprecationWarning, "/site-packages/xarray/core.py", 12)
+    assert line == "warning: x is deprecated use y (DeprecationWarning at core.py:12)\n"
+    import warnings as w
+
+    assert w.showwarning is not None and w.showwarning.__module__ != "diffkit.cli"  # restored after main()
+
+
+def test_sample_missing_run_does_not_suggest_resume(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad_run = tmp_path / "bad_run"
+    (bad_run / "checkpoints").mkdir(parents=True)
+    (bad_run / "checkpoints" / "ckpt-000000002.pt").write_bytes(b"PK\x03\x04 truncated")
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(b"PK")
+    for path, fragment in [(tmp_path / "missing", "does not exist; check the path: give a checkpoint file"),
+                           (empty, "no checkpoint found in"),
+                           (bad_run, "none of the 1 checkpoints in"),
+                           (trunc, "is truncated")]:
+        assert main(["sample", str(path), "--out", str(tmp_path / "s.nc")]) == 1
+        line = one_error_line(capsys, "diffkit sample: error: ")
+        assert fragment in line and "--resume" not in line, line
+
+
+def test_unknown_option_shows_subcommand_usage(capsys):
+    for argv, usage in [(["train", "--nope"], "usage: diffkit train "),
+                        (["sample", "run", "--out", "x.nc", "--nope", "1"], "usage: diffkit sample "),
+                        (["data", "pde", "ks", "--out", "x.nc", "--nope"], "usage: diffkit data pde "),
+                        (["forecast", "--nope"], "usage: diffkit forecast ")]:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith(usage), err
+        command = usage[len("usage: "):].strip()
+        assert f"{command}: error: " in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        main(["train", "--nope"])
+    assert "diffkit train: error: unrecognized arguments: --nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # no command: the top level's usage
+        main(["--nope"])
+    assert capsys.readouterr().err.startswith("usage: diffkit [-h]")
