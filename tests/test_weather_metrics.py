@@ -475,7 +475,7 @@ def test_evaluate_scores_every_registered_ensemble_metric():
     finally:
         registry.unregister_plugin("fake_weather_metrics")
     assert [m for m in s.data_vars] == ["rmse", "crps", "spread", "spread_skill_ratio", "fake_big",
-                                        "fake_energy_crps", "rank_histogram"]
+                                        "fake_energy_crps", "persistence_rmse", "climatology_rmse", "rank_histogram"]
     assert np.isnan(s["fake_big"].values).all()
     tr = EV.read_truth(fc, truth)["t"]
     close(s["fake_energy_crps"].values[0], W.crps_da(fc["t"], tr, estimator="nrg").values, rtol=1e-13, atol=0)

@@ -83,6 +83,11 @@ _NAMES = {
     "time": ("time", "valid_time", "timestep", "times", "date", "datetime"),
     "member": ("member", "number", "realization", "ensemble", "ens", "member_id"),
 }
+#: roles whose dims need coordinate values (a member dim may be plain index numbers)
+_NEEDS_VALUES = {"latitude": "degrees of latitude", "longitude": "degrees of longitude",
+                 "level": "level values", "time": "times"}
+_VALUE_UNITS = {"latitude": "degrees_north", "longitude": "degrees_east", "level": "hPa",
+                "time": "hours since 2000-01-01 00:00"}
 #: elements of one statistics read (float32 ~ 21 bytes each with the float64 temporaries)
 _STATS_ELEMENTS = 1 << 22
 
@@ -366,6 +371,13 @@ def find_coords(ds, path="the file", dims: Mapping[str, str] | None = None) -> d
         if d not in ds.dims and role != "level":
             raise WeatherDataError(f"dims option maps {role} to {d!r}, which is not a dim of {path} "
                                    f"(dims: {', '.join(map(str, ds.dims))})")
+        if d in ds.dims and d not in ds.variables and role in _NEEDS_VALUES:
+            # index numbers 0, 1, 2, ... are not degrees, pressures or times: never take them as such
+            raise WeatherDataError(
+                f"dims option maps {role} to {d!r}, but {path} has no coordinate values for {d!r} (only index "
+                f"numbers 0..{ds.sizes[d] - 1}, which are not {_NEEDS_VALUES[role]}); give the coordinates in the "
+                f"file, e.g. ds.assign_coords({d}=(\"{d}\", values, {{\"units\": \"{_VALUE_UNITS[role]}\"}})) "
+                f"and save it")
     return out
 
 
@@ -985,6 +997,8 @@ class GriddedAdapter(Adapter):
                 for v in self.variables:
                     a = self.store.read(v, tidx, m)
                     cs = self.ch_slices[v]
+                    if not np.isfinite(a[~np.isnan(a)]).all():
+                        self._infinite(v, a, tidx, m)
                     nan = np.isnan(a)
                     nan_all[cs] += nan.sum(0)
                     if tr.any():
@@ -1031,6 +1045,25 @@ class GriddedAdapter(Adapter):
         self.fixed_mask = fixed  # (C, H, W) bool
         self.has_missing = bool(nan_all.any())
         self.n_train_samples = n
+
+    def _infinite(self, v: str, a: np.ndarray, tidx: np.ndarray, m) -> None:
+        """Raise naming the variable, channel, time, member and count of the first infinite values of a block
+        ``a`` (``(nt, L, lat, lon)`` of variable ``v`` at the times ``tidx``)."""
+        inf = np.isinf(a)
+        i = int(np.flatnonzero(inf.any(axis=(1, 2, 3)))[0])
+        li = int(np.flatnonzero(inf[i].any(axis=(1, 2)))[0])
+        c = self.ch_slices[v].start + li
+        signs = sorted({"+inf" if x > 0 else "-inf" for x in a[i][inf[i]].ravel()[:1000]})
+        seg = self._avail[v][int(self.store.seg_of[v][tidx[i]])]
+        mem = ""
+        if m is not None:
+            md = seg["member"] or "member"
+            mem = f", member {self.member_values[self.members.index(m)]!r} of {md!r}"
+        raise WeatherDataError(
+            f"variable {v!r} (channel {self.channels[c]!r}, file {self._files[seg['file']][0].name}{mem}) holds "
+            f"infinite values ({' and '.join(signs)}) at {int(inf[i, li].sum())} grid point(s) at "
+            f"{_fmt_time(self.times[tidx[i]])} ({int(inf.sum())} in this block of {len(tidx)} time(s)); infinite "
+            f"values cannot be standardised: fix them, or set them to NaN to mark them missing")
 
     def _residual_stats(self):
         C = len(self.channels)

@@ -99,6 +99,11 @@ def register_forecast(parser: argparse.ArgumentParser) -> None:
                              "times; comma-separated or repeated; or 'all-val' for every validation init time with "
                              "enough history and truth in the data")
     parser.add_argument("--members", "-m", type=int, default=8, help="ensemble members (default 8)")
+    parser.add_argument("--member", default=None, metavar="VALUE|all",
+                        help="on data with a member dim (number, member, realization, ...): the input member to "
+                             "start from, or 'all' for one forecast ensemble per input member (an initial_member "
+                             "dim); default: the run's data.options.member; a file with several members and no "
+                             "choice is an error")
     parser.add_argument("--steps", "-k", type=int, required=True, help="forecast steps of the model's lead time")
     parser.add_argument("--out", required=True, help="output netCDF file (dims member, init_time, lead_time, ...)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same ensemble")
@@ -121,7 +126,7 @@ def run_forecast(args) -> int:
 
     from diffkit.adapters import atomic_to_netcdf
 
-    from .forecast import forecast, forecast_dataset, initial_states, load_forecaster
+    from .forecast import forecast, initial_states, load_forecaster, member_attrs, member_dataset
 
     if args.members < 1 or args.steps < 1:
         raise ValueError(f"--members and --steps must be >= 1, got {args.members} and {args.steps}")
@@ -134,7 +139,7 @@ def run_forecast(args) -> int:
         opts["time_units"] = args.time_units
     inits = ",".join(args.init)
     data = args.data if len(args.data) > 1 else args.data[0]
-    ist = initial_states(data, fc.layout, inits, steps=args.steps, options=opts)
+    ist = initial_states(data, fc.layout, inits, steps=args.steps, options=opts, member=args.member)
     perturb = args.perturb
     pred = forecast(fc, None, ist, steps=args.steps, members=args.members, seed=args.seed, sampler=args.sampler,
                     nfe=args.nfe, perturb=perturb, progress=not args.no_progress)
@@ -147,12 +152,17 @@ def run_forecast(args) -> int:
              "sampler": "none (regression)" if regression else (args.sampler or sc.sampler),
              "nfe": 1 if regression else (args.nfe or sc.nfe), "perturb": float(perturb),
              "data": " ".join(map(str, args.data)),
-             "command": _forecast_command(args, inits)}
-    ds = forecast_dataset(pred, fc.layout, ist.times, attrs=attrs, options=opts)
+             "command": _forecast_command(args, inits),
+             **member_attrs(ist, args.member, opts.get("member"))}
+    ds = member_dataset(pred, fc.layout, ist, attrs=attrs, options=opts,
+                        per_member=attrs["initial_member"] == "all")
     out = atomic_to_netcdf(ds, args.out)
     lead = fc.layout.autoregressive.step
-    print(f"diffkit forecast: wrote {args.members} member(s) x {len(ist.times)} init time(s) x {args.steps} step(s) "
-          f"of {lead:g} h ({fc.objective}{f', perturb {perturb:g}' if perturb else ''}) to {out}")
+    n_init = ds.sizes["init_time"]
+    im = f" x {ds.sizes['initial_member']} initial member(s)" if "initial_member" in ds.dims else ""
+    print(f"diffkit forecast: wrote {args.members} member(s){im} x {n_init} init time(s) x {args.steps} step(s) "
+          f"of {lead:g} h ({fc.objective}{f', perturb {perturb:g}' if perturb else ''}; initial state: "
+          f"{attrs['initial_member_choice']}) to {out}")
     return 0
 
 
@@ -162,8 +172,8 @@ def _forecast_command(args, inits: str) -> str:
 
     words = ["diffkit", "forecast", str(args.checkpoint), "--data", *map(str, args.data), "--init", inits,
              "--members", str(args.members), "--steps", str(args.steps), "--seed", str(args.seed)]
-    for flag, v in (("--sampler", args.sampler), ("--nfe", args.nfe), ("--perturb", args.perturb),
-                    ("--time-units", args.time_units)):
+    for flag, v in (("--member", args.member), ("--sampler", args.sampler), ("--nfe", args.nfe),
+                    ("--perturb", args.perturb), ("--time-units", args.time_units)):
         if v is not None:
             words += [flag, str(v)]
     return shlex.join(words)
@@ -176,6 +186,10 @@ def register_evaluate(parser: argparse.ArgumentParser) -> None:
                         help="netCDF file(s) or glob(s) with the truth at every valid time of the forecast")
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="output folder: scores.csv, scores.nc and the figures (*.png)")
+    parser.add_argument("--member", default=None, metavar="VALUE|all",
+                        help="on truth with a member dim (number, member, realization, ...): the truth member to "
+                             "score against, or 'all' to score against every member (each a separate case); a "
+                             "truth with several members and no choice is an error")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random tie-breaking of rank histograms")
     parser.add_argument("--time-units", default=None,
@@ -188,10 +202,12 @@ def run_evaluate(args) -> int:
 
     truth = args.truth if len(args.truth) > 1 else args.truth[0]
     ev = evaluate(args.forecast, truth, out=args.out, plots=not args.no_plots, seed=args.seed,
-                  time_units=args.time_units)
+                  time_units=args.time_units, member=args.member)
     s = ev.scores
     print(f"diffkit evaluate: {s.attrs['members']} member(s), {s.attrs['n_init']} init time(s), "
-          f"{s.sizes['lead_time']} lead time(s)")
+          f"{s.sizes['lead_time']} lead time(s); {s.attrs['n_cases']} case(s): {s.attrs['cases']}")
+    if str(s.attrs.get("persistence", "")).startswith("not computed"):
+        print(f"diffkit evaluate: note: persistence reference {s.attrs['persistence']}")
     print(format_table(s))
     print(f"diffkit evaluate: wrote {len(ev.files)} file(s) to {args.out}: "
           f"{', '.join(sorted(p.name for p in ev.files))}")

@@ -36,13 +36,13 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .adapter import WeatherDataError, _fmt_level
-from .forecast import _fc_roles, read_truth
+from .forecast import _fc_roles, read_truth  # noqa: F401  (read_truth: re-exported)
 
 __all__ = ["Evaluation", "evaluate", "open_forecast", "scores_table", "summarise", "write_scores", "format_table",
            "METRICS"]
@@ -97,7 +97,23 @@ def open_forecast(path):
         raise WeatherDataError(f"cannot read the forecast {path} ({type(e).__name__}: {e})") from None
 
 
-def _check_forecast(fc) -> None:
+#: the forecast dims before the grid, in the order evaluate scores them
+_FC_DIMS = ("initial_member", "member", "init_time", "lead_time")
+
+
+def _is_time(a) -> bool:
+    a = np.asarray(a)
+    return np.issubdtype(a.dtype, np.datetime64) or (a.dtype == object and a.size > 0 and
+                                                     hasattr(a.flat[0], "calendar"))
+
+
+def _check_forecast(fc):
+    """The forecast checked and put in evaluate's order: every variable ``([initial_member,] member,
+    init_time, lead_time, [level,] lat, lon)`` (transposed where needed), ``valid_time`` ``(init_time,
+    lead_time)`` equal to ``init_time + lead_time``.  Anything else is an error naming the dim or time."""
+    from .adapter import _fmt_time
+    from .forecast import _keys
+
     need = ("member", "init_time", "lead_time")
     miss = [d for d in need if d not in fc.dims]
     lacks = ([f"the dim(s) {', '.join(miss)}"] if miss else []) + \
@@ -107,12 +123,98 @@ def _check_forecast(fc) -> None:
                                f"(dims member, init_time, lead_time, ...)")
     if not fc.data_vars:
         raise WeatherDataError("the forecast holds no variable")
+    r = _fc_roles(fc)
+    lat, lon, levels = r["latitude"], r["longitude"], r.get("level", [])
+    fc = fc.copy()
+    for v in list(fc.data_vars):
+        d = [str(x) for x in fc[v].dims]
+        absent = [x for x in (*need, lat, lon) if x not in d]
+        if absent:
+            raise WeatherDataError(f"forecast variable {v!r} lacks the dim(s) {', '.join(map(repr, absent))} (its dims "
+                                   f"{tuple(d)}); every variable needs member, init_time, lead_time, {lat}, {lon}")
+        lev = [x for x in d if x in levels]
+        extra = [x for x in d if x not in (*_FC_DIMS, lat, lon, *lev[:1])]
+        if extra:
+            x = extra[0]
+            raise WeatherDataError(
+                f"forecast variable {v!r} has the dim {x!r} (size {fc.sizes[x]}), which evaluate cannot score (its "
+                f"dims {tuple(d)}); a forecast variable has the dims [initial_member,] member, init_time, lead_time, "
+                f"[one level dim,] {lat}, {lon} in any order: select one {x!r} first (ds.isel({x}=0)) or drop it")
+        order = [x for x in _FC_DIMS if x in d] + lev[:1] + [lat, lon]
+        if d != order:
+            fc[v] = fc[v].transpose(*order)
+    vt = fc["valid_time"]
+    if set(vt.dims) != {"init_time", "lead_time"}:
+        raise WeatherDataError(f"the forecast's valid_time has the dims {tuple(vt.dims)}; it must be "
+                               f"valid_time(init_time, lead_time)")
+    vt = np.asarray(vt.transpose("init_time", "lead_time").values)
+    init, lead = np.asarray(fc["init_time"].values), np.asarray(fc["lead_time"].values)
+    if not _is_time(init) or not _is_time(vt):
+        raise WeatherDataError(f"the forecast's init_time / valid_time are not dates (dtypes {init.dtype}, "
+                               f"{vt.dtype}); give them CF time units ('hours since ...')")
+    if not np.issubdtype(lead.dtype, np.timedelta64):
+        raise WeatherDataError(f"the forecast's lead_time is not a time interval (dtype {lead.dtype}); give it "
+                               f"units such as units = 'hours'")
+    lead_h = lead / np.timedelta64(1, "h")
+    want = _keys(init)[:, None] + lead_h[None, :]
+    got = _keys(vt.ravel()).reshape(vt.shape)
+    bad = np.abs(got - want) > 1e-6
+    if bad.any():
+        n, k = (int(q[0]) for q in np.nonzero(bad))
+        exp = np.asarray(fc["init_time"].values)[n:n + 1]
+        from .forecast import _shift
+
+        raise WeatherDataError(
+            f"the forecast's valid_time disagrees with init_time + lead_time: at init_time {_fmt_time(init[n])}, "
+            f"lead_time {lead_h[k]:g} h it is {_fmt_time(vt[n, k])}, expected {_fmt_time(_shift(exp, lead_h[k])[0])} "
+            f"({int(bad.sum())} of {bad.size} valid times disagree); fix valid_time (or init_time / lead_time)")
+    return fc
+
+
+def _check_infinite(x: np.ndarray, what: str, v: str, dims: Sequence[str], coords: Mapping) -> None:
+    """Raise naming the first point of ``x`` (dims ``dims``) that is +-inf."""
+    inf = np.isinf(x)
+    if not inf.any():
+        return
+    first = [int(q[0]) for q in np.nonzero(inf)]
+    where = []
+    for d, i in zip(dims, first):
+        if d in ("init_time", "lead_time", "member", "initial_member", "truth_member") and d in coords:
+            val = np.asarray(coords[d])[i]
+            if isinstance(val, np.timedelta64):
+                val = f"{val / np.timedelta64(1, 'h'):g} h"
+            elif isinstance(val, np.datetime64):
+                val = str(val)[:16]
+            where.append(f"{d} {val}")
+    sign = "+inf" if x[tuple(first)] > 0 else "-inf"
+    raise WeatherDataError(f"the {what} holds infinite values ({int(inf.sum())} value(s); the first, {sign}, in "
+                           f"variable {v!r} at {', '.join(where) or 'a grid point'}); infinite values cannot be "
+                           f"scored: fix them, or set them to NaN to leave those points out")
 
 
 def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None = None,
              dims: Mapping[str, str] | None = None, member=None, seed: int = 0, max_maps: int = 12) -> Evaluation:
     """Score the ensemble forecast ``fc`` (a dataset or a netCDF path) against ``truth`` (files, a
     glob, a list, or a dataset; read at each valid time, see :func:`~diffkit_weather.forecast.read_truth`).
+
+    The forecast is checked first: its variables' dims (transposed into evaluate's order; any dim
+    besides ``[initial_member,] member, init_time, lead_time, [level,] lat, lon`` is an error naming
+    it) and ``valid_time == init_time + lead_time`` (else an error naming the first mismatch);
+    ``+-inf`` in forecast or truth is an error (NaN is missing and left out).
+
+    ``member``: on truth with a member dim, the member to score against (a value), or ``"all"``:
+    every truth member is a separate case.  Cases are what the scores average over (with equal
+    weight): the init times, times the forecast's ``initial_member`` ensembles (a forecast made with
+    ``--member all``), times the truth members.  A truth with several members and no ``member`` is
+    an error.
+
+    Besides the ensemble scores, two reference RMSEs per channel and lead (as ``rmse``:
+    latitude-weighted, square root per case, then the mean over cases, over the same valid points):
+    ``persistence_rmse``, the truth at the init time as the forecast of the truth at the valid
+    time (NaN, with a note in the attribute ``persistence``, when the truth lacks an init time), and
+    ``climatology_rmse``, the per-grid-point mean of the truth over the distinct valid times scored
+    (and the truth members) as the forecast -- a sample climatology of the verifying data, so
+    slightly optimistic.
 
     Returns an :class:`Evaluation`; with ``out`` (a folder) also writes ``scores.csv``,
     ``scores.nc`` and, unless ``plots=False``, ``lead_curves.png``, ``rank_histograms.png`` and
@@ -122,33 +224,82 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
     import xarray as xr
 
     from . import metrics as M
+    from .forecast import _Truth, _keys, _truth_dataset
 
     if not hasattr(fc, "data_vars"):
         fc = open_forecast(fc)
-    _check_forecast(fc)
-    tr = read_truth(fc, truth, time_units=time_units, dims=dims, member=member)
+    fc = _check_forecast(fc)
+    reader = _Truth(fc, truth, time_units=time_units, dims=dims, member=member)
+    tr = _truth_dataset(reader, fc)
     r = _fc_roles(fc)
     latn, lonn = r["latitude"], r["longitude"]
     Mm = int(fc.sizes["member"])
     N = int(fc.sizes["init_time"])
     K = int(fc.sizes["lead_time"])
+    I = int(fc.sizes.get("initial_member", 1))
+    T = int(tr.sizes.get("truth_member", 1))
+    init_keys = _keys(np.asarray(fc["init_time"].values))
+    vt = np.asarray(fc["valid_time"].values)
+    uniq = np.unique(_keys(vt.ravel()))
     g = torch.Generator().manual_seed(int(seed))
     names, variables, levels, units = [], [], [], []
     columns = _metric_columns()
     res = {m: [] for m in columns}
+    refs = {"persistence_rmse": [], "climatology_rmse": []}
+    pers_note = ""
     ranks = []
     nan = np.full(K, np.nan)
     for v in fc.data_vars:
-        f = fc[v].astype(np.float64)
+        f = fc[v]
         t = tr[v]
-        valid = np.isfinite(t) & np.isfinite(f).all("member")
-        kw = dict(mask=valid, member_dim="member", lat_dim=latn, lon_dim=lonn)
+        fv = np.asarray(f.values, np.float64)
+        tv = np.asarray(t.values, np.float64)
+        _check_infinite(fv, "forecast", v, f.dims, f.coords)
+        _check_infinite(tv, "truth", v, t.dims, t.coords)
+        rest = list(f.dims[f.dims.index("lead_time"):])                 # lead_time, [level,] lat, lon
+        fv = fv if "initial_member" in f.dims else fv[None]              # (I, M, N, K, ...)
+        tv = tv if "truth_member" in t.dims else tv[None]                # (T, N, K, ...)
+        # cases (I, T, N): the forecast repeated per truth member, the truth per initial member
+        fcase = np.broadcast_to(fv[:, None], (I, T, *fv.shape[1:]))
+        fcase = np.moveaxis(fcase, 2, 0).reshape(Mm, I * T * N, *fv.shape[3:])
+        tcase = np.broadcast_to(tv[None], (I, *tv.shape)).reshape(I * T * N, *tv.shape[2:])
+        coords = {d: fc[d].values for d in rest if d in fc.coords}
+        fda = xr.DataArray(fcase, dims=("member", "case", *rest), coords=coords)
+        tda = xr.DataArray(tcase, dims=("case", *rest), coords=coords)
+        valid = np.isfinite(tda) & np.isfinite(fda).all("member")
+        kw = dict(mask=valid, member_dim="member", lat_dim=latn, lon_dim=lonn, init_dim="case")
         out_v = {}
         for col, (name, fn) in columns.items():
             if Mm < getattr(fn, "min_members", 1):
                 continue
-            out_v[col] = M.metric_da(fn, f, t, **kw)
-        rh = M.rank_histogram_da(f, t, mask=valid, member_dim="member", lat_dim=latn, lon_dim=lonn, generator=g)
+            out_v[col] = M.metric_da(fn, fda, tda, **kw)
+        rh = M.rank_histogram_da(fda, tda, mask=valid, member_dim="member", lat_dim=latn, lon_dim=lonn,
+                                 init_dim="case", generator=g)
+        # references: persistence (the truth at the init time) and climatology (the truth's mean over the valid times)
+        miss = reader.missing(v, init_keys)
+        if miss:
+            pers = None
+            pers_note = (f"not computed: the truth lacks {len(miss)} init time(s) "
+                         f"({reader.files._fmt_keys(miss[:3])}{' ...' if len(miss) > 3 else ''}); give truth "
+                         f"files that include the init times")
+        else:
+            p0, _ = reader.at(v, init_keys)                               # (T, N, [L,] lat, lon)
+            pers = np.broadcast_to(p0[None, :, :, None], (I, T, N, K, *p0.shape[2:])).reshape(tcase.shape)
+        cv, _ = reader.at(v, uniq)                                        # (T, U, [L,] lat, lon)
+        with np.errstate(all="ignore"):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                clim = np.nanmean(cv.reshape(-1, *cv.shape[2:]), axis=0)  # ([L,] lat, lon)
+        climc = np.broadcast_to(clim[None, None], tcase.shape)
+        ref_v = {}
+        for key, ref in (("persistence_rmse", pers), ("climatology_rmse", climc)):
+            if ref is None:
+                continue
+            rda = xr.DataArray(np.ascontiguousarray(ref), dims=("case", *rest), coords=coords)
+            ref_v[key] = M.rmse_da(rda, tda, mask=valid & np.isfinite(rda), lat_dim=latn, lon_dim=lonn,
+                                   init_dim="case")
         ld = [d for d in f.dims if d in r.get("level", [])]
         lv = [None] if not ld else list(np.asarray(fc[ld[0]].values))
         for i, l in enumerate(lv):
@@ -159,13 +310,14 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
             units.append(str(fc[v].attrs.get("units", "")))
             for m in columns:
                 res[m].append(out_v[m].isel(sel).transpose("lead_time").values if m in out_v else nan)
+            for m in refs:
+                refs[m].append(ref_v[m].isel(sel).transpose("lead_time").values if m in ref_v else nan)
             ranks.append(rh.isel(sel).transpose("lead_time", "rank").values)
     lead = fc["lead_time"]
-    lead_h = lead.values / np.timedelta64(1, "h") if np.issubdtype(lead.dtype, np.timedelta64) else \
-        np.asarray(lead.values, np.float64)
+    lead_h = lead.values / np.timedelta64(1, "h")
     attrs_m = {
-        "rmse": {"long_name": "latitude-weighted RMSE of the ensemble mean (sqrt per init, then mean over inits)"},
-        "crps": {"long_name": "fair ensemble CRPS, latitude-weighted, mean over inits"},
+        "rmse": {"long_name": "latitude-weighted RMSE of the ensemble mean (sqrt per case, then mean over cases)"},
+        "crps": {"long_name": "fair ensemble CRPS, latitude-weighted, mean over cases"},
         "spread": {"long_name": "ensemble spread: sqrt of the latitude-weighted mean member variance (ddof 1)"},
         "spread_skill_ratio": {"long_name": "spread / RMSE of the ensemble mean times sqrt((M+1)/M)",
                                "units": "1"},
@@ -176,9 +328,28 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
                           "metric": name}
     dv = {m: (("channel", "lead_time"), np.asarray(res[m], np.float64).reshape(len(names), K), attrs_m[m])
           for m in columns}
+    dv["persistence_rmse"] = (("channel", "lead_time"), np.asarray(refs["persistence_rmse"], np.float64).reshape(
+        len(names), K), {"long_name": "RMSE of persistence: the truth at the init time as the forecast (reference)",
+                         "reference": "persistence"})
+    dv["climatology_rmse"] = (("channel", "lead_time"), np.asarray(refs["climatology_rmse"], np.float64).reshape(
+        len(names), K), {"long_name": "RMSE of climatology: the per-grid-point mean of the truth over the valid "
+                                      "times scored as the forecast (reference)", "reference": "climatology"})
     rank = np.asarray(ranks, np.int64).reshape(len(names), K, Mm + 1)
     dv["rank_histogram"] = (("channel", "lead_time", "rank"), rank,
                             {"long_name": "counts of the rank of the truth among the members (ties at random)"})
+    tmd = str(tr.attrs.get("member_dim", ""))
+    if not tmd:
+        truth_member, t_choice = "none", "the truth has no member dim"
+    elif "truth_member" in tr.dims:
+        truth_member = "all"
+        t_choice = (f"every member of {tmd!r} ({tr.attrs.get('members', '')}), each a separate case"
+                    f"{'' if member is None else f' (--member {member})'}")
+    else:
+        truth_member = str(tr.attrs.get("members", ""))
+        t_choice = (f"member {truth_member} of {tmd!r} "
+                    f"({'the only member' if member is None else f'--member {member}'})")
+    parts = [f"{N} init time(s)"] + ([f"{I} initial member(s)"] if "initial_member" in fc.dims else []) + \
+        ([f"{T} truth member(s)"] if "truth_member" in tr.dims else [])
     scores = xr.Dataset(dv, coords={
         "channel": ("channel", np.asarray(names, dtype=object)),
         "variable": ("channel", np.asarray(variables, dtype=object)),
@@ -188,13 +359,20 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
         "lead_hours": ("lead_time", lead_h, {"units": "h"}),
         "rank": ("rank", np.arange(Mm + 1, dtype=np.int32)),
     }, attrs={"Conventions": "CF-1.8", "source": "diffkit evaluate", "members": Mm, "n_init": N,
+              "n_cases": N * I * T, "cases": " x ".join(parts),
               "init_times": f"{str(fc['init_time'].values[0])[:16]} .. {str(fc['init_time'].values[-1])[:16]}",
-              "truth": str(tr.attrs.get("source", "")), "rank_histogram_seed": int(seed),
+              "truth": str(tr.attrs.get("source", "")), "truth_member": truth_member,
+              "truth_member_dim": tmd, "truth_member_choice": t_choice, "rank_histogram_seed": int(seed),
               "weights": "cell-area latitude weights (diffkit_weather.metrics.latitude_weights)",
+              "persistence": pers_note or "persistence_rmse: the truth at the init time as the forecast of every lead",
+              "climatology": (f"climatology_rmse: the per-grid-point mean of the truth over the {len(uniq)} distinct "
+                              f"valid times scored{' and the truth members' if T > 1 else ''} as the forecast (a "
+                              f"sample climatology of the verifying data)"),
               **{f"forecast_{k}": v for k, v in fc.attrs.items() if k in ("checkpoint", "seed", "sampler", "nfe",
-                                                                          "perturb", "objective")}})
-    if np.issubdtype(lead.dtype, np.timedelta64):
-        scores["lead_time"].encoding.update(units="hours", dtype="float64")
+                                                                          "perturb", "objective", "initial_member",
+                                                                          "initial_member_dim",
+                                                                          "initial_member_choice")}})
+    scores["lead_time"].encoding.update(units="hours", dtype="float64")
     ev = Evaluation(scores, scores_table(scores), tr)
     if out is not None:
         ev.files = write_scores(ev, out, fc=fc if plots else None, max_maps=max_maps)
@@ -263,10 +441,13 @@ def write_scores(ev: Evaluation, out, *, fc=None, max_maps: int = 12) -> list[Pa
                                             title=f"{s.attrs['members']} member(s), {s.attrs['n_init']} init(s)"))
         files.append(plots.plot_rank_histograms(s, out / "rank_histograms.png"))
         r = _fc_roles(fc)
+        # maps: the first initial member's ensemble against the first truth member
+        fm = fc.isel(initial_member=0) if "initial_member" in fc.dims else fc
+        tm = ev.truth.isel(truth_member=0) if "truth_member" in ev.truth.dims else ev.truth
         for c in range(min(max_maps, s.sizes["channel"])):
             v = str(s["variable"].values[c])
             lv = float(s["level"].values[c])
-            files.append(plots.plot_maps(fc, ev.truth, v, out / f"maps_{_safe(str(s['channel'].values[c]))}.png",
+            files.append(plots.plot_maps(fm, tm, v, out / f"maps_{_safe(str(s['channel'].values[c]))}.png",
                                          level=None if np.isnan(lv) else lv, lat_dim=r["latitude"],
                                          lon_dim=r["longitude"]))
     return files

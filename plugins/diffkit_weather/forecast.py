@@ -56,7 +56,7 @@ from diffkit.errors import NonFiniteError, ShapeError
 from diffkit.layout import Layout
 from diffkit.rollout import DEFAULT_PERTURB, rollout
 
-from .adapter import (GriddedAdapter, WeatherDataError, _fmt_time, _hours, _same_coord, _text_vars,
+from .adapter import (GriddedAdapter, WeatherDataError, _fmt_time, _hours, _plain, _same_coord, _text_vars,
                       _vals, check_grid, decode_time, find_coords, fixed_mask, open_lazy,
                       resolve_paths, time_forcings, unstack, upgrade_layout)
 #: the keyword of ``--init`` for every validation initialisation time
@@ -64,7 +64,8 @@ ALL_VAL = "all-val"
 
 __all__ = ["Forecaster", "InitialStates", "load_forecaster", "initial_states", "forecast", "forecast_dataset",
            "persistence",
-           "select_init_times", "forcing_scalars", "read_truth", "DEFAULT_PERTURB", "ALL_VAL"]
+           "select_init_times", "forcing_scalars", "read_truth", "DEFAULT_PERTURB", "ALL_VAL", "ALL_MEMBERS",
+           "member_attrs", "member_dataset"]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -156,14 +157,61 @@ def _nearest(keys: np.ndarray, times, key: float, n: int = 3) -> str:
 
 
 # ----------------------------------------------------------------------------- reading files
+#: the ``member`` value that chooses every member of a member dim (``--member all``)
+ALL_MEMBERS = "all"
+
+
+def _member_pos(vals: np.ndarray, want) -> int | None:
+    """Position of the member ``want`` (a value, or its text as typed after ``--member``) in the
+    member coordinate ``vals``; None when absent."""
+    vals = np.asarray(vals)
+    if isinstance(want, str):
+        w = want.strip()
+        if vals.dtype.kind in "iuf":
+            try:
+                hit = np.flatnonzero(vals.astype(np.float64) == float(w))
+            except ValueError:
+                return None
+        else:
+            hit = np.flatnonzero(np.array([str(_plain(x)) for x in vals.ravel()], dtype=object) == w)
+    else:
+        try:
+            hit = np.flatnonzero(vals == want)
+        except (TypeError, ValueError):
+            return None
+    return int(hit[0]) if hit.size else None
+
+
+def _member_list(member) -> list | None:
+    """``member`` as a list of wanted members (None: no choice; ``"all"`` stays ``"all"``)."""
+    if member is None:
+        return None
+    if isinstance(member, str):
+        return ALL_MEMBERS if member.strip().lower() == ALL_MEMBERS else [member]
+    if np.ndim(member) == 0:
+        return [member]
+    out = list(member)
+    if not out:
+        raise WeatherDataError("member: an empty list chooses no member; give a member value or 'all'")
+    return out
+
+
 class _Files:
     """Gridded files (or one xarray Dataset) read the adapter's way -- CF coordinate roles, decoded
-    times (``time_units`` for files without CF units), levels chosen by value, one member of a
-    member dim -- without the adapter's statistics pass.  Arrays come back in the files' own order."""
+    times (``time_units`` for files without CF units), levels chosen by value, the chosen members of
+    a member dim -- without the adapter's statistics pass.  Arrays come back in the files' own order.
+
+    ``member``: None (no choice: a member dim must have one member, else an error asking for one),
+    a member value, a list of them, or ``"all"``.  ``self.members`` are the chosen member values
+    (``[None]`` when no variable has a member dim), ``self.member_dim`` the member dim's name;
+    :meth:`read` reads the member at a position of ``self.members``.  A variable without a member
+    dim is the same for every member.  ``member_optional``: a member choice on files without a
+    member dim is ignored (else an error)."""
 
     def __init__(self, data, variables: Sequence[str], levels: Mapping[str, Sequence[float]], *,
                  level_dims: Mapping[str, str] | None = None, time_units: str | None = None,
-                 dims: Mapping[str, str] | None = None, member=None, statics: Sequence[str] = ()):
+                 dims: Mapping[str, str] | None = None, member=None, statics: Sequence[str] = (),
+                 member_optional: bool = False):
         if hasattr(data, "data_vars"):
             self.sets = [("the data set", data)]
         else:
@@ -188,13 +236,17 @@ class _Files:
                 if want_ld is not None and want_ld in d:
                     lev = [want_ld]
                 extra = [x for x in d if x not in (lat, lon, tdim, mdim, *lev)]
-                if len(lev) > 1 or any(ds.sizes[x] != 1 for x in extra):
-                    raise WeatherDataError(f"variable {v!r} of {name} has dims {tuple(d)}: more than time, one level, "
-                                           f"latitude, longitude and a member dim; select the rest first")
+                big = [x for x in extra if ds.sizes[x] != 1] + lev[1:]
+                if big:
+                    raise WeatherDataError(
+                        f"variable {v!r} of {name} has the dim(s) {', '.join(f'{x!r} (size {ds.sizes[x]})' for x in big)}"
+                        f" besides time, one level, latitude, longitude and a member dim (dims {tuple(d)}); select "
+                        f"one value of it first (ds.isel({big[0]}=0)), or name its role with data.options.dims")
                 seg = dict(file=fi, time=tdim if tdim in d else None, lat=lat, lon=lon, level=lev[0] if lev else None,
-                           member=mdim if mdim in d else None, extra=extra)
+                           member=mdim if mdim in d else None, extra=extra, name=name)
                 if seg["member"] is not None:
-                    seg["member_index"] = self._member_index(ds, mdim, member, name)
+                    seg["member_values"] = (np.asarray(ds[mdim].values) if mdim in ds.variables
+                                            else np.arange(ds.sizes[mdim]))
                 if v in statics:
                     self.static.setdefault(v, seg)
                     continue
@@ -216,6 +268,7 @@ class _Files:
             have = sorted({str(v) for _, ds in self.sets for v in ds.data_vars})
             raise WeatherDataError(f"variable(s) {missing} are not (as gridded fields with a time dim) in "
                                    f"{self.names}; they have {', '.join(have) or 'none'}")
+        self._choose_members(member, member_optional)
         kinds = {"dt64" if np.issubdtype(np.asarray(s["times"]).dtype, np.datetime64)
                  else "cf:" + s["times"].flat[0].calendar for v in self.variables for s in self.segs[v]}
         if len(kinds) > 1:
@@ -235,17 +288,55 @@ class _Files:
         tdt = next(iter(self.segs[self.variables[0]]))["times"].dtype
         self.times = np.array([first[k] for k in common], dtype=tdt)
 
-    @staticmethod
-    def _member_index(ds, mdim, member, name) -> int:
-        if member is None:
-            return 0
-        want = member if np.ndim(member) == 0 else list(member)[0]
-        vals = np.asarray(ds[mdim].values) if mdim in ds.variables else np.arange(ds.sizes[mdim])
-        hit = np.flatnonzero(vals == want)
-        if not hit.size:
-            raise WeatherDataError(f"member {want!r} (data.options.member) not in {mdim!r} of {name}; members: "
-                                   f"{_vals(vals)}")
-        return int(hit[0])
+    def _choose_members(self, member, optional: bool) -> None:
+        """Resolve the member choice against every segment with a member dim (see the class doc)."""
+        msegs = [s for v in self.variables for s in self.segs[v] if s["member"] is not None] + \
+            [s for s in self.static.values() if s["member"] is not None]
+        want = _member_list(member)
+        self.member_dim = None
+        if not msegs:
+            if want is not None and not optional:
+                shown = ALL_MEMBERS if want == ALL_MEMBERS else ", ".join(map(str, want))
+                raise WeatherDataError(f"member {shown} was chosen, but no variable of {self.names} has a member dim "
+                                       f"(member, number, realization, ...); leave the member choice out")
+            self.members = [None]
+            return
+        first = msegs[0]
+        vals0 = first["member_values"]
+        self.member_dim = first["member"]
+        if want is None:
+            if len(vals0) > 1:
+                raise WeatherDataError(
+                    f"{first['name']} has {len(vals0)} members in its member dim {first['member']!r} (values "
+                    f"{_vals(vals0)}) and no member was chosen; choose one with --member VALUE (member= in Python, "
+                    f"data.options.member in a run), or every one with --member all")
+            chosen = [0]
+        elif want == ALL_MEMBERS:
+            chosen = list(range(len(vals0)))
+        else:
+            chosen = []
+            for w in want:
+                i = _member_pos(vals0, w)
+                if i is None:
+                    raise WeatherDataError(f"member {w!r} is not in the member dim {first['member']!r} of "
+                                           f"{first['name']}; its members are {_vals(vals0, 20)}")
+                chosen.append(i)
+        self.members = [_plain(vals0[i]) for i in chosen]
+        for s in msegs:
+            idx = []
+            for i in chosen:
+                j = _member_pos(s["member_values"], vals0[i]) if s is not first else i
+                if j is None:
+                    raise WeatherDataError(f"member {_plain(vals0[i])!r} of {first['name']} is not in the member dim "
+                                           f"{s['member']!r} of {s['name']}; its members are "
+                                           f"{_vals(s['member_values'], 20)}")
+                idx.append(j)
+            s["member_index"] = idx
+
+    def member_label(self, pos: int) -> str:
+        """``"member 3 of 'number'"`` for the member at ``pos`` ("" without a member dim)."""
+        m = self.members[pos]
+        return "" if m is None else f"member {m!r} of {self.member_dim!r}"
 
     def _level_index(self, v: str, seg: dict, ds, name: str) -> list[int] | None:
         ld = seg["level"]
@@ -266,13 +357,13 @@ class _Files:
             idx.append(int(hit[0]))
         return idx
 
-    def _select(self, v: str, seg: dict, ind: dict):
+    def _select(self, v: str, seg: dict, ind: dict, mpos: int = 0):
         name, ds = self.sets[seg["file"]]
         li = self._level_index(v, seg, ds, name)
         if li is not None:
             ind[seg["level"]] = li
         if seg["member"] is not None:
-            ind[seg["member"]] = seg["member_index"]
+            ind[seg["member"]] = seg["member_index"][mpos]
         for d in seg["extra"]:
             ind[d] = 0
         da = ds[v].isel(ind)
@@ -280,8 +371,9 @@ class _Files:
             [seg["lat"], seg["lon"]]
         return np.asarray(da.transpose(*order).values, dtype=np.float64), li is not None
 
-    def read(self, v: str, keys: Sequence[float]) -> np.ndarray:
-        """``(n, L, lat, lon)`` float64 values of ``v`` at the times ``keys`` (NaN where missing)."""
+    def read(self, v: str, keys: Sequence[float], mpos: int = 0) -> np.ndarray:
+        """``(n, L, lat, lon)`` float64 values of ``v`` at the times ``keys`` (NaN where missing), of the
+        member at position ``mpos`` of ``self.members``."""
         keys = [float(k) for k in keys]
         w = self.where[v]
         absent = [k for k in keys if k not in w]
@@ -294,7 +386,7 @@ class _Files:
             sel = np.flatnonzero(pos[:, 0] == si)
             seg = self.segs[v][int(si)]
             loc, inv = np.unique(pos[sel, 1], return_inverse=True)   # sorted, each time read once
-            a, has_level = self._select(v, seg, {seg["time"]: loc.tolist()})
+            a, has_level = self._select(v, seg, {seg["time"]: loc.tolist()}, mpos)
             if not has_level:
                 a = a[:, None]
             if out is None:
@@ -315,7 +407,7 @@ class _Files:
         if seg["time"] is not None:
             ind[seg["time"]] = 0
         if seg["member"] is not None:
-            ind[seg["member"]] = seg["member_index"]
+            ind[seg["member"]] = seg["member_index"][0]   # static fields: the first chosen member
         for d in seg["extra"]:
             ind[d] = 0
         da = ds[v].isel(ind)
@@ -341,10 +433,11 @@ class _Files:
         return (np.asarray(ds[seg["lat"]].values, np.float64), np.asarray(ds[seg["lon"]].values, np.float64))
 
 
-def _files_for(data, layout: Layout, *, time_units=None, dims=None, member=None, statics=()) -> _Files:
+def _files_for(data, layout: Layout, *, time_units=None, dims=None, member=None, statics=(),
+               member_optional: bool = False) -> _Files:
     a = layout.attrs
     return _Files(data, a["variables"], a.get("levels", {}), level_dims=a.get("level_dims", {}),
-                  time_units=time_units, dims=dims, member=member, statics=statics)
+                  time_units=time_units, dims=dims, member=member, statics=statics, member_optional=member_optional)
 
 
 def _to_model(a: np.ndarray, layout: Layout) -> np.ndarray:
@@ -460,6 +553,12 @@ class InitialStates(NamedTuple):
     """``(S, lat, lon)`` standardised static fields (NaN filled with 0), or None."""
     static_valid: torch.Tensor | None
     """``(lat, lon)`` bool, False where a static field is missing, or None."""
+    members: tuple = (None,)
+    """The input members the states come from, ``(None,)`` when the data have no member dim.  With
+    several (``member="all"`` or a list), ``history`` and ``times`` hold ``len(members)`` blocks of
+    the ``N`` init times, member by member: row ``i * N + n`` is init ``n`` of member ``i``."""
+    member_dim: str | None = None
+    """The data's member dim (``number``, ``member``, ...), or None."""
 
 
 def forcing_scalars(times, layout: Layout, hours: float = 0.0) -> torch.Tensor:
@@ -515,14 +614,28 @@ def initial_states(data, layout: Layout, init_times, *, steps: int | None = None
     ``dims``, ``member`` and ``val_slice`` are used; the keyword arguments override them).  For each
     init time ``t`` (see :func:`select_init_times`; ``"all-val"`` needs ``steps``) the history states
     ``t - (history - 1) * lead, ..., t`` are read in physical units and the model's orientation.
+
+    **Members.**  On data with a member dim (``number``, ``member``, ``realization``, ...)
+    ``member`` chooses the member(s) to start from: a member value, a list of them, or ``"all"``
+    (one block of initial states per member, see :attr:`InitialStates.members`).  Without
+    ``member`` the run's ``data.options.member`` applies when it names one member; with neither, a
+    member dim with more than one member is an error asking for the choice.  Every member read is
+    checked: ``+-inf`` anywhere, and NaN outside the checkpoint's fixed missing-value mask when the
+    model was trained without missing values (no mask channel), are errors naming the member,
+    channel and time.
     """
     layout = _check_layout(layout, "the layout")
-    o = _opts(options, time_units=time_units, dims=dims, member=member)
+    o = _opts(options, time_units=time_units, dims=dims)
     dims = o.get("dims")
+    optional = member is None
+    if member is None:
+        member = o.get("member")
+        if member is not None and not isinstance(member, str) and np.ndim(member) == 1:
+            member = list(member)[0] if len(member) == 1 else None   # a run on several members: no choice
     check_grid(data, layout, dims=dims)
     a = layout.attrs
-    files = _files_for(data, layout, time_units=o.get("time_units"), dims=dims, member=o.get("member"),
-                       statics=a.get("static", []))
+    files = _files_for(data, layout, time_units=o.get("time_units"), dims=dims, member=member,
+                       statics=a.get("static", []), member_optional=optional)
     idx = select_init_times(files.times, layout, init_times, steps=steps, val_slice=o.get("val_slice"),
                             need_truth=need_truth)
     times = files.times[idx]
@@ -530,21 +643,53 @@ def initial_states(data, layout: Layout, init_times, *, steps: int | None = None
     N, C = len(idx), layout.num_channels
     keys = files.keys[idx]
     want = np.stack([keys - (h - 1 - j) * lead for j in range(h)], 1).round(6)  # (N, h)
-    out = np.empty((N, h, C, *layout.shape), np.float32)
-    c = 0
-    for v in a["variables"]:
-        arr = files.read(v, want.ravel())                      # (N*h, L, lat, lon)
-        L = arr.shape[1]
-        out[:, :, c: c + L] = _to_model(arr, layout).reshape(N, h, L, *layout.shape)
-        c += L
-    if c != C:
-        raise WeatherDataError(f"the data give {c} channels, the checkpoint has {C} ({', '.join(layout.channels)})")
+    I = len(files.members)
+    out = np.empty((I, N, h, C, *layout.shape), np.float32)
     fm = fixed_mask(layout)
+    for i in range(I):
+        c = 0
+        for v in a["variables"]:
+            arr = files.read(v, want.ravel(), i)                   # (N*h, L, lat, lon)
+            L = arr.shape[1]
+            if c + L <= C:
+                out[i, :, :, c: c + L] = _to_model(arr, layout).reshape(N, h, L, *layout.shape)
+            c += L
+        if c != C:
+            raise WeatherDataError(f"the data give {c} channels, the checkpoint has {C} "
+                                   f"({', '.join(layout.channels)})")
+        _check_finite(out[i], layout, fm, files, i, times, want)
     if fm.any():
-        out[:, :, fm] = np.nan
+        out[:, :, :, fm] = np.nan
+    out = out.reshape(I * N, h, C, *layout.shape)
     static, valid = _static_fields(files, layout)
+    times = np.concatenate([times] * I) if I > 1 else times
     return InitialStates(torch.from_numpy(out), lambda k: forcing_scalars(times, layout, k * lead),
-                         torch.from_numpy(fm), times, static, valid)
+                         torch.from_numpy(fm), times, static, valid, tuple(files.members), files.member_dim)
+
+
+def _check_finite(x: np.ndarray, layout: Layout, fm: np.ndarray, files: _Files, i: int, times, want) -> None:
+    """Raise on ``+-inf`` in the initial states ``x`` ``(N, h, C, lat, lon)`` of member position ``i``, and on
+    NaN outside the fixed mask when the model has no mask channel (it was trained without missing values)."""
+    inf = np.isinf(x) & ~fm
+    nan = np.isnan(x) & ~fm
+    allow_nan = bool(int(layout.attrs.get("mask_channel", 0)))
+    for what, bad in (("infinite values (+inf or -inf)", inf), ("NaN", None if allow_nan else nan)):
+        if bad is None or not bad.any():
+            continue
+        n, j, c = (int(q[0]) for q in np.nonzero(bad.any(axis=(3, 4))))
+        key = float(want[n, j])
+        base = np.datetime64("1970-01-01", "ns")
+        when = (_fmt_time(base + np.timedelta64(int(round(key * 3600e9)), "ns"))
+                if np.issubdtype(np.asarray(times).dtype, np.datetime64) else files._fmt_keys([key]))
+        who = files.member_label(i)
+        fix = ("fix them, or set them to NaN where the model knows missing values" if what != "NaN" else
+               "the model was trained without missing values (no mask channel): give complete initial states"
+               + (" or choose another member" if who else ""))
+        raise NonFiniteError(
+            f"the initial state{' of ' + who if who else ''} ({files.names}) holds {what} at "
+            f"{int(bad[n, j, c].sum())} grid point(s) of channel {layout.channels[c]!r} at {when} (init time "
+            f"{_fmt_time(times[n])}{'' if what != 'NaN' else ', outside the checkpoint fixed missing-value mask'}; "
+            f"{int(bad.sum())} value(s) in all); {fix}")
 
 
 # ----------------------------------------------------------------------------- the forecast
@@ -716,10 +861,60 @@ def forecast_dataset(pred, layout: Layout, init_times, *, attrs: Mapping | None 
     return cf_metadata(ds, layout, title="diffkit forecast", command=command_of(attrs, "diffkit forecast"))
 
 
+# ----------------------------------------------------------------------------- members of the input
+def member_attrs(ist: InitialStates, member=None, run_member=None) -> dict:
+    """Global attributes recording which input member(s) a forecast started from: ``initial_member``
+    (the value, ``"all"``, or ``"none"`` when the data have no member dim), ``initial_member_dim``
+    and ``initial_member_choice`` (how it was chosen: ``--member``, the run's ``data.options.member``,
+    or the data's only member)."""
+    if ist.member_dim is None:
+        return {"initial_member": "none", "initial_member_choice": "the data have no member dim"}
+    every = (isinstance(member, str) and member.strip().lower() == ALL_MEMBERS) or len(ist.members) > 1
+    value = ALL_MEMBERS if every else str(ist.members[0])
+    if member is not None:
+        how = f"--member {member}"
+    elif run_member is not None:
+        how = f"data.options.member = {run_member!r} of the run"
+    else:
+        how = f"the only member of {ist.member_dim!r}"
+    return {"initial_member": value, "initial_member_dim": str(ist.member_dim),
+            "initial_member_choice": f"member {value} of {ist.member_dim!r} ({how})" if not every else
+            f"every member of {ist.member_dim!r} ({', '.join(map(str, ist.members))}; {how}), one ensemble each"}
+
+
+def member_dataset(pred, layout: Layout, ist: InitialStates, *, attrs: Mapping | None = None,
+                   options: Mapping | None = None, per_member: bool | None = None):
+    """:func:`forecast_dataset` of a forecast from :func:`initial_states` with one or several input
+    members: ``pred`` is ``(I * N, M, K, C, lat, lon)`` (member-major, as ``ist``).  With several
+    (or ``per_member=True``) the dataset gets a leading dim ``initial_member`` (the input member each
+    ensemble started from, values of the data's member dim); else it is :func:`forecast_dataset`'s."""
+    import xarray as xr
+
+    I = len(ist.members)
+    N = len(ist.times) // I
+    if per_member is None:
+        per_member = I > 1
+    if not per_member:
+        return forecast_dataset(pred, layout, ist.times, attrs=attrs, options=options)
+    parts = [forecast_dataset(pred[i * N:(i + 1) * N], layout, ist.times[:N], attrs=attrs, options=options)
+             for i in range(I)]
+    ds = xr.concat(parts, dim="initial_member", data_vars="all", coords="minimal", compat="override",
+                   combine_attrs="override")
+    ds = ds.assign_coords(initial_member=("initial_member", np.asarray([_plain(m) for m in ist.members]),
+                                          {"long_name": f"member of the input data the ensemble started from "
+                                                        f"(its dim {ist.member_dim!r})"}))
+    ds = ds.transpose("initial_member", "member", "init_time", "lead_time", ...)
+    for v in ds.data_vars:
+        ds[v].encoding = dict(parts[0][v].encoding)
+    ds["lead_time"].encoding.update(parts[0]["lead_time"].encoding)
+    return ds
+
+
 # ----------------------------------------------------------------------------- truth
 def _fc_roles(fc) -> dict:
     """Roles of the dims of a forecast dataset: latitude, longitude, level dims (by the adapter's rules)."""
-    r = find_coords(fc.drop_dims([d for d in ("member", "init_time", "lead_time") if d in fc.dims]), "the forecast")
+    r = find_coords(fc.drop_dims([d for d in ("initial_member", "member", "init_time", "lead_time") if d in fc.dims]),
+                    "the forecast")
     if "latitude" not in r or "longitude" not in r:
         raise WeatherDataError(f"the forecast has no latitude/longitude dims (dims {tuple(fc.dims)})")
     return r
@@ -732,51 +927,93 @@ def _fc_options(fc) -> dict:
         return {}
 
 
+class _Truth:
+    """The truth files of a forecast dataset, read the forecast's way (its variables, levels and grid;
+    the time units and dims it recorded); :meth:`at` reads values at given times."""
+
+    def __init__(self, fc, truth, *, time_units: str | None = None, dims: Mapping[str, str] | None = None,
+                 member=None):
+        o = _fc_options(fc)
+        time_units = time_units or o.get("time_units")
+        dims = dims if dims is not None else o.get("dims")
+        r = _fc_roles(fc)
+        self.latn, self.lonn = r["latitude"], r["longitude"]
+        self.variables = [str(v) for v in fc.data_vars]
+        self.levels, self.level_dims = {}, {}
+        for v in self.variables:
+            ld = [d for d in fc[v].dims if d in r.get("level", [])]
+            if ld:
+                self.levels[v] = [float(x) for x in np.asarray(fc[ld[0]].values, np.float64)]
+                self.level_dims[v] = ld[0]
+        self.files = files = _Files(truth, self.variables, self.levels, level_dims=self.level_dims,
+                                    time_units=time_units, dims=dims, member=member)
+        #: several truth members (``member="all"`` or a list): a ``truth_member`` dim
+        want = _member_list(member)
+        self.several = files.member_dim is not None and (want == ALL_MEMBERS or len(want or []) > 1)
+        lat, lon = files.lat_lon()
+        _same_coord(lat, np.asarray(fc[self.latn].values, np.float64), "latitude", files.names, "the forecast")
+        _same_coord(lon, np.asarray(fc[self.lonn].values, np.float64), "longitude", files.names, "the forecast")
+        self.fc = fc
+
+    def missing(self, v: str, keys: np.ndarray) -> list[float]:
+        have = self.files.where[v]
+        return sorted({float(k) for k in np.asarray(keys).ravel() if float(k) not in have})
+
+    def at(self, v: str, keys: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """``(T, *keys.shape, [level,] lat, lon)`` values of ``v`` (``T`` chosen members) at the time keys,
+        in the forecast's dim order for level, lat and lon; and the names of those trailing dims."""
+        keys = np.asarray(keys, np.float64)
+        has_level = v in self.levels
+        tail = ([self.level_dims[v]] if has_level else []) + [self.latn, self.lonn]
+        dims_fc = [d for d in self.fc[v].dims if d in tail]
+        out = []
+        for i in range(len(self.files.members)):
+            a = self.files.read(v, keys.ravel(), i)                # (n, L, lat, lon)
+            if not has_level:
+                a = a[:, 0]
+            a = np.transpose(a, [0] + [1 + tail.index(d) for d in dims_fc])
+            out.append(a.reshape(*keys.shape, *a.shape[1:]))
+        return np.stack(out), dims_fc
+
+
 def read_truth(fc, truth, *, time_units: str | None = None, dims: Mapping[str, str] | None = None, member=None):
     """The truth of a forecast dataset: an :class:`xarray.Dataset` with the forecast's variables on
-    dims ``(init_time, lead_time, [level,] lat, lon)`` and its coordinates, read from ``truth`` (files,
-    a glob, a list, or a Dataset) at each ``valid_time``.  ``time_units``/``dims``/``member`` default
-    to those the forecast recorded (the run's ``data.options``).  Grids must match; valid times the
-    truth lacks are an error listing them."""
+    dims ``([truth_member,] init_time, lead_time, [level,] lat, lon)`` and its coordinates, read from
+    ``truth`` (files, a glob, a list, or a Dataset) at each ``valid_time``.  ``time_units``/``dims``
+    default to those the forecast recorded (the run's ``data.options``).  ``member``: on truth with
+    a member dim, the member to score against (a value), several (a list) or ``"all"`` -- then a
+    ``truth_member`` dim holds them; without a choice, a member dim with more than one member is an
+    error (the member the forecast's run was trained on is *not* assumed).  Grids must match; valid
+    times the truth lacks are an error listing them.  Attributes ``source``, ``member_dim`` and
+    ``members`` record what was read."""
+    return _truth_dataset(_Truth(fc, truth, time_units=time_units, dims=dims, member=member), fc)
+
+
+def _truth_dataset(T: _Truth, fc):
+    """:func:`read_truth`'s dataset from a :class:`_Truth` reader."""
     import xarray as xr
 
-    o = _fc_options(fc)
-    time_units = time_units or o.get("time_units")
-    dims = dims if dims is not None else o.get("dims")
-    member = member if member is not None else o.get("member")
-    r = _fc_roles(fc)
-    latn, lonn = r["latitude"], r["longitude"]
-    variables = [str(v) for v in fc.data_vars]
-    levels, level_dims = {}, {}
-    for v in variables:
-        ld = [d for d in fc[v].dims if d in r.get("level", [])]
-        if ld:
-            levels[v] = [float(x) for x in np.asarray(fc[ld[0]].values, np.float64)]
-            level_dims[v] = ld[0]
-    files = _Files(truth, variables, levels, level_dims=level_dims, time_units=time_units, dims=dims, member=member)
-    lat, lon = files.lat_lon()
-    _same_coord(lat, np.asarray(fc[latn].values, np.float64), "latitude", files.names, "the forecast")
-    _same_coord(lon, np.asarray(fc[lonn].values, np.float64), "longitude", files.names, "the forecast")
-    vt = np.asarray(fc["valid_time"].values)
+    files = T.files
+    vt = np.asarray(fc["valid_time"].transpose("init_time", "lead_time").values)
     keys = _keys(vt.ravel()).reshape(vt.shape)
     out = {}
-    for v in variables:
-        have = files.where[v]
-        miss = sorted({float(k) for k in keys.ravel() if float(k) not in have})
+    for v in T.variables:
+        miss = T.missing(v, keys)
         if miss:
             raise WeatherDataError(
                 f"the truth ({files.names}) does not cover the forecast: variable {v!r} lacks {len(miss)} of its "
                 f"{len(np.unique(keys))} valid times: {files._fmt_keys(miss[:8])}{' ...' if len(miss) > 8 else ''}; "
                 f"give truth files that span {_fmt_time(vt.min())} .. {_fmt_time(vt.max())}")
-        a = files.read(v, keys.ravel())                    # (N*K, L, lat, lon)
-        dims_v = [d for d in fc[v].dims if d not in ("member",)]
-        has_level = v in levels
-        a = a.reshape(*keys.shape, *a.shape[1:])
-        if not has_level:
-            a = a[:, :, 0]
-        src = ["init_time", "lead_time"] + ([level_dims[v]] if has_level else []) + [latn, lonn]
-        arr = np.transpose(a, [src.index(d) for d in dims_v])
-        out[v] = xr.DataArray(arr.astype(np.float64), dims=dims_v,
-                              coords={k: c for k, c in fc[v].coords.items() if set(c.dims) <= set(dims_v)},
-                              attrs=dict(fc[v].attrs))
-    return xr.Dataset(out, attrs={"source": files.names})
+        a, tail = T.at(v, keys)                              # (T, N, K, [L,] lat, lon)
+        dims_v = ["init_time", "lead_time", *tail]
+        if T.several:
+            dims_v = ["truth_member", *dims_v]
+        else:
+            a = a[0]
+        coords = {k: c for k, c in fc[v].coords.items() if set(c.dims) <= set(dims_v)}
+        if T.several:
+            coords["truth_member"] = ("truth_member", np.asarray(files.members),
+                                      {"long_name": f"member of the truth (its dim {files.member_dim!r})"})
+        out[v] = xr.DataArray(a.astype(np.float64), dims=dims_v, coords=coords, attrs=dict(fc[v].attrs))
+    return xr.Dataset(out, attrs={"source": files.names, "member_dim": files.member_dim or "",
+                                  "members": ", ".join(map(str, files.members)) if files.member_dim else ""})

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["plot_lead_curves", "plot_rank_histograms", "plot_maps", "METRIC_LABELS"]
+__all__ = ["plot_lead_curves", "plot_rank_histograms", "plot_maps", "METRIC_LABELS", "REFERENCES"]
 
 #: the lead-time panels, in order: score variable -> axis label
 METRIC_LABELS = {
@@ -28,6 +28,11 @@ METRIC_LABELS = {
     "spread": "ensemble spread",
     "spread_skill_ratio": "spread / skill (x sqrt((M+1)/M))",
 }
+
+
+#: reference lines of the RMSE panel: score variable, line style, legend label
+REFERENCES = (("persistence_rmse", "--", "persistence (truth at init)"),
+              ("climatology_rmse", ":", "climatology (mean truth)"))
 
 
 def _figure(width: float, height: float):
@@ -53,9 +58,11 @@ def _label(scores, c: int) -> str:
 
 def plot_lead_curves(scores, path, *, metrics: Sequence[str] | None = None, title: str | None = None) -> Path:
     """One panel per metric (RMSE, CRPS, spread, spread/skill) against lead time in hours, one line
-    per channel (variable and level; units in the legend).  The spread/skill panel has the
-    reliable value 1 as a dashed line.  Metrics that are all NaN (e.g. CRPS with one member) are
-    drawn as empty panels with a note."""
+    per channel (variable and level; units in the legend).  The RMSE panel has the reference
+    RMSEs of :func:`~diffkit_weather.evaluate.evaluate` in the channel's colour: persistence
+    (``persistence_rmse``, dashed) and climatology (``climatology_rmse``, dotted), when the scores
+    hold them.  The spread/skill panel has the reliable value 1 as a dashed grey line.  Metrics
+    that are all NaN (e.g. CRPS with one member) are drawn as empty panels with a note."""
     metrics = [m for m in (metrics or METRIC_LABELS) if m in scores.data_vars]
     if not metrics:
         raise ValueError(f"plot_lead_curves: scores hold none of the metrics {list(METRIC_LABELS)}")
@@ -71,6 +78,16 @@ def plot_lead_curves(scores, path, *, metrics: Sequence[str] | None = None, titl
             ax.text(0.5, 0.5, "not defined (one member)", ha="center", va="center", transform=ax.transAxes)
         for c in range(nc):
             ax.plot(x, v[c], marker="o", markersize=3, color=f"C{c % 10}", label=_label(scores, c))
+        if m == "rmse":
+            for ref, style, what in REFERENCES:
+                if ref not in scores.data_vars:
+                    continue
+                rv = np.asarray(scores[ref].values, np.float64)
+                if not np.isfinite(rv).any():
+                    continue
+                for c in range(nc):
+                    ax.plot(x, rv[c], linestyle=style, linewidth=1.2, color=f"C{c % 10}", gid=f"{ref}:{c}")
+                ax.plot([], [], linestyle=style, linewidth=1.2, color="0.3", label=what)   # legend entry
         if m == "spread_skill_ratio":
             ax.axhline(1.0, color="0.4", linestyle="--", linewidth=1.0)
         ax.set_title(METRIC_LABELS.get(m, m), fontsize=10)
