@@ -158,6 +158,15 @@ def test_dims_option_without_coordinates_is_an_error(tmp_path):
                                                      r"for 'x' \(only index numbers 0..7, which are not degrees of "
                                                      r"longitude\)"):
             A.find_coords(ds.assign_coords(y=np.linspace(-40.0, 40.0, 5)), "plain.nc", {"latitude": "y", "longitude": "x"})
+    # the same silent default without the option: dims named lat/lon but no coordinate values
+    x = np.zeros((4, 5, 8), np.float32) + np.arange(4.0)[:, None, None]
+    xr.Dataset({"a": (("time", "lat", "lon"), x)},
+               coords={"time": ("time", 6 * np.arange(4), {"units": "hours since 2000-01-01"})}).to_netcdf(
+        tmp_path / "named.nc")
+    with pytest.raises(A.WeatherDataError, match=r"dim 'lat' of .*named.nc looks like latitude but has no coordinate "
+                                                 r"values \(only index numbers 0..4, which are not degrees of "
+                                                 r"latitude\); give the coordinates in the file"):
+        A.GriddedAdapter(str(tmp_path / "named.nc"), forcings=[])
     # with coordinates given in the file the same option works, and the values are the file's
     q = _plain_file(tmp_path / "coords.nc", with_coords=True)
     ad = A.GriddedAdapter(str(q), dims=dims, forcings=[], val_fraction=0.25)

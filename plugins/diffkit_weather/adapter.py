@@ -378,6 +378,14 @@ def find_coords(ds, path="the file", dims: Mapping[str, str] | None = None) -> d
                 f"numbers 0..{ds.sizes[d] - 1}, which are not {_NEEDS_VALUES[role]}); give the coordinates in the "
                 f"file, e.g. ds.assign_coords({d}=(\"{d}\", values, {{\"units\": \"{_VALUE_UNITS[role]}\"}})) "
                 f"and save it")
+    for role in ("latitude", "longitude"):
+        d = out.get(role)
+        if d is not None and d not in dims.values() and d not in ds.variables:
+            # recognised by its name alone: its index numbers are not degrees either
+            raise WeatherDataError(
+                f"dim {d!r} of {path} looks like {role} but has no coordinate values (only index numbers "
+                f"0..{ds.sizes[d] - 1}, which are not degrees of {role}); give the coordinates in the file, e.g. "
+                f"ds.assign_coords({d}=(\"{d}\", values, {{\"units\": \"{_VALUE_UNITS[role]}\"}})) and save it")
     return out
 
 
