@@ -873,7 +873,8 @@ def member_attrs(ist: InitialStates, member=None, run_member=None) -> dict:
     value = ALL_MEMBERS if every else str(ist.members[0])
     if member is not None:
         how = f"--member {member}"
-    elif run_member is not None:
+    elif run_member is not None and (isinstance(run_member, str) or np.ndim(run_member) == 0 or
+                                     len(run_member) == 1):
         how = f"data.options.member = {run_member!r} of the run"
     else:
         how = f"the only member of {ist.member_dim!r}"
