@@ -309,3 +309,57 @@ def test_writing_a_plugin_from_scratch_minimal_plugin_runs(tmp_path, monkeypatch
             np.testing.assert_allclose(ds["x"].values, np.linspace(0, 1, 8), rtol=1e-6)
     finally:
         registry.unregister_plugin("blobs")
+
+
+def _shell_commands(text: str) -> list[str]:
+    """The commands of the ```bash blocks of a Markdown text, continuation lines joined, comments dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for cmd in block.replace("\\\n", " ").splitlines():
+            cmd = cmd.split("  #")[0].strip()
+            if cmd and not cmd.startswith("#"):
+                out.append(cmd)
+    return out
+
+
+def test_tour_commands_give_cpu_costs_and_cpu_sized_variants_are_valid():
+    """The README's tour (issue 13, "costs beside commands"): every `diffkit train` and sampling
+    command of the tour has a measured cost beside it, each documented config has a CPU-sized
+    variant, and each variant is valid: its `--set` overrides apply to the config docs give
+    (docs/pde.md, docs/weather.md, docs/images.md) and its simulator options exist."""
+    import shlex
+
+    from diffkit.config import apply_overrides, config_from_dict
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    readme = (ROOT / "README.md").read_text()
+    tour = readme.split("## A tour of the domains", 1)[1].split("\n## ", 1)[0]
+    assert "measured" in tour and "shared" in tour
+    for block in re.findall(r"```bash\n(.*?)```", tour, flags=re.S):
+        for line in block.splitlines():
+            if re.match(r"diffkit (train|sample|rollout|forecast|data) ", line) and "--set" not in line \
+                    and "evaluate" not in line:
+                # the cost is beside the command, or on the comment line that follows it
+                nxt = block.split(line, 1)[1].lstrip("\n").split("\n", 1)[0]
+                assert re.search(r"\d s\b|\bs/step|\bmin\b|\bh\b", line + " " + nxt), f"no cost beside: {line}"
+    docs = {"ks.toml": "pde.md", "qg.toml": "weather.md", "digits.toml": "images.md"}
+    variants = [c for c in _shell_commands(tour) if "--set" in c]
+    trained = {shlex.split(c)[2] for c in variants if c.startswith("diffkit train ")}
+    assert trained == set(docs), f"CPU-sized train variants for {sorted(trained)}, want {sorted(docs)}"
+    for cmd in variants:
+        argv = shlex.split(cmd)
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        if argv[1] == "train":
+            text = (ROOT / "docs" / docs[argv[2]]).read_text()
+            block = next(b for b in re.findall(r"```toml\n(.*?)```", text, flags=re.S) if b.startswith(f"# {argv[2]}"))
+            cfg = apply_overrides(config_from_dict(tomllib.loads(block), source=argv[2]), sets)
+            assert cfg.trainer.steps <= 300, cmd
+        elif argv[1:3] == ["data", "pde"]:
+            from diffkit_pde.cli import simulator
+
+            params = inspect.signature(simulator(argv[3])).parameters
+            assert all(s.split("=")[0] in params for s in sets), cmd
