@@ -131,6 +131,89 @@ def _ckpt(path: Path, kind: str, run: Path) -> None:
         path.write_bytes(b"PK")
 
 
+def _nocoords(path: Path, dims: tuple) -> None:
+    """A weather file whose spatial dims have no coordinate values (index numbers only)."""
+    import xarray as xr
+
+    data = np.random.default_rng(0).standard_normal((40, 4, 4)).astype(np.float32)
+    ds = xr.Dataset({"t2m": (("time", *dims), data, {"units": "K"})},
+                    coords={"time": ("time", np.arange(40), {"units": "hours since 2000-01-01 00:00"})})
+    ds.to_netcdf(path)
+
+
+def _members(path: Path, nan_member: int | None = None, inf_member: int | None = None) -> None:
+    """An ERA5-style ensemble file: 3 members in a ``number`` dim, GRIB-style attributes."""
+    import xarray as xr
+
+    g = np.random.default_rng(1)
+    data = (280.0 + g.standard_normal((3, 24, 4, 8))).astype(np.float32)
+    if nan_member is not None:
+        data[nan_member, :, 1, 1] = np.nan
+    if inf_member is not None:
+        data[inf_member, :, 1, 1] = np.inf
+    ds = xr.Dataset({"t2m": (("number", "time", "latitude", "longitude"), data,
+                             {"units": "K", "GRIB_paramId": 167, "GRIB_shortName": "2t"})},
+                    coords={"number": ("number", np.arange(3)),
+                            "time": ("time", 6 * np.arange(24), {"units": "hours since 2020-01-01 00:00"}),
+                            "latitude": ("latitude", np.linspace(60.0, -60.0, 4), {"units": "degrees_north"}),
+                            "longitude": ("longitude", np.arange(0.0, 360.0, 45.0), {"units": "degrees_east"})})
+    ds.to_netcdf(path)
+
+
+def weather_run(shared: Path) -> Path:
+    """A tiny weather model trained (2 steps) on every member of the ensemble file, made once per module."""
+    wrun = shared / "wrun"
+    if not (wrun / "checkpoints").is_dir():
+        data = shared / "members.nc"
+        _members(data)
+        cfg = shared / "weather.toml"
+        cfg.write_text(f"""run_dir = "{wrun.as_posix()}"
+[data]
+adapter = "weather"
+batch_size = 4
+val_fraction = 0.25
+options = {{path = "{data.as_posix()}", forcings = []}}
+[model]
+backbone = "unet"
+options = {{channels = 8, channel_mult = [1], num_res_blocks = 1, attn_levels = [], mid_attn = false}}
+[trainer]
+steps = 2
+warmup = 1
+val_every = 0
+ckpt_every = 0
+[sample]
+sampler = "ddim"
+nfe = 2
+n = 2
+""")
+        assert main(["train", str(cfg), "--no-progress", "--device", "cpu"]) == 0
+    return wrun
+
+
+def _forecast(path: Path, run: Path, kind: str = "ok") -> None:
+    """A forecast of the tiny weather model (member 0), then spoilt as ``kind`` says."""
+    import xarray as xr
+
+    shared = run.parent
+    wrun = weather_run(shared)
+    good = shared / "fc.nc"
+    if not good.exists():
+        assert main(["forecast", str(wrun), "--data", str(shared / "members.nc"), "--init", "2020-01-04T00:00",
+                     "--member", "0", "--members", "2", "--steps", "2", "--nfe", "2", "--out", str(good),
+                     "--no-progress", "--device", "cpu"]) == 0
+    with xr.open_dataset(good) as ds:
+        ds = ds.load()
+    if kind == "valid_time":
+        vt = ds["valid_time"].values.copy()
+        vt[..., -1] = vt[..., -1] + np.timedelta64(6, "h")
+        ds = ds.assign_coords(valid_time=(ds["valid_time"].dims, vt))
+    elif kind == "extra_dim":
+        ds = xr.concat([ds, ds, ds], dim="foo").transpose("member", "init_time", "lead_time", "foo", ...)
+    elif kind == "inf":
+        ds["t2m"][0, 0, 0, 0, 0] = np.inf
+    ds.to_netcdf(path)
+
+
 def _zarr(path: Path) -> None:
     import xarray as xr
 
@@ -161,6 +244,14 @@ FILES = {
     "strings.npy": lambda p, run: np.save(p, np.array([["a"] * 8] * 8)),
     "noimages": lambda p, run: p.mkdir(),
     "store.zarr": lambda p, run: _zarr(p),
+    "empty.zarr": lambda p, run: p.mkdir(),
+    "nocoords.nc": lambda p, run: _nocoords(p, ("y", "x")),
+    "latlon_nocoords.nc": lambda p, run: _nocoords(p, ("lat", "lon")),
+    "members_nan.nc": lambda p, run: _members(p, nan_member=2),
+    "members_inf.nc": lambda p, run: _members(p, inf_member=1),
+    "wrun": lambda p, run: weather_run(run.parent).as_posix(),
+    "members.nc": lambda p, run: weather_run(run.parent),
+    **{f"fc_{k}.nc": (lambda p, run, k=k: _forecast(p, run, k)) for k in ("ok", "valid_time", "extra_dim", "inf")},
     "adir": lambda p, run: p.mkdir(),
     "emptyrun": lambda p, run: (p / "checkpoints").mkdir(parents=True),
 }
@@ -328,6 +419,33 @@ CATALOGUE = [
     Bad("data-images-nan", images('source = "{images_nan.npy}"'), "hold NaN or inf"),
     Bad("data-images-strings", images('source = "{strings.npy}"'), "have dtype"),
     Bad("data-images-bad-range", images('range = [1, 0]'), "data.options.range"),
+    Bad("data-weather-inf", weather('path = "{weather_inf.nc}", lead = 1'), "holds infinite values (+inf)"),
+    Bad("data-weather-dims-without-coords", weather('path = "{nocoords.nc}", dims = {latitude = "y", longitude = "x"}'),
+        "has no coordinate values for 'y'"),
+    Bad("data-weather-latlon-without-coords", weather('path = "{latlon_nocoords.nc}"'),
+        "looks like latitude but has no coordinate values"),
+    Bad("data-weather-dir-not-store", weather('path = "{adir}"'), "is a directory, neither a netCDF file nor a zarr store"),
+    Bad("data-weather-empty-zarr", weather('path = "{empty.zarr}"'), "empty.zarr is not a zarr store"),
+    Bad("data-weather-missing-zarr", weather('path = "{tmp}/nope.zarr"'), "nope.zarr does not exist"),
+    # -- forecast and evaluate on ensemble (member) files ------------------------------------------
+    Bad("forecast-members-without-choice", cli("forecast", "{wrun}", "--data", "{members.nc}", "--init",
+        "2020-01-04T00:00", "--steps", "1", "--out", "{tmp}/f.nc"), "no member was chosen; choose one with --member"),
+    Bad("forecast-member-absent", cli("forecast", "{wrun}", "--data", "{members.nc}", "--init", "2020-01-04T00:00",
+        "--steps", "1", "--member", "12", "--out", "{tmp}/f.nc"), "member '12' is not in the member dim 'number'"),
+    Bad("forecast-member-nan", cli("forecast", "{wrun}", "--data", "{members_nan.nc}", "--init", "2020-01-04T00:00",
+        "--steps", "1", "--member", "2", "--out", "{tmp}/f.nc"), "the initial state of member 2 of 'number'"),
+    Bad("forecast-member-inf", cli("forecast", "{wrun}", "--data", "{members_inf.nc}", "--init", "2020-01-04T00:00",
+        "--steps", "1", "--member", "1", "--out", "{tmp}/f.nc"), "holds infinite values"),
+    Bad("evaluate-truth-members-without-choice", cli("evaluate", "{fc_ok.nc}", "--truth", "{members.nc}", "--out",
+        "{tmp}/ev", "--no-plots"), "has 3 members in its member dim 'number'"),
+    Bad("evaluate-truth-member-inf", cli("evaluate", "{fc_ok.nc}", "--truth", "{members_inf.nc}", "--member", "1",
+        "--out", "{tmp}/ev", "--no-plots"), "the truth holds infinite values"),
+    Bad("evaluate-valid-time-mismatch", cli("evaluate", "{fc_valid_time.nc}", "--truth", "{members.nc}", "--member",
+        "0", "--out", "{tmp}/ev", "--no-plots"), "valid_time disagrees with init_time + lead_time"),
+    Bad("evaluate-extra-dim", cli("evaluate", "{fc_extra_dim.nc}", "--truth", "{members.nc}", "--member", "0",
+        "--out", "{tmp}/ev", "--no-plots"), "has the dim 'foo' (size 3), which evaluate cannot score"),
+    Bad("evaluate-forecast-inf", cli("evaluate", "{fc_inf.nc}", "--truth", "{members.nc}", "--member", "0",
+        "--out", "{tmp}/ev", "--no-plots"), "the forecast holds infinite values"),
     # -- environment -----------------------------------------------------------------------------
     Bad("env-no-cuda-train", cli("train", "--device", "cuda"), "CUDA is not available", env="no_cuda"),
     Bad("env-no-cuda-sample", sample("--device", "cuda"), "CUDA is not available", env="no_cuda"),
@@ -367,8 +485,10 @@ class _Files(dict):
         if key not in FILES:
             raise KeyError(f"unknown placeholder {{{key}}}: add it to FILES")
         p = self.tmp / key
-        FILES[key](p, self.run)
-        self[key] = p.as_posix()
+        made = FILES[key](p, self.run)
+        if key in ("wrun", "members.nc"):  # module-wide: the tiny weather run and its data
+            p = self.run.parent / key
+        self[key] = p.as_posix() if not isinstance(made, str) else made
         return self[key]
 
 
