@@ -804,7 +804,8 @@ class GriddedAdapter(Adapter):
                         idx.append(int(hit[0]))
                 sp["level_index"] = idx
                 self.levels[v] = [float(lv[i]) for i in idx]
-                self.level_info[v] = dict(dim=ld, attrs=_attrs(ds[ld].attrs) if ld in ds.variables else {})
+                self.level_info[v] = dict(dim=ld, attrs=_attrs(ds[ld].attrs) if ld in ds.variables else {},
+                                          descending=bool(len(lv) > 1 and (np.diff(lv) < 0).all()))
                 if ld in ds.variables:
                     self.coord_dtypes[ld] = str(ds[ld].dtype)
             specs[v] = sp
@@ -1221,6 +1222,7 @@ class GriddedAdapter(Adapter):
             levels={v: list(l) for v, l in self.levels.items()},
             level_dims={v: i["dim"] for v, i in self.level_info.items()},
             level_attrs={v: i["attrs"] for v, i in self.level_info.items()},
+            level_descending={i["dim"]: i["descending"] for i in self.level_info.values()},
             var_attrs=var_attrs, var_dims=var_dims, fill_values=fills, dtypes=dtypes, units=units, long_names=long_names,
             lat_name=g["lat_name"], lon_name=g["lon_name"], lat_values=g["lat"].tolist(), lon_values=g["lon"].tolist(),
             lat_attrs=g["lat_attrs"], lon_attrs=g["lon_attrs"], coord_dtypes=dict(self.coord_dtypes),
@@ -1394,6 +1396,31 @@ def fixed_mask(layout: Layout) -> np.ndarray:
     return np.stack([_unrle(fm[c], layout.shape) if c in fm else np.zeros(layout.shape, bool) for c in layout.channels])
 
 
+def shared_levels(layout: Layout) -> dict[str, list[float]]:
+    """``{level dim: values}`` of the level coordinates of the layout's outputs: the union of the
+    levels of the variables on each level dim.  A dim whose variables share one list keeps it as it
+    is (the order chosen); otherwise the union is sorted in the data file's direction (layouts
+    written before it was recorded: descending if the variables' lists of two or more levels all
+    descend, else ascending), and each variable is NaN at the levels it lacks."""
+    a = layout.attrs
+    per: dict[str, list[list[float]]] = {}
+    for v in a["variables"]:
+        lv = a.get("levels", {}).get(v)
+        if lv:
+            per.setdefault(a["level_dims"][v], []).append([float(l) for l in lv])
+    out = {}
+    for ld, lists in per.items():
+        if all(l == lists[0] for l in lists):
+            out[ld] = lists[0]
+            continue
+        desc = a.get("level_descending", {}).get(ld)
+        if desc is None:
+            runs = [np.diff(l) for l in lists if len(l) > 1]
+            desc = bool(runs) and all((d < 0).all() for d in runs)
+        out[ld] = sorted({l for ls in lists for l in ls}, reverse=desc)
+    return out
+
+
 def unstack(x, layout: Layout, *, dim: str = "sample", values=None):
     """Physical-unit tensors back onto the file's grid as an :class:`xarray.Dataset`.
 
@@ -1401,7 +1428,9 @@ def unstack(x, layout: Layout, *, dim: str = "sample", values=None):
     ``layout.denormalize``); the result has the original variable names, attributes, units, level
     coordinates and latitude/longitude values in the file's order and convention, with a leading
     ``dim`` (``"sample"``, coordinate ``values`` if given, e.g. times) for 4-D input.  Points of the
-    layout's fixed mask are NaN.
+    layout's fixed mask are NaN.  Variables that share a level dim but not their levels (``levels =
+    {z = [500], t = [850]}``) share the union of their levels (:func:`shared_levels`), each variable
+    NaN at the levels it was not trained on -- as ``xarray.merge`` of the per-variable selections.
     """
     import xarray as xr
 
@@ -1436,6 +1465,7 @@ def unstack(x, layout: Layout, *, dim: str = "sample", values=None):
     data_vars = {}
     c = 0
     chans = list(layout.channels)
+    shared = shared_levels(layout)
     for v in a["variables"]:
         lv = a.get("levels", {}).get(v)
         n = len(lv) if lv else 1
@@ -1447,8 +1477,14 @@ def unstack(x, layout: Layout, *, dim: str = "sample", values=None):
         vd = list(a["var_dims"][v])
         if lv:
             ld = a["level_dims"][v]
+            union = shared[ld]
             if ld not in coords:
-                coords[ld] = (ld, cval(ld, lv), dict(a.get("level_attrs", {}).get(v, {})))
+                coords[ld] = (ld, cval(ld, union), dict(a.get("level_attrs", {}).get(v, {})))
+            if list(lv) != union:     # each value at its own level of the shared dim, NaN at the others
+                pos = [union.index(float(l)) for l in lv]
+                full = np.full((block.shape[0], len(union), *block.shape[2:]), np.nan)
+                full[:, pos] = block
+                block = full
             src = [ld, latn, lonn]
         else:
             block = block[:, 0]

@@ -248,6 +248,7 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
     refs = {"persistence_rmse": [], "climatology_rmse": []}
     pers_note = ""
     ranks = []
+    not_forecast: list[str] = []
     nan = np.full(K, np.nan)
     for v in fc.data_vars:
         f = fc[v]
@@ -303,6 +304,9 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
         ld = [d for d in f.dims if d in r.get("level", [])]
         lv = [None] if not ld else list(np.asarray(fc[ld[0]].values))
         for i, l in enumerate(lv):
+            if l is not None and float(l) not in reader.levels[v]:
+                not_forecast.append(f"{v}@{_fmt_level(l)}")             # NaN padding of a shared level dim
+                continue
             sel = {} if l is None else {ld[0]: i}
             names.append(str(v) if l is None else f"{v}@{_fmt_level(l)}")
             variables.append(str(v))
@@ -364,6 +368,9 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
               "truth": str(tr.attrs.get("source", "")), "truth_member": truth_member,
               "truth_member_dim": tmd, "truth_member_choice": t_choice, "rank_histogram_seed": int(seed),
               "weights": "cell-area latitude weights (diffkit_weather.metrics.latitude_weights)",
+              **({"levels_not_forecast": (f"{', '.join(not_forecast)}: NaN in the forecast at every point (levels "
+                                          f"of a shared level dim that the variable lacks); not scored")}
+                 if not_forecast else {}),
               "persistence": pers_note or "persistence_rmse: the truth at the init time as the forecast of every lead",
               "climatology": (f"climatology_rmse: the per-grid-point mean of the truth over the {len(uniq)} distinct "
                               f"valid times scored{' and the truth members' if T > 1 else ''} as the forecast (a "

@@ -921,6 +921,18 @@ def _fc_roles(fc) -> dict:
     return r
 
 
+def forecast_levels(fc, v: str, ld: str) -> list[float]:
+    """The levels (values of the dim ``ld``) at which the forecast ``fc`` holds variable ``v``: those
+    where it has a finite value.  Variables that share a level dim but not their levels are NaN at
+    the levels they lack (:func:`~diffkit_weather.adapter.shared_levels`, or ``xarray.merge`` of
+    per-variable selections); such levels are not forecast, so they are neither read from the truth
+    nor scored.  A variable with no finite value at all keeps every level (its scores are NaN)."""
+    lv = [float(x) for x in np.asarray(fc[ld].values, np.float64)]
+    da = fc[v]
+    fin = np.isfinite(da).any([d for d in da.dims if d != ld]).values
+    return [l for l, f in zip(lv, fin) if f] if fin.any() else lv
+
+
 def _fc_options(fc) -> dict:
     try:
         return json.loads(str(fc.attrs.get("diffkit_data_options", "{}")) or "{}")
@@ -940,11 +952,13 @@ class _Truth:
         r = _fc_roles(fc)
         self.latn, self.lonn = r["latitude"], r["longitude"]
         self.variables = [str(v) for v in fc.data_vars]
-        self.levels, self.level_dims = {}, {}
+        #: per variable: the levels it is forecast at (read from the truth) and all of its level dim's
+        self.levels, self.level_dims, self.all_levels = {}, {}, {}
         for v in self.variables:
             ld = [d for d in fc[v].dims if d in r.get("level", [])]
             if ld:
-                self.levels[v] = [float(x) for x in np.asarray(fc[ld[0]].values, np.float64)]
+                self.all_levels[v] = [float(x) for x in np.asarray(fc[ld[0]].values, np.float64)]
+                self.levels[v] = forecast_levels(fc, v, ld[0])
                 self.level_dims[v] = ld[0]
         self.files = files = _Files(truth, self.variables, self.levels, level_dims=self.level_dims,
                                     time_units=time_units, dims=dims, member=member)
@@ -972,6 +986,10 @@ class _Truth:
             a = self.files.read(v, keys.ravel(), i)                # (n, L, lat, lon)
             if not has_level:
                 a = a[:, 0]
+            elif self.levels[v] != self.all_levels[v]:             # NaN at the levels v is not forecast at
+                full = np.full((a.shape[0], len(self.all_levels[v]), *a.shape[2:]), np.nan)
+                full[:, [self.all_levels[v].index(l) for l in self.levels[v]]] = a
+                a = full
             a = np.transpose(a, [0] + [1 + tail.index(d) for d in dims_fc])
             out.append(a.reshape(*keys.shape, *a.shape[1:]))
         return np.stack(out), dims_fc
