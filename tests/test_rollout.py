@@ -7,6 +7,12 @@
   f(c), after 1 and 5 steps, for target "state" and "residual" and s = 0.03, 0.1.
 - Regression: exact shift dynamics; the perturbation policy (perturb=0: identical members;
   default: DEFAULT_PERTURB for members > 1, one noise field per member on every history state).
+- Spatially correlated perturbations (``perturb_length``), on 1-, 2- and 3-D grids with periodic and
+  non-periodic axes: unit variance at every point (edges included) and the correlation
+  exp(-d^2 / (4 l^2)) at lag d of a Gaussian filter of std l (the kernel's autocorrelation), within
+  4.5 standard errors estimated from 20 independent batches; periodic axes correlate across the
+  boundary, the others do not; through the rollout: std ``perturb`` per point, never on the fixed
+  mask, and ``perturb_length=0`` is the white noise draw for draw.
 - The spec: round trip through Layout.to_dict/from_dict and weights_only checkpoints; old
   layouts; clear errors.
 """
@@ -23,7 +29,7 @@ from diffkit._shape import as_batch_time
 from diffkit.denoiser import Cond, Regressor
 from diffkit.errors import DiffkitError, NonFiniteError, ShapeError
 from diffkit.layout import AutoregressiveSpec, Layout, history_channels
-from diffkit.rollout import DEFAULT_PERTURB, resolve_perturb, rollout
+from diffkit.rollout import DEFAULT_PERTURB, correlated_noise, resolve_perturb, resolve_perturb_length, rollout
 from diffkit.schedules import get_schedule
 
 C, NX, H = 2, 8, 2                       # state channels, grid points, history states
@@ -228,6 +234,103 @@ def test_perturbation_policy():
     assert resolve_perturb(None, den, 8) == 0.0 and resolve_perturb(0.3, den, 8) == 0.3
     with pytest.raises(ValueError, match="perturb must be >= 0"):
         resolve_perturb(-0.1, reg, 2)
+
+
+def _lag_corr(x: torch.Tensor, axis: int, d: int, periodic: bool) -> torch.Tensor:
+    """The correlation at lag ``d`` along ``axis`` of unit-variance fields ``x`` (batch dim 0), per batch."""
+    a = x.movedim(axis, -1)
+    pair = a * a.roll(-d, -1) if periodic else a[..., :-d] * a[..., d:]
+    return pair.flatten(1).mean(1)
+
+
+def _estimate(values: torch.Tensor, batches: int = 20):
+    """Mean and standard error of a per-sample statistic from ``batches`` independent batch means."""
+    b = values.reshape(batches, -1).mean(1)
+    return float(b.mean()), float(b.std() / math.sqrt(batches))
+
+
+@pytest.mark.parametrize("shape,length,periodic", [
+    ((48,), (2.0,), (True,)),
+    ((48,), (2.0,), (False,)),
+    ((16, 24), (1.5, 3.0), (False, True)),
+    ((8, 10, 12), (1.0, 2.0, 0.0), (True, False, True)),
+])
+def test_correlated_perturbations_have_unit_variance_and_gaussian_correlation(shape, length, periodic):
+    n = 6000 if len(shape) == 1 else 2000
+    g = torch.Generator().manual_seed(1)
+    x = correlated_noise((n, *shape), length, periodic, generator=g).double()
+    assert x.shape == (n, *shape) and x.dtype == torch.float64
+    # unit variance at every point, the edges of the non-periodic axes included
+    var = x.square().mean(0)
+    se_var = math.sqrt(2 / n)
+    assert abs(float(var.mean()) - 1) < 4.5 * se_var * 2     # the points are correlated: a looser bound on the mean
+    assert float((var - 1).abs().max()) < 5.5 * se_var
+    for ax in range(len(shape)):
+        edge = var.movedim(ax, 0)
+        assert abs(float(edge[0].mean()) - 1) < 4.5 * se_var and abs(float(edge[-1].mean()) - 1) < 4.5 * se_var
+    for ax, (l, p) in enumerate(zip(length, periodic)):
+        for d in (1, 2, 3):
+            if d >= shape[ax] // 2:
+                continue
+            exact = math.exp(-d * d / (4 * l * l)) if l > 0 else 0.0
+            est, se = _estimate(_lag_corr(x, ax + 1, d, p))
+            assert abs(est - exact) < 4.5 * se + 1e-4, (ax, d, est, exact, se)
+        # across the boundary: neighbours on a periodic axis, unrelated on the others
+        a = x.movedim(ax + 1, -1)
+        est, se = _estimate((a[..., 0] * a[..., -1]).reshape(n, -1).mean(1))
+        exact = math.exp(-1 / (4 * l * l)) if (p and l > 0) else math.exp(-(shape[ax] - 1) ** 2 / (4 * l * l)) \
+            if l > 0 else 0.0
+        assert abs(est - exact) < 4.5 * se + 1e-4, (ax, est, exact)
+    # every length 0 is torch.randn itself
+    w = correlated_noise((3, *shape), (0.0,) * len(shape), periodic, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(w, torch.randn((3, *shape), generator=torch.Generator().manual_seed(5)))
+
+
+def test_correlated_perturbations_in_the_rollout_respect_std_periodicity_and_fixed_mask():
+    M, amp, l = 512, 0.2, 1.5
+    hist = initial_history(2)
+    fm = torch.zeros(C, NX, dtype=torch.bool)
+    fm[1, 3] = True
+    for periodic in (True, False):
+        L = make_layout("state")
+        L = L if periodic else L.replace(periodic=())
+        model = Regressor(ShiftNet(L, use=-1, shift=0), L)
+        p = rollout(model, hist, 1, M, perturb=amp, perturb_length=l, fixed_mask=fm, seed=3)
+        e = ((p[:, :, 0].double() - hist[:, None, -1].double()) / col(SS))        # (N, M, C, x)
+        assert bool(p[:, :, 0, 1, 3].isnan().all())                               # the fixed mask: untouched
+        e = e.reshape(-1, C, NX)
+        valid = e[:, 0]                                                             # channel 0: no masked point
+        sd = valid.std(0)
+        assert float((sd / amp - 1).abs().max()) < 5.5 / math.sqrt(2 * e.shape[0])
+        z = valid / amp
+        est, se = _estimate(_lag_corr(z, 1, 1, periodic), batches=16)
+        assert abs(est - math.exp(-1 / (4 * l * l))) < 4.5 * se + 1e-4
+        est, se = _estimate(z[:, 0] * z[:, -1], batches=16)
+        assert abs(est - (math.exp(-1 / (4 * l * l)) if periodic else math.exp(-49 / (4 * l * l)))) < 4.5 * se + 1e-4
+    # perturb_length = 0 (the default) is the white noise of before, draw for draw
+    L = make_layout("state")
+    model = Regressor(ShiftNet(L, use=-1, shift=0), L)
+    p = rollout(model, hist, 1, 4, perturb=0.2, seed=7)
+    p0 = rollout(model, hist, 1, 4, perturb=0.2, perturb_length=0, seed=7)
+    assert torch.equal(p, p0)
+    white = torch.randn((2 * 4, 1, C, NX), generator=torch.Generator().manual_seed(7))[:, 0] * 0.2
+    e = (p[:, :, 0].double() - hist[:, None, -1].double()) / col(SS)
+    torch.testing.assert_close(e.reshape(8, C, NX), white.double(), atol=2e-5, rtol=0)
+
+
+def test_perturb_length_errors():
+    assert resolve_perturb_length(2, 3) == (2.0, 2.0, 2.0) and resolve_perturb_length([1, 0], 2) == (1.0, 0.0)
+    with pytest.raises(ValueError, match=r"perturb_length has 2 value\(s\) \[1.0, 2.0\], but the grid has 1 spatial"):
+        resolve_perturb_length([1, 2], 1)
+    with pytest.raises(ValueError, match="perturb_length must be >= 0 and finite"):
+        resolve_perturb_length(-1, 2)
+    with pytest.raises(ValueError, match="perturb_length must be >= 0 and finite"):
+        resolve_perturb_length(float("nan"), 2)
+    with pytest.raises(ValueError, match="perturb_length must be a number or one number per spatial axis"):
+        resolve_perturb_length("wide", 2)
+    L = make_layout("state")
+    with pytest.raises(ValueError, match="perturb_length has 3 value"):
+        rollout(Regressor(ShiftNet(L), L), initial_history(1), 1, 2, perturb_length=(1, 1, 1))
 
 
 def test_fixed_mask_and_missing_values():
