@@ -325,6 +325,43 @@ def test_history_is_extended(weather, pde, mixture):
         assert _last_line(ds.attrs["history"]).startswith(f"diffkit {what} ")
 
 
+def test_scores_output_passes_cf_check(weather, tmp_path, monkeypatch, capsys):
+    """``diffkit evaluate``'s scores.nc: CF-1.8 like the other outputs (no documented exception needed):
+    int32 counts, title/source/history (the forecast's, extended by the evaluate command line), a
+    long_name on every variable, and the channel names as the label variable ``channel_name(channel)``
+    -- a string coordinate variable ``channel`` is not CF and crashed compliance-checker's monotonicity
+    check.  ``open_scores`` gives ``channel`` back as the coordinate."""
+    from diffkit_weather import evaluate as E
+
+    t0 = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    out = tmp_path / "ev"
+    assert main(["evaluate", str(weather["forecast"]), "--truth", str(weather["data"]), "--out", str(out),
+                 "--no-plots"]) == 0
+    capsys.readouterr()
+    t1 = datetime.datetime.now(datetime.timezone.utc)
+    path = out / "scores.nc"
+    cf_check(path, monkeypatch)
+    with xr.open_dataset(path, decode_times=False, decode_timedelta=False) as raw:
+        assert raw["rank_histogram"].dtype == np.int32 and raw["rank"].dtype == np.int32
+        assert raw["lead_time"].attrs["units"] == "hours" and "_FillValue" not in raw["lead_time"].attrs
+        assert "channel" not in raw.variables and raw["channel_name"].dims == ("channel",)
+        for name, var in raw.variables.items():
+            assert str(var.attrs.get("long_name", "")).strip(), name
+        assert list(raw.attrs)[:4] == ["Conventions", "title", "source", "history"]
+        assert raw.attrs["title"] == "diffkit evaluate: ensemble scores" and raw.attrs["source"] == "diffkit evaluate"
+        fc_history = _open(weather["forecast"]).attrs["history"].splitlines()
+        lines = raw.attrs["history"].splitlines()
+        assert lines[:-1] == fc_history and lines[0] == INPUT_HISTORY     # the forecast's history, then one line
+        assert _last_line(raw.attrs["history"], (t0, t1)) == (
+            f"diffkit evaluate {weather['forecast']} --truth {weather['data']} --out {out} --no-plots")
+    s = E.open_scores(path)
+    assert s["channel"].values.tolist() == ["t2m", "msl"] and s["variable"].values.tolist() == ["t2m", "msl"]
+    assert s["rank_histogram"].values.sum() > 0 and s["lead_time"].dtype.kind == "m"
+    np.testing.assert_allclose(s["rmse"].sel(channel="msl").values,
+                               E.evaluate(weather["forecast"], weather["data"], plots=False).scores["rmse"]
+                               .sel(channel="msl").values, rtol=1e-12)
+
+
 def test_layout_units_reach_decoded_netcdf(tmp_path, monkeypatch):
     """A plugin's units: ``layout.attrs["units"]`` (one string for every channel, or per channel) and
     the typed ``channel_attrs`` / ``coord_attrs`` (which win), through a checkpoint, into the file the

@@ -388,9 +388,9 @@ def test_evaluate_scores_equal_direct_metric_calls(shift, tmp_path):
     assert tab["lead_hours"].tolist()[:K] == [6.0, 12.0, 18.0] and tab["level"].tolist()[0] == 500
     np.testing.assert_allclose(tab["crps"].values, s["crps"].values.ravel(), rtol=1e-7)
     assert [f"rank_{j}" for j in range(M + 1)] == list(tab.columns[-(M + 1):])
-    with xr.open_dataset(tmp_path / "ev" / "scores.nc") as back:
-        np.testing.assert_allclose(back["rmse"].values, s["rmse"].values)
-        assert list(back["channel"].values) == list(s["channel"].values)
+    back = E.open_scores(tmp_path / "ev" / "scores.nc")               # channel names: channel_name(channel)
+    np.testing.assert_allclose(back["rmse"].values, s["rmse"].values)
+    assert list(back["channel"].values) == list(s["channel"].values)
     for p in ev.files:
         if p.suffix == ".png":
             assert p.read_bytes()[:8] == PNG

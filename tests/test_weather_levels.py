@@ -135,6 +135,5 @@ def test_forecast_per_variable_levels_round_trip_through_evaluate(shift, case, t
     for v, lv in levels.items():
         for l in union:
             assert bool(np.isnan(ev.truth[v].sel(level=l).values).all()) == (l not in lv), (v, l)
-    with xr.open_dataset(tmp_path / "eval" / "scores.nc") as back:
-        assert back["channel"].values.tolist() == chans
+    assert E.open_scores(tmp_path / "eval" / "scores.nc")["channel"].values.tolist() == chans
     assert (tmp_path / "eval" / f"maps_{E._safe(chans[-1])}.png").exists() == figures

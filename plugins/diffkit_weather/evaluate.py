@@ -41,11 +41,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from diffkit.adapters import cf_encode, cf_output
+
 from .adapter import WeatherDataError, _fmt_level
 from .forecast import _fc_roles, read_truth  # noqa: F401  (read_truth: re-exported)
 
-__all__ = ["Evaluation", "evaluate", "open_forecast", "scores_table", "summarise", "write_scores", "format_table",
-           "METRICS"]
+__all__ = ["Evaluation", "evaluate", "open_forecast", "open_scores", "scores_table", "summarise", "write_scores",
+           "format_table", "METRICS"]
 
 #: the core's per-lead scores, in table order (any other registered ensemble metric follows)
 METRICS = ("rmse", "crps", "spread", "spread_skill_ratio")
@@ -193,7 +195,8 @@ def _check_infinite(x: np.ndarray, what: str, v: str, dims: Sequence[str], coord
 
 
 def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None = None,
-             dims: Mapping[str, str] | None = None, member=None, seed: int = 0, max_maps: int = 12) -> Evaluation:
+             dims: Mapping[str, str] | None = None, member=None, seed: int = 0, max_maps: int = 12,
+             command: str | None = None) -> Evaluation:
     """Score the ensemble forecast ``fc`` (a dataset or a netCDF path) against ``truth`` (files, a
     glob, a list, or a dataset; read at each valid time, see :func:`~diffkit_weather.forecast.read_truth`).
 
@@ -216,6 +219,10 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
     (and the truth members) as the forecast -- a sample climatology of the verifying data, so
     slightly optimistic.
 
+    The score dataset is CF-1.8 (:func:`diffkit.adapters.cf_output`: ``title``, ``source``, the
+    forecast's ``history`` extended by a line naming ``command`` -- by default the ``diffkit
+    evaluate`` command line of these arguments --, a ``long_name`` on every variable, int32 counts).
+
     Returns an :class:`Evaluation`; with ``out`` (a folder) also writes ``scores.csv``,
     ``scores.nc`` and, unless ``plots=False``, ``lead_curves.png``, ``rank_histograms.png`` and
     ``maps_<channel>.png`` (ensemble mean, spread and error of the first init at a few leads; the
@@ -226,6 +233,8 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
     from . import metrics as M
     from .forecast import _Truth, _keys, _truth_dataset
 
+    if command is None:
+        command = _command(fc, truth, out=out, plots=plots, time_units=time_units, member=member, seed=seed)
     if not hasattr(fc, "data_vars"):
         fc = open_forecast(fc)
     fc = _check_forecast(fc)
@@ -355,14 +364,17 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
     parts = [f"{N} init time(s)"] + ([f"{I} initial member(s)"] if "initial_member" in fc.dims else []) + \
         ([f"{T} truth member(s)"] if "truth_member" in tr.dims else [])
     scores = xr.Dataset(dv, coords={
-        "channel": ("channel", np.asarray(names, dtype=object)),
-        "variable": ("channel", np.asarray(variables, dtype=object)),
-        "level": ("channel", np.asarray(levels, np.float64)),
-        "units": ("channel", np.asarray(units, dtype=object)),
-        "lead_time": ("lead_time", lead.values, {"standard_name": "forecast_period"}),
-        "lead_hours": ("lead_time", lead_h, {"units": "h"}),
-        "rank": ("rank", np.arange(Mm + 1, dtype=np.int32)),
-    }, attrs={"Conventions": "CF-1.8", "source": "diffkit evaluate", "members": Mm, "n_init": N,
+        "channel": ("channel", np.asarray(names, dtype=object),
+                    {"long_name": "channel: variable, or variable@level"}),
+        "variable": ("channel", np.asarray(variables, dtype=object), {"long_name": "forecast variable"}),
+        "level": ("channel", np.asarray(levels, np.float64),
+                  {"long_name": "level of the channel, in its variable's level units (NaN: no level)"}),
+        "units": ("channel", np.asarray(units, dtype=object), {"long_name": "units of the variable"}),
+        "lead_time": ("lead_time", lead.values, {"standard_name": "forecast_period", "long_name": "lead time"}),
+        "lead_hours": ("lead_time", lead_h, {"long_name": "lead time in hours", "units": "h"}),
+        "rank": ("rank", np.arange(Mm + 1, dtype=np.int32),
+                 {"long_name": "rank of the truth among the members (0: below every member)", "units": "1"}),
+    }, attrs={"source": "diffkit evaluate", "members": Mm, "n_init": N,
               "n_cases": N * I * T, "cases": " x ".join(parts),
               "init_times": f"{str(fc['init_time'].values[0])[:16]} .. {str(fc['init_time'].values[-1])[:16]}",
               "truth": str(tr.attrs.get("source", "")), "truth_member": truth_member,
@@ -380,10 +392,59 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
                                                                           "initial_member_dim",
                                                                           "initial_member_choice")}})
     scores["lead_time"].encoding.update(units="hours", dtype="float64")
+    cf_output(scores, title="diffkit evaluate: ensemble scores", command=command, history=fc.attrs.get("history"))
     ev = Evaluation(scores, scores_table(scores), tr)
     if out is not None:
         ev.files = write_scores(ev, out, fc=fc if plots else None, max_maps=max_maps)
     return ev
+
+
+def _command(fc, truth, *, out, plots, time_units, member, seed) -> str:
+    """The ``diffkit evaluate`` command line of these arguments (for the ``history`` of ``scores.nc``)."""
+    if hasattr(fc, "data_vars"):
+        return "diffkit_weather.evaluate (Python; forecast and truth given as datasets)" if hasattr(
+            truth, "data_vars") else "diffkit_weather.evaluate (Python; forecast given as a dataset)"
+    tr = ["a dataset"] if hasattr(truth, "data_vars") else \
+        [str(t) for t in ([truth] if isinstance(truth, (str, Path)) else truth)]
+    parts = ["diffkit evaluate", str(fc), "--truth", *tr]
+    parts += ["--out", str(out)] if out is not None else []
+    parts += ["--member", str(member)] if member is not None else []
+    parts += ["--time-units", repr(time_units)] if time_units else []
+    parts += ["--seed", str(seed)] if seed else []
+    parts += ["--no-plots"] if not plots else []
+    return " ".join(parts)
+
+
+#: the name of the channel labels in ``scores.nc``: CF coordinate variables are numeric, so the
+#: string coordinate ``channel`` is stored as the label variable ``channel_name(channel)`` (CF §6.1)
+CHANNEL_LABEL = "channel_name"
+
+
+def open_scores(path):
+    """A ``scores.nc`` written by :func:`write_scores`, loaded, with ``channel`` its coordinate again
+    (the file stores the channel names as the label variable :data:`CHANNEL_LABEL`)."""
+    import xarray as xr
+
+    with xr.open_dataset(path, decode_timedelta=True) as ds:
+        ds = ds.load()
+    if CHANNEL_LABEL in ds.variables and "channel" not in ds.variables:
+        lab = ds[CHANNEL_LABEL]
+        ds = ds.drop_vars(CHANNEL_LABEL).assign_coords(
+            channel=("channel", np.asarray(lab.values, dtype=object), dict(lab.attrs)))
+    return ds
+
+
+def _scores_file(scores):
+    """The score dataset as ``scores.nc`` holds it: the string coordinate ``channel`` becomes the
+    label variable :data:`CHANNEL_LABEL` (``compliance-checker`` and CF want numeric coordinate
+    variables), the dim keeps its name."""
+    ds = scores.copy()
+    ds = ds.drop_vars("channel").assign_coords(
+        {CHANNEL_LABEL: ("channel", np.asarray(scores["channel"].values, dtype=object),
+                         dict(scores["channel"].attrs))})
+    for name in ds.variables:
+        ds.variables[name].encoding = dict(scores[name].encoding) if name in scores.variables else {}
+    return cf_encode(ds)
 
 
 def scores_table(scores):
@@ -432,14 +493,16 @@ def _safe(name: str) -> str:
 
 
 def write_scores(ev: Evaluation, out, *, fc=None, max_maps: int = 12) -> list[Path]:
-    """Write ``out/scores.csv`` and ``out/scores.nc`` (atomically) and, with the forecast ``fc``, the
-    figures: ``lead_curves.png``, ``rank_histograms.png`` and ``maps_<channel>.png`` (first init)."""
+    """Write ``out/scores.csv`` and ``out/scores.nc`` (atomically; CF-1.8, the channel names in the
+    label variable ``channel_name(channel)``: read it back with :func:`open_scores`) and, with the
+    forecast ``fc``, the figures: ``lead_curves.png``, ``rank_histograms.png`` and
+    ``maps_<channel>.png`` (first init)."""
     from diffkit.adapters import atomic_to_netcdf
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [_atomic_text(out / "scores.csv", ev.table.to_csv(index=False, float_format="%.8g")),
-             atomic_to_netcdf(ev.scores, out / "scores.nc")]
+             atomic_to_netcdf(_scores_file(ev.scores), out / "scores.nc")]
     if fc is not None:
         from . import plots
 
