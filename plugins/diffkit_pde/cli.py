@@ -111,6 +111,9 @@ def register_rollout(parser: argparse.ArgumentParser) -> None:
                         help="std of Gaussian noise added to each member's standardised initial history (relative to "
                              "each variable's std); default 0 for diffusion models, 0.05 for regression models with "
                              "more than one member (perturbed-initial-condition ensemble)")
+    parser.add_argument("--perturb-length", type=float, default=0.0, metavar="GRID_POINTS",
+                        help="correlation length of the --perturb noise in grid points (Gaussian filter; default 0: "
+                             "white noise at every grid point)")
     parser.add_argument("--out", required=True, help="output netCDF file (dims member, time, x[, y])")
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="also write a space-time (1-D) or snapshot (2-D) figure and a correlation curve "
@@ -127,6 +130,8 @@ def run_rollout(args) -> int:
 
     from .surrogate import initial_condition, load_surrogate, rollout, rollout_dataset
 
+    if not args.perturb_length >= 0 or args.perturb_length == float("inf"):
+        raise ValueError(f"--perturb-length must be >= 0 and finite (grid points), got {args.perturb_length}")
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sur = load_surrogate(args.checkpoint, device=device)
     ic = initial_condition(args.init, sur.layout, index=args.index, start=args.start)
@@ -135,13 +140,14 @@ def run_rollout(args) -> int:
         raise ValueError(f"{args.init} has no frames after the history to compare with; give --steps")
     pred = rollout(sur, ic.history, steps, members=args.members,
                    scalars=None if ic.scalars is None else ic.scalars[None], sampler=args.sampler, nfe=args.nfe,
-                   seed=args.seed, perturb=args.perturb, progress=not args.no_progress)
+                   seed=args.seed, perturb=args.perturb, perturb_length=args.perturb_length,
+                   progress=not args.no_progress)
     perturb = resolve_perturb(args.perturb, sur.model, args.members)
     ds = rollout_dataset(pred, sur.layout, ic, attrs={
         "checkpoint": str(args.checkpoint), "init_file": str(args.init), "init_index": args.index,
         "init_start": args.start, "seed": args.seed, "objective": sur.config.model.objective,
         "sampler": args.sampler or sur.config.sample.sampler, "nfe": args.nfe or sur.config.sample.nfe,
-        "perturb": perturb, "command": " ".join(["diffkit", *getattr(args, "argv", ["rollout", str(args.checkpoint)])])})
+        "perturb": perturb, "perturb_length": float(args.perturb_length if perturb else 0.0), "command": " ".join(["diffkit", *getattr(args, "argv", ["rollout", str(args.checkpoint)])])})
     out = atomic_to_netcdf(ds, args.out)
     msg = f"diffkit rollout: wrote {args.members} member(s) x {steps} frame(s) to {out}"
     if "high_correlation_time_members" in ds.attrs:

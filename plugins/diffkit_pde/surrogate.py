@@ -71,14 +71,14 @@ def load_surrogate(path, device=None) -> Surrogate:
 def rollout(model, history: torch.Tensor, steps: int, *, members: int = 1, scalars=None,
             sampler: str | None = None, nfe: int | None = None, spacing: str | None = None, seed: int = 0,
             generator: torch.Generator | None = None, progress: bool = False, config=None,
-            perturb: float | None = None) -> torch.Tensor:
+            perturb: float | None = None, perturb_length=0.0) -> torch.Tensor:
     """Roll a surrogate out for ``steps`` frames from ``history``; returns physical values.
 
     ``history``: ``(N, history, C, *S)`` (or without ``N``) physical frames, oldest first;
     ``scalars``: ``(N, S)`` physical PDE parameters named by ``layout.scalars``.  Returns
     ``(N, members, steps, C, *S)`` (without ``N`` if ``history`` had none).  ``model`` is a
     :class:`Surrogate`, a Denoiser or a Regressor; sampler, NFE and spacing default to the run's
-    ``[sample]`` section; ``perturb``: the core's policy (:mod:`diffkit.rollout`).
+    ``[sample]`` section; ``perturb``, ``perturb_length``: the core's policy (:mod:`diffkit.rollout`).
     """
     if isinstance(model, Surrogate):
         config, model = model.config, model.model
@@ -110,7 +110,8 @@ def rollout(model, history: torch.Tensor, steps: int, *, members: int = 1, scala
 
         def condition(k, hist, fields):  # the same PDE parameters at every step
             return Cond(fields=fields, scalars=z.to(fields.device).repeat_interleave(hist.shape[0] // z.shape[0], 0))
-    pred = _rollout(model, history, steps, members, condition=condition, perturb=perturb, sampler=sampler, nfe=nfe,
+    pred = _rollout(model, history, steps, members, condition=condition, perturb=perturb,
+                    perturb_length=perturb_length, sampler=sampler, nfe=nfe,
                     spacing=spacing, config=config, generator=generator, seed=seed, progress=progress)
     return pred[0] if squeeze else pred
 

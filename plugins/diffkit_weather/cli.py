@@ -114,6 +114,9 @@ def register_forecast(parser: argparse.ArgumentParser) -> None:
                         help="std of Gaussian noise added to each member's normalised initial state (relative to the "
                              "climatological std of each channel); default 0 for diffusion models, 0.05 for "
                              "regression models with more than one member (perturbed-initial-condition ensemble)")
+    parser.add_argument("--perturb-length", type=float, default=0.0, metavar="GRID_POINTS",
+                        help="correlation length of the --perturb noise in grid points (Gaussian filter; default 0: "
+                             "white noise at every grid point); diffkit.calibrate.tune_perturbation picks it")
     parser.add_argument("--time-units", default=None,
                         help="time units for data files without CF time units (default: the run's "
                              "data.options.time_units)")
@@ -132,6 +135,8 @@ def run_forecast(args) -> int:
         raise ValueError(f"--members and --steps must be >= 1, got {args.members} and {args.steps}")
     if args.perturb is not None and not args.perturb >= 0:
         raise ValueError(f"--perturb must be >= 0, got {args.perturb}")
+    if not args.perturb_length >= 0 or args.perturb_length == float("inf"):
+        raise ValueError(f"--perturb-length must be >= 0 and finite (grid points), got {args.perturb_length}")
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     fc = load_forecaster(args.checkpoint, device=device)
     opts = fc.data_options
@@ -142,7 +147,7 @@ def run_forecast(args) -> int:
     ist = initial_states(data, fc.layout, inits, steps=args.steps, options=opts, member=args.member)
     perturb = args.perturb
     pred = forecast(fc, None, ist, steps=args.steps, members=args.members, seed=args.seed, sampler=args.sampler,
-                    nfe=args.nfe, perturb=perturb, progress=not args.no_progress)
+                    nfe=args.nfe, perturb=perturb, perturb_length=args.perturb_length, progress=not args.no_progress)
     regression = fc.objective == "regression"
     from diffkit.rollout import resolve_perturb
 
@@ -151,6 +156,7 @@ def run_forecast(args) -> int:
     attrs = {"checkpoint": str(args.checkpoint), "seed": args.seed, "objective": fc.objective,
              "sampler": "none (regression)" if regression else (args.sampler or sc.sampler),
              "nfe": 1 if regression else (args.nfe or sc.nfe), "perturb": float(perturb),
+             "perturb_length": float(args.perturb_length if perturb else 0.0),
              "data": " ".join(map(str, args.data)),
              "command": _forecast_command(args, inits),
              **member_attrs(ist, args.member, opts.get("member"))}
@@ -173,7 +179,8 @@ def _forecast_command(args, inits: str) -> str:
     words = ["diffkit", "forecast", str(args.checkpoint), "--data", *map(str, args.data), "--init", inits,
              "--members", str(args.members), "--steps", str(args.steps), "--seed", str(args.seed)]
     for flag, v in (("--member", args.member), ("--sampler", args.sampler), ("--nfe", args.nfe),
-                    ("--perturb", args.perturb), ("--time-units", args.time_units)):
+                    ("--perturb", args.perturb), ("--perturb-length", args.perturb_length or None),
+                    ("--time-units", args.time_units)):
         if v is not None:
             words += [flag, str(v)]
     return shlex.join(words)

@@ -695,8 +695,8 @@ def _check_finite(x: np.ndarray, layout: Layout, fm: np.ndarray, files: _Files, 
 # ----------------------------------------------------------------------------- the forecast
 def forecast(model, layout: Layout | None, history, init_times=None, steps: int = 1, members: int = 1, *,
              seed: int = 0, sampler: str | None = None, nfe: int | None = None, spacing: str | None = None,
-             perturb: float | None = None, static=None, static_valid=None, generator: torch.Generator | None = None,
-             progress: bool = False, config=None) -> torch.Tensor:
+             perturb: float | None = None, perturb_length=0.0, static=None, static_valid=None,
+             generator: torch.Generator | None = None, progress: bool = False, config=None) -> torch.Tensor:
     """Roll a weather model out for ``steps`` steps of ``lead`` hours; returns physical values
     ``(N, members, steps, C, lat, lon)`` (float32, CPU, model orientation, NaN on the fixed mask).
 
@@ -706,7 +706,8 @@ def forecast(model, layout: Layout | None, history, init_times=None, steps: int 
     come from it).  ``init_times``: the ``N`` init times (datetime64 / cftime; needed when the model
     takes forcings).  Sampler, NFE and spacing default to the run's ``[sample]`` section.
     ``perturb``: see the module doc (None: 0 for diffusion, :data:`DEFAULT_PERTURB` for a regression
-    model with ``members > 1``).
+    model with ``members > 1``).  ``perturb_length``: the perturbations' correlation length in grid
+    points (one number, or one per axis lat, lon; 0: white noise), as in :mod:`diffkit.rollout`.
     """
     if isinstance(model, Forecaster):
         config, model = model.config, model.model
@@ -770,7 +771,8 @@ def forecast(model, layout: Layout | None, history, init_times=None, steps: int 
             sc = forcing_scalars(times, layout, k * lead).to(dev).repeat_interleave(B // N, 0)
         return Cond(fields=torch.cat(parts, 1), scalars=sc)
 
-    return rollout(model, history, steps, members, condition=condition, perturb=perturb, sampler=sampler, nfe=nfe,
+    return rollout(model, history, steps, members, condition=condition, perturb=perturb,
+                   perturb_length=perturb_length, sampler=sampler, nfe=nfe,
                    spacing=spacing, config=config, generator=generator, seed=seed, layout=layout, fixed_mask=fm,
                    allow_missing=True, progress=progress, desc="forecast")
 
