@@ -1,14 +1,24 @@
-"""Diffusion forecast ensembles vs a perturbed-initial-condition MSE ensemble on the QG model.
+"""Diffusion forecast ensembles vs tuned baselines on the QG model.
 
 Both models use the same backbone (the built-in 2-D UNet), the same data (the two-layer QG
-model of `diffkit data weather qg`, pyqg's reference set-up), the same batch size and number of
-optimiser steps; they differ only in ``model.objective``.  The DDPM ensemble draws ``members``
-samples per step (GenCast-style); the baseline is the deterministic model run from perturbed
-initial conditions (``perturb``, relative to each channel's climatological std).  Both are
-scored the WeatherBench-2 way (`diffkit evaluate`) on a held-out year: fair CRPS, latitude-
-weighted RMSE of the ensemble mean and spread/skill with the (M+1)/M correction, per lead time.
+model of `diffkit data weather qg`, pyqg's reference set-up; :func:`setup_data` is the one place
+that makes it), the same batch size and number of optimiser steps; they differ only in
+``model.objective``.  Inputs: the two latest states (history 2, GenCast-style), no date forcings
+(QG has no daily or seasonal cycle).  The time axis is split into training, a validation period
+and a held-out test period.  Forecasts, all scored alike the WeatherBench-2 way (`diffkit
+evaluate`) on the test period -- fair CRPS, latitude-weighted RMSE of the ensemble mean,
+spread/skill with the (M+1)/M correction and rank histograms, per lead time:
 
-Targets: DDPM CRPS <= 0.9x the baseline's, and DDPM spread/skill in [0.8, 1.2] at every lead.
+- DDPM: ``members`` samples per step (GenCast-style);
+- MSE + perturbed IC: the MSE model run from initial conditions perturbed with spatially
+  correlated noise (``perturb`` x each channel's std, correlation length ``perturb_length`` grid
+  points), both tuned on the validation period by minimum fair CRPS at the first lead
+  (:func:`diffkit.calibrate.tune_perturbation`; ``--perturb`` fixes them instead);
+- MSE: the unperturbed MSE forecast (one member, repeated: CRPS = MAE, spread 0);
+- persistence (the initial state at every lead, repeated likewise);
+- climatology: ``members`` states drawn at random from the training period for each init time.
+
+Targets: DDPM CRPS <= 0.9x the tuned baseline's, and DDPM spread/skill in [0.8, 1.2] at every lead.
 
     python benchmarks/weather_qg.py --setting cpu --markdown docs/bench/weather_qg.md   # ~30 min, 2 cores
     python benchmarks/weather_qg.py --setting quick                                     # smoke test
@@ -28,14 +38,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
+#: val_years: the validation period between training and test (the baseline's perturbation is tuned
+#: there, from an initial state every val_every_days); amplitudes x lengths: the tuning grid
+#: (perturb in units of each channel's std, perturb_length in grid points)
 SETTINGS = {
-    "quick": dict(nx=32, spin_up=1.0, train_years=0.5, test_years=0.25, channels=16, mult=(1, 2), steps=200,
-                  batch=16, members=4, nfe=6, lead=48, k=4, init_every_days=15, lr=1e-3),
-    "cpu": dict(nx=64, spin_up=5.0, train_years=3.0, test_years=1.0, channels=16, mult=(1, 2, 2), steps=2000,
-                batch=8, members=8, nfe=8, lead=48, k=8, init_every_days=20, lr=1e-3),
-    "gpu": dict(nx=64, spin_up=5.0, train_years=20.0, test_years=2.0, channels=64, mult=(1, 2, 2, 2), steps=40000,
-                batch=64, members=16, nfe=20, lead=48, k=10, init_every_days=5, lr=3e-4),
+    "quick": dict(nx=32, spin_up=1.0, train_years=0.5, val_years=0.1, test_years=0.25, channels=16, mult=(1, 2),
+                  steps=200, batch=16, members=4, nfe=6, lead=48, k=4, init_every_days=15, val_every_days=4,
+                  lr=1e-3, amplitudes=(0.01, 0.03, 0.1), lengths=(0.0, 2.0)),
+    "cpu": dict(nx=64, spin_up=5.0, train_years=3.0, val_years=1.0, test_years=1.0, channels=16, mult=(1, 2, 2),
+                steps=2000, batch=8, members=8, nfe=8, lead=48, k=8, init_every_days=20, val_every_days=4,
+                lr=1e-3, amplitudes=(0.005, 0.01, 0.02, 0.05, 0.1), lengths=(0.0, 1.0, 2.0, 4.0)),
+    "gpu": dict(nx=64, spin_up=5.0, train_years=20.0, val_years=1.0, test_years=2.0, channels=64,
+                mult=(1, 2, 2, 2), steps=40000, batch=64, members=16, nfe=20, lead=48, k=10, init_every_days=5,
+                val_every_days=2, lr=3e-4, amplitudes=(0.005, 0.01, 0.02, 0.05, 0.1), lengths=(0.0, 1.0, 2.0, 4.0)),
 }
+HISTORY = 2
+#: the forecasts scored, in table order; "MSE+perturbed IC" is the tuned baseline
+LABELS = ("DDPM", "MSE+perturbed IC", "MSE", "persistence", "climatology")
 YEAR_H = 365 * 24.0
 #: what the forecaster sees and predicts: the full model state, or only the upper layer (the lower
 #: layer is unobserved, so the next upper-layer state is genuinely uncertain given the current one)
@@ -47,10 +66,20 @@ STATES = {
 }
 
 
+def setup_data(work: Path, setting: str, s: dict, seed: int, progress: bool) -> Path:
+    """THE DATA SET-UP: the one place that makes the benchmark's data file (issue 14 swaps it for
+    the coarse-grained simulation and its oracle ensemble).  Returns a 6-hourly netCDF file with the
+    variable ``streamfunction`` covering ``train_years + val_years + test_years`` after the spin-up."""
+    data = work / f"qg_{setting}.nc"
+    if not data.exists():
+        simulate(data, s, seed, progress)
+    return data
+
+
 def simulate(path: Path, s: dict, seed: int, progress: bool) -> None:
     from diffkit_weather import simulate_qg, to_dataset, write_netcdf
 
-    n = int((s["train_years"] + s["test_years"]) * YEAR_H / 6) + 1
+    n = int((s["train_years"] + s["val_years"] + s["test_years"]) * YEAR_H / 6) + 1
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one 64^2 member: FFTs too small to gain from threads, and they slow down a lot
     try:                      # when another process shares the cores
@@ -63,21 +92,52 @@ def simulate(path: Path, s: dict, seed: int, progress: bool) -> None:
     write_netcdf(ds, path)
 
 
-def split_times(path: Path, s: dict) -> tuple[str, list[str], np.ndarray]:
-    """The first test time (ISO) and the held-out init times, every init_every_days."""
+def iso(x) -> str:
+    return str(np.datetime_as_string(x, unit="m"))
+
+
+def split_times(path: Path, s: dict) -> dict:
+    """The splits: ``train`` (ISO start/end of the training pairs), ``val_start``, ``test_start``,
+    the held-out init times ``inits`` (every init_every_days), the validation init times
+    ``val_inits`` (every val_every_days, their lead inside the validation period) and the training
+    times ``train_times`` (for the climatology)."""
     import xarray as xr
 
     with xr.open_dataset(path) as ds:
         t = ds["time"].values
-    t0 = t[0] + np.timedelta64(int(s["train_years"] * YEAR_H), "h")
-    last = t[-1] - np.timedelta64(int(s["lead"] * s["k"]), "h")
-    inits = np.arange(t0 + np.timedelta64(int(s["lead"]), "h"), last + np.timedelta64(1, "h"),
-                      np.timedelta64(int(s["init_every_days"] * 24), "h"))
-    iso = lambda x: str(np.datetime_as_string(x, unit="m"))
-    return iso(t0), [iso(x) for x in inits], t
+    h = lambda x: np.timedelta64(int(round(x)), "h")
+    lead, back = h(s["lead"]), h(s["lead"] * (HISTORY - 1))
+    v0 = t[0] + h(s["train_years"] * YEAR_H)
+    t0 = v0 + h(s["val_years"] * YEAR_H)
+    last = t[-1] - h(s["lead"] * s["k"])
+    inits = np.arange(t0 + lead + back, last + h(1), h(s["init_every_days"] * 24))
+    val_inits = np.arange(v0 + lead + back, t0 - lead + h(1), h(s["val_every_days"] * 24))
+    train_end = v0 - lead - h(6)                      # no training target inside the validation period
+    train_times = t[(t >= t[0] + back) & (t <= train_end)]
+    return dict(train=f"{iso(t[0])}/{iso(train_end)}", val_start=iso(v0), test_start=iso(t0),
+                inits=[iso(x) for x in inits], val_inits=[iso(x) for x in val_inits], train_times=train_times)
 
 
-def config(args, s: dict, data: Path, run_dir: Path, objective: str, test_start: str):
+def stationarity(path: Path, sp: dict, s: dict) -> dict:
+    """State std and ``lead``-tendency std of the training and test periods (their ratio should be
+    within 5 % of 1 for a stationary data set)."""
+    import xarray as xr
+
+    with xr.open_dataset(path) as ds:
+        x = ds["streamfunction"]
+        t = x["time"].values
+        k = int(round(s["lead"] / 6))
+        out = {}
+        for name, sel in (("train", t <= np.datetime64(sp["train"].split("/")[1])),
+                          ("test", t >= np.datetime64(sp["test_start"]))):
+            v = np.asarray(x.isel(time=np.nonzero(sel)[0]).values, np.float64)
+            out[name] = dict(state_std=float(v.std()), tendency_std=float((v[k:] - v[:-k]).std()))
+    out["ratio"] = {q: out["test"][q] / out["train"][q] for q in ("state_std", "tendency_std")}
+    out["within_5pct"] = bool(all(abs(r - 1) <= 0.05 for r in out["ratio"].values()))
+    return out
+
+
+def config(args, s: dict, data: Path, run_dir: Path, objective: str, sp: dict):
     from diffkit.config import config_from_dict
 
     return config_from_dict({
@@ -85,7 +145,8 @@ def config(args, s: dict, data: Path, run_dir: Path, objective: str, test_start:
         "data": {"adapter": "weather", "batch_size": s["batch"],
                  "options": {"path": str(data), "variables": ["streamfunction"], "lead": float(s["lead"]),
                              **({"levels": STATES[args.state]["levels"]} if STATES[args.state]["levels"] else {}),
-                             "history": 1, "target": "residual", "val_slice": f"{test_start}/"}},
+                             "history": HISTORY, "forcings": [], "target": "residual",
+                             "train_slice": sp["train"], "val_slice": f"{sp['val_start']}/"}},
         "model": {"backbone": "unet", "objective": objective,
                   "options": {"channels": s["channels"], "channel_mult": list(s["mult"]), "num_res_blocks": 1,
                               "attn_levels": [], "mid_attn": False}},
@@ -113,7 +174,10 @@ def main(argv=None) -> dict:
                          "finished baseline are reused")
     ap.add_argument("--state", choices=list(STATES), default="both",
                     help="both: the full QG state; upper: the upper layer only (partially observed)")
-    ap.add_argument("--perturb", type=float, default=0.05, help="baseline IC perturbation (relative std)")
+    ap.add_argument("--perturb", type=float, default=None,
+                    help="baseline IC perturbation (relative std); default: tuned on the validation period")
+    ap.add_argument("--perturb-length", type=float, default=0.0,
+                    help="with --perturb: its correlation length in grid points (default 0: white)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--workdir", default=None)
@@ -133,18 +197,23 @@ def main(argv=None) -> dict:
     work = Path(args.workdir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     t_all = time.time()
-    data = work / f"qg_{args.setting}.nc"
-    if not data.exists():
-        simulate(data, s, args.seed, progress)
-    test_start, inits, _ = split_times(data, s)
+    data = setup_data(work, args.setting, s, args.seed, progress)
+    sp = split_times(data, s)
+    inits = sp["inits"]
+    stat = stationarity(data, sp, s)
+    print(f"stationarity (test / train): state std {stat['ratio']['state_std']:.3f}, {s['lead']:g} h tendency std "
+          f"{stat['ratio']['tendency_std']:.3f} (within 5 %: {'yes' if stat['within_5pct'] else 'NO'})", flush=True)
     res: dict = {"argv": " ".join(sys.argv[1:] if argv is None else argv), "setting": args.setting, "sizes": s,
-                 "state": args.state,
-                 "perturb": args.perturb, "n_init": len(inits), "test_start": test_start}
-    for label, objective in (("DDPM", "diffusion"), ("MSE+perturbed IC", "regression")):
+                 "state": args.state, "history": HISTORY, "forcings": [], "stationarity": stat,
+                 "n_init": len(inits), "n_val_init": len(sp["val_inits"]), "test_start": sp["test_start"],
+                 "val_start": sp["val_start"], "train": sp["train"]}
+    K, Mm = s["k"], s["members"]
+    fcs = {}
+    for objective in ("diffusion", "regression"):
         tag = objective
         if objective == "diffusion" and args.ddpm_set:
             tag += "_" + "_".join(re.sub(r"[^A-Za-z0-9.=-]+", "-", o) for o in args.ddpm_set)
-        cfg = config(args, s, data, work / f"run_{tag}", objective, test_start)
+        cfg = config(args, s, data, work / f"run_{tag}", objective, sp)
         if objective == "diffusion":
             res["ddpm_tag"], res["ddpm_set"] = tag, list(args.ddpm_set)
         if objective == "diffusion" and args.ddpm_set:
@@ -157,41 +226,87 @@ def main(argv=None) -> dict:
         tr.fit()
         t_train = _train_seconds(Path(cfg.run_dir) / "metrics.jsonl", time.time() - t0)
         fc = F.load_forecaster(cfg.run_dir, device=tr.device)
+        fcs[objective] = (fc, tag, n_params, t_train)
         if objective == "diffusion":  # what the run actually used (unset keys resolved at training)
             from diffkit.samplers import get_sampler
 
             lc, sc = fc.config.loss, fc.config.sample
             res["resolved"] = dict(weighting=lc.weighting, noise=lc.noise, sampler=sc.sampler, nfe=sc.nfe,
                                    spacing=sc.spacing or get_sampler(sc.sampler).info.default_spacing)
+
+    # the baseline's perturbation: tuned on the validation period (minimum fair CRPS at the first lead)
+    reg = fcs["regression"][0]
+    t0 = time.time()
+    if args.perturb is None:
+        from diffkit.calibrate import tune_perturbation
+
+        ist_val = F.initial_states(data, reg.layout, sp["val_inits"], options=reg.data_options)
+        lead = np.timedelta64(int(s["lead"]), "h")
+        truth_times = [iso(np.datetime64(t) + lead) for t in sp["val_inits"]]
+        truth_val = F.initial_states(data, reg.layout, truth_times, options=reg.data_options).history[:, -1]
+        tun = tune_perturbation(reg.model, ist_val.history, truth_val, steps=1, members=Mm,
+                                amplitudes=s["amplitudes"], lengths=s["lengths"], metric="crps", seed=args.seed,
+                                forecast=lambda **kw: F.forecast(reg, None, ist_val, **kw))
+        perturb, perturb_length = tun.amplitude, tun.length
+        res["tuning"] = dict(metric="crps", lead_hours=s["lead"], n_init=len(sp["val_inits"]), table=tun.table,
+                             markdown=tun.markdown(), seconds=time.time() - t0)
+        print(f"tuned on {len(sp['val_inits'])} validation init times: perturb {perturb:g}, perturb_length "
+              f"{perturb_length:g} grid points ({time.time() - t0:.0f} s)\n{tun.markdown()}", flush=True)
+    else:
+        perturb, perturb_length = args.perturb, args.perturb_length
+    res["perturb"], res["perturb_length"] = perturb, perturb_length
+
+    ist = F.initial_states(data, reg.layout, inits, steps=K, options=reg.data_options)
+    rng = np.random.default_rng(args.seed)
+    for label in LABELS:
+        objective = "diffusion" if label == "DDPM" else "regression"
+        fc, tag, n_params, t_train = fcs[objective]
         t0 = time.time()
-        ist = F.initial_states(data, fc.layout, inits, steps=s["k"], options=fc.data_options)
-        pred = F.forecast(fc, None, ist, steps=s["k"], members=s["members"], seed=args.seed,
-                          perturb=None if objective == "diffusion" else args.perturb, progress=progress)
-        fc_ds = F.forecast_dataset(pred, fc.layout, ist.times, attrs={"objective": objective, "seed": args.seed},
-                                   options=fc.data_options)
-        ev = E.evaluate(fc_ds, data, out=work / f"eval_{tag}", plots=True)
+        if label == "DDPM":
+            pred = F.forecast(fc, None, ist, steps=K, members=Mm, seed=args.seed, perturb=None, progress=progress)
+        elif label == "MSE+perturbed IC":
+            pred = F.forecast(fc, None, ist, steps=K, members=Mm, seed=args.seed, perturb=perturb,
+                              perturb_length=perturb_length, progress=progress)
+        elif label == "MSE":
+            pred = F.forecast(fc, None, ist, steps=K, members=1, seed=args.seed, perturb=0, progress=progress)
+        elif label == "persistence":
+            pred = F.persistence(ist, K)
+        else:                 # climatology: members states drawn from the training period per init time
+            pick = rng.choice(len(sp["train_times"]), size=len(inits) * Mm, replace=False)
+            cl = F.initial_states(data, reg.layout, [iso(x) for x in sp["train_times"][pick]],
+                                  options=reg.data_options).history[:, -1]
+            pred = cl.reshape(len(inits), Mm, 1, *cl.shape[1:]).expand(-1, -1, K, *cl.shape[1:])
+        if pred.shape[1] == 1:  # a deterministic forecast as M equal members: fair CRPS = MAE, spread 0
+            pred = pred.expand(-1, Mm, *pred.shape[2:])
+        fc_ds = F.forecast_dataset(pred.contiguous(), fc.layout, ist.times, options=fc.data_options,
+                                   attrs={"objective": objective, "seed": args.seed, "forecast": label})
+        key = tag if label == "DDPM" else re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_").lower()
+        ev = E.evaluate(fc_ds, data, out=work / f"eval_{key}", plots=label == "DDPM")
         t_eval = time.time() - t0
         sc = ev.scores
-        res[label] = dict(params=n_params, train_s=t_train, eval_s=t_eval,
-                          lead_hours=sc["lead_hours"].values.tolist(),
+        rh = sc["rank_histogram"].sum("channel").values.astype(np.float64)       # (lead, M + 1)
+        rh = rh / rh.sum(-1, keepdims=True) * rh.shape[-1]                        # 1 = uniform
+        res[label] = dict(params=n_params, train_s=t_train if label.startswith(("DDPM", "MSE")) else 0.0,
+                          eval_s=t_eval, lead_hours=sc["lead_hours"].values.tolist(),
                           **{m: sc[m].mean("channel").values.tolist() for m in ("crps", "rmse", "spread",
                                                                                  "spread_skill_ratio")},
+                          rank_histogram=rh.tolist(), rank_min=rh.min(-1).tolist(), rank_max=rh.max(-1).tolist(),
                           per_channel={m: sc[m].values.tolist() for m in ("crps", "rmse", "spread_skill_ratio")},
                           channels=[str(c) for c in sc["channel"].values])
-        print(f"{label}: CRPS {np.round(res[label]['crps'], 2).tolist()}  spread/skill "
-              f"{np.round(res[label]['spread_skill_ratio'], 2).tolist()} (train {t_train:.0f} s, eval {t_eval:.0f} s)",
-              flush=True)
+        print(f"{label}: CRPS {np.round(res[label]['crps'], 3).tolist()}  spread/skill "
+              f"{np.round(res[label]['spread_skill_ratio'], 2).tolist()} (eval {t_eval:.0f} s)", flush=True)
     d, b = res["DDPM"], res["MSE+perturbed IC"]
     ratio = (np.asarray(d["crps"]) / np.asarray(b["crps"])).tolist()
     ssr = np.asarray(d["spread_skill_ratio"])
     res["crps_ratio"] = ratio
-    res["met"] = dict(crps=bool(max(ratio) <= 0.9), spread_skill=bool(((ssr >= 0.8) & (ssr <= 1.2)).all()))
+    res["met"] = dict(crps=bool(max(ratio) <= 0.9), spread_skill=bool(((ssr >= 0.8) & (ssr <= 1.2)).all()),
+                      rank=bool(min(d["rank_min"]) >= 0.5 and max(d["rank_max"]) <= 1.5))
     res["wall_s"] = time.time() - t_all
-    print(f"CRPS DDPM / baseline per lead: {np.round(ratio, 3).tolist()} (target <= 0.9 at every lead: "
+    print(f"CRPS DDPM / tuned baseline per lead: {np.round(ratio, 3).tolist()} (target <= 0.9 at every lead: "
           f"{'met' if res['met']['crps'] else 'not met'}); DDPM spread/skill in [0.8, 1.2] at every lead: "
           f"{'met' if res['met']['spread_skill'] else 'not met'}; total {res['wall_s'] / 60:.1f} min")
     if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+        Path(args.json).write_text(json.dumps(res, indent=1, default=float))
     if args.markdown:
         write_markdown(res, Path(args.markdown), work)
     if tmp is not None:
@@ -217,34 +332,57 @@ def write_markdown(res: dict, path: Path, work: Path) -> None:
     src = work / f"eval_{res.get('ddpm_tag', 'diffusion')}" / "lead_curves.png"
     if src.exists():
         shutil.copyfile(src, png)
+    st = res["stationarity"]
+    tuned = "tuning" in res
     lines = [
-        f"# QG forecast ensembles: DDPM vs perturbed-IC MSE baseline (`--setting {res['setting']}`)", "",
+        f"# QG forecast ensembles: DDPM vs tuned baselines (`--setting {res['setting']}`)", "",
         f"Command: `python benchmarks/weather_qg.py {res['argv']}`  ",
         f"Total wall time: {res['wall_s'] / 60:.1f} min ({torch.get_num_threads()} torch threads).", "",
         f"Data: two-layer QG (pyqg reference set-up), {s['nx']}x{s['nx']}, 6-hourly, {s['spin_up']} spin-up years "
-        f"discarded, {s['train_years']} years for training, the following {s['test_years']} year(s) held out; "
-        f"state: {STATES[res.get('state', 'both')]['text']}; lead {s['lead']} h, residual target, forcings time of day and "
-        f"day of year.  {res['n_init']} held-out initial times every {s['init_every_days']} days, {s['k']} steps "
-        f"({s['k'] * s['lead'] // 24} days), {s['members']} members each.", "",
+        f"discarded, then {s['train_years']} years for training, {s['val_years']} for validation (the baseline's "
+        f"tuning) and {s['test_years']} held out; state: {STATES[res.get('state', 'both')]['text']}; lead "
+        f"{s['lead']} h, residual target, history {res['history']} states, no forcings.  Stationarity, test / "
+        f"train: state std {st['ratio']['state_std']:.3f}, tendency std {st['ratio']['tendency_std']:.3f} "
+        f"({'within' if st['within_5pct'] else '**not** within'} 5 %).  {res['n_init']} held-out initial times "
+        f"every {s['init_every_days']} days, {s['k']} steps ({s['k'] * s['lead'] // 24} days), {s['members']} "
+        f"members each.", "",
         f"Both models: UNet channels {s['channels']}, mult {list(s['mult'])}, {d['params'] / 1e6:.2f} M parameters, "
         f"batch {s['batch']}, {s['steps']} AdamW steps, lr {s['lr']}.  DDPM: v-prediction, cosine schedule, "
-        f"{_resolved(res, s)}.  Baseline: the same network trained by "
-        f"MSE (`model.objective = \"regression\"`), members from initial conditions perturbed by "
-        f"{res['perturb']} x the climatological std."
+        f"{_resolved(res, s)}.  MSE+perturbed IC: the same network trained by MSE (`model.objective = "
+        f"\"regression\"`), members from initial conditions perturbed by {res['perturb']:g} x each channel's std "
+        f"with a correlation length of {res['perturb_length']:g} grid points"
+        + (f", tuned by minimum fair CRPS at the first lead on {res['tuning']['n_init']} validation init times "
+           f"(table below)." if tuned else " (fixed by `--perturb`).")
+        + "  MSE: that model unperturbed; persistence: the initial state; climatology: members drawn from the "
+          "training period.  Deterministic forecasts are scored as equal members (CRPS = MAE, spread 0)."
         + (f"  DDPM config overrides: `{' '.join(res['ddpm_set'])}`." if res.get("ddpm_set") else ""), "",
-        "Scores averaged over the channels (WeatherBench-2 conventions; `diffkit evaluate`):", "",
-        "| lead (h) | CRPS DDPM | CRPS baseline | ratio | RMSE DDPM | RMSE baseline | spread/skill DDPM | spread/skill baseline |",
-        "|---|---|---|---|---|---|---|---|",
+        "Fair CRPS averaged over the channels (WeatherBench-2 conventions; `diffkit evaluate`):", "",
+        "| lead (h) | " + " | ".join(LABELS) + " | DDPM / tuned baseline |",
+        "|---" * (len(LABELS) + 2) + "|",
     ]
     for i, h in enumerate(d["lead_hours"]):
-        lines.append(f"| {h:.0f} | {d['crps'][i]:.4g} | {b['crps'][i]:.4g} | {res['crps_ratio'][i]:.3f} | "
-                     f"{d['rmse'][i]:.4g} | {b['rmse'][i]:.4g} | {d['spread_skill_ratio'][i]:.2f} | "
-                     f"{b['spread_skill_ratio'][i]:.2f} |")
+        lines.append(f"| {h:.0f} | " + " | ".join(f"{res[lab]['crps'][i]:.4g}" for lab in LABELS)
+                     + f" | {res['crps_ratio'][i]:.3f} |")
+    lines += ["", "RMSE of the ensemble mean / spread-skill:", "",
+              "| lead (h) | " + " | ".join(LABELS) + " |", "|---" * (len(LABELS) + 1) + "|"]
+    for i, h in enumerate(d["lead_hours"]):
+        lines.append(f"| {h:.0f} | " + " | ".join(f"{res[lab]['rmse'][i]:.4g} / {res[lab]['spread_skill_ratio'][i]:.2f}"
+                                                  for lab in LABELS) + " |")
+    lines += ["", "Rank histograms, smallest and largest bin relative to uniform (1), over the channels, at the "
+              "first and last lead:", "", "| forecast | first lead | last lead |", "|---|---|---|"]
+    for lab in LABELS:
+        r = res[lab]
+        lines.append(f"| {lab} | {r['rank_min'][0]:.2f} - {r['rank_max'][0]:.2f} | "
+                     f"{r['rank_min'][-1]:.2f} - {r['rank_max'][-1]:.2f} |")
     m = res["met"]
     lines += ["", f"Targets: CRPS ratio <= 0.9 at every lead: **{'met' if m['crps'] else 'not met'}** "
               f"(max {max(res['crps_ratio']):.3f}, mean {np.mean(res['crps_ratio']):.3f}); DDPM spread/skill in "
-              f"[0.8, 1.2] at every lead: **{'met' if m['spread_skill'] else 'not met'}**.", "",
-              f"Training {d['train_s']:.0f} s (DDPM) and {b['train_s']:.0f} s (baseline); forecasting and scoring "
+              f"[0.8, 1.2] at every lead: **{'met' if m['spread_skill'] else 'not met'}**; DDPM rank histogram "
+              f"bins in [0.5, 1.5] x uniform: **{'met' if m['rank'] else 'not met'}**.", ""]
+    if tuned:
+        lines += [f"Tuning of the baseline's perturbation (fair CRPS etc. at {s['lead']} h on the validation period, "
+                  f"standardised units; chosen row in bold):", "", res["tuning"]["markdown"], ""]
+    lines += [f"Training {d['train_s']:.0f} s (DDPM) and {b['train_s']:.0f} s (MSE); forecasting and scoring "
               f"{d['eval_s']:.0f} s and {b['eval_s']:.0f} s.", ""]
     if png.exists():
         lines += [f"![DDPM lead-time curves]({png.name})", ""]

@@ -1,6 +1,9 @@
 """``benchmarks/weather_qg.py --setting quick``: the benchmark pipeline runs end to end (numbers at
 this size mean little; the cpu setting's are in docs/benchmarks.md), writes its JSON and markdown,
-and ``--ddpm-set`` retrains only the DDPM, reusing the data and the finished baseline."""
+and ``--ddpm-set`` retrains only the DDPM, reusing the data and the finished baseline.  Issue 14's
+set-up: history 2 and no forcings in the runs, the baseline's perturbation tuned on the validation
+period (a table over the whole grid, the choice from it, by minimum CRPS), and the unperturbed MSE,
+persistence and climatology scored alike (deterministic ones as equal members: spread 0)."""
 from __future__ import annotations
 
 import importlib.util
@@ -26,12 +29,31 @@ def test_weather_benchmark_quick_and_ddpm_override(tmp_path):
     work = tmp_path / "w"
     common = ["--setting", "quick", "--workdir", str(work), "--no-progress", "--steps", "60"]
     res = bench.main(common + ["--json", str(tmp_path / "a.json")])
-    K = bench.SETTINGS["quick"]["k"]
-    for label in ("DDPM", "MSE+perturbed IC"):
+    S = bench.SETTINGS["quick"]
+    K, M = S["k"], S["members"]
+    for label in bench.LABELS:
         r = res[label]
         assert len(r["crps"]) == len(r["rmse"]) == len(r["spread_skill_ratio"]) == K
         assert np.all(np.isfinite(r["crps"])) and np.all(np.asarray(r["crps"]) > 0)
-        assert r["lead_hours"] == [bench.SETTINGS["quick"]["lead"] * (k + 1) for k in range(K)]
+        assert r["lead_hours"] == [S["lead"] * (k + 1) for k in range(K)]
+        rh = np.asarray(r["rank_histogram"])
+        assert rh.shape == (K, M + 1) and np.allclose(rh.mean(-1), 1)
+    for label in ("MSE", "persistence"):           # deterministic: no spread, the truth outside the members
+        assert res[label]["spread_skill_ratio"] == [0.0] * K
+        assert np.allclose(np.asarray(res[label]["rank_histogram"])[:, 1:-1], 0)
+    assert np.all(np.asarray(res["climatology"]["spread_skill_ratio"]) > 0)   # (< 1 on non-stationary data)
+    st = res["stationarity"]
+    assert st["within_5pct"] == all(abs(r - 1) <= 0.05 for r in st["ratio"].values())
+    tun = res["tuning"]
+    grid = [(a, l) for l in S["lengths"] for a in S["amplitudes"]]
+    assert [(r["amplitude"], r["length"]) for r in tun["table"]] == grid
+    best = min(tun["table"], key=lambda r: r["crps"])
+    assert (res["perturb"], res["perturb_length"]) == (best["amplitude"], best["length"])
+    assert res["n_val_init"] >= 5 and res["val_start"] < res["test_start"]
+    import tomllib
+
+    cfg = tomllib.loads((work / "run_regression" / "config.toml").read_text())
+    assert cfg["data"]["options"]["history"] == 2 and cfg["data"]["options"]["forcings"] == []
     assert res["crps_ratio"] == pytest.approx(list(np.asarray(res["DDPM"]["crps"]) / np.asarray(res["MSE+perturbed IC"]["crps"])))
     assert json.loads((tmp_path / "a.json").read_text())["met"] == res["met"]
     log = (work / "run_regression" / "metrics.jsonl").read_text()
@@ -43,5 +65,6 @@ def test_weather_benchmark_quick_and_ddpm_override(tmp_path):
     assert res2["MSE+perturbed IC"]["crps"] == res["MSE+perturbed IC"]["crps"]
     assert res2["DDPM"]["crps"] != res["DDPM"]["crps"]
     text = md.read_text()
-    assert "DDPM config overrides: `loss.weighting=simple`" in text and "| lead (h) |" in text
+    assert "DDPM config overrides: `loss.weighting=simple`" in text and "| lead (h) | DDPM | MSE+perturbed IC |" in text
+    assert "Tuning of the baseline's perturbation" in text and "Stationarity, test / train" in text
     assert (tmp_path / "b_lead_curves_ddpm.png").read_bytes()[:4] == b"\x89PNG"
