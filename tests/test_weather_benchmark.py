@@ -24,7 +24,7 @@ def _load():
 
 
 @pytest.mark.slow
-def test_weather_benchmark_quick_and_ddpm_override(tmp_path):
+def test_weather_benchmark_quick_with_tuned_baselines_and_ddpm_override(tmp_path):
     bench = _load()
     work = tmp_path / "w"
     common = ["--setting", "quick", "--workdir", str(work), "--no-progress", "--steps", "60"]
