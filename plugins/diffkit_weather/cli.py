@@ -21,7 +21,11 @@ def register_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perturbation", type=float, default=0.01,
                         help="RMS of the --members-of-init perturbations relative to the PV (default 0.01)")
     parser.add_argument("--spin-up-years", type=float, default=5.0, help="discarded spin-up in years (default 5)")
-    parser.add_argument("--nx", type=int, default=64, help="grid points per side (default 64)")
+    parser.add_argument("--nx", type=int, default=64, help="grid points per side of the simulation (default 64)")
+    parser.add_argument("--observe", type=int, default=None, metavar="N",
+                        help="store a coarse-grained state: the --nx model's fields cut to the Fourier modes "
+                             "|k| < N/2 on an N x N grid (N even, < --nx; e.g. --nx 128 --observe 32), so the "
+                             "next stored state is uncertain given the current one; default: the full state")
     parser.add_argument("--out-every", type=float, default=6.0, help="output interval in hours (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--fields", default="psi,q,u,v",
@@ -42,6 +46,9 @@ def run_data(args) -> int:
 
     if args.years <= 0 or args.members < 1 or args.members_of_init < 0 or args.spin_up_years < 0:
         raise ValueError("--years must be > 0, --members >= 1, --members-of-init and --spin-up-years >= 0")
+    if args.observe is not None and not (4 <= args.observe < args.nx and args.observe % 2 == 0):
+        raise ValueError(f"--observe must be an even number of grid points from 4 to below --nx ({args.nx}), "
+                         f"got {args.observe}; e.g. --nx 128 --observe 32")
     out_every = args.out_every * 3600.0
     n_steps = int(math.floor(args.years * SECONDS_PER_YEAR / out_every)) + 1
     device = torch.device(args.device) if args.device else None
@@ -52,17 +59,20 @@ def run_data(args) -> int:
                          f"choose from psi, q, u, v")
     if args.members_of_init and "q" not in fields:
         fields = fields + ("q",)  # the perturbed copies start from the PV; dropped again below
-    kw = dict(nx=args.nx, out_every=out_every, device=device, progress=not args.no_progress, fields=fields)
-    res = simulate_qg(args.members, n_steps, spin_up_years=args.spin_up_years, seed=args.seed, **kw)
+    kw = dict(nx=args.nx, out_every=out_every, device=device, progress=not args.no_progress, fields=fields,
+              observe=args.observe)
+    res = simulate_qg(args.members, n_steps, spin_up_years=args.spin_up_years, seed=args.seed,
+                      fine_frames=[0] if args.observe and args.members_of_init else None, **kw)
     if args.members_of_init:
-        # each run's state at the end of the spin-up (frame 0), perturbed M times
-        starts = res["q"][:, 0]
+        # each run's (fine) state at the end of the spin-up (frame 0), perturbed M times
+        starts = res["q_fine"][:, 0] if args.observe else res["q"][:, 0]
         q0 = torch.cat([perturb_members(s, args.members_of_init, amplitude=args.perturbation,
                                         seed=args.seed * 1000 + i) for i, s in enumerate(starts)])
         ens = simulate_qg(q0.shape[0], n_steps, q0=q0, spin_up_years=0.0, seed=args.seed, **kw)
         for k in ("q", "psi", "u", "v"):
             if k in res and k in ens:
                 res[k] = torch.cat([res[k], ens[k].to(res[k])])
+        res.pop("q_fine", None)
         res["params"] = dict(res["params"], n_members=int(res["q"].shape[0]),
                              members_of_init=args.members_of_init, perturbation=args.perturbation)
     keep = tuple(f.strip() for f in args.fields.split(",") if f.strip())
@@ -77,7 +87,8 @@ def run_data(args) -> int:
     ds.attrs["command"] = (f"diffkit data weather qg --years {args.years} --members {args.members} "
                            f"--members-of-init {args.members_of_init} --perturbation {args.perturbation} "
                            f"--spin-up-years {args.spin_up_years} --nx {args.nx} --out-every {args.out_every} "
-                           f"--seed {args.seed} --fields {args.fields}" + (" --float32" if args.float32 else ""))
+                           f"--seed {args.seed} --fields {args.fields}" + (" --float32" if args.float32 else "")
+                           + (f" --observe {args.observe}" if args.observe else ""))
     if args.members_of_init:
         ds.attrs["member_layout"] = (f"members 0..{args.members - 1} are the independent runs; then "
                                      f"{args.members_of_init} perturbed copies of each run in order")

@@ -336,7 +336,8 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
                 out_every: float = 6 * 3600.0, spin_up_years: float | None = None, seed: int = 0,
                 q0=None, ic_amplitude: float = 1e-7, filterfac: float = 23.6,
                 filter_timescale: float = 7200.0, fields: Sequence[str] = FIELDS, device=None,
-                dtype=None, progress: bool = False, cfl_max: float | None = None) -> dict:
+                dtype=None, progress: bool = False, cfl_max: float | None = None,
+                observe: int | None = None, fine_frames: Sequence[int] | None = None) -> dict:
     """Run ``n_members`` independent two-layer QG simulations (batched) and keep ``n_steps`` frames.
 
     The model, scheme and checks are described in the module docstring.  Initial conditions: a
@@ -348,12 +349,24 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
     ``fields`` selects which of ``q``, ``psi``, ``u``, ``v`` are stored (each takes
     ``n_members*n_steps*2*nx^2`` numbers).
 
+    ``observe``: a coarse-grained observation.  The model runs on the ``nx^2`` grid, and the stored
+    fields are its :func:`coarse_grain` onto an ``observe^2`` grid (a sharp spectral truncation to
+    ``|kx|, |ky| < observe/2``; ``x``, ``y`` are then the coarse cell centres and
+    ``params["nx"]`` is ``observe``, ``params["nx_sim"]`` the simulated grid), so the next coarse
+    state is uncertain given the current one (the sub-grid scales are unseen;
+    :func:`oracle_ensemble` gives that uncertainty).  ``fine_frames``: indices of recorded frames
+    at which the full fine PV is kept as well, ``q_fine`` (n_members, len(fine_frames), 2, nx, nx),
+    e.g. the init times of an oracle ensemble and a pool of other times for its sub-grid
+    climatology.
+
     Returns a dict: ``q``, ``psi``, ``u``, ``v`` of shape (n_members, n_steps, 2, nx, nx)
     (axes member, time, layer, y, x; eddy fields in s^-1, m^2/s, m/s); ``x``, ``y`` (nx,) cell
     centres in m; ``t`` (n_steps,) seconds since frame 0 (the end of the spin-up); ``q0`` (the
     initial state before the spin-up), ``q_final`` (the state of the last frame, to continue a
     run); ``dt_sim`` (internal step, s), ``cfl_limit`` and ``params`` (every setting, derived
     constants ``F1``, ``F2``, ``Qy1``, ``Qy2``, ``H2``, and the observed maximum CFL number).
+    With ``observe``, ``q``/``psi``/``u``/``v`` are on the ``observe^2`` grid while ``q0``,
+    ``q_final`` and ``q_fine`` are fine states.
     """
     device, dtype = _resolve(device, dtype, q0 if isinstance(q0, torch.Tensor) else None)
     if q0 is not None:
@@ -374,6 +387,11 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
     if unknown:
         raise ValueError(f"fields must be among {FIELDS}, got {sorted(unknown)}")
     p = _params(nx, L, beta, rd, delta, H1, U1, U2, rek, filterfac, filter_timescale)
+    n_obs = p["nx"] if observe is None else _check_coarse(p["nx"], observe, "observe")
+    frames = [] if fine_frames is None else [int(i) for i in fine_frames]
+    bad_frames = [i for i in frames if not 0 <= i < int(n_steps)]
+    if bad_frames:
+        raise ValueError(f"fine_frames must be recorded frame indices in [0, {int(n_steps)}), got {bad_frames[:5]}")
     if not (dt > 0 and math.isfinite(dt)) or not (out_every > 0 and math.isfinite(out_every)):
         raise ValueError(f"dt and out_every must be positive and finite, got {dt}, {out_every}")
     if spin_up_years is None:
@@ -430,7 +448,12 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
     ph = S.psi(qh)
     check(S.velocities(ph), "initial condition", None)
     want = [f for f in FIELDS if f in fields]
-    out = {f: torch.empty(n_members, n_steps, 2, n, n, device=device, dtype=dtype) for f in want}
+    out = {f: torch.empty(n_members, n_steps, 2, n_obs, n_obs, device=device, dtype=dtype) for f in want}
+    obs = (lambda a: a) if n_obs == n else (lambda a: coarse_grain(a, n_obs))
+    q_fine = torch.empty(n_members, len(frames), 2, n, n, device=device, dtype=dtype) if frames else None
+    slot = {}
+    for i, fr in enumerate(frames):
+        slot.setdefault(fr, []).append(i)
     pbar = _progress(n_spin + n_steps - 1, progress, "two-layer QG")
     try:
         for j in range(n_spin + n_steps):
@@ -446,19 +469,21 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
             if j >= n_spin:
                 k = j - n_spin
                 if "u" in out:
-                    out["u"][:, k] = uv[0]
+                    out["u"][:, k] = obs(uv[0])
                 if "v" in out:
-                    out["v"][:, k] = uv[1]
-                if "q" in out or "psi" in out:
+                    out["v"][:, k] = obs(uv[1])
+                if "q" in out or "psi" in out or k in slot:
                     qp = S.ifft(torch.stack((qh, ph)))
                     if "q" in out:
-                        out["q"][:, k] = qp[0]
+                        out["q"][:, k] = obs(qp[0])
                     if "psi" in out:
-                        out["psi"][:, k] = qp[1]
+                        out["psi"][:, k] = obs(qp[1])
+                    for i in slot.get(k, ()):
+                        q_fine[:, i] = qp[0]
     finally:
         pbar.close()
 
-    xs = (torch.arange(n, dtype=torch.float64) + 0.5) * dx
+    xs = (torch.arange(n_obs, dtype=torch.float64) + 0.5) * (p["L"] / n_obs)
     params = dict(kind="qg2", name="two-layer quasi-geostrophic model",
                   configuration="pyqg two-layer reference (Flierl 1978)",
                   equation="d_t q_n + J(psi_n, q_n) + U_n d_x q_n + Qy_n d_x psi_n = "
@@ -475,11 +500,300 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
                   domain="doubly periodic square [0, L)^2",
                   initial_condition=("user-supplied" if q0 is not None else
                                      f"Gaussian random PV, modes |kx|,|ky| < 16, RMS {ic_amplitude:g} 1/s per layer"))
+    if observe is not None:
+        params.update(nx=n_obs, ny=n_obs, dx=p["L"] / n_obs, nx_sim=n, dx_sim=dx, observe=n_obs,
+                      observation=(f"coarse-grained: the {n}^2 model's fields cut to the Fourier modes "
+                                   f"|kx|, |ky| < {n_obs // 2} (sharp spectral truncation, no aliasing) and "
+                                   f"evaluated on the cell centres of a {n_obs}^2 grid"))
     res: dict[str, Any] = {f: out[f] for f in want}
     res.update(x=xs.to(device, dtype), y=xs.clone().to(device, dtype),
                t=(torch.arange(n_steps, dtype=torch.float64) * float(out_every)).to(device, dtype),
                q0=q_init.to(device, dtype), q_final=S.ifft(qh), dt_sim=h, cfl_limit=limit, params=params)
+    if frames:
+        res.update(q_fine=q_fine, fine_frames=torch.tensor(frames, dtype=torch.long))
     return res
+
+
+# ----------------------------------------------------------------------------- observation: coarse-graining
+def _signed(n: int) -> torch.Tensor:
+    """Signed integer wavenumbers of an ``n``-point FFT axis (0, 1, ..., -1)."""
+    return torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64)
+
+
+def _check_coarse(n_fine: int, n_coarse, what: str = "n_coarse") -> int:
+    try:
+        nc = int(n_coarse)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be an even integer, got {n_coarse!r}") from None
+    if nc != n_coarse or nc < 4 or nc % 2 or nc > n_fine:
+        raise ValueError(f"{what} must be an even integer between 4 and the simulated grid {n_fine}, "
+                         f"got {n_coarse!r}")
+    return nc
+
+
+def resolved_mask(n_fine: int, n_coarse: int, device=None) -> torch.Tensor:
+    """(n_fine, n_fine//2 + 1) bool: the ``rfft2`` modes of an ``n_fine^2`` grid that an
+    ``n_coarse^2`` grid resolves, ``|kx| < n_coarse/2`` and ``|ky| < n_coarse/2`` (integer
+    wavenumbers; the coarse grid's Nyquist row and column are excluded, as in the model itself)."""
+    h = n_coarse // 2
+    ky = _signed(n_fine).abs()[:, None]
+    kx = torch.arange(n_fine // 2 + 1, dtype=torch.float64)[None, :]
+    return ((ky < h) & (kx < h)).to(device)
+
+
+def split_scales(f, n_coarse: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``f`` (..., n, n) on an ``n^2`` grid as ``(resolved, subgrid)``, both on the same grid, with
+    ``resolved + subgrid = f``: ``resolved`` keeps the modes ``|kx|, |ky| < n_coarse/2`` of
+    ``f``'s ``rfft2`` (see :func:`coarse_grain`), ``subgrid`` is the rest (including the domain
+    mean only if ``f`` has one: the model's PV has none)."""
+    f = torch.as_tensor(f)
+    n = f.shape[-1]
+    if f.ndim < 2 or f.shape[-2] != n:
+        raise ValueError(f"split_scales needs square fields (..., n, n), got shape {tuple(f.shape)}")
+    nc = _check_coarse(n, n_coarse)
+    c = torch.fft.rfft2(f, norm="forward") * resolved_mask(n, nc, f.device)
+    res = torch.fft.irfft2(c, s=(n, n), norm="forward").to(f.dtype)
+    return res, f - res
+
+
+def coarse_grain(f, n_coarse: int) -> torch.Tensor:
+    """Observe ``f`` (..., n, n), a field on the cell centres ``x_i = (i + 1/2) L/n`` of an
+    ``n^2`` grid, on the cell centres ``X_j = (j + 1/2) L/n_coarse`` of an ``n_coarse^2`` grid by
+    a sharp spectral truncation (de-aliased):
+
+        c_k = rfft2(f, norm="forward")                          (Fourier amplitudes)
+        F(X) = sum_{|kx|, |ky| < n_coarse/2} c_k exp(i k . (X - x_0) 2 pi / L)
+
+    i.e. the Fourier series of ``f`` cut to the wavenumbers the coarse grid resolves (its
+    Nyquist row and column excluded, so nothing above the cut is folded back: no aliasing),
+    evaluated exactly at the coarse grid's points.  The grids' first points differ (``x_0 =
+    L/2n`` vs ``L/2n_coarse``), which is the phase factor ``exp(i pi k (1/n_coarse - 1/n))``
+    per axis.  Linear, so it commutes with the PV inversion and the velocities (the coarse
+    ``psi`` of the coarse ``q`` equals the coarse-grained ``psi``); the result is a valid state
+    of the ``n_coarse^2`` model (same mask), and ``coarse_grain(f, n)`` returns ``f`` without
+    its Nyquist modes.  No smoothing other than the cut; the domain mean is kept.  Returns
+    (..., n_coarse, n_coarse) in ``f``'s dtype/device (float64 inside).
+    """
+    f = torch.as_tensor(f)
+    n = f.shape[-1]
+    if f.ndim < 2 or f.shape[-2] != n:
+        raise ValueError(f"coarse_grain needs square fields (..., n, n), got shape {tuple(f.shape)}")
+    return _resample(f, _check_coarse(n, n_coarse))
+
+
+def refine(f, n_fine: int) -> torch.Tensor:
+    """The inverse of :func:`coarse_grain`'s grid change: ``f`` (..., n, n) evaluated on the cell
+    centres of an ``n_fine^2`` grid (``n_fine >= n``, even) by its Fourier series (modes
+    ``|kx|, |ky| < n/2``; zero above), so ``coarse_grain(refine(f, m), n) == f`` for a model
+    state ``f``.  E.g. to spin a fine model up cheaply: equilibrate on a coarse grid, refine,
+    then let the small scales adjust for a few months on the fine grid."""
+    f = torch.as_tensor(f)
+    n = f.shape[-1]
+    if f.ndim < 2 or f.shape[-2] != n:
+        raise ValueError(f"refine needs square fields (..., n, n), got shape {tuple(f.shape)}")
+    if int(n_fine) != n_fine or n_fine % 2 or n_fine < n:
+        raise ValueError(f"n_fine must be an even integer >= the grid {n}, got {n_fine!r}")
+    return _resample(f, int(n_fine))
+
+
+def _resample(f: torch.Tensor, m: int) -> torch.Tensor:
+    """``f`` (..., n, n) on cell centres, as its Fourier series cut to ``|k| < min(n, m)/2``,
+    evaluated on the cell centres of an ``m^2`` grid."""
+    n = f.shape[-1]
+    h = min(n, m) // 2
+    c = torch.fft.rfft2(f.to(torch.float64), norm="forward")
+    s = 1.0 / m - 1.0 / n
+    ky = torch.cat((torch.arange(h), torch.arange(-h + 1, 0)))               # kept rows, signed
+    shift_y = torch.exp(1j * math.pi * s * ky.to(torch.float64))[:, None]
+    shift_x = torch.exp(1j * math.pi * s * torch.arange(h, dtype=torch.float64))[None, :]
+    out = torch.zeros(*c.shape[:-2], m, m // 2 + 1, dtype=c.dtype, device=c.device)
+    out[..., (ky % m).to(c.device), :h] = c[..., (ky % n).to(c.device), :h] * (shift_y * shift_x).to(c.device)
+    return torch.fft.irfft2(out, s=(m, m), norm="forward").to(f.dtype)
+
+
+# ----------------------------------------------------------------------------- oracle ensemble
+def subgrid_draws(pool, n_coarse: int, n: int, *, method: str = "pool", seed=0,
+                  exclude=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``n`` draws (n, 2, nx, nx) of the sub-grid scales (modes beyond ``|kx|, |ky| < n_coarse/2``)
+    from their climatology, estimated from ``pool`` (N, 2, nx, nx): fine PV states of the same run
+    at other times.
+
+    ``method="pool"``: the sub-grid part of ``n`` pool states chosen at random without
+    replacement (``N >= n``; with replacement otherwise), indices returned; ``exclude`` (indices)
+    are never chosen, e.g. the state being re-simulated itself.  ``method="gaussian"``: a Gaussian
+    field with the pool's sub-grid covariance per wavenumber (the 2x2 layer covariance of each
+    mode: the climatological sub-grid spectrum, layers correlated, phases random); indices None.
+    Randomness from ``numpy.random.default_rng(seed)`` (``seed`` may be a list).
+    """
+    P = torch.as_tensor(pool)
+    if P.ndim != 4 or P.shape[1] != 2 or P.shape[-1] != P.shape[-2]:
+        raise ValueError(f"pool must have shape (N, 2, nx, nx) (fine PV states), got {tuple(P.shape)}")
+    nf = P.shape[-1]
+    nc = _check_coarse(nf, n_coarse)
+    g = np.random.default_rng(seed)
+    mask = resolved_mask(nf, nc, P.device)
+    if method == "pool":
+        allowed = np.setdiff1d(np.arange(P.shape[0]), np.asarray([] if exclude is None else exclude, dtype=int))
+        if allowed.size == 0:
+            raise ValueError("subgrid_draws: every pool state is excluded; pass more pool states")
+        idx = g.choice(allowed, size=int(n), replace=allowed.size < int(n))
+        idx_t = torch.as_tensor(idx, device=P.device)
+        return split_scales(P[idx_t], nc)[1], idx_t
+    if method != "gaussian":
+        raise ValueError(f"method must be 'pool' or 'gaussian', got {method!r}")
+    c = torch.fft.rfft2(P.to(torch.float64), norm="forward") * ~mask                 # (N, 2, ny, nk)
+    cov = torch.einsum("nayx,nbyx->yxab", c, c.conj()) / c.shape[0]                # (ny, nk, 2, 2)
+    eye = torch.eye(2, dtype=cov.dtype, device=cov.device)
+    scale = cov.diagonal(dim1=-2, dim2=-1).real.amax(-1).clamp_min(1e-300)[..., None, None]
+    chol = torch.linalg.cholesky(cov + 1e-12 * scale * eye)                          # jitter: rank-1 modes
+    w = torch.from_numpy(g.standard_normal((int(n), 2, nf, nf))).to(P.device)
+    wh = torch.fft.rfft2(w, norm="forward") * nf                                     # E|w_k|^2 = 1
+    d = torch.einsum("yxab,nbyx->nayx", chol, wh) * ~mask
+    out = torch.fft.irfft2(d, s=(nf, nf), norm="forward")                           # Hermitian part
+    out = torch.fft.irfft2(torch.fft.rfft2(out, norm="forward") * ~mask * _model_mask(nf, P.device),
+                           s=(nf, nf), norm="forward")
+    return out.to(P.dtype), None
+
+
+def _model_mask(n: int, device=None) -> torch.Tensor:
+    """The model's modes on an ``n^2`` grid: no Nyquist row/column, no domain mean."""
+    m = resolved_mask(n, n, device)
+    m[0, 0] = False
+    return m
+
+
+_MODEL_KEYS = ("L", "beta", "rd", "delta", "H1", "U1", "U2", "rek", "filterfac", "filter_timescale")
+
+
+def oracle_ensemble(q_fine, pool, members: int, n_leads: int, *, observe: int, lead: float,
+                    params: dict | None = None, method: str = "pool", seed: int = 0, exclude=None,
+                    fields: Sequence[str] = ("q", "psi"), dt: float | None = None, device=None, dtype=None,
+                    progress: bool = False) -> dict:
+    """The simulator's own answer to "what can happen next, given the coarse state?".
+
+    From fine PV state(s) ``q_fine`` (2, nx, nx) or (n_init, 2, nx, nx) whose coarse-grained
+    version (:func:`coarse_grain` onto ``observe^2``) is what a forecaster sees, draw ``members``
+    fine states that agree with it exactly on the resolved scales (``|kx|, |ky| < observe/2``:
+    those of ``q_fine``, unchanged) and carry sub-grid scales drawn from their climatology
+    (:func:`subgrid_draws` from ``pool``, fine PV states of the same run at other times; ``method``
+    "pool" or "gaussian"; ``exclude`` pool indices never drawn, e.g. the init time's own frame),
+    run each forward for ``n_leads`` steps of ``lead`` seconds with the full fine model, and
+    coarse-grain every frame.  The spread of the members at each lead is the conditional spread of
+    the coarse state given the coarse initial state (to the approximation that the sub-grid scales
+    at t are independent of the resolved ones: drawn from the climatology, not from
+    p(sub-grid | resolved)).
+
+    ``params``: the model's settings (``result["params"]`` of :func:`simulate_qg`, or a QG
+    dataset's ``attrs``); ``L``, ``beta``, ``rd``, ``delta``, ``H1``, ``U1``, ``U2``, ``rek``,
+    ``filterfac``, ``filter_timescale`` are taken from it (defaults: pyqg's), and its time step
+    ``dt_requested`` unless ``dt`` is given.  Member ``m`` of init ``i`` uses
+    ``default_rng([seed, i])`` (so an init's ensemble does not depend on the other inits).
+
+    Returns a dict: each of ``fields`` (among q, psi, u, v) of shape ([n_init,] members,
+    n_leads + 1, 2, observe, observe) (frame 0 = lead 0: the observed coarse state, the same for
+    every member to round-off), ``q0_fine`` ([n_init,] members, 2, nx, nx) the members' fine
+    initial states, ``draws`` ([n_init,] members) the pool indices (method "pool"), ``t`` (n_leads
+    + 1,) lead seconds, ``x``/``y`` the coarse cell centres and ``params`` of the fine run.
+    """
+    q = torch.as_tensor(q_fine)
+    single = q.ndim == 3
+    if single:
+        q = q[None]
+    if q.ndim != 4 or q.shape[1] != 2 or q.shape[-1] != q.shape[-2]:
+        raise ValueError(f"q_fine must have shape (2, nx, nx) or (n_init, 2, nx, nx), got {tuple(q.shape)}")
+    P = torch.as_tensor(pool)
+    if P.ndim != 4 or P.shape[1:] != q.shape[1:]:
+        raise ValueError(f"pool must have shape (N, 2, nx, nx) on q_fine's grid {tuple(q.shape[1:])}, "
+                         f"got {tuple(P.shape)}")
+    if int(members) < 1 or int(n_leads) < 0:
+        raise ValueError(f"members must be >= 1 and n_leads >= 0, got {members}, {n_leads}")
+    nf = q.shape[-1]
+    nc = _check_coarse(nf, observe, "observe")
+    src = dict(params or {})
+    model = {k: float(src[k]) for k in _MODEL_KEYS if k in src}
+    step = float(dt if dt is not None else src.get("dt_requested", src.get("dt_sim", 7200.0)))
+    starts, draws = [], []
+    for i in range(q.shape[0]):
+        sub, idx = subgrid_draws(P, nc, int(members), method=method, seed=[int(seed), i], exclude=exclude)
+        res, _ = split_scales(q[i].to(sub), nc)
+        starts.append(res[None] + sub)
+        draws.append(idx)
+    q0 = torch.cat(starts)                                                        # (n_init*M, 2, nx, nx)
+    r = simulate_qg(q0.shape[0], int(n_leads) + 1, q0=q0, spin_up_years=0.0, out_every=float(lead), dt=step,
+                    observe=nc, fields=fields, device=device, dtype=dtype, progress=progress, **model)
+    shape = (q.shape[0], int(members))
+    out: dict[str, Any] = {f: r[f].reshape(*shape, *r[f].shape[1:]) for f in fields}
+    out["q0_fine"] = q0.reshape(*shape, *q0.shape[1:])
+    out["draws"] = torch.stack(draws) if draws[0] is not None else None
+    if single:
+        for k in list(fields) + ["q0_fine", "draws"]:
+            if out[k] is not None:
+                out[k] = out[k][0]
+    out.update(t=r["t"], x=r["x"], y=r["y"], params=r["params"])
+    return out
+
+
+# ----------------------------------------------------------------------------- stationarity
+def stationarity_report(ds, train_slice, test_slice, *, variables: Sequence[str] | None = None,
+                        lag: int = 1, tolerance: float = 0.05) -> dict:
+    """Do two periods of a (QG, or any gridded) dataset have the same statistics?
+
+    For each variable (default: every data variable with a ``time`` dim) and each index of its
+    non-spatial dims other than time (``level``, ``member``), the standard deviation over time and
+    space of the state, and of its tendency ``x(t + lag) - x(t)`` (``lag`` frames; differences
+    inside each period only), in the training and the test period (``train_slice``,
+    ``test_slice``: slices or ``(start, stop)`` of labels for ``ds.sel(time=...)``, both ends
+    included).  Returns a dict: ``rows`` (one dict per channel: ``variable``, ``index`` (``{dim:
+    label}`` of the other dims, e.g. ``{"level": 1}``, or None), ``state_std_train``,
+    ``state_std_test``, ``state_ratio`` = test/train, and the same for ``tendency``),
+    ``max_deviation`` (the largest ``|ratio - 1|``), ``tolerance`` and ``stationary``
+    (``max_deviation <= tolerance``); :func:`format_stationarity` prints it.
+    """
+    def sl(s):
+        return s if isinstance(s, slice) else slice(*s)
+
+    names = list(variables) if variables is not None else [v for v in ds.data_vars if "time" in ds[v].dims]
+    if not names:
+        raise ValueError("stationarity_report: no variable with a time dim")
+    if int(lag) < 1:
+        raise ValueError(f"lag must be >= 1, got {lag}")
+    rows = []
+    for name in names:
+        da = ds[name]
+        parts = {k: da.sel(time=sl(s)) for k, s in (("train", train_slice), ("test", test_slice))}
+        for k, p in parts.items():
+            if p.sizes["time"] <= lag:
+                raise ValueError(f"stationarity_report: the {k} period of {name!r} has {p.sizes['time']} "
+                                 f"time(s); it needs more than lag = {lag}")
+        other = [d for d in da.dims if d != "time" and d not in da.dims[-2:]]      # last two: space
+        keep = [d for d in da.dims if d not in other]
+        stacked = {k: (p.stack(_ch=other) if other else p.expand_dims(_ch=[0])) for k, p in parts.items()}
+        for j in range(stacked["train"].sizes["_ch"]):
+            lab = stacked["train"]["_ch"].values[j]
+            row: dict[str, Any] = {"variable": name, "index": (
+                {d: (v.item() if hasattr(v, "item") else v) for d, v in zip(other, lab)} if other else None)}
+            for k, p in stacked.items():
+                a = np.asarray(p.isel(_ch=j).transpose(*keep).values, dtype=np.float64)
+                row[f"state_std_{k}"] = float(a.std())
+                row[f"tendency_std_{k}"] = float((a[lag:] - a[:-lag]).std())
+            for what in ("state", "tendency"):
+                row[f"{what}_ratio"] = row[f"{what}_std_test"] / row[f"{what}_std_train"]
+            rows.append(row)
+    dev = max(max(abs(r["state_ratio"] - 1), abs(r["tendency_ratio"] - 1)) for r in rows)
+    return {"rows": rows, "max_deviation": dev, "tolerance": float(tolerance),
+            "stationary": bool(dev <= tolerance), "lag": int(lag)}
+
+
+def format_stationarity(report: dict) -> str:
+    """The :func:`stationarity_report` as lines: one per channel, then the verdict."""
+    lines = []
+    for r in report["rows"]:
+        idx = "" if r["index"] is None else "[" + ", ".join(f"{d}={v}" for d, v in r["index"].items()) + "]"
+        lines.append(f"{r['variable']}{idx}: state std test/train {r['state_ratio']:.3f}, "
+                     f"tendency std (lag {report['lag']}) test/train {r['tendency_ratio']:.3f}")
+    lines.append(f"stationarity: max |ratio - 1| = {report['max_deviation']:.3f} "
+                 f"({'within' if report['stationary'] else 'OUTSIDE'} the tolerance {report['tolerance']:g})")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- linear theory
@@ -593,6 +907,9 @@ def energy_budget(result: dict, *, fd_order: int = 4) -> dict:
     ``potential_energy``.
     """
     p = result["params"]
+    if p.get("nx_sim", p["nx"]) != p["nx"]:
+        raise ValueError(f"energy_budget needs the model's own state, but this result is coarse-grained "
+                         f"({p['nx_sim']}^2 model observed on {p['nx']}^2); run simulate_qg without observe")
     q = torch.as_tensor(result["q"]).to(torch.float64)
     S = _Spectral(p, q.device, torch.float64)
     qh = S.fft(q)
