@@ -36,8 +36,10 @@ def _cmd_train(args) -> int:
 
     cfg = load_config(args.config) if args.config else Config()
     sets = list(args.set or [])
-    if args.run_dir:
-        sets.append(f'run_dir="{args.run_dir}"')
+    if args.run_dir is not None:  # --run-dir "" is the config's empty-run_dir error, not silently ignored
+        import json
+
+        sets.append(f"run_dir={json.dumps(args.run_dir)}")  # a TOML basic string: quotes and backslashes escaped
     cfg = apply_overrides(cfg, sets)
     if args.device:
         _device(args.device)  # cuda without CUDA: one line, before the data is loaded
@@ -47,7 +49,8 @@ def _cmd_train(args) -> int:
     trainer = Trainer(cfg, device=args.device, resume=resume, progress=not args.no_progress)
     out = trainer.fit()
     if trainer.dist.main:
-        how = "finished" if out["step"] >= cfg.trainer.steps else "stopped early"  # Ctrl-C or time budget
+        # the trainer has said why just before (the time budget, or Ctrl-C with how to resume)
+        how = "finished" if out["step"] >= cfg.trainer.steps else "stopped early"
         print(f"diffkit train: {how} at step {out['step']}; run directory {cfg.run_dir}")
     _leave_process_group()
     return 0

@@ -253,6 +253,7 @@ FILES = {
     "members.nc": lambda p, run: weather_run(run.parent),
     **{f"fc_{k}.nc": (lambda p, run, k=k: _forecast(p, run, k)) for k in ("ok", "valid_time", "extra_dim", "inf")},
     "adir": lambda p, run: p.mkdir(),
+    "ckptfile": lambda p, run: (p.mkdir(), (p / "checkpoints").write_text("not a folder\n")),
     "emptyrun": lambda p, run: (p / "checkpoints").mkdir(parents=True),
 }
 
@@ -397,6 +398,11 @@ CATALOGUE = [
     Bad("ckpt-newer-format", cli("sample", "{newer.pt}", "--out", "{tmp}/s.nc"), "was written by a newer diffkit"),
     Bad("ckpt-lacks-entries", cli("sample", "{weights_only.pt}", "--out", "{tmp}/s.nc"), "lacks the required entries"),
     Bad("ckpt-resume-missing", cli("train", "--resume", "{tmp}/nope.pt", "--run-dir", "{tmp}/r"), "does not exist"),
+    Bad("ckpt-resume-other-model", cli("train", "--resume", "{ckpt}", "--run-dir", "{tmp}/r", "--set",
+        "model.options.hidden=48", "--set", "trainer.steps=4"), "cannot resume from"),
+    Bad("run-dir-empty", cli("train", "--run-dir", ""), "run_dir is empty"),
+    Bad("run-dir-is-a-file", cli("train", "--run-dir", "{text.pt}"), "is a file, not a directory; choose another run_dir"),
+    Bad("run-dir-checkpoints-is-a-file", cli("train", "--run-dir", "{ckptfile}"), "checkpoints is a file, not a directory"),
     Bad("ckpt-resume-pickle", cli("train", "--resume", "{pickle.pt}", "--run-dir", "{tmp}/r"), "refuses to unpickle"),
     # -- data ------------------------------------------------------------------------------------
     Bad("data-weather-missing-file", weather('path = "{tmp}/nope.nc"'), "does not exist; check data.options.path"),
@@ -534,4 +540,5 @@ def test_catalogue_is_large_and_unique():
     assert len(CATALOGUE) >= 80
     assert len({b.id for b in CATALOGUE}) == len(CATALOGUE)
     kinds = {b.id.split("-")[0] for b in CATALOGUE}
+    assert len(CATALOGUE) >= 80 and "run" in kinds
     assert {"config", "cli", "sample", "ckpt", "data", "env"} <= kinds
