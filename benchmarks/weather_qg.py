@@ -44,13 +44,13 @@ import torch
 SETTINGS = {
     "quick": dict(nx=32, spin_up=1.0, train_years=0.5, val_years=0.1, test_years=0.25, channels=16, mult=(1, 2),
                   steps=200, batch=16, members=4, nfe=6, lead=48, k=4, init_every_days=15, val_every_days=4,
-                  lr=1e-3, amplitudes=(0.01, 0.03, 0.1), lengths=(0.0, 2.0)),
+                  lr=1e-3, amplitudes=(0.003, 0.01, 0.03, 0.1), lengths=(0.0, 2.0)),
     "cpu": dict(nx=64, spin_up=5.0, train_years=3.0, val_years=1.0, test_years=1.0, channels=16, mult=(1, 2, 2),
                 steps=2000, batch=8, members=8, nfe=8, lead=48, k=8, init_every_days=20, val_every_days=4,
-                lr=1e-3, amplitudes=(0.005, 0.01, 0.02, 0.05, 0.1), lengths=(0.0, 1.0, 2.0, 4.0)),
+                lr=1e-3, amplitudes=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2), lengths=(0.0, 1.0, 2.0, 4.0)),
     "gpu": dict(nx=64, spin_up=5.0, train_years=20.0, val_years=1.0, test_years=2.0, channels=64,
                 mult=(1, 2, 2, 2), steps=40000, batch=64, members=16, nfe=20, lead=48, k=10, init_every_days=5,
-                val_every_days=2, lr=3e-4, amplitudes=(0.005, 0.01, 0.02, 0.05, 0.1), lengths=(0.0, 1.0, 2.0, 4.0)),
+                val_every_days=2, lr=3e-4, amplitudes=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2), lengths=(0.0, 1.0, 2.0, 4.0)),
 }
 HISTORY = 2
 #: the forecasts scored, in table order; "MSE+perturbed IC" is the tuned baseline

@@ -29,6 +29,7 @@ The result is a :class:`PerturbationTuning`: the table of every candidate's scor
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -183,5 +184,9 @@ def tune_perturbation(model, history: torch.Tensor, truth: torch.Tensor, *, step
     key = (lambda r: abs(math.log(r["spread_skill"])) if r["spread_skill"] > 0 else math.inf) \
         if metric == "spread_skill" else (lambda r: r[metric])
     best = min(table, key=key)
+    if len(amps) > 1 and best["amplitude"] in (min(amps), max(amps)):
+        edge = "smallest" if best["amplitude"] == min(amps) else "largest"
+        warnings.warn(f"tune_perturbation chose the {edge} amplitude of the grid ({best['amplitude']:g}): the "
+                      f"optimum may lie beyond it; extend amplitudes past {best['amplitude']:g}", stacklevel=2)
     return PerturbationTuning(table=table, amplitude=best["amplitude"], length=best["length"], metric=metric,
                               lead=steps, members=members, scales=sc)

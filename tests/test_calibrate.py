@@ -143,3 +143,16 @@ def test_tune_perturbation_errors():
             tune_perturbation(model, hist, truth, **kw)
     with pytest.raises(ValueError, match=r"truth has shape \(128, 32, 32\), expected \(128, 1, 32, 32\)"):
         tune_perturbation(model, hist, truth[:, 0])
+
+
+def test_tune_perturbation_warns_when_its_choice_is_at_the_edge_of_the_grid():
+    model = identity_model()
+    hist, truth = data()
+    with pytest.warns(UserWarning, match=r"chose the largest amplitude of the grid \(0\.2\).*extend amplitudes past 0\.2"):
+        res = tune_perturbation(model, hist, truth, members=4, amplitudes=(0.1, 0.2), lengths=(L_TRUE,))
+    assert res.amplitude == 0.2
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # an interior optimum says nothing
+        assert tune_perturbation(model, hist, truth, members=4, amplitudes=(0.35, 0.5, 0.7),
+                                 lengths=(L_TRUE,)).amplitude == A_TRUE
