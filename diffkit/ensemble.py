@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -61,7 +62,8 @@ from .errors import NonFiniteError, ShapeError
 
 __all__ = [
     "weighted_mean", "rmse", "ensemble_mean_rmse", "spread", "spread_skill_ratio", "crps_pointwise", "crps",
-    "rank_histogram", "ensemble_metric", "registered", "METRICS",
+    "rank_histogram", "ensemble_metric", "registered", "METRICS", "Dispersion", "dispersion_verdict",
+    "rank_summary", "DISPERSION_BAND", "RANK_EXTREMES_BAND",
 ]
 
 _F64 = torch.float64
@@ -352,6 +354,118 @@ def rank_histogram(forecast, truth, *, member_dim: int = 0, mask=None, dims=None
         counts = counts.to(_F64)
         return counts / counts.sum(-1, keepdim=True)
     return counts
+
+
+# ----------------------------------------------------------------------------- calibration verdict
+#: spread/skill (averaged over leads) below the first value is under-dispersive, above the second over-dispersive
+DISPERSION_BAND = (0.8, 1.2)
+#: the rank histogram's two extreme bins, as a multiple of their uniform share ``2 / (M + 1)``: above the second
+#: value (a U shape) is under-dispersive, below the first (a cap shape) over-dispersive
+RANK_EXTREMES_BAND = (0.5, 1.5)
+#: the histogram is used only when its two extreme bins expect at least this many counts under uniformity
+_MIN_EXTREME_COUNTS = 20
+
+
+@dataclass(frozen=True)
+class Dispersion:
+    """What :func:`dispersion_verdict` decided, and the numbers that decided it.
+
+    ``verdict``: ``"under-dispersive"``, ``"well-dispersed"``, ``"over-dispersive"`` or
+    ``"undetermined"`` (no finite spread/skill, e.g. a one-member ensemble); ``spread_skill``: the
+    mean of the finite per-lead ratios (NaN if none), ``lo`` / ``hi`` their range, ``leads`` how
+    many there were; ``extremes``: the rank histogram's two extreme bins as a multiple of uniform
+    (None without a histogram or with too few counts); ``reason``: the rule that fired; ``str()``:
+    the one-line report.
+    """
+
+    verdict: str
+    spread_skill: float
+    lo: float
+    hi: float
+    leads: int
+    extremes: float | None
+    reason: str
+
+    def __str__(self) -> str:
+        if not self.leads:
+            return f"{self.verdict}: {self.reason}"
+        ss = f"spread/skill {self.spread_skill:.2f}"
+        ss += f" (mean of {self.leads} leads, {self.lo:.2f}..{self.hi:.2f})" if self.leads > 1 else ""
+        rk = "" if self.extremes is None else f", extreme rank bins {self.extremes:.2f}x uniform"
+        return f"{self.verdict}: {ss}{rk}; {self.reason}"
+
+
+def rank_summary(counts) -> tuple[np.ndarray, float]:
+    """Each bin of a rank histogram ``(..., M + 1)`` (leading dims summed) as a multiple of uniform, and
+    the two extreme bins together as a multiple of their uniform share ``2 / (M + 1)``."""
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim < 1 or c.shape[-1] < 2:
+        raise ShapeError(f"a rank histogram needs M + 1 >= 2 bins on its last dim, got shape {c.shape}")
+    c = c.reshape(-1, c.shape[-1]).sum(0)
+    tot = c.sum()
+    if not tot > 0:
+        nan = np.full(c.shape, math.nan)
+        return nan, math.nan
+    rel = c / tot * c.size
+    return rel, float((c[0] + c[-1]) / tot * c.size / 2.0)
+
+
+def dispersion_verdict(spread_skill, rank_counts=None, *, band=DISPERSION_BAND,
+                       rank_band=RANK_EXTREMES_BAND) -> Dispersion:
+    """Under-, well- or over-dispersive: the one verdict rule of ``diffkit evaluate``, ``diffkit rollout``
+    and the quickstart.
+
+    ``spread_skill``: the spread/skill ratios (:func:`spread_skill_ratio`) at each lead, any shape
+    (NaN is ignored); ``rank_counts``: optionally the rank histogram counts ``(..., M + 1)``
+    (:func:`rank_histogram`; leading dims, e.g. leads, are summed).  The rule:
+
+    1. ``r`` = the mean over leads of the finite spread/skill ratios.  No finite ratio (one member):
+       ``"undetermined"``.
+    2. ``r < band[0]`` (0.8): ``"under-dispersive"``; ``r > band[1]`` (1.2): ``"over-dispersive"``.
+    3. Otherwise, if the rank histogram is given and its two extreme bins expect at least 20 counts
+       under uniformity: ``e`` = the mass in the two extreme bins over its uniform share
+       ``2 / (M + 1)``.  ``e > rank_band[1]`` (1.5; a U shape: the truth falls outside the ensemble
+       too often) is ``"under-dispersive"``, ``e < rank_band[0]`` (0.5; a cap shape) is
+       ``"over-dispersive"``.
+    4. Otherwise ``"well-dispersed"``.
+
+    Spread/skill decides first because it is the calibration measure of record (WeatherBench 2);
+    the histogram catches an ensemble whose average ratio is fine but whose tails are wrong.  A
+    biased ensemble also fills one extreme bin; that counts as under-dispersion here (its spread
+    does not cover its error).  Returns a :class:`Dispersion`; ``str()`` of it is the report line.
+    """
+    lo_b, hi_b = (float(b) for b in band)
+    lo_r, hi_r = (float(b) for b in rank_band)
+    if not 0 < lo_b <= hi_b or not 0 <= lo_r <= 1 <= hi_r:
+        raise ValueError(f"band must be 0 < low <= high (got {tuple(band)}) and rank_band low <= 1 <= high "
+                         f"(got {tuple(rank_band)})")
+    r = (spread_skill.detach().cpu().double().numpy() if isinstance(spread_skill, torch.Tensor)
+         else np.asarray(spread_skill, dtype=np.float64)).ravel()
+    r = r[np.isfinite(r)]
+    ext = None
+    if rank_counts is not None:
+        c = np.asarray(rank_counts.cpu() if isinstance(rank_counts, torch.Tensor) else rank_counts, np.float64)
+        _, e = rank_summary(c)
+        if math.isfinite(e) and c.sum() * 2.0 / c.shape[-1] >= _MIN_EXTREME_COUNTS:
+            ext = e
+    if not r.size:
+        return Dispersion("undetermined", math.nan, math.nan, math.nan, 0, ext,
+                          "no finite spread/skill (it needs at least 2 members)")
+    m, lo, hi = float(r.mean()), float(r.min()), float(r.max())
+    if m < lo_b:
+        v, why = "under-dispersive", f"spread/skill below {lo_b:g}"
+    elif m > hi_b:
+        v, why = "over-dispersive", f"spread/skill above {hi_b:g}"
+    elif ext is not None and ext > hi_r:
+        v, why = "under-dispersive", f"spread/skill in [{lo_b:g}, {hi_b:g}] but extreme rank bins above {hi_r:g}x " \
+                                     f"uniform (U-shaped histogram)"
+    elif ext is not None and ext < lo_r:
+        v, why = "over-dispersive", f"spread/skill in [{lo_b:g}, {hi_b:g}] but extreme rank bins below {lo_r:g}x " \
+                                    f"uniform (cap-shaped histogram)"
+    else:
+        v, why = "well-dispersed", f"spread/skill in [{lo_b:g}, {hi_b:g}]" + (
+            "" if ext is None else f", extreme rank bins in [{lo_r:g}, {hi_r:g}]x uniform")
+    return Dispersion(v, m, lo, hi, int(r.size), ext, why)
 
 
 METRICS = {

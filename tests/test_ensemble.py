@@ -288,3 +288,78 @@ def test_registered_ensemble_metrics_share_one_calling_convention():
     finally:
         registry.unregister_plugin("fake_ensemble_plugin")
     assert "fake_median_mae" not in E.registered()
+
+
+# ----------------------------------------------------------------------------- issue 14 item 3: the calibration verdict
+def _gaussian_ensemble(width: float, *, M: int = 8, leads: int = 4, points: int = 4000, seed: int = 0):
+    """Truth ``y = mu + N(0, 1)`` and ``M`` members ``mu + width * N(0, 1)`` (``mu`` known per point): the
+    ensemble is reliable for ``width = 1``, too narrow below, too wide above."""
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(leads, points, generator=g, dtype=torch.float64)
+    truth = mu + torch.randn(leads, points, generator=g, dtype=torch.float64)
+    fc = mu + width * torch.randn(M, leads, points, generator=g, dtype=torch.float64)
+    ss = E.spread_skill_ratio(fc, truth, dims=(-1,))                         # one ratio per lead
+    ranks = E.rank_histogram(fc, truth, dims=(-1,), generator=1)             # (leads, M + 1)
+    return ss, ranks
+
+
+@pytest.mark.parametrize("width, verdict", [(1.0, "well-dispersed"), (0.5, "under-dispersive"),
+                                            (2.0, "over-dispersive")])
+def test_dispersion_verdict_of_calibrated_narrow_and_wide_gaussian_ensembles(width, verdict):
+    M = 8
+    ss, ranks = _gaussian_ensemble(width, M=M)
+    # expected ratio sqrt((M + 1) / M) * w / sqrt(1 + w^2 / M) (the mean's error holds the members' noise too):
+    # 1 for w = 1, 0.52 for w = 0.5, 1.89 for w = 2; 4000 points per lead put each ratio within 3 %
+    exact = math.sqrt((M + 1) / M) * width / math.sqrt(1 + width ** 2 / M)
+    np.testing.assert_allclose(ss.numpy(), exact, rtol=0.03)
+    d = E.dispersion_verdict(ss, ranks)
+    assert d.verdict == verdict and d.leads == 4
+    assert d.spread_skill == pytest.approx(float(ss.mean()))
+    rel, ext = E.rank_summary(ranks)
+    assert d.extremes == pytest.approx(ext)
+    # the histogram agrees: flat for the reliable ensemble, U for the narrow one, cap for the wide one
+    if width == 1.0:
+        assert 0.9 < ext < 1.1 and np.all(np.abs(rel - 1) < 0.1)
+    elif width < 1:
+        assert ext > 1.5
+    else:
+        assert ext < 0.5
+    line = str(d)
+    assert line.startswith(verdict + ": spread/skill ") and f"{d.spread_skill:.2f}" in line
+    assert "extreme rank bins" in line
+    # without the histogram, spread/skill alone gives the same verdict
+    assert E.dispersion_verdict(ss).verdict == verdict
+
+
+def test_dispersion_verdict_rule_edges_and_rank_histogram_shape():
+    flat = [100] * 9
+    u_shape = [300] + [100] * 7 + [300]                                       # extremes (600/1300) / (2/9) x uniform
+    cap = [10] + [100] * 7 + [10]                                             # extremes (20/720) / (2/9) x uniform
+    assert E.rank_summary(u_shape)[1] == pytest.approx(600 / 1300 * 4.5)
+    assert E.rank_summary(cap)[1] == pytest.approx(20 / 720 * 4.5)
+    np.testing.assert_allclose(E.rank_summary([[150] + [50] * 7 + [150]] * 2)[0], np.asarray(u_shape) / 1300 * 9)
+    # spread/skill decides first: the band is closed, the mean over leads is what counts
+    assert E.dispersion_verdict([0.8, 0.8]).verdict == "well-dispersed"
+    assert E.dispersion_verdict([0.79]).verdict == "under-dispersive"
+    assert E.dispersion_verdict([1.21]).verdict == "over-dispersive"
+    assert E.dispersion_verdict([0.5, 1.5]).verdict == "well-dispersed"      # mean 1.0
+    assert E.dispersion_verdict([0.5, float("nan")]).spread_skill == 0.5    # NaN leads are ignored
+    assert E.dispersion_verdict([0.5], cap).verdict == "under-dispersive"    # the ratio wins a disagreement
+    # inside the band the histogram's shape decides
+    assert E.dispersion_verdict([1.0], flat).verdict == "well-dispersed"
+    d = E.dispersion_verdict([1.0], u_shape)
+    assert d.verdict == "under-dispersive" and "U-shaped" in str(d)
+    d = E.dispersion_verdict([1.0], cap)
+    assert d.verdict == "over-dispersive" and "cap-shaped" in str(d)
+    # too few counts to judge the extreme bins (expected 2 * 9 / 9 = 2 < 20): the histogram is not used
+    d = E.dispersion_verdict([1.0], [3, 1, 1, 1, 1, 1, 1, 1, 3])
+    assert d.verdict == "well-dispersed" and d.extremes is None
+    # no finite ratio (a one-member ensemble): no verdict
+    d = E.dispersion_verdict([float("nan")] * 3, flat)
+    assert d.verdict == "undetermined" and "at least 2 members" in str(d)
+    assert E.dispersion_verdict([1.0], band=(0.9, 1.1)).verdict == "well-dispersed"
+    assert E.dispersion_verdict([1.15], band=(0.9, 1.1)).verdict == "over-dispersive"
+    with pytest.raises(ValueError, match="band must be 0 < low <= high"):
+        E.dispersion_verdict([1.0], band=(1.2, 0.8))
+    with pytest.raises(ShapeError, match="M \\+ 1 >= 2 bins"):
+        E.rank_summary([5])
