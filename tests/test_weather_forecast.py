@@ -504,6 +504,30 @@ def test_cli_forecast_and_evaluate_end_to_end(cli, capsys):
     assert sorted(p.name for p in (root / "ev2").iterdir()) == ["scores.csv", "scores.nc"]
 
 
+def test_evaluate_prints_calibration_verdict(cli, capsys):
+    """issue 14 item 3: `diffkit evaluate` prints the rank histogram and a dispersion verdict per channel, the
+    verdict of diffkit.ensemble.dispersion_verdict on the scores it wrote."""
+    from diffkit.ensemble import dispersion_verdict, rank_summary
+
+    root, files = cli["root"], cli["files"]
+    fc, ev = root / "cal_fc.nc", root / "cal_ev"
+    assert main(["forecast", str(cli["run"]), "--data", *files, "--init", cli["inits"], "--members", "3", "--steps",
+                 "2", "--out", str(fc), "--no-progress", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(fc), "--truth", *files, "--out", str(ev), "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    sc = E.open_scores(ev / "scores.nc")
+    lines = out.splitlines()
+    assert any(line.startswith("calibration (spread/skill per lead") for line in lines)
+    for c, ch in enumerate(cli["channels"]):
+        d = dispersion_verdict(sc["spread_skill_ratio"].values[c], sc["rank_histogram"].values[c])
+        assert d.verdict in ("under-dispersive", "well-dispersed", "over-dispersive")
+        assert f"{ch:<16} verdict: {d}" in lines
+        rel, _ = rank_summary(sc["rank_histogram"].values[c])
+        assert f"{ch:<16} rank histogram / uniform: {' '.join(f'{x:.2f}' for x in rel)}" in lines
+        assert E.summarise(sc)[ch]["dispersion"] == d.verdict
+
+
 def test_cli_errors_are_one_line(cli, capsys, shift):
     root, files, run = cli["root"], cli["files"], str(cli["run"])
     base = ["--members", "2", "--steps", "2", "--no-progress", "--device", "cpu"]

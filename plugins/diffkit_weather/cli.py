@@ -216,7 +216,7 @@ def register_evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args) -> int:
-    from .evaluate import evaluate, format_table
+    from .evaluate import evaluate, format_calibration, format_table
 
     truth = args.truth if len(args.truth) > 1 else args.truth[0]
     ev = evaluate(args.forecast, truth, out=args.out, plots=not args.no_plots, seed=args.seed,
@@ -227,6 +227,7 @@ def run_evaluate(args) -> int:
     if str(s.attrs.get("persistence", "")).startswith("not computed"):
         print(f"diffkit evaluate: note: persistence reference {s.attrs['persistence']}")
     print(format_table(s))
+    print(format_calibration(s))
     print(f"diffkit evaluate: wrote {len(ev.files)} file(s) to {args.out}: "
           f"{', '.join(sorted(p.name for p in ev.files))}")
     return 0

@@ -42,12 +42,13 @@ import numpy as np
 import torch
 
 from diffkit.adapters import cf_encode, cf_output
+from diffkit.ensemble import dispersion_verdict, rank_summary
 
 from .adapter import WeatherDataError, _fmt_level
 from .forecast import _fc_roles, read_truth  # noqa: F401  (read_truth: re-exported)
 
 __all__ = ["Evaluation", "evaluate", "open_forecast", "open_scores", "scores_table", "summarise", "write_scores",
-           "format_table", "METRICS"]
+           "format_table", "calibration", "format_calibration", "METRICS"]
 
 #: the core's per-lead scores, in table order (any other registered ensemble metric follows)
 METRICS = ("rmse", "crps", "spread", "spread_skill_ratio")
@@ -472,14 +473,50 @@ def scores_table(scores):
 
 def summarise(scores) -> dict:
     """Plain per-channel lists of the scores, for JSON reports: ``{channel: {lead_hours, rmse,
-    crps, spread, spread_skill_ratio, ...}}`` (every per-lead score; non-finite values become None)."""
+    crps, spread, spread_skill_ratio, ...}}`` (every per-lead score; non-finite values become None).
+    With the rank histogram (as :func:`evaluate` writes it), also ``rank_histogram_vs_uniform`` (each
+    bin over all leads / uniform), ``dispersion`` (the verdict: under-dispersive, well-dispersed,
+    over-dispersive or undetermined) and ``calibration`` (its line), from :func:`calibration`."""
     out = {}
+    cal = calibration(scores) if "rank_histogram" in scores and "spread_skill_ratio" in scores else {}
     for c, name in enumerate(scores["channel"].values):
         row = {"lead_hours": [float(x) for x in scores["lead_hours"].values]}
         for m in _metric_vars(scores):
             row[m] = [None if not np.isfinite(x) else float(x) for x in scores[m].values[c]]
+        if str(name) in cal:
+            d = cal[str(name)]
+            rel, _ = rank_summary(scores["rank_histogram"].values[c])
+            row["rank_histogram_vs_uniform"] = [None if not np.isfinite(x) else float(x) for x in rel]
+            row["dispersion"] = d.verdict
+            row["calibration"] = str(d)
         out[str(name)] = row
     return out
+
+
+def calibration(scores) -> dict:
+    """``{channel: Dispersion}``: the verdict of :func:`diffkit.ensemble.dispersion_verdict` (under-,
+    well- or over-dispersive) from the channel's spread/skill at every lead and its rank histogram
+    summed over the leads."""
+    out = {}
+    for c, name in enumerate(scores["channel"].values):
+        out[str(name)] = dispersion_verdict(scores["spread_skill_ratio"].values[c],
+                                            scores["rank_histogram"].values[c])
+    return out
+
+
+def format_calibration(scores) -> str:
+    """The calibration report of a score dataset, per channel: the rank histogram (summed over leads)
+    as multiples of uniform (1 everywhere for a reliable ensemble) and the one-line verdict."""
+    lines = ["calibration (spread/skill per lead in the table above; rank histogram over all leads, each bin / "
+             "uniform):"]
+    cal = calibration(scores)
+    for c, name in enumerate(scores["channel"].values):
+        rel, _ = rank_summary(scores["rank_histogram"].values[c])
+        bins = " ".join(f"{x:.2f}" for x in rel) if len(rel) <= 12 else \
+            f"{rel[0]:.2f} {rel[1]:.2f} .. {rel[-2]:.2f} {rel[-1]:.2f} (min {np.nanmin(rel):.2f}, max {np.nanmax(rel):.2f})"
+        lines.append(f"{str(name):<16} rank histogram / uniform: {bins}")
+        lines.append(f"{str(name):<16} verdict: {cal[str(name)]}")
+    return "\n".join(lines)
 
 
 def _atomic_text(path: Path, text: str) -> Path:
