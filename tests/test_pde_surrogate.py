@@ -602,6 +602,40 @@ def test_rollout_dataset_of_an_initial_condition(trained):
     assert ds["spread"].shape == (K,) and ds.attrs["Conventions"].startswith("CF-")
 
 
+def test_rollout_report_has_calibration_verdict(trained):
+    """issue 14 item 3: the rollout dataset holds the rank histogram per step and the dispersion verdict of
+    diffkit.ensemble.dispersion_verdict; rollout_report prints spread/skill per step, the histogram and the verdict."""
+    from diffkit import ensemble as E
+
+    data, runs = trained
+    sur = P.load_surrogate(runs["diffusion"], device="cpu")
+    ic = P.initial_condition(data, sur.layout, index=5, start=10)
+    K, M = 10, 3                                                  # 8 frames left in the file: 2 steps past its end
+    pred = P.rollout(sur, ic.history, K, members=M, scalars=ic.scalars[None])
+    ds = P.rollout_dataset(pred, sur.layout, ic)
+    rh = ds["u_rank_histogram"].values
+    assert ds["u_rank_histogram"].dims == ("time", "rank") and rh.shape == (K, M + 1)
+    # exact: each step's counts are the ranks of the 32 truth points among the members (no ties in float data)
+    p, t = pred[:, :8, 0].double().numpy(), ds["u_truth"].values[:8].astype(np.float64)
+    ranks = (p < t[None]).sum(0)                                  # (8, 32)
+    np.testing.assert_array_equal(rh[:8], np.stack([np.bincount(r, minlength=M + 1) for r in ranks]))
+    assert (rh[8:] == 0).all()                                    # past the file's end: nothing to rank
+    ss = E.spread_skill_ratio(torch.as_tensor(p), torch.as_tensor(t), dims=(-1,)).numpy()
+    np.testing.assert_allclose(ds["ensemble_spread_skill_ratio"].values[:8], ss, rtol=1e-5)
+    d = E.dispersion_verdict(ss, rh)
+    assert ds.attrs["dispersion_u"] == d.verdict and ds.attrs["calibration_u"] == str(d)
+    rep = P.rollout_report(ds).splitlines()
+    assert rep[0].split() == ["step", "time", "rmse", "crps", "spread", "spread/skill"]
+    assert [int(line.split()[0]) for line in rep[1:-2]] == [1, 2, 4, 5, 7, 8]        # 6 of the 8 scored steps
+    assert float(rep[1].split()[-1]) == pytest.approx(ss[0], rel=1e-3)
+    assert rep[-1] == f"u: verdict: {d}" and d.verdict in ("under-dispersive", "well-dispersed", "over-dispersive")
+    rel, _ = E.rank_summary(rh)
+    assert rep[-2] == "u: rank histogram / uniform (all steps): " + " ".join(f"{x:.2f}" for x in rel)
+    # one member: no spread, no verdict, no report
+    one = P.rollout_dataset(pred[:1], sur.layout, ic)
+    assert "calibration_u" not in one.attrs and P.rollout_report(one) == ""
+
+
 # ============================================================================= 5. the commands
 @pytest.fixture(scope="module")
 def cli_data(tmp_path_factory):
@@ -694,6 +728,7 @@ def test_train_then_rollout_from_the_command_line(cli_data, tmp_path, capsys):
     assert "wrote 3 member(s) x 5 frame(s)" in stdout and "high-correlation time" in stdout
     with xr.open_dataset(out) as ds:
         ds.load()
+    assert f"u: verdict: {ds.attrs['calibration_u']}" in stdout.splitlines()       # issue 14 item 3
     assert ds["u"].dims == ("member", "time", "x") and ds["u"].shape == (3, 5, 32)
     assert {"u", "u_truth", "correlation", "ensemble_mean_correlation", "nrmse", "spread"} <= set(ds.data_vars)
     assert ds["correlation"].dims == ("member", "time")

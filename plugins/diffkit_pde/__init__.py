@@ -23,7 +23,8 @@ from . import metrics
 from .adapter import PDEDataError, TrajectoryAdapter
 from .cli import register_data, register_rollout, simulator
 from .pdebench import read_pdebench, write_pdebench
-from .surrogate import InitialCondition, Surrogate, initial_condition, load_surrogate, rollout, rollout_dataset
+from .surrogate import (InitialCondition, Surrogate, initial_condition, load_surrogate, rollout, rollout_dataset,
+                        rollout_report)
 
 from .simulators import (NonFiniteStateError, ResolutionWarning, StabilityError, burgers_cole_hopf, etdrk4_coefficients,
                          kolmogorov_energy_budget, kolmogorov_initial_vorticity, simulate_burgers,
@@ -38,6 +39,7 @@ __all__ = [
     "to_dataset", "write_netcdf", "simulator",
     "TrajectoryAdapter", "PDEDataError", "read_pdebench", "write_pdebench",
     "Surrogate", "InitialCondition", "load_surrogate", "initial_condition", "rollout", "rollout_dataset",
+    "rollout_report",
     "metrics",
 ]
 

@@ -128,7 +128,7 @@ def run_rollout(args) -> int:
     from diffkit.adapters import atomic_to_netcdf
     from diffkit.rollout import resolve_perturb
 
-    from .surrogate import initial_condition, load_surrogate, rollout, rollout_dataset
+    from .surrogate import initial_condition, load_surrogate, rollout, rollout_dataset, rollout_report
 
     if not args.perturb_length >= 0 or args.perturb_length == float("inf"):
         raise ValueError(f"--perturb-length must be >= 0 and finite (grid points), got {args.perturb_length}")
@@ -158,6 +158,10 @@ def run_rollout(args) -> int:
                 f"{(h.std(ddof=1) / np.sqrt(len(h)) if len(h) > 1 else 0):.2f}, ensemble mean "
                 f"{ds.attrs['high_correlation_time_ensemble_mean']:.2f}")
     print(msg)
+    report = rollout_report(ds)
+    if report:
+        print("diffkit rollout: calibration (spread/skill per step; rank histogram; verdict)")
+        print(report)
     if args.plot:
         for p in plot_rollout(ds, sur.layout, args.plot):
             print(f"diffkit rollout: wrote {p}")

@@ -174,6 +174,59 @@ def initial_condition(path, layout: Layout, *, index: int = 0, start: int = 0, l
     return InitialCondition(hist, truth, scal, float(times[last]), dt, index, start, Path(path))
 
 
+def _calibration(dv: dict, coords: dict, attrs: dict, pred, truth, ok, variables) -> None:
+    """Per variable: the rank histogram per step ``{v}_rank_histogram (time, rank)``, and the verdict of
+    :func:`diffkit.ensemble.dispersion_verdict` from its spread/skill per step and that histogram, as the
+    attributes ``dispersion_{v}`` (the verdict) and ``calibration_{v}`` (its line)."""
+    from diffkit import ensemble as E
+
+    Mb = pred.shape[0]
+    coords["rank"] = ("rank", np.arange(Mb + 1, dtype=np.int32),
+                      {"long_name": "rank of the truth among the members (0: below every member)", "units": "1"})
+    g = torch.Generator().manual_seed(0)  # ties (rare for continuous fields) are broken at random, reproducibly
+    for c, v in enumerate(variables):
+        sp = tuple(range(1, truth.ndim - 1))                                         # the spatial dims of (K, *S)
+        ss = E.spread_skill_ratio(pred[:, :, c], truth[:, c], member_dim=0, mask=ok[:, c], dims=sp)
+        rh = E.rank_histogram(pred[:, :, c], truth[:, c], member_dim=0, mask=ok[:, c], dims=sp, generator=g)
+        dv[f"{v}_rank_histogram"] = (("time", "rank"), rh.numpy().astype(np.int32),
+                                     {"long_name": f"counts of the rank of the truth of {v} among the members "
+                                                   f"(over space, per step)", "units": "1"})
+        d = E.dispersion_verdict(ss, rh)
+        attrs[f"dispersion_{v}"] = d.verdict
+        attrs[f"calibration_{v}"] = str(d)
+
+
+def rollout_report(ds, max_steps: int = 6) -> str:
+    """The calibration report of a rollout dataset (from :func:`rollout_dataset` with the truth and two or
+    more members): RMSE of the ensemble mean, CRPS, spread and spread/skill at up to ``max_steps`` steps,
+    then per variable the rank histogram over all steps (each bin / uniform) and the dispersion verdict
+    (:func:`diffkit.ensemble.dispersion_verdict`).  Empty without them."""
+    from diffkit.ensemble import rank_summary
+
+    vs = [k[len("calibration_"):] for k in ds.attrs if k.startswith("calibration_")]
+    if not vs:
+        return ""
+    K = ds.sizes["time"]
+    ok = [k for k in range(K) if np.isfinite(float(ds["ensemble_spread_skill_ratio"].values[k]))]
+    idx = [ok[int(i)] for i in sorted(set(np.linspace(0, len(ok) - 1, min(max_steps, len(ok))).round().astype(int)))] \
+        if ok else []
+    cols = [("rmse", "ensemble_mean_rmse"), ("crps", "ensemble_crps"), ("spread", "ensemble_spread"),
+            ("spread/skill", "ensemble_spread_skill_ratio")]
+    lines = [f"{'step':>6} {'time':>9} " + " ".join(f"{h:>12}" for h, _ in cols)]
+    for k in idx:
+        vals = [float(ds[n].values[k]) if n in ds else float("nan") for _, n in cols]
+        lines.append(f"{k + 1:>6} {float(ds['time'].values[k]):9.4g} " + " ".join(f"{x:12.4g}" for x in vals))
+    for v in vs:
+        if f"{v}_rank_histogram" in ds:
+            rel, _ = rank_summary(ds[f"{v}_rank_histogram"].values)
+            bins = " ".join(f"{x:.2f}" for x in rel) if len(rel) <= 12 else \
+                (f"{rel[0]:.2f} {rel[1]:.2f} .. {rel[-2]:.2f} {rel[-1]:.2f} "
+                 f"(min {np.nanmin(rel):.2f}, max {np.nanmax(rel):.2f})")
+            lines.append(f"{v}: rank histogram / uniform (all steps): {bins}")
+        lines.append(f"{v}: verdict: {ds.attrs[f'calibration_{v}']}")
+    return "\n".join(lines)
+
+
 def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | None = None, *,
                     dt: float = 1.0, t0: float = 0.0, attrs: dict | None = None):
     """CF xarray Dataset of a rollout ``(members, steps, C, *S)``: dims ``(member, time, *spatial)``.
@@ -182,7 +235,11 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
     per-member and ensemble-mean Pearson correlation and normalised RMSE per step, the
     ensemble spread, the high-correlation times (threshold 0.8) as attributes, and every registered
     ensemble metric (:func:`diffkit.ensemble.registered`: ``ensemble_mean_rmse``, ``ensemble_crps``,
-    ``ensemble_spread_skill_ratio``, ... and any plugin's) per step over ``(C, *spatial)``.
+    ``ensemble_spread_skill_ratio``, ... and any plugin's) per step over ``(C, *spatial)``.  With two
+    or more members, also per variable the rank histogram per step ``{var}_rank_histogram (time,
+    rank)`` and the dispersion verdict of :func:`diffkit.ensemble.dispersion_verdict` (spread/skill
+    of the variable per step and that histogram) as the attributes ``dispersion_{var}`` and
+    ``calibration_{var}`` (:func:`rollout_report` prints them).
     """
     import xarray as xr
 
@@ -242,6 +299,8 @@ def rollout_dataset(pred: torch.Tensor, layout: Layout, ic: InitialCondition | N
                 val = fn(pred, truth, member_dim=0, mask=ok, dims=tuple(range(1, truth.ndim)))
                 doc = " ".join((fn.__doc__ or name).strip().split("\n\n")[0].split())
                 dv[name] = (("time",), val.numpy(), {"long_name": doc})
+        if Mb > 1:
+            _calibration(dv, coords, a, pred, truth, ok, spec.variables)
     if Mb > 1:
         dv["spread"] = (("time",), M.ensemble_spread(pred, layout.ndim, member_dim=0).numpy(),
                         {"long_name": "ensemble spread (RMS over space of the member standard deviation)"})
