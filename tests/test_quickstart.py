@@ -68,6 +68,10 @@ def test_quickstart_models_beat_simple_references(quickstart_run):
     assert 0 < wx["spread_skill_first_lead"] < 5, wx
     # guided samples look like their class; the unconditional model ignores the label (chance ~ 0.1)
     assert im["agreement_guided"] > 0.8 and im["agreement_unconditional"] < 0.3 and im["real_accuracy"] > 0.9, im
+    # issue 14 item 3: both sections show the calibration verdict beside the scores
+    for name in ("pde", "weather"):
+        verdicts = [r for r in s[name]["rows"] if r[0].startswith("dispersion")]
+        assert verdicts and all(r[1] in ("under-dispersive", "well-dispersed", "over-dispersive") for r in verdicts)
     # the outputs are CF netCDF with the domain's dims
     import xarray as xr
 
@@ -109,3 +113,36 @@ def test_a_third_party_section_runs_and_a_failing_one_is_named(tmp_path, capsys,
     assert "quickstart section 'toy_broken' (plugin 'toyplugin') failed: RuntimeError: simulator exploded" in err
     # the finished section is already in the report when the next one fails
     assert "## Toy" in (tmp_path / "b" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("width, verdict", [(0.4, "under-dispersive"), (1.0, "well-dispersed"),
+                                            (2.5, "over-dispersive")])
+def test_quickstart_sections_show_the_calibration_verdict(width, verdict):
+    """issue 14 item 3: the PDE and weather sections' calibration rows carry diffkit.ensemble.dispersion_verdict
+    of a Gaussian ensemble of known width (truth mu + N(0, 1), members mu + width * N(0, 1))."""
+    import numpy as np
+    import torch
+    import xarray as xr
+
+    from diffkit import ensemble as E
+    from diffkit_pde.quickstart import calibration_rows as pde_rows
+    from diffkit_weather.quickstart import calibration_rows as weather_rows
+
+    g = torch.Generator().manual_seed(0)
+    N, M, K, X = 4, 4, 6, 256
+    mu = torch.randn(N, 1, K, 1, X, generator=g, dtype=torch.float64)
+    truth = (mu + torch.randn(mu.shape, generator=g, dtype=torch.float64))[:, 0]
+    pred = mu + width * torch.randn(N, M, K, 1, X, generator=g, dtype=torch.float64)
+    rows = {r[0]: r for r in pde_rows(pred, truth, 0.25)}
+    assert rows["dispersion"][1] == verdict
+    ss = E.spread_skill_ratio(pred, truth, member_dim=1, dims=(-2, -1), sample_dims=(0,))
+    ranks = E.rank_histogram(pred, truth, member_dim=1, dims=(0, 2, 3), generator=0)
+    assert f"{verdict}: {rows['dispersion'][2]}" == str(E.dispersion_verdict(ss, ranks))
+    assert rows["spread/skill per step"][1].split() == [f"{float(ss[k]):.2f}" for k in (0, 2, 3, 5)]
+    # the weather section reads the same numbers from evaluate's score dataset (channel, lead_time[, rank])
+    sc = xr.Dataset({"spread_skill_ratio": (("channel", "lead_time"), ss.numpy()[None]),
+                     "rank_histogram": (("channel", "lead_time", "rank"), ranks.numpy()[None])},
+                    coords={"channel": ["psi@1"], "lead_hours": ("lead_time", 24.0 * np.arange(1, K + 1))})
+    wrows = {r[0]: r for r in weather_rows(sc)}
+    assert wrows["dispersion, psi@1"][1:] == rows["dispersion"][1:]
+    assert wrows["rank histogram / uniform, psi@1"][1] == rows["rank histogram / uniform"][1]

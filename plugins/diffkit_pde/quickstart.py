@@ -14,6 +14,27 @@ SIZES = dict(nx=64, L=22.0, burn_in=50.0, n_train=32, frames=60, n_test=4, test_
              channels=16, members=4)
 
 
+def calibration_rows(pred, truth, dt: float, n_show: int = 4) -> list[tuple[str, str, str]]:
+    """Report rows of the calibration of rollouts ``pred (N, M, K, C, x)`` against ``truth (N, K, C, x)``:
+    spread/skill at up to ``n_show`` steps (over the N initial conditions and the grid), the rank histogram
+    (all steps, each bin / uniform) and the verdict of :func:`diffkit.ensemble.dispersion_verdict`."""
+    import numpy as np
+
+    from diffkit import ensemble as E
+
+    ss = E.spread_skill_ratio(pred, truth, member_dim=1, dims=(-2, -1), sample_dims=(0,))      # (K,)
+    ranks = E.rank_histogram(pred, truth, member_dim=1, dims=(0, 2, 3), generator=0)         # (K, M + 1)
+    d = E.dispersion_verdict(ss, ranks)
+    rel, _ = E.rank_summary(ranks)
+    K = ss.shape[0]
+    idx = sorted(set(np.linspace(0, K - 1, min(n_show, K)).round().astype(int).tolist()))
+    return [("spread/skill per step", " ".join(f"{float(ss[k]):.2f}" for k in idx),
+             f"at t = {', '.join(f'{(k + 1) * dt:.3g}' for k in idx)}; 1 is calibrated, < 1 under-dispersive"),
+            ("rank histogram / uniform", " ".join(f"{x:.2f}" for x in rel),
+             "all steps; 1 in every bin for a calibrated ensemble, U shape: under-dispersive"),
+            ("dispersion", d.verdict, str(d).split(": ", 1)[1])]
+
+
 def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
     """Kuramoto-Sivashinsky: simulate, train a DDPM surrogate, roll out an ensemble, score it"""
     import torch
@@ -62,6 +83,7 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
     nrmse1 = float(metrics.nrmse(pred[:, 0], truth, 1)[:, 0].mean())
     nrmse1_p = float(metrics.nrmse(hist[:, -1:], truth[:, :1], 1)[:, 0].mean())
     spread = metrics.ensemble_spread(pred, 1, member_dim=1)                         # (N, K)
+    cal_rows = calibration_rows(pred, truth, dt)
 
     ds = rollout_dataset(pred[0], sur.layout, ics[0], attrs={"objective": "diffusion", "seed": seed})
     atomic_to_netcdf(ds, out / "rollout.nc")
@@ -83,7 +105,8 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
         rows=[("high-correlation time, DDPM member", f"{m['member']:.2f}", f"time units (persistence: {m['persistence']:.2f})"),
               ("high-correlation time, ensemble mean", f"{m['mean']:.2f}", f"{s['members']}-member mean"),
               ("nRMSE after one step", f"{nrmse1:.3f}", f"persistence: {nrmse1_p:.3f}"),
-              ("ensemble spread, last step", f"{float(spread[:, -1].mean()):.3f}", "std over members, physical units")],
+              ("ensemble spread, last step", f"{float(spread[:, -1].mean()):.3f}", "std over members, physical units"),
+              *cal_rows],
         figures=[*figs, out / "correlation.png"],
         files=[train_file, test_file, out / "rollout.nc", Path(cfg.run_dir)],
         metrics={"hct_member": m["member"], "hct_mean": m["mean"], "hct_persistence": m["persistence"],

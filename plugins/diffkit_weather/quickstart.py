@@ -15,6 +15,25 @@ SIZES = dict(nx=32, L=5e5, spin_up_years=1.0, ic_amplitude=3e-6, train_days=120,
              channels=16, members=6, n_init=4, lead_steps=4, lead_hours=24)
 
 
+def calibration_rows(scores) -> list[tuple[str, str, str]]:
+    """Report rows of a score dataset's calibration, per channel: spread/skill at every lead, the rank
+    histogram (all leads, each bin / uniform) and the verdict of :func:`diffkit.ensemble.dispersion_verdict`."""
+    from diffkit.ensemble import rank_summary
+
+    from .evaluate import calibration
+
+    rows = []
+    for c, (ch, d) in enumerate(calibration(scores).items()):
+        ss = " ".join(f"{x:.2f}" for x in scores["spread_skill_ratio"].values[c])
+        rel, _ = rank_summary(scores["rank_histogram"].values[c])
+        rows += [(f"spread/skill per lead, {ch}", ss,
+                  f"at {', '.join(f'{h:g}' for h in scores['lead_hours'].values)} h"),
+                 (f"rank histogram / uniform, {ch}", " ".join(f"{x:.2f}" for x in rel),
+                  "all leads; 1 in every bin for a calibrated ensemble, U shape: under-dispersive"),
+                 (f"dispersion, {ch}", d.verdict, str(d).split(": ", 1)[1])]
+    return rows
+
+
 def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
     """QG model: simulate, train a DDPM forecaster, forecast ensembles, score them (CRPS, RMSE, spread/skill)"""
     import numpy as np
@@ -81,6 +100,7 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
                  (f"fair CRPS at {h}", f"{float(sc['crps'][k]):.4g}", f"{units} (lower is better)"),
                  (f"spread/skill at {h}", f"{float(sc['spread_skill_ratio'][k]):.2f}",
                   "1 is a calibrated ensemble; < 1 under-dispersive")]
+    rows += calibration_rows(ev.scores)
     figs = [Path(f) for f in ev.files if str(f).endswith(".png")]
     return Section(
         title="Weather: ensemble forecasts of a quasi-geostrophic model",
