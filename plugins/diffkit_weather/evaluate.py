@@ -513,7 +513,8 @@ def format_calibration(scores) -> str:
     for c, name in enumerate(scores["channel"].values):
         rel, _ = rank_summary(scores["rank_histogram"].values[c])
         bins = " ".join(f"{x:.2f}" for x in rel) if len(rel) <= 12 else \
-            f"{rel[0]:.2f} {rel[1]:.2f} .. {rel[-2]:.2f} {rel[-1]:.2f} (min {np.nanmin(rel):.2f}, max {np.nanmax(rel):.2f})"
+            (f"{rel[0]:.2f} {rel[1]:.2f} .. {rel[-2]:.2f} {rel[-1]:.2f} "
+             f"(min {np.nanmin(rel):.2f}, max {np.nanmax(rel):.2f})")
         lines.append(f"{str(name):<16} rank histogram / uniform: {bins}")
         lines.append(f"{str(name):<16} verdict: {cal[str(name)]}")
     return "\n".join(lines)
