@@ -1,8 +1,11 @@
 """``benchmarks/weather_qg.py --setting quick``: the benchmark pipeline runs end to end (numbers at
 this size mean little; the cpu setting's are in docs/benchmarks.md), writes its JSON and markdown,
 and ``--ddpm-set`` retrains only the DDPM, reusing the data and the finished baseline.  Issue 14's
-set-up: history 2 and no forcings in the runs, the baseline's perturbation tuned on the validation
-period (a table over the whole grid, the choice from it, by minimum CRPS), and the unperturbed MSE,
+set-up: the QG model simulated fine and observed coarse-grained, the simulator's oracle ensemble
+scored as a sixth forecast, the stationarity report and one PASS/FAIL line per QG target printed
+(the structure is checked here, not the targets: the quick setting is too small to meet them),
+history 2 and no forcings in the runs, the baseline's perturbation tuned on the validation period
+(a table over the whole grid, the choice from it, by minimum CRPS), and the unperturbed MSE,
 persistence and climatology scored alike (deterministic ones as equal members: spread 0)."""
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def _load():
 
 
 @pytest.mark.slow
-def test_weather_benchmark_quick_with_tuned_baselines_and_ddpm_override(tmp_path):
+def test_qg_benchmark_uncertain_next_state_oracle_and_tuned_baselines(tmp_path, capsys):
     bench = _load()
     work = tmp_path / "w"
     common = ["--setting", "quick", "--workdir", str(work), "--no-progress", "--steps", "60"]
@@ -42,8 +45,32 @@ def test_weather_benchmark_quick_with_tuned_baselines_and_ddpm_override(tmp_path
         assert res[label]["spread_skill_ratio"] == [0.0] * K
         assert np.allclose(np.asarray(res[label]["rank_histogram"])[:, 1:-1], 0)
     assert np.all(np.asarray(res["climatology"]["spread_skill_ratio"]) > 0)   # (< 1 on non-stationary data)
+    assert bench.LABELS[-1] == "oracle"
+    o = res["oracle"]                               # the simulator's own conditional ensemble
+    assert o["spread"][0] > 0 and np.all(np.isfinite(o["spread_skill_ratio"]))
+    assert res["spread_oracle_ratio"] == pytest.approx(res["DDPM"]["spread"][0] / o["spread"][0])
+    data = work / f"qg_quick_obs{S['nx']}of{S['nx_sim']}.nc"
+    import xarray as xr
+
+    with xr.open_dataset(data) as ds:               # the file holds the coarse observation of the fine run
+        assert ds.sizes["latitude"] == ds.sizes["longitude"] == S["nx"]
+        assert int(ds.attrs["nx_sim"]) == S["nx_sim"] and int(ds.attrs["observe"]) == S["nx"]
     st = res["stationarity"]
-    assert st["within_5pct"] == all(abs(r - 1) <= 0.05 for r in st["ratio"].values())
+    assert [r["index"] for r in st["rows"]] == [{"level": 1}, {"level": 2}]
+    assert st["stationary"] == (st["max_deviation"] <= 0.05)
+    assert set(res["met"]) == {"oracle_spread", "spread_skill", "crps_5d", "crps", "rank", "stationarity"}
+    out = capsys.readouterr().out
+    verdicts = [line for line in out.splitlines() if line.startswith(("PASS ", "FAIL "))]
+    want = ["spread within +-20 % of the oracle", "spread/skill in [0.8, 1.2] at every lead up to 8 steps",
+            "<= 0.9 x the tuned perturbed-IC baseline at every lead up to 5 days",
+            "<= 1.0 x the tuned perturbed-IC baseline at every lead", "rank histogram bins within [0.5, 1.5]",
+            "stationarity: test / train std within 5 %"]
+    assert len(verdicts) == len(want) + 1           # + the stationarity check printed before training
+    for w, ok in zip(want, [res["met"][k] for k in ("oracle_spread", "spread_skill", "crps_5d", "crps", "rank",
+                                                       "stationarity")]):
+        line = next(v for v in verdicts[1:] if w in v)
+        assert line.startswith("PASS " if ok else "FAIL ")
+    assert "DDPM one-step spread / oracle spread at 48 h" in out and "streamfunction[level=1]: state std" in out
     tun = res["tuning"]
     grid = [(a, l) for l in S["lengths"] for a in S["amplitudes"]]
     assert [(r["amplitude"], r["length"]) for r in tun["table"]] == grid
@@ -63,8 +90,11 @@ def test_weather_benchmark_quick_with_tuned_baselines_and_ddpm_override(tmp_path
     assert (work / "run_diffusion_loss.weighting=simple").is_dir()
     assert (work / "run_regression" / "metrics.jsonl").read_text() == log   # the baseline was not retrained
     assert res2["MSE+perturbed IC"]["crps"] == res["MSE+perturbed IC"]["crps"]
+    assert res2["oracle"]["crps"] == res["oracle"]["crps"]                    # data and oracle reused
     assert res2["DDPM"]["crps"] != res["DDPM"]["crps"]
     text = md.read_text()
-    assert "DDPM config overrides: `loss.weighting=simple`" in text and "| lead (h) | DDPM | MSE+perturbed IC |" in text
+    assert "DDPM config overrides: `loss.weighting=simple`" in text
+    assert "| lead (h) | DDPM | MSE+perturbed IC | MSE | persistence | climatology | oracle |" in text
+    assert "| oracle |" in text and sum(x.startswith(("- PASS ", "- FAIL ")) for x in text.splitlines()) == 6
     assert "Tuning of the baseline's perturbation" in text and "Stationarity, test / train" in text
     assert (tmp_path / "b_lead_curves_ddpm.png").read_bytes()[:4] == b"\x89PNG"
