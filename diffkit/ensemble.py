@@ -63,7 +63,7 @@ from .errors import NonFiniteError, ShapeError
 __all__ = [
     "weighted_mean", "rmse", "ensemble_mean_rmse", "spread", "spread_skill_ratio", "crps_pointwise", "crps",
     "rank_histogram", "ensemble_metric", "registered", "METRICS", "Dispersion", "dispersion_verdict",
-    "rank_summary", "DISPERSION_BAND", "RANK_EXTREMES_BAND",
+    "rank_summary", "format_rank_bins", "DISPERSION_BAND", "RANK_EXTREMES_BAND",
 ]
 
 _F64 = torch.float64
@@ -408,6 +408,17 @@ def rank_summary(counts) -> tuple[np.ndarray, float]:
         return nan, math.nan
     rel = c / tot * c.size
     return rel, float((c[0] + c[-1]) / tot * c.size / 2.0)
+
+
+def format_rank_bins(counts, max_bins: int = 12) -> str:
+    """A rank histogram ``(..., M + 1)`` (leading dims summed) as text, each bin as a multiple of uniform
+    (:func:`rank_summary`): every bin up to ``max_bins`` bins, else the two bins at each end with the
+    minimum and maximum.  The one formatting of ``diffkit evaluate`` and ``diffkit rollout``."""
+    rel, _ = rank_summary(counts)
+    if len(rel) <= max_bins:
+        return " ".join(f"{x:.2f}" for x in rel)
+    return (f"{rel[0]:.2f} {rel[1]:.2f} .. {rel[-2]:.2f} {rel[-1]:.2f} "
+            f"(min {np.nanmin(rel):.2f}, max {np.nanmax(rel):.2f})")
 
 
 def dispersion_verdict(spread_skill, rank_counts=None, *, band=DISPERSION_BAND,

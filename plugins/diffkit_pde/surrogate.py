@@ -201,7 +201,7 @@ def rollout_report(ds, max_steps: int = 6) -> str:
     more members): RMSE of the ensemble mean, CRPS, spread and spread/skill at up to ``max_steps`` steps,
     then per variable the rank histogram over all steps (each bin / uniform) and the dispersion verdict
     (:func:`diffkit.ensemble.dispersion_verdict`).  Empty without them."""
-    from diffkit.ensemble import rank_summary
+    from diffkit.ensemble import format_rank_bins
 
     vs = [k[len("calibration_"):] for k in ds.attrs if k.startswith("calibration_")]
     if not vs:
@@ -218,11 +218,8 @@ def rollout_report(ds, max_steps: int = 6) -> str:
         lines.append(f"{k + 1:>6} {float(ds['time'].values[k]):9.4g} " + " ".join(f"{x:12.4g}" for x in vals))
     for v in vs:
         if f"{v}_rank_histogram" in ds:
-            rel, _ = rank_summary(ds[f"{v}_rank_histogram"].values)
-            bins = " ".join(f"{x:.2f}" for x in rel) if len(rel) <= 12 else \
-                (f"{rel[0]:.2f} {rel[1]:.2f} .. {rel[-2]:.2f} {rel[-1]:.2f} "
-                 f"(min {np.nanmin(rel):.2f}, max {np.nanmax(rel):.2f})")
-            lines.append(f"{v}: rank histogram / uniform (all steps): {bins}")
+            lines.append(f"{v}: rank histogram / uniform (all steps): "
+                         f"{format_rank_bins(ds[f'{v}_rank_histogram'].values)}")
         lines.append(f"{v}: verdict: {ds.attrs[f'calibration_{v}']}")
     return "\n".join(lines)
 

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from diffkit.adapters import cf_encode, cf_output
-from diffkit.ensemble import dispersion_verdict, rank_summary
+from diffkit.ensemble import dispersion_verdict, format_rank_bins, rank_summary
 
 from .adapter import WeatherDataError, _fmt_level
 from .forecast import _fc_roles, read_truth  # noqa: F401  (read_truth: re-exported)
@@ -511,11 +511,7 @@ def format_calibration(scores) -> str:
              "uniform):"]
     cal = calibration(scores)
     for c, name in enumerate(scores["channel"].values):
-        rel, _ = rank_summary(scores["rank_histogram"].values[c])
-        bins = " ".join(f"{x:.2f}" for x in rel) if len(rel) <= 12 else \
-            (f"{rel[0]:.2f} {rel[1]:.2f} .. {rel[-2]:.2f} {rel[-1]:.2f} "
-             f"(min {np.nanmin(rel):.2f}, max {np.nanmax(rel):.2f})")
-        lines.append(f"{str(name):<16} rank histogram / uniform: {bins}")
+        lines.append(f"{str(name):<16} rank histogram / uniform: {format_rank_bins(scores['rank_histogram'].values[c])}")
         lines.append(f"{str(name):<16} verdict: {cal[str(name)]}")
     return "\n".join(lines)
 
