@@ -60,7 +60,7 @@ def _cmd_sample(args) -> int:
     import torch
 
     from .samplers import sample
-    from .model import load_for_sampling
+    from .model import class_balanced_count, load_for_sampling
     from .distributed import init_distributed
 
     from .samplers import MAX_NFE, SPACINGS
@@ -156,18 +156,6 @@ def _cmd_sample(args) -> int:
         print(f"diffkit sample: wrote {n} samples to {out}{per}")
     _leave_process_group()
     return 0
-
-
-def class_balanced_count(n: int, num_classes: int) -> int:
-    """``n`` rounded up to a multiple of ``num_classes`` (``n`` as is for ``num_classes = 0``).
-
-    The default number of samples of a class-conditional model (``sample.n`` in ``diffkit sample``
-    and in training snapshots), whose labels cycle through the classes: every class then gets the
-    same number of samples, e.g. a full row per class in an image grid (16 -> 20 for 10 classes).
-    An explicit ``--n`` is drawn as given."""
-    if num_classes <= 0:
-        return n
-    return -(-n // num_classes) * num_classes
 
 
 #: what the default decoder (:meth:`diffkit.adapters.Adapter.decode`, netCDF) writes

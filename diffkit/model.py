@@ -157,3 +157,15 @@ def load_for_sampling(path, device=None) -> tuple[Denoiser | Regressor, Config, 
     (:func:`load_model` as a tuple)."""
     m = load_model(path, device=device)
     return m.model, m.config, m.adapter
+
+
+def class_balanced_count(n: int, num_classes: int) -> int:
+    """``n`` rounded up to a multiple of ``num_classes`` (``n`` as is for ``num_classes = 0``).
+
+    The default number of samples of a class-conditional model (``sample.n`` in ``diffkit sample``
+    and in training snapshots), whose labels cycle through the classes: every class then gets the
+    same number of samples, e.g. a full row per class in an image grid (16 -> 20 for 10 classes).
+    An explicit ``--n`` is drawn as given."""
+    if num_classes <= 0:
+        return n
+    return -(-n // num_classes) * num_classes

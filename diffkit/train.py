@@ -40,7 +40,7 @@ from .errors import CheckpointError, ConfigError, DiffkitError
 from .layout import Layout
 from .losses import diffusion_loss, noise_distribution, regression_loss, sample_times
 from .distributed import Dist, init_distributed  # noqa: F401  (Dist: diffkit.train.Dist for existing imports)
-from .model import _accepts, _check_options, build_model, checkpoint_path
+from .model import _accepts, _check_options, build_model, checkpoint_path, class_balanced_count
 from .model import load_for_sampling  # noqa: F401  (diffkit.train.load_for_sampling, for existing user scripts)
 
 
@@ -510,8 +510,6 @@ class Trainer:
         labels = None
         if self.layout.num_classes:
             if cond is None:  # the same number per class, as `diffkit sample` draws by default
-                from .cli import class_balanced_count
-
                 n = class_balanced_count(n, self.layout.num_classes)
             labels = torch.arange(n, device=self.device) % self.layout.num_classes
             cond = Cond(None if cond is None else cond.fields, None if cond is None else cond.scalars, labels)

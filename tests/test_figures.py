@@ -174,7 +174,8 @@ def _rows(z) -> list[list[int]]:
 def test_sample_grid_default_n_gives_full_rows_per_class(tmp_path, capsys):
     from PIL import Image
 
-    from diffkit.cli import class_balanced_count, main
+    from diffkit.cli import main
+    from diffkit.model import class_balanced_count
     from diffkit_images import make_grid
     from diffkit.config import SampleConfig
 
