@@ -42,7 +42,7 @@ def _cmd_train(args) -> int:
         sets.append(f"run_dir={json.dumps(args.run_dir)}")  # a TOML basic string: quotes and backslashes escaped
     cfg = apply_overrides(cfg, sets)
     if args.device:
-        _device(args.device)  # cuda without CUDA: one line, before the data is loaded
+        resolve_device(args.device)  # cuda without CUDA: one line, before the data is loaded
     from .train import Trainer
 
     resume = False if args.resume is None else (True if args.resume == "" else args.resume)
@@ -66,7 +66,7 @@ def _cmd_sample(args) -> int:
     from .samplers import MAX_NFE, SPACINGS
 
     _check_sample_args(args, MAX_NFE, SPACINGS)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     dist = init_distributed(device)
     den, cfg, adapter_cls = load_for_sampling(args.checkpoint, device=device)
     sc = cfg.sample
@@ -205,8 +205,9 @@ def _check_out(out, adapter_cls) -> None:
                          f"e.g. --out {p.with_suffix(files[0])}")
 
 
-def _device(name):
-    """The torch device ``--device`` names (default: cuda if available); cuda without CUDA is an error."""
+def resolve_device(name):
+    """The torch device ``--device`` names (default: cuda if available); cuda without CUDA, or a name
+    torch does not know, is a one-line error.  The domain plugins' commands use it too."""
     import torch
 
     if not name:

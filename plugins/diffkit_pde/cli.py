@@ -8,6 +8,8 @@ import argparse
 import ast
 import inspect
 
+from diffkit.cli import resolve_device
+
 #: the simulators ``diffkit data pde NAME`` runs, with the defaults of the command
 PDES = {
     "ks": ("simulate_ks", dict(n_steps=140)),
@@ -81,7 +83,7 @@ def run_data(args) -> int:
         raise ValueError("--trajectories and --steps must be >= 1")
     import torch
 
-    device = torch.device(args.device) if args.device else None
+    device = resolve_device(args.device) if args.device else None
     n_steps = opts.pop("n_steps")
     res = fn(args.trajectories, n_steps, seed=args.seed, progress=not args.no_progress,
              device=device, **opts)
@@ -132,7 +134,7 @@ def run_rollout(args) -> int:
 
     if not args.perturb_length >= 0 or args.perturb_length == float("inf"):
         raise ValueError(f"--perturb-length must be >= 0 and finite (grid points), got {args.perturb_length}")
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     sur = load_surrogate(args.checkpoint, device=device)
     ic = initial_condition(args.init, sur.layout, index=args.index, start=args.start)
     steps = args.steps if args.steps is not None else ic.truth.shape[0]

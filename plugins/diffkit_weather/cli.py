@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 
+from diffkit.cli import resolve_device
+
 SECONDS_PER_YEAR = 365 * 86400.0
 
 
@@ -51,7 +53,7 @@ def run_data(args) -> int:
                          f"got {args.observe}; e.g. --nx 128 --observe 32")
     out_every = args.out_every * 3600.0
     n_steps = int(math.floor(args.years * SECONDS_PER_YEAR / out_every)) + 1
-    device = torch.device(args.device) if args.device else None
+    device = resolve_device(args.device) if args.device else None
     fields = tuple(f.strip() for f in args.fields.split(",") if f.strip())
     bad = [f for f in fields if f not in ("psi", "q", "u", "v")]
     if bad or not fields:
@@ -148,7 +150,7 @@ def run_forecast(args) -> int:
         raise ValueError(f"--perturb must be >= 0, got {args.perturb}")
     if not args.perturb_length >= 0 or args.perturb_length == float("inf"):
         raise ValueError(f"--perturb-length must be >= 0 and finite (grid points), got {args.perturb_length}")
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     fc = load_forecaster(args.checkpoint, device=device)
     opts = fc.data_options
     if args.time_units:
