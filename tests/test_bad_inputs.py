@@ -436,6 +436,10 @@ CATALOGUE = [
     # -- forecast and evaluate on ensemble (member) files ------------------------------------------
     Bad("forecast-members-without-choice", cli("forecast", "{wrun}", "--data", "{members.nc}", "--init",
         "2020-01-04T00:00", "--steps", "1", "--out", "{tmp}/f.nc"), "no member was chosen; choose one with --member"),
+    Bad("forecast-bad-device", cli("forecast", "{wrun}", "--data", "{members.nc}", "--init", "2020-01-04T00:00",
+        "--steps", "1", "--member", "0", "--device", "nope", "--out", "{tmp}/f.nc"), "--device 'nope' is not a torch device"),
+    Bad("rollout-no-cuda", cli("rollout", "{run}", "--init", "{pde.nc}", "--steps", "1", "--device", "cuda",
+        "--out", "{tmp}/r.nc"), "--device cuda was requested but CUDA is not available", env="no_cuda"),
     Bad("forecast-member-absent", cli("forecast", "{wrun}", "--data", "{members.nc}", "--init", "2020-01-04T00:00",
         "--steps", "1", "--member", "12", "--out", "{tmp}/f.nc"), "member '12' is not in the member dim 'number'"),
     Bad("forecast-member-nan", cli("forecast", "{wrun}", "--data", "{members_nan.nc}", "--init", "2020-01-04T00:00",
