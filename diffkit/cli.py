@@ -59,11 +59,9 @@ def _cmd_train(args) -> int:
 def _cmd_sample(args) -> int:
     import torch
 
-    from .samplers import sample
-    from .model import class_balanced_count, load_for_sampling
     from .distributed import init_distributed
-
-    from .samplers import MAX_NFE, SPACINGS
+    from .model import class_balanced_count, load_for_sampling
+    from .samplers import MAX_NFE, SPACINGS, sample
 
     _check_sample_args(args, MAX_NFE, SPACINGS)
     device = resolve_device(args.device)
