@@ -17,6 +17,26 @@ from torch import nn
 # deterministic; set DIFFKIT_TEST_THREADS to override.
 torch.set_num_threads(int(os.environ.get("DIFFKIT_TEST_THREADS", "1")))
 
+#: the environment switches of diffkit's plugin loading, which a test must not inherit
+PLUGIN_ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
+
+
+@pytest.fixture
+def isolated_trainer_state(monkeypatch):
+    """In-process trainers seed the global RNGs and may register plugins: undo both (the plugin
+    switches of the environment are cleared, the registry refreshed before and after)."""
+    from diffkit import registry
+    from diffkit.checkpoint import capture_rng_state, restore_rng_state
+
+    for var in PLUGIN_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    state = capture_rng_state(cuda=False)
+    registry.refresh()
+    yield
+    restore_rng_state(state)
+    registry.refresh()
+
+
 #: one batch shape per tensor rank 1..5: (B,), (B,C), (B,C,L), (B,C,H,W), (B,C,D,H,W)
 SHAPES = [(5,), (5, 3), (4, 2, 7), (3, 2, 4, 5), (3, 2, 3, 2, 4)]
 SHAPE_IDS = [f"rank{len(s)}" for s in SHAPES]

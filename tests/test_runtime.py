@@ -28,7 +28,7 @@ import torch
 
 from diffkit import hookimpl, registry
 from diffkit.adapters import MixtureAdapter
-from diffkit.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from diffkit.checkpoint import CheckpointManager, load_checkpoint
 from diffkit.cli import main
 from diffkit.config import Config, apply_overrides, config_from_dict, load_config
 from diffkit.errors import CheckpointError
@@ -145,15 +145,8 @@ def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path, min_step: int, ti
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch):
-    """In-process trainers seed the global RNGs and may register plugins: undo both."""
-    for var in ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    state = capture_rng_state(cuda=False)
-    registry.refresh()
-    yield
-    restore_rng_state(state)
-    registry.refresh()
+def _isolate(isolated_trainer_state):
+    """In-process trainers seed the global RNGs and may register plugins: undo both (conftest)."""
 
 
 def inproc_config(tmp_path: Path, *sets: str) -> Config:

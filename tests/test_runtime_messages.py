@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffkit import registry
-from diffkit.checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from diffkit.checkpoint import CheckpointManager, load_checkpoint
 from diffkit.cli import main
 from diffkit.config import Config, apply_overrides
 from diffkit.train import Trainer
@@ -33,15 +32,8 @@ TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch):
-    """In-process trainers seed the global RNGs and may register plugins: undo both."""
-    for var in ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    state = capture_rng_state(cuda=False)
-    registry.refresh()
-    yield
-    restore_rng_state(state)
-    registry.refresh()
+def _isolate(isolated_trainer_state):
+    """In-process trainers seed the global RNGs and may register plugins: undo both (conftest)."""
 
 
 def train_argv(run_dir, *sets: str, extra=()) -> list[str]:
