@@ -90,7 +90,7 @@ STATES = {
 def setup_data(work: Path, setting: str, s: dict, seed: int, progress: bool, device=None) -> tuple[Path, Path]:
     """THE DATA SET-UP: the one place that makes the benchmark's data (issue 14).  The two-layer QG
     model runs on ``nx_sim^2`` and is observed coarse-grained on ``nx^2``; from the fine state at each
-    held-out init time, :func:`~diffkit_weather.qg.oracle_ensemble` re-runs the fine model from
+    held-out init time, :func:`~diffkit_weather.qg_oracle.oracle_ensemble` re-runs the fine model from
     ``members`` fine states that agree with the observation (sub-grid scales from a pool of training-
     period states) for ``k`` leads.  Returns the 6-hourly netCDF file (variable ``streamfunction`` on
     the coarse grid, ``train_years + val_years + test_years`` after the spin-up) and an ``.npz`` with
@@ -106,7 +106,9 @@ def setup_data(work: Path, setting: str, s: dict, seed: int, progress: bool, dev
 def simulate(path: Path, oracle_path: Path, s: dict, seed: int, progress: bool, device=None) -> None:
     import os
 
-    from diffkit_weather.qg import oracle_ensemble, refine, simulate_qg, to_dataset, write_netcdf
+    from diffkit_weather.qg import simulate_qg, to_dataset, write_netcdf
+    from diffkit_weather.qg_coarse import refine
+    from diffkit_weather.qg_oracle import oracle_ensemble
 
     n = int((s["train_years"] + s["val_years"] + s["test_years"]) * YEAR_H / 6) + 1
     t = np.datetime64(START, "ns") + np.arange(n) * np.timedelta64(6, "h")
@@ -192,11 +194,11 @@ def _splits(t: np.ndarray, s: dict) -> dict:
 
 
 def stationarity(path: Path, sp: dict, s: dict) -> dict:
-    """:func:`~diffkit_weather.qg.stationarity_report` of the training and test periods: per layer,
+    """:func:`~diffkit_weather.qg_oracle.stationarity_report` of the training and test periods: per layer,
     the test / train ratio of the state std and of the ``lead``-tendency std (target: within 5 %)."""
     import xarray as xr
 
-    from diffkit_weather.qg import stationarity_report
+    from diffkit_weather.qg_oracle import stationarity_report
 
     with xr.open_dataset(path) as ds:
         t = ds["time"].values
@@ -268,7 +270,7 @@ def main(argv=None) -> dict:
     data, oracle = setup_data(work, args.setting, s, args.seed, progress, device=args.device)
     sp = split_times(data, s)
     inits = sp["inits"]
-    from diffkit_weather.qg import format_stationarity
+    from diffkit_weather.qg_oracle import format_stationarity
 
     stat = stationarity(data, sp, s)
     print(f"stationarity, test / train ({s['test_years']:g} vs {s['train_years']:g} years, {s['lead']:g} h "
@@ -447,7 +449,7 @@ def write_markdown(res: dict, path: Path, work: Path) -> None:
     src = work / f"eval_{res.get('ddpm_tag', 'diffusion')}" / "lead_curves.png"
     if src.exists():
         shutil.copyfile(src, png)
-    from diffkit_weather.qg import format_stationarity
+    from diffkit_weather.qg_oracle import format_stationarity
 
     st = res["stationarity"]
     tuned = "tuning" in res

@@ -17,9 +17,11 @@ import torch
 
 try:
     from diffkit_weather import qg as Q
+    from diffkit_weather import qg_coarse as QC, qg_oracle as QO
 except ImportError:  # editable install made before the plugin existed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
     from diffkit_weather import qg as Q
+    from diffkit_weather import qg_coarse as QC, qg_oracle as QO
 
 from diffkit.errors import DiffkitError, NonFiniteError
 
@@ -290,10 +292,13 @@ def test_to_dataset_cf_metadata_and_netcdf_round_trip(tmp_path):
 
 
 def test_import_is_light_and_progress_bar_runs():
-    qg_path = Path(Q.__file__)
-    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('qg', %r); "
-            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
-            "print('xarray' in sys.modules)" % str(qg_path))
+    # the plugin package's __init__ imports xarray; the simulator modules themselves must not: load
+    # them under a bare package object that does not run __init__
+    pkg_dir = Path(Q.__file__).parent
+    code = ("import importlib.util, sys, types; p = types.ModuleType('diffkit_weather'); "
+            "p.__path__ = [%r]; sys.modules['diffkit_weather'] = p; "
+            "import diffkit_weather.qg, diffkit_weather.qg_coarse, diffkit_weather.qg_oracle; "
+            "print('xarray' in sys.modules)" % str(pkg_dir))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     Q.simulate_qg(1, 3, nx=32, spin_up_years=0, progress=True)
@@ -311,23 +316,23 @@ def test_coarse_grain_is_a_spectral_truncation():
     cut = [(8, 0, 0.4), (0, -8, 0.2), (20, 4, 1.3), (12, -12, 0.9), (2, 8, 0.1), (3, 24, 0.5)]
     fine = sum(wave(x, x, *m) for m in kept + cut) + 0.25                  # + a domain mean
     exact = sum(wave(X, X, *m) for m in kept) + 0.25
-    out = Q.coarse_grain(fine[None, None], nc)
+    out = QC.coarse_grain(fine[None, None], nc)
     assert out.shape == (1, 1, nc, nc) and out.dtype == torch.float64
     torch.testing.assert_close(out[0, 0], exact, atol=1e-13, rtol=0)
     # (20, 4) sampled on the coarse grid would alias onto (4, 4): the result has no (4, 4) mode
     assert float(torch.fft.rfft2(out[0, 0], norm="forward")[4, 4].abs()) < 1e-15
     # split_scales: the same cut on the fine grid; the sub-grid part coarse-grains to zero
-    res, sub = Q.split_scales(fine, nc)
+    res, sub = QC.split_scales(fine, nc)
     torch.testing.assert_close(res, sum(wave(x, x, *m) for m in kept) + 0.25, atol=1e-13, rtol=0)
     torch.testing.assert_close(res + sub, fine, atol=1e-14, rtol=0)
-    assert float(Q.coarse_grain(sub, nc).abs().max()) < 1e-13
+    assert float(QC.coarse_grain(sub, nc).abs().max()) < 1e-13
     # refine is its right inverse; coarse-graining onto the same grid drops only the Nyquist modes
-    torch.testing.assert_close(Q.refine(exact, n), res, atol=1e-13, rtol=0)
-    torch.testing.assert_close(Q.coarse_grain(Q.refine(exact, 48), nc), exact, atol=1e-13, rtol=0)
-    torch.testing.assert_close(Q.coarse_grain(exact, nc), exact, atol=1e-13, rtol=0)
+    torch.testing.assert_close(QC.refine(exact, n), res, atol=1e-13, rtol=0)
+    torch.testing.assert_close(QC.coarse_grain(QC.refine(exact, 48), nc), exact, atol=1e-13, rtol=0)
+    torch.testing.assert_close(QC.coarse_grain(exact, nc), exact, atol=1e-13, rtol=0)
     for bad in (15, 2, 128, 12.5):
         with pytest.raises(ValueError, match="n_coarse must be an even integer between 4 and the simulated grid 64"):
-            Q.coarse_grain(fine, bad)
+            QC.coarse_grain(fine, bad)
     # in the simulator: the stored fields are the coarse-grained fields of the full run (q, psi and
     # u alike: the truncation commutes with the PV inversion), q_fine the full state at fine_frames
     kw = dict(nx=32, spin_up_years=0, ic_amplitude=1e-5, seed=4)
@@ -336,7 +341,7 @@ def test_coarse_grain_is_a_spectral_truncation():
     for f in ("q", "psi", "u", "v"):
         scale = float(full[f].abs().max())
         assert obs[f].shape == (1, 5, 2, 16, 16)
-        torch.testing.assert_close(obs[f], Q.coarse_grain(full[f], 16), atol=1e-12 * scale, rtol=0)
+        torch.testing.assert_close(obs[f], QC.coarse_grain(full[f], 16), atol=1e-12 * scale, rtol=0)
     torch.testing.assert_close(obs["q_fine"], full["q"][:, [4, 0]], atol=0, rtol=0)
     torch.testing.assert_close(obs["x"], (torch.arange(16, dtype=torch.float64) + 0.5) * L / 16)
     p = obs["params"]
@@ -364,7 +369,7 @@ def test_oracle_ensemble_keeps_resolved_scales_and_spreads(turbulent_fine_run):
     r = turbulent_fine_run
     qf = r["q_fine"][0]                                         # (31, 2, 32, 32)
     inits, pool = qf[[10, 20]], qf
-    o = Q.oracle_ensemble(inits, pool, 6, 3, observe=16, lead=2 * DAY, params=r["params"], seed=5,
+    o = QO.oracle_ensemble(inits, pool, 6, 3, observe=16, lead=2 * DAY, params=r["params"], seed=5,
                           exclude=[10, 20])
     assert o["q"].shape == o["psi"].shape == (2, 6, 4, 2, 16, 16) and o["q0_fine"].shape == (2, 6, 2, 32, 32)
     assert not set(o["draws"].flatten().tolist()) & {10, 20} and len(set(o["draws"][0].tolist())) == 6
@@ -374,9 +379,9 @@ def test_oracle_ensemble_keeps_resolved_scales_and_spreads(turbulent_fine_run):
         # lead 0: every member is the observed coarse state (exactly, to round-off) ...
         torch.testing.assert_close(o["q"][i, :, 0], r["q"][0, fr].expand(6, -1, -1, -1), atol=1e-12 * scale, rtol=0)
         # ... and the fine initial states keep the resolved scales and differ only below the grid
-        res, sub = Q.split_scales(o["q0_fine"][i], 16)
-        torch.testing.assert_close(res, Q.split_scales(qf[fr], 16)[0].expand(6, -1, -1, -1), atol=1e-12 * scale, rtol=0)
-        torch.testing.assert_close(sub, Q.split_scales(pool[o["draws"][i]], 16)[1], atol=1e-12 * scale, rtol=0)
+        res, sub = QC.split_scales(o["q0_fine"][i], 16)
+        torch.testing.assert_close(res, QC.split_scales(qf[fr], 16)[0].expand(6, -1, -1, -1), atol=1e-12 * scale, rtol=0)
+        torch.testing.assert_close(sub, QC.split_scales(pool[o["draws"][i]], 16)[1], atol=1e-12 * scale, rtol=0)
         # spread on the coarse grid: 0 at lead 0, then growing with lead
         spread = o["q"][i].std(0).pow(2).mean((-3, -2, -1)).sqrt() / float(r["q"][0].std())
         assert float(spread[0]) < 1e-12
@@ -385,23 +390,23 @@ def test_oracle_ensemble_keeps_resolved_scales_and_spreads(turbulent_fine_run):
     one = Q.simulate_qg(1, 2, q0=o["q0_fine"][1, 3:4], out_every=2 * DAY, observe=16, fields=("q",))
     torch.testing.assert_close(one["q"][0, 1], o["q"][1, 3, 1], atol=1e-12 * float(one["q"].abs().max()), rtol=0)
     # seeded: init i draws from default_rng([seed, i]), whatever the other inits
-    again = Q.oracle_ensemble(inits[:1], pool, 6, 0, observe=16, lead=2 * DAY, params=r["params"], seed=5,
+    again = QO.oracle_ensemble(inits[:1], pool, 6, 0, observe=16, lead=2 * DAY, params=r["params"], seed=5,
                               exclude=[10, 20])
     assert again["draws"].tolist() == o["draws"][:1].tolist()
     torch.testing.assert_close(again["q0_fine"][0], o["q0_fine"][0], atol=0, rtol=0)
     # sub-grid climatology: Gaussian draws reproduce the pool's sub-grid variance per layer
-    sub_clim = Q.split_scales(pool, 16)[1].pow(2).mean((0, -2, -1))
-    g, idx = Q.subgrid_draws(pool, 16, 400, method="gaussian", seed=2)
+    sub_clim = QC.split_scales(pool, 16)[1].pow(2).mean((0, -2, -1))
+    g, idx = QO.subgrid_draws(pool, 16, 400, method="gaussian", seed=2)
     assert idx is None and g.shape == (400, 2, 32, 32)
-    assert float(Q.coarse_grain(g, 16).abs().max()) < 1e-12 * float(g.abs().max())      # only sub-grid scales
+    assert float(QC.coarse_grain(g, 16).abs().max()) < 1e-12 * float(g.abs().max())      # only sub-grid scales
     ratio = g.pow(2).mean((0, -2, -1)) / sub_clim
     assert float((ratio - 1).abs().max()) < 0.04, ratio
     with pytest.raises(ValueError, match="method must be 'pool' or 'gaussian'"):
-        Q.subgrid_draws(pool, 16, 2, method="white")
+        QO.subgrid_draws(pool, 16, 2, method="white")
     with pytest.raises(ValueError, match="every pool state is excluded"):
-        Q.subgrid_draws(pool[:2], 16, 2, exclude=[0, 1])
+        QO.subgrid_draws(pool[:2], 16, 2, exclude=[0, 1])
     with pytest.raises(ValueError, match="pool must have shape"):
-        Q.oracle_ensemble(inits, pool[:, :, :16, :16], 2, 1, observe=16, lead=DAY)
+        QO.oracle_ensemble(inits, pool[:, :, :16, :16], 2, 1, observe=16, lead=DAY)
 
 
 # ----------------------------------------------------------------------------- stationarity
@@ -420,7 +425,7 @@ def test_spinup_gives_stationary_statistics():
     a[24:] *= 1.5
     ds = xr.Dataset({"z": (("time", "level", "latitude", "longitude"), a),
                      "w": (("time", "latitude", "longitude"), a[:, 0] * 2)}, coords={"time": t})
-    rep = Q.stationarity_report(ds, (t[0], t[23]), (t[24], t[39]), lag=2)
+    rep = QO.stationarity_report(ds, (t[0], t[23]), (t[24], t[39]), lag=2)
     assert [(r["variable"], r["index"]) for r in rep["rows"]] == [("z", {"level": 0}), ("z", {"level": 1}),
                                                                     ("w", None)]
     for r, ref in zip(rep["rows"], (a[:, 0], a[:, 1], 2 * a[:, 0])):
@@ -430,12 +435,12 @@ def test_spinup_gives_stationary_statistics():
         assert r["tendency_std_test"] == pytest.approx((te[2:] - te[:-2]).std(), rel=1e-12)
         assert r["tendency_ratio"] == pytest.approx((te[2:] - te[:-2]).std() / (tr[2:] - tr[:-2]).std(), rel=1e-12)
     assert not rep["stationary"] and rep["max_deviation"] > 0.2
-    same = Q.stationarity_report(ds.isel(time=slice(0, 24)), slice(t[0], t[11]), slice(t[12], t[23]))
-    assert same["max_deviation"] < 0.3 and "within" in Q.format_stationarity(Q.stationarity_report(
+    same = QO.stationarity_report(ds.isel(time=slice(0, 24)), slice(t[0], t[11]), slice(t[12], t[23]))
+    assert same["max_deviation"] < 0.3 and "within" in QO.format_stationarity(QO.stationarity_report(
         ds, (t[0], t[23]), (t[0], t[23])))
-    assert "OUTSIDE the tolerance 0.05" in Q.format_stationarity(rep)
+    assert "OUTSIDE the tolerance 0.05" in QO.format_stationarity(rep)
     with pytest.raises(ValueError, match="the test period of 'z' has 1 time"):
-        Q.stationarity_report(ds, (t[0], t[23]), (t[30], t[30]), variables=["z"])
+        QO.stationarity_report(ds, (t[0], t[23]), (t[30], t[30]), variables=["z"])
 
     # (b) a small (7, 0) normal mode grows as exp(Re lam t): the std of a window is that of
     # exp(Re lam t) over its frames, and so is the tendency's (a growing mode's increment)
@@ -443,7 +448,7 @@ def test_spinup_gives_stationary_statistics():
     r = Q.simulate_qg(1, 31, q0=q0[None], out_every=2 * DAY, fields=("psi",))
     ds = Q.to_dataset(r)
     tt = ds["time"].values
-    rep = Q.stationarity_report(ds, (tt[0], tt[19]), (tt[20], tt[30]), lag=1)
+    rep = QO.stationarity_report(ds, (tt[0], tt[19]), (tt[20], tt[30]), lag=1)
     lam = Q.linear_modes(2 * np.pi * 7 / L, 0.0, nx=32)["growth_rate"]
     e = np.exp(2 * lam * r["t"].numpy())
     ratio = math.sqrt(e[20:].mean() / e[:20].mean())
@@ -472,7 +477,7 @@ def test_data_weather_observe_option(tmp_path, capsys):
         assert obs.attrs["nx"] == 16 and obs.attrs["nx_sim"] == 32 and "--observe 16" in obs.attrs["command"]
         assert "|kx|, |ky| < 8" in obs.attrs["observation"]
         for name in ("streamfunction", "potential_vorticity", "eastward_wind"):
-            ref = Q.coarse_grain(torch.from_numpy(full[name].values), 16).numpy()
+            ref = QC.coarse_grain(torch.from_numpy(full[name].values), 16).numpy()
             np.testing.assert_allclose(obs[name].isel(member=0).values, ref, rtol=0,
                                        atol=1e-12 * np.abs(ref).max())
         np.testing.assert_allclose(obs["x"].values, (np.arange(16) + 0.5) * L / 16)

@@ -25,9 +25,10 @@ from .cli import register_data, register_evaluate, register_forecast
 from . import evaluate, forecast  # the modules: forecast.forecast(...), evaluate.evaluate(...)
 from .evaluate import Evaluation
 from .forecast import Forecaster, InitialStates, forecast_dataset, initial_states, load_forecaster, read_truth
-from .qg import (NonFiniteStateError, StabilityError, coarse_grain, energy_budget, format_stationarity,
-                 linear_growth_rate, linear_modes, normal_mode_pv, oracle_ensemble, perturb_members, refine,
-                 simulate_qg, split_scales, stationarity_report, subgrid_draws, to_dataset, write_netcdf)
+from .qg import (NonFiniteStateError, StabilityError, energy_budget, linear_growth_rate, linear_modes,
+                 normal_mode_pv, perturb_members, simulate_qg, to_dataset, write_netcdf)
+from .qg_coarse import coarse_grain, refine, split_scales
+from .qg_oracle import format_stationarity, oracle_ensemble, stationarity_report, subgrid_draws
 
 __all__ = ["simulate_qg", "perturb_members", "linear_modes", "linear_growth_rate", "normal_mode_pv",
            "energy_budget", "to_dataset", "write_netcdf", "StabilityError", "NonFiniteStateError", "metrics",
