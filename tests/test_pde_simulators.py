@@ -24,7 +24,7 @@ except ImportError:  # editable install made before the plugin existed
 
 # the small Kolmogorov grids used here under-resolve Re = 1000 on purpose (the checks are of the
 # discrete system); the resolution monitor itself is tested on Burgers below
-coarse_ns = pytest.mark.filterwarnings("ignore::diffkit_pde.simulators.ResolutionWarning")
+coarse_ns = pytest.mark.filterwarnings("ignore::diffkit_pde.stability.ResolutionWarning")
 
 
 def _order(dts, errs) -> float:

@@ -11,25 +11,30 @@
   energy spectra, ensemble spread) and plots (:mod:`diffkit_pde.plots`);
 - commands ``diffkit data pde {ks,burgers,kolmogorov}`` and ``diffkit rollout``.
 
-All time stepping is ETDRK4 (Kassam & Trefethen 2005).  Importing this package does not import
-xarray, h5py or matplotlib; see :mod:`diffkit_pde.simulators` for the conventions and the
-stability checks, and docs/pde.md for the workflow.
+All time stepping is ETDRK4 (:mod:`diffkit.etdrk4`, Kassam & Trefethen 2005).  One module per
+equation (:mod:`~diffkit_pde.ks`, :mod:`~diffkit_pde.burgers`, :mod:`~diffkit_pde.kolmogorov`),
+the 1-D engine the first two share (:mod:`~diffkit_pde.periodic1d`), the conventions they follow
+(:mod:`~diffkit_pde.conventions`), the stability and resolution checks
+(:mod:`~diffkit_pde.stability`) and the netCDF output (:mod:`~diffkit_pde.netcdf`).  Importing
+this package does not import xarray, h5py or matplotlib; docs/pde.md has the workflow.
 """
 from __future__ import annotations
 
+from diffkit.etdrk4 import etdrk4_coefficients
 from diffkit.hookspecs import hookimpl
 
 from . import metrics
 from .adapter import PDEDataError, TrajectoryAdapter
+from .burgers import burgers_cole_hopf, simulate_burgers
 from .cli import register_data, register_rollout, simulator
+from .kolmogorov import (kolmogorov_energy_budget, kolmogorov_initial_vorticity, simulate_kolmogorov,
+                         spectral_divergence, taylor_green_vorticity)
+from .ks import simulate_ks
+from .netcdf import to_dataset, write_netcdf
 from .pdebench import read_pdebench, write_pdebench
+from .stability import NonFiniteStateError, ResolutionWarning, StabilityError
 from .surrogate import (InitialCondition, Surrogate, initial_condition, load_surrogate, rollout, rollout_dataset,
                         rollout_report)
-
-from .simulators import (NonFiniteStateError, ResolutionWarning, StabilityError, burgers_cole_hopf, etdrk4_coefficients,
-                         kolmogorov_energy_budget, kolmogorov_initial_vorticity, simulate_burgers,
-                         simulate_kolmogorov, simulate_ks, spectral_divergence, taylor_green_vorticity,
-                         to_dataset, write_netcdf)
 
 __all__ = [
     "StabilityError", "NonFiniteStateError", "ResolutionWarning",

@@ -1,6 +1,6 @@
 """The ``pde`` adapter: trajectories as (history -> next frames) training pairs.
 
-Reads this plugin's CF netCDF files (:func:`diffkit_pde.simulators.to_dataset`) and files in
+Reads this plugin's CF netCDF files (:func:`diffkit_pde.netcdf.to_dataset`) and files in
 the PDEBench HDF5 layout (:func:`diffkit_pde.pdebench.read_pdebench`).  Both give variables with
 dims ``(trajectory, time, *spatial)``.  An item pairs ``history`` frames, spaced ``frame_step``
 output intervals apart, with the ``horizon`` frames that follow (PDE-Refiner, Lippe et al. 2023;

@@ -3,7 +3,7 @@
 PDEBench (Takamoto et al. 2022, *PDEBench: an extensive benchmark for scientific machine
 learning*, NeurIPS Datasets and Benchmarks) distributes its data as HDF5 downloads.  This module
 reads the three layouts those files use, detected automatically, into the same structure as
-:func:`diffkit_pde.simulators.to_dataset`, so one adapter reads both kinds of file:
+:func:`diffkit_pde.netcdf.to_dataset`, so one adapter reads both kinds of file:
 
 1. ``"tensor"`` -- one array ``tensor`` (or ``data``) of shape ``(sample, time, x[, y[, z]][, channel])``
    plus 1-D ``x-coordinate``, ``t-coordinate`` (and ``y-coordinate``, ``z-coordinate``); the
@@ -169,7 +169,7 @@ def _listing(f) -> str:
 
 
 def _attr(v):
-    """An HDF5 attribute as a netCDF-friendly string or number (mirrors simulators._attr)."""
+    """An HDF5 attribute as a netCDF-friendly string or number (mirrors netcdf._attr)."""
     if isinstance(v, bytes):
         return v.decode("utf-8", "replace")
     if isinstance(v, np.ndarray):

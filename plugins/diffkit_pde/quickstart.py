@@ -46,7 +46,8 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
 
     from . import metrics, plots
     from .cli import plot_rollout
-    from .simulators import simulate_ks, to_dataset, write_netcdf
+    from .ks import simulate_ks
+    from .netcdf import to_dataset, write_netcdf
     from .surrogate import initial_condition, load_surrogate, rollout, rollout_dataset
 
     s = SIZES
