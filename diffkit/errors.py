@@ -30,3 +30,8 @@ class ConfigError(DiffkitError, ValueError):
 
 class CheckpointError(DiffkitError):
     """A checkpoint cannot be written or read: missing, truncated, corrupt, foreign or too new."""
+
+
+class ObservationError(DiffkitError, ValueError):
+    """Observations for guided sampling are invalid: NaN values, a negative or non-finite noise
+    std, or a shape that does not match the observation operator."""

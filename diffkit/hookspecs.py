@@ -93,6 +93,18 @@ def diffkit_samplers() -> dict:
 
 
 @hookspec
+def diffkit_guidance() -> dict:
+    """Register guidance methods for sampling from observations: ``{name: method}``.
+
+    ``method(denoiser, obs: Observation, **options) -> guided denoiser``, where ``obs`` is a
+    :class:`diffkit.guidance.Observation` (operator, values ``y``, noise std ``sigma_y``) and the
+    guided denoiser follows the denoiser contract -- ``guided(x_t, t, **extra_args) -> x0`` (an
+    estimate of ``E[x0 | x_t, y]``) with the wrapped denoiser's ``schedule`` -- so every sampler
+    uses it unchanged.  Options are keywords with defaults.  See :mod:`diffkit.guidance`.
+    """
+
+
+@hookspec
 def diffkit_metrics() -> dict:
     """Register metrics: ``{name: function}``.
 

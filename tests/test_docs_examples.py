@@ -41,6 +41,8 @@ HOOK_SIGNATURES = {
     "diffkit_schedules": ["factory(**options) -> Schedule"],
     "diffkit_samplers": ["sampler(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, **options) "
                          "-> Tensor"],
+    "diffkit_guidance": ["method(denoiser, obs: Observation, **options) -> guided denoiser",
+                         "guided(x_t, t, **extra_args) -> x0"],
     "diffkit_metrics": ["fn(*tensors, **options) -> Tensor"],
     "diffkit_commands": ["register(parser: argparse.ArgumentParser) -> None", "run(args) -> int"],
     "diffkit_quickstarts": ["run(out: pathlib.Path, *, seed: int = 0, progress: bool = True) "

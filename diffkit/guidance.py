@@ -1,0 +1,623 @@
+"""Guided sampling from observations: observation operators and guidance methods.
+
+An observation is ``y = A(x0) + noise`` with ``noise ~ N(0, diag(sigma_y^2))``, where ``x0`` is
+one standardised sample ``(C, *spatial)`` of any rank and ``A`` an *observation operator*:
+
+- :class:`MaskOperator` -- the values where a boolean mask of shape ``(C, *spatial)`` is true;
+- :class:`IndexOperator` -- the values at flat indices into ``(C, *spatial)``;
+- :class:`BlockAverage` -- the means over blocks of ``f_1 x f_2 x ...`` points (coarsening);
+- :class:`LinearOperator` -- a dense matrix over the flattened sample, or a linear callable;
+- :class:`NonlinearOperator` -- any differentiable callable (autograd).
+
+:class:`Observation` holds the operator, the values ``y`` (batch first) and ``sigma_y`` (a float or
+one value per observation) and checks them.
+
+A **guidance method** wraps a denoiser ``D(x_t, t, **extra_args) -> E[x0 | x_t]`` (with its
+``.schedule``) into another one, ``guided(x_t, t, **extra_args) -> E[x0 | x_t, y]`` (approximately),
+with the same ``.schedule``.  Since every sampler only needs an x0 estimate, every registered
+sampler -- deterministic or stochastic, built-in or plug-in -- samples the posterior with it
+unchanged.  Under the VP process ``x_t = alpha_t x0 + sigma_t eps`` Tweedie's formula gives
+
+    E[x0 | x_t, y] = D(x_t) + (sigma_t^2 / alpha_t) grad_{x_t} log p(y | x_t),
+    Cov[x0 | x_t]  = (sigma_t^2 / alpha_t) dD/dx_t,
+
+and the methods differ in how they approximate ``log p(y | x_t)``:
+
+- :func:`dps` (Chung et al. 2022): ``-(zeta / ||r||) ||r||^2`` with ``r = y - A(D(x_t))``;
+- :func:`reconstruction` (Shysheya et al. 2024; SDA, Rozet & Louppe 2023): the Gaussian
+  ``N(y; A(D), Sigma_y + gamma sigma_t^2 / alpha_t^2 I)``;
+- :func:`mmps` (Rozet et al. 2024): the Gaussian ``N(y; A D, Sigma_y + A Cov[x0 | x_t] A^T)``, with
+  the Tweedie covariance applied through vector-Jacobian products and the system solved by
+  conjugate gradients; exact for a Gaussian prior, a linear operator and the exact denoiser.
+
+They are registered through the ``diffkit_guidance`` hook (:func:`get_guidance`), so plugins can
+add more.  Guided denoisers differentiate through the denoiser, so they do not define the
+samplers' ``x0_at`` fast path: samplers call them plainly (see :mod:`diffkit.samplers`).
+docs/assimilation.md gives the costs and how to choose ``gamma`` and ``sigma_y``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ._shape import as_batch_time, bcast
+from .errors import ObservationError
+from .hookspecs import hookimpl
+from .hookspecs import hookimpl
+
+__all__ = [
+    "BlockAverage", "GuidedDenoiser", "IndexOperator", "LinearOperator", "MaskOperator", "NonlinearOperator",
+    "Observation", "ObservationOperator", "dps", "get_guidance", "mmps", "reconstruction", "BUILTIN_GUIDANCE",
+]
+
+
+def _numel(shape) -> int:
+    return int(math.prod(shape))
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product over every dim but the first: ``(B,)``."""
+    return (a * b).flatten(1).sum(1)
+
+
+# -- observation operators -------------------------------------------------------------------
+class ObservationOperator:
+    """Base class of observation operators ``A``: ``A(x) -> y`` for ``x`` of shape ``(B, C, *spatial)``
+    and ``y`` of shape ``(B, *obs_shape)``.
+
+    ``linear`` says whether ``A`` is linear.  ``in_shape`` is the sample shape ``(C, *spatial)`` the
+    operator expects, or ``None`` when it takes any shape it can handle.  Subclasses define
+    ``__call__`` and, when they know it, :meth:`out_shape`; linear ones may define an explicit
+    :meth:`transpose` (the default is autograd's vector-Jacobian product).
+    """
+
+    linear: bool = True
+    in_shape: tuple | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def out_shape(self, in_shape: tuple | None = None) -> tuple | None:
+        """``obs_shape`` (without batch) for samples of shape ``in_shape`` (default ``self.in_shape``),
+        or ``None`` if unknown."""
+        in_shape = tuple(in_shape) if in_shape is not None else self.in_shape
+        if in_shape is None:
+            return None
+        with torch.no_grad():
+            return tuple(self(torch.zeros((1, *in_shape), dtype=torch.float64)).shape[1:])
+
+    def vjp(self, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``J_A(x)^T v``: the vector-Jacobian product at ``x`` (``A^T v`` for a linear ``A``)."""
+        if self.linear:
+            return self.transpose(v, tuple(x.shape[1:]))
+        return _autograd_vjp(self, x, v)
+
+    def jvp(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``J_A(x) w``: the Jacobian-vector product at ``x`` (``A w`` for a linear ``A``)."""
+        if self.linear:
+            return self(w)
+        with torch.enable_grad():  # the double-backward trick: the JVP as the VJP of a VJP
+            xr = x.detach().requires_grad_(True)
+            out = self(xr)
+            u = torch.zeros_like(out, requires_grad=True)
+            (g,) = torch.autograd.grad(out, xr, u, create_graph=True)
+            (jw,) = torch.autograd.grad(g, u, w)
+        return jw
+
+    def transpose(self, v: torch.Tensor, in_shape: tuple | None = None) -> torch.Tensor:
+        """``A^T v`` for a linear operator, ``v`` of shape ``(B, *obs_shape)``, a result of shape
+        ``(B, *in_shape)``; by autograd unless the subclass has a closed form."""
+        if not self.linear:
+            raise TypeError(f"{type(self).__name__} is nonlinear: it has no transpose; use vjp(x, v) at a point x")
+        shape = self._need_in_shape(in_shape)
+        x = torch.zeros((v.shape[0], *shape), dtype=v.dtype, device=v.device)
+        return _autograd_vjp(self, x, v)
+
+    def _need_in_shape(self, in_shape) -> tuple:
+        shape = tuple(in_shape) if in_shape is not None else self.in_shape
+        if shape is None:
+            raise ObservationError(f"{type(self).__name__} does not know the sample shape; pass in_shape=(C, *spatial)")
+        return tuple(shape)
+
+    def _check_x(self, x: torch.Tensor) -> None:
+        if self.in_shape is not None and tuple(x.shape[1:]) != tuple(self.in_shape):
+            raise ObservationError(f"{type(self).__name__} expects samples of shape {tuple(self.in_shape)} "
+                                   f"(C, *spatial), got {tuple(x.shape[1:])}; build the operator for the model's sample shape")
+
+
+def _autograd_vjp(fn, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    with torch.enable_grad():
+        xr = x.detach().requires_grad_(True)
+        out = fn(xr)
+        if tuple(out.shape) != tuple(v.shape):
+            raise ObservationError(f"the operator gives shape {tuple(out.shape)} but the vector has shape {tuple(v.shape)}")
+        (g,) = torch.autograd.grad(out, xr, v.to(out.dtype), allow_unused=True)
+    return torch.zeros_like(xr) if g is None else g
+
+
+class MaskOperator(ObservationOperator):
+    """The values where ``mask`` is true: ``y = x[:, mask]``, shape ``(B, n_obs)`` with ``n_obs = mask.sum()``
+    in row-major order of ``(C, *spatial)``.  ``mask`` is boolean of shape ``(C, *spatial)``."""
+
+    linear = True
+
+    def __init__(self, mask):
+        mask = torch.as_tensor(mask)
+        if mask.dtype != torch.bool:
+            raise ObservationError(f"MaskOperator needs a boolean mask, got dtype {mask.dtype}; pass mask.bool() "
+                                   f"(true where observed)")
+        if mask.ndim < 2:
+            raise ObservationError(f"MaskOperator needs a mask of shape (C, *spatial), got {tuple(mask.shape)}; "
+                                   f"add the channel dim with mask[None]")
+        if not bool(mask.any()):
+            raise ObservationError("MaskOperator's mask observes nothing (no true value); mark the observed points true")
+        self.mask = mask
+        self.in_shape = tuple(mask.shape)
+        self.n_obs = int(mask.sum())
+
+    def __call__(self, x):
+        self._check_x(x)
+        return x[:, self.mask.to(x.device)]
+
+    def out_shape(self, in_shape=None):
+        return (self.n_obs,)
+
+    def transpose(self, v, in_shape=None):
+        out = v.new_zeros((v.shape[0], *self.in_shape))
+        out[:, self.mask.to(v.device)] = v
+        return out
+
+
+class IndexOperator(ObservationOperator):
+    """The values at flat (row-major) indices ``index`` into one sample ``(C, *spatial)``:
+    ``y = x.flatten(1)[:, index]``, shape ``(B, len(index))``.  Give ``in_shape`` so that shapes
+    are checked up front and the transpose knows its size (otherwise it is taken from ``x``)."""
+
+    linear = True
+
+    def __init__(self, index, in_shape: tuple | None = None):
+        index = torch.as_tensor(index)
+        if index.is_floating_point() or index.dtype == torch.bool or index.ndim != 1 or index.numel() == 0:
+            raise ObservationError(f"IndexOperator needs a non-empty 1-D integer tensor of flat indices, got "
+                                   f"dtype {index.dtype} and shape {tuple(index.shape)}; for a boolean mask use MaskOperator")
+        self.index = index.long()
+        self.in_shape = None if in_shape is None else tuple(int(s) for s in in_shape)
+        lo, hi = int(self.index.min()), int(self.index.max())
+        n = None if self.in_shape is None else _numel(self.in_shape)
+        if lo < 0 or (n is not None and hi >= n):
+            raise ObservationError(f"IndexOperator indices must lie in [0, {n if n is not None else 'numel'}), got "
+                                   f"{lo}..{hi}; indices are flat row-major positions in (C, *spatial)")
+
+    def __call__(self, x):
+        self._check_x(x)
+        flat = x.flatten(1)
+        if int(self.index.max()) >= flat.shape[1]:
+            raise ObservationError(f"IndexOperator index {int(self.index.max())} is out of range for samples of "
+                                   f"{flat.shape[1]} values (shape {tuple(x.shape[1:])})")
+        return flat[:, self.index.to(x.device)]
+
+    def out_shape(self, in_shape=None):
+        return (int(self.index.numel()),)
+
+    def transpose(self, v, in_shape=None):
+        shape = self._need_in_shape(in_shape)
+        out = v.new_zeros((v.shape[0], _numel(shape)))
+        out.index_add_(1, self.index.to(v.device), v)
+        return out.reshape(v.shape[0], *shape)
+
+
+class BlockAverage(ObservationOperator):
+    """Coarsening: the mean over blocks of ``factors[i]`` points along spatial axis ``i``, channel by
+    channel.  ``(B, C, n_1, ..., n_d) -> (B, C, n_1/f_1, ..., n_d/f_d)``; ``factors`` is one integer per
+    spatial axis, or one integer for all.  Every ``n_i`` must be divisible by ``f_i``."""
+
+    linear = True
+
+    def __init__(self, factors, in_shape: tuple | None = None):
+        fs = (factors,) if isinstance(factors, int) else tuple(factors)
+        if not fs or any(not isinstance(f, int) or isinstance(f, bool) or f < 1 for f in fs):
+            raise ObservationError(f"BlockAverage factors must be positive integers (one per spatial axis, or one "
+                                   f"for all), got {factors!r}")
+        self.factors = fs
+        self.in_shape = None if in_shape is None else tuple(int(s) for s in in_shape)
+        if self.in_shape is not None:
+            self._factors_for(self.in_shape)
+
+    def _factors_for(self, shape: tuple) -> tuple:
+        spatial = tuple(shape[1:])
+        fs = self.factors * len(spatial) if len(self.factors) == 1 else self.factors
+        if len(fs) != len(spatial):
+            raise ObservationError(f"BlockAverage has {len(fs)} factors {fs} but the samples have {len(spatial)} "
+                                   f"spatial axes {spatial}; give one factor per spatial axis or a single integer")
+        bad = [(n, f) for n, f in zip(spatial, fs) if n % f]
+        if bad:
+            raise ObservationError(f"BlockAverage factors {fs} do not divide the spatial sizes {spatial} "
+                                   f"(size {bad[0][0]} by {bad[0][1]}); choose factors that divide them")
+        return fs
+
+    def __call__(self, x):
+        self._check_x(x)
+        fs = self._factors_for(tuple(x.shape[1:]))
+        B, C, spatial = x.shape[0], x.shape[1], x.shape[2:]
+        split = [B, C]
+        for n, f in zip(spatial, fs):
+            split += [n // f, f]
+        block_dims = tuple(3 + 2 * i for i in range(len(fs)))
+        return x.reshape(split).mean(dim=block_dims)
+
+    def out_shape(self, in_shape=None):
+        shape = tuple(in_shape) if in_shape is not None else self.in_shape
+        if shape is None:
+            return None
+        fs = self._factors_for(shape)
+        return (shape[0], *(n // f for n, f in zip(shape[1:], fs)))
+
+    def transpose(self, v, in_shape=None):
+        fs = self.factors * (v.ndim - 2) if len(self.factors) == 1 else self.factors
+        out = v / _numel(fs)
+        for i, f in enumerate(fs):
+            out = out.repeat_interleave(f, dim=2 + i)
+        if in_shape is not None or self.in_shape is not None:
+            shape = self._need_in_shape(in_shape)
+            if tuple(out.shape[1:]) != shape:
+                raise ObservationError(f"BlockAverage.transpose: a coarse field of shape {tuple(v.shape[1:])} maps "
+                                       f"to {tuple(out.shape[1:])}, not {shape}")
+        return out
+
+
+class LinearOperator(ObservationOperator):
+    """A linear map given as a dense matrix ``(n_obs, prod(in_shape))`` over the flattened (row-major)
+    sample, ``y = x.flatten(1) @ matrix.T`` of shape ``(B, n_obs)``, or as a linear callable
+    ``fn(x) -> y`` (its transpose by autograd).  ``in_shape`` is the sample shape ``(C, *spatial)``."""
+
+    linear = True
+
+    def __init__(self, matrix_or_callable, in_shape: tuple):
+        if in_shape is None:
+            raise ObservationError("LinearOperator needs in_shape=(C, *spatial), the shape of one sample")
+        self.in_shape = tuple(int(s) for s in in_shape)
+        if callable(matrix_or_callable) and not isinstance(matrix_or_callable, torch.Tensor):
+            self.fn, self.matrix = matrix_or_callable, None
+        else:
+            m = torch.as_tensor(matrix_or_callable)
+            if not m.is_floating_point():
+                m = m.to(torch.float64)
+            if m.ndim != 2 or m.shape[1] != _numel(self.in_shape):
+                raise ObservationError(f"LinearOperator matrix has shape {tuple(m.shape)}, expected (n_obs, "
+                                       f"{_numel(self.in_shape)}) for samples of shape {self.in_shape}")
+            if not bool(torch.isfinite(m).all()):
+                raise ObservationError("LinearOperator matrix holds NaN or inf; give finite coefficients")
+            self.fn, self.matrix = None, m
+
+    def __call__(self, x):
+        self._check_x(x)
+        if self.matrix is None:
+            return self.fn(x)
+        return x.flatten(1) @ self.matrix.to(device=x.device, dtype=x.dtype).T
+
+    def out_shape(self, in_shape=None):
+        if self.matrix is not None:
+            return (int(self.matrix.shape[0]),)
+        return super().out_shape(in_shape)
+
+    def transpose(self, v, in_shape=None):
+        if self.matrix is None:
+            return super().transpose(v, self.in_shape)
+        return (v @ self.matrix.to(device=v.device, dtype=v.dtype)).reshape(v.shape[0], *self.in_shape)
+
+
+class NonlinearOperator(ObservationOperator):
+    """Any differentiable callable ``fn(x) -> y`` (batch first); its Jacobian products come from
+    autograd.  ``in_shape`` (optional) lets shapes be checked before sampling."""
+
+    linear = False
+
+    def __init__(self, fn: Callable, in_shape: tuple | None = None):
+        if not callable(fn):
+            raise ObservationError(f"NonlinearOperator needs a callable fn(x) -> y, got {type(fn).__name__}")
+        self.fn = fn
+        self.in_shape = None if in_shape is None else tuple(int(s) for s in in_shape)
+
+    def __call__(self, x):
+        self._check_x(x)
+        return self.fn(x)
+
+
+# -- observations ------------------------------------------------------------------------------
+def _match_batch(v: torch.Tensor, B: int, what: str) -> torch.Tensor:
+    """``v`` of batch ``n`` for samples of batch ``B``: as is when ``n == B``; each entry repeated
+    ``B / n`` times in a row when ``n`` divides ``B`` (one observation, ``B / n`` members, as
+    :meth:`diffkit.Cond.repeat_interleave`)."""
+    n = v.shape[0]
+    if n == B:
+        return v
+    if n and B % n == 0:
+        return v.repeat_interleave(B // n, dim=0)
+    raise ObservationError(f"{what} has batch {n} but the samples have batch {B}; give one observation per sample, "
+                           f"or one per group of B/n consecutive members (B a multiple of n)")
+
+
+class Observation:
+    """Observations ``y = A(x0) + N(0, diag(sigma_y^2))`` for guided sampling.
+
+    - ``operator``: an :class:`ObservationOperator` (``__call__`` and ``linear``);
+    - ``y``: values of shape ``(n, *obs_shape)``, batch first.  ``n`` equals the sampling batch, or
+      divides it (each observation then serves ``B / n`` consecutive members);
+    - ``sigma_y``: the noise std, a float or a tensor broadcastable to ``y`` (one value per
+      observation); ``0`` means exact observations.
+
+    NaN in ``y``, a negative or non-finite ``sigma_y``, or a ``y`` whose shape the operator cannot
+    give raise :class:`~diffkit.errors.ObservationError`.
+    """
+
+    def __init__(self, operator: ObservationOperator, y, sigma_y):
+        if not callable(operator) or not hasattr(operator, "linear"):
+            raise ObservationError(f"the observation operator must be callable with a `linear` attribute "
+                                   f"(MaskOperator, IndexOperator, BlockAverage, LinearOperator, NonlinearOperator), "
+                                   f"got {type(operator).__name__}")
+        y = torch.as_tensor(y)
+        if not y.is_floating_point():
+            y = y.to(torch.get_default_dtype())
+        if y.ndim < 2:
+            raise ObservationError(f"observations y have shape {tuple(y.shape)}; they need a batch dim first, "
+                                   f"(n, n_obs) or (n, *obs_shape): add one with y[None]")
+        bad = ~torch.isfinite(y)
+        if bool(bad.any()):
+            raise ObservationError(f"observations y hold {int(torch.isnan(y).sum())} NaN and {int(torch.isinf(y).sum())} "
+                                   f"inf values; leave missing observations out of the operator (mark them false "
+                                   f"in the MaskOperator's mask)")
+        s = torch.as_tensor(sigma_y, dtype=torch.float64)
+        if not bool(torch.isfinite(s).all()):
+            raise ObservationError("sigma_y holds NaN or inf; give the finite observation-noise std (>= 0), "
+                                   "a float or one value per observation")
+        if bool((s < 0).any()):
+            raise ObservationError(f"sigma_y must be >= 0 (the observation-noise std), got values down to "
+                                   f"{float(s.min()):g}; give its absolute value")
+        try:
+            if torch.broadcast_shapes(s.shape, y.shape) != y.shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise ObservationError(f"sigma_y of shape {tuple(s.shape)} does not broadcast to y of shape "
+                                   f"{tuple(y.shape)}; give a float or one value per observation") from None
+        want = operator.out_shape() if hasattr(operator, "out_shape") else None
+        if want is not None and tuple(y.shape[1:]) != tuple(want):
+            raise ObservationError(f"observations y have shape {tuple(y.shape)} but the operator gives (n, "
+                                   f"{', '.join(map(str, want))}); give y of shape (n, *{tuple(want)})")
+        self.operator, self.y = operator, y
+        self.sigma_y = torch.broadcast_to(s, y.shape).to(y.dtype)
+
+    @property
+    def n_obs(self) -> int:
+        """Observations per sample."""
+        return _numel(self.y.shape[1:])
+
+    def values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, sigma_y^2)`` matched to the batch, dtype and device of samples ``x``."""
+        B = x.shape[0]
+        y = _match_batch(self.y, B, "observations y").to(device=x.device, dtype=x.dtype)
+        var = _match_batch(self.sigma_y, B, "sigma_y").to(device=x.device, dtype=x.dtype) ** 2
+        return y, var
+
+    def predict(self, x0: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``A(x0)``, checked against the shape of ``y``."""
+        y_hat = self.operator(x0)
+        if tuple(y_hat.shape) != tuple(y.shape):
+            raise ObservationError(f"the operator maps samples of shape {tuple(x0.shape)} to {tuple(y_hat.shape)}, "
+                                   f"but the observations have shape {tuple(y.shape)}; build the operator for "
+                                   f"the model's sample shape")
+        return y_hat
+
+
+# -- guidance methods ---------------------------------------------------------------------------
+class GuidedDenoiser:
+    """A denoiser wrapped with observations: ``guided(x_t, t, **extra_args) -> x0`` with ``.schedule``.
+
+    ``nfe`` counts denoiser calls and ``vjps`` vector-Jacobian products through the denoiser, for
+    cost accounting.  There is no ``x0_at`` fast path: samplers call the plain ``__call__``."""
+
+    method = "guided"
+
+    def __init__(self, denoiser, obs: Observation):
+        if not callable(denoiser) or not hasattr(denoiser, "schedule"):
+            raise TypeError("guidance wraps a denoiser: a callable denoiser(x, t, **extra_args) -> x0 with a "
+                            ".schedule (diffkit.Denoiser.bind(cond) gives one)")
+        if not isinstance(obs, Observation):
+            raise TypeError(f"obs must be a diffkit.guidance.Observation, got {type(obs).__name__}")
+        self.denoiser, self.obs = denoiser, obs
+        self.schedule = denoiser.schedule
+        self.nfe = 0
+        self.vjps = 0
+
+    def __call__(self, x: torch.Tensor, t, **extra_args) -> torch.Tensor:
+        B = x.shape[0]
+        a, s = self.schedule.coeffs(as_batch_time(t, B, device=x.device))
+        y, var = self.obs.values(x)
+        with torch.enable_grad():
+            xr = x.detach().requires_grad_(True)
+            x0 = self.denoiser(xr, t, **extra_args)
+            self.nfe += 1
+            out = self._guide(xr, x0, bcast(a, x), bcast(s, x), a.to(x.dtype), s.to(x.dtype), y, var)
+        return out.detach()
+
+    def _guide(self, xr, x0, a, s, a_b, s_b, y, var):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.denoiser!r}, n_obs={self.obs.n_obs})"
+
+
+def _per_obs(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``(B,)`` values broadcast against observations ``like``."""
+    return bcast(v, like)
+
+
+class DPS(GuidedDenoiser):
+    """Diffusion posterior sampling (Chung et al. 2022) as a denoiser."""
+
+    method = "dps"
+
+    def __init__(self, denoiser, obs, *, zeta: float = 1.0):
+        super().__init__(denoiser, obs)
+        z = float(zeta)
+        if not (z >= 0 and math.isfinite(z)):
+            raise ValueError(f"zeta must be a finite number >= 0, got {zeta!r}")
+        self.zeta = z
+
+    def _guide(self, xr, x0, a, s, a_b, s_b, y, var):
+        r = y - self.obs.predict(x0, y)
+        sq = (r * r).flatten(1).sum(1)  # ||r||^2 per sample
+        (g,) = torch.autograd.grad(sq.sum(), xr)
+        self.vjps += 1
+        step = self.zeta / sq.detach().sqrt().clamp_min(torch.finfo(sq.dtype).tiny)
+        return x0.detach() - (s * s / a) * bcast(step, xr) * g
+
+
+class Reconstruction(GuidedDenoiser):
+    """Reconstruction guidance (Shysheya et al. 2024; SDA, Rozet & Louppe 2023) as a denoiser."""
+
+    method = "reconstruction"
+
+    def __init__(self, denoiser, obs, *, gamma: float = 1.0):
+        super().__init__(denoiser, obs)
+        g = float(gamma)
+        if not (g >= 0 and math.isfinite(g)):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
+        if g == 0 and bool((obs.sigma_y == 0).any()):
+            raise ObservationError("reconstruction guidance with gamma = 0 needs sigma_y > 0 everywhere (its "
+                                   "likelihood variance is sigma_y^2 + gamma sigma_t^2/alpha_t^2); give gamma > 0")
+        self.gamma = g
+
+    def _guide(self, xr, x0, a, s, a_b, s_b, y, var):
+        r = y - self.obs.predict(x0, y)
+        v = var + self.gamma * _per_obs((s_b / a_b) ** 2, y)
+        (g,) = torch.autograd.grad((-0.5 * r * r / v).sum(), xr)
+        self.vjps += 1
+        return x0.detach() + (s * s / a) * g
+
+
+class MMPS(GuidedDenoiser):
+    """Moment-matching posterior sampling (Rozet et al. 2024) as a denoiser."""
+
+    method = "mmps"
+
+    def __init__(self, denoiser, obs, *, cg_iters: int = 10, cg_tol: float = 1e-6):
+        super().__init__(denoiser, obs)
+        if not isinstance(cg_iters, int) or isinstance(cg_iters, bool) or cg_iters < 1:
+            raise ValueError(f"cg_iters must be an integer >= 1, got {cg_iters!r}")
+        tol = float(cg_tol)
+        if not (tol >= 0 and math.isfinite(tol)):
+            raise ValueError(f"cg_tol must be a finite number >= 0, got {cg_tol!r}")
+        self.cg_iters, self.cg_tol = cg_iters, tol
+        self.last_cg_iters = 0
+
+    def _guide(self, xr, x0, a, s, a_b, s_b, y, var):
+        op = self.obs.operator
+        x0d = x0.detach()
+        y_hat = self.obs.predict(x0d, y)
+        c = s * s / a  # sigma^2 / alpha, broadcast against x
+
+        def cov(v):  # Cov[x0 | x_t] v = (sigma^2/alpha) J^T v (J symmetric for an exact denoiser)
+            (g,) = torch.autograd.grad(x0, xr, v, retain_graph=True)
+            self.vjps += 1
+            return c * g
+
+        def matvec(u):  # (Sigma_y + A Cov A^T) u
+            return var * u + op.jvp(x0d, cov(op.vjp(x0d, u)))
+
+        u, self.last_cg_iters = _cg(matvec, y - y_hat, self.cg_iters, self.cg_tol)
+        (g,) = torch.autograd.grad(x0, xr, op.vjp(x0d, u))
+        self.vjps += 1
+        return x0d + c * g
+
+
+def _cg(matvec, b: torch.Tensor, iters: int, tol: float) -> tuple[torch.Tensor, int]:
+    """Solve ``matvec(x) = b`` for each sample of the batch by conjugate gradients (at most ``iters``
+    products; stops when every residual is below ``tol`` times its right-hand side)."""
+    x = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rs = _dot(r, r)
+    stop = (tol * tol) * rs
+    tiny = torch.finfo(b.dtype).tiny
+    n = 0
+    for n in range(1, iters + 1):
+        if bool((rs <= stop).all()):
+            return x, n - 1
+        Ap = matvec(p)
+        pAp = _dot(p, Ap)
+        alpha = torch.where(pAp.abs() > tiny, rs / pAp.where(pAp.abs() > tiny, torch.ones_like(pAp)),
+                            torch.zeros_like(pAp))
+        x = x + bcast(alpha, x) * p
+        r = r - bcast(alpha, r) * Ap
+        rs_new = _dot(r, r)
+        beta = torch.where(rs > tiny, rs_new / rs.clamp_min(tiny), torch.zeros_like(rs))
+        p = r + bcast(beta, r) * p
+        rs = rs_new
+    return x, n
+
+
+def dps(denoiser, obs: Observation, *, zeta: float = 1.0) -> DPS:
+    """DPS (Chung et al. 2022): likelihood score ``-(zeta / ||r||) grad_{x_t} ||r||^2``, ``r = y - A(D(x_t))``.
+
+    Returns the guided denoiser ``x_t, t -> D - (sigma_t^2/alpha_t) (zeta/||r||) grad_{x_t} ||r||^2``,
+    an estimate of ``E[x0 | x_t, y]``.  Cost per call: 1 denoiser evaluation and 1 vector-Jacobian
+    product through it.  Chung's adaptive step ``zeta / ||r||`` replaces ``1 / (2 sigma_y^2)``, so
+    ``sigma_y`` is not used and ``zeta`` alone sets the strength; the approximation
+    ``p(y | x_t) ~ p(y | D(x_t))`` ignores the denoiser's uncertainty and is biased (never exact).
+    """
+    return DPS(denoiser, obs, zeta=zeta)
+
+
+def reconstruction(denoiser, obs: Observation, *, gamma: float = 1.0) -> Reconstruction:
+    """Reconstruction guidance (Shysheya et al. 2024; SDA, Rozet & Louppe 2023).
+
+    ``p(y | x_t) ~ N(y; A(D(x_t)), Sigma_y + gamma sigma_t^2/alpha_t^2 I)``, differentiated through the
+    denoiser by autograd.  Returns the guided denoiser ``D + (sigma_t^2/alpha_t) grad_{x_t} log p(y | x_t)``,
+    an estimate of ``E[x0 | x_t, y]``.  Cost per call: 1 denoiser evaluation and 1 vector-Jacobian
+    product.  Exact only where ``Cov[x0 | x_t] = gamma sigma_t^2/alpha_t^2 I`` (for instance a Gaussian
+    prior of identity covariance and ``gamma = 1``, for an operator with orthonormal rows).
+    """
+    return Reconstruction(denoiser, obs, gamma=gamma)
+
+
+def mmps(denoiser, obs: Observation, *, cg_iters: int = 10, cg_tol: float = 1e-6) -> MMPS:
+    """MMPS (Rozet et al. 2024): ``p(y | x_t) ~ N(y; A D, Sigma_y + A Cov[x0 | x_t] A^T)`` with the Tweedie
+    covariance ``Cov[x0 | x_t] = (sigma_t^2/alpha_t) dD/dx_t``.
+
+    Returns the guided denoiser ``D + Cov A^T u`` with ``(Sigma_y + A Cov A^T) u = y - A D`` solved by
+    conjugate gradients, an estimate of ``E[x0 | x_t, y]`` -- exact for a Gaussian prior, a linear
+    operator and the exact denoiser once CG has converged (at most ``n_obs`` iterations in exact
+    arithmetic).  A nonlinear operator is linearised at ``D``.  Cost per call: 1 denoiser
+    evaluation and ``k + 1`` vector-Jacobian products, ``k <= cg_iters`` the CG iterations run
+    (CG stops early when the residual falls below ``cg_tol`` times the right-hand side).
+    """
+    return MMPS(denoiser, obs, cg_iters=cg_iters, cg_tol=cg_tol)
+
+
+#: diffkit's own guidance methods, registered through the ``diffkit_guidance`` hook (:mod:`diffkit._builtins`)
+BUILTIN_GUIDANCE = {"dps": dps, "reconstruction": reconstruction, "mmps": mmps}
+
+
+@hookimpl
+def diffkit_guidance():
+    """diffkit's own guidance methods (:data:`BUILTIN_GUIDANCE`), registered as a built-in plugin."""
+    return dict(BUILTIN_GUIDANCE)
+
+
+@hookimpl
+def diffkit_guidance():
+    """diffkit's own guidance methods, registered as a built-in plugin (:mod:`diffkit._builtins`)."""
+    return dict(BUILTIN_GUIDANCE)
+
+
+def get_guidance(name_or_fn):
+    """The guidance method registered as ``name`` (``"dps"``, ``"reconstruction"``, ``"mmps"`` or a
+    plugin's), or ``name_or_fn`` itself if it is callable.  ``method(denoiser, obs, **options)``
+    returns a guided denoiser."""
+    if callable(name_or_fn):
+        return name_or_fn
+    from . import registry
+
+    return registry.get("guidance", name_or_fn)
