@@ -9,7 +9,7 @@ import pytest
 from diffkit import losses, param, samplers
 from diffkit.config import (Config, DataConfig, FieldDoc, LossConfig, ModelConfig, SampleConfig,
                             TrainerConfig, apply_overrides, config_from_dict, config_to_dict, describe,
-                            dump_config, format_config_help, load_config)
+                            dump_config, format_config_help, format_config_markdown, load_config)
 from diffkit.errors import ConfigError
 
 SECTIONS = [DataConfig, ModelConfig, LossConfig, TrainerConfig, SampleConfig, Config]
@@ -436,3 +436,105 @@ def test_negative_guidance_is_rejected():
     with pytest.raises(ConfigError, match=r"'sample\.guidance' .* must be >= 0 .*negative guidance is not supported.*"
                                           r"got -1\.0"):
         config_from_dict({"sample": {"guidance": -1.0}})
+
+
+# -- issue 16: the schema apart from the loader, its rules beside its fields, no torch ----------------
+#: every range/choice rule of the schema, with a value that breaks it and what the error says it must be
+#: (the messages of the table of rules config.py had before the rules moved into field metadata)
+RULES = {
+    "data.val_fraction": (1.0, "in [0, 1)"),
+    "data.workers": (-1, ">= 0"),
+    "data.batch_size": (0, ">= 1"),
+    "data.window": (1, "0 (off) or a number of states >= 2"),
+    "data.mask_past": (1.5, "a probability in [0, 1]"),
+    "data.mask_points": (-0.5, "a probability in [0, 1]"),
+    "data.mask_both": (2.0, "a probability in [0, 1]"),
+    "data.mask_fraction": ((0.6, 0.5), "[low, high] with 0 < low <= high <= 1"),
+    "model.schedule": ({"T": 10}, "a schedule name or a table with a 'name' key, like {name = \"cosine\"}"),
+    "loss.p_mean": (float("inf"), "finite"),
+    "loss.p_std": (0.0, "> 0 and finite"),
+    "loss.sigma_min": (-1.0, "> 0 and finite"),
+    "loss.sigma_max": (float("inf"), "> 0 and finite"),
+    "loss.sigma_data": (0.0, "> 0 and finite"),
+    "loss.gamma": (0.0, "> 0"),
+    "loss.p_uncond": (1.0, "in [0, 1)"),
+    "trainer.steps": (0, ">= 1"),
+    "trainer.time_budget": (0.0, "> 0 seconds (or unset)"),
+    "trainer.lr": (0.0, "> 0 and finite"),
+    "trainer.weight_decay": (-0.1, ">= 0 and finite"),
+    "trainer.betas": ((0.9, 1.0), "two numbers in [0, 1)"),
+    "trainer.warmup": (-1, ">= 0"),
+    "trainer.grad_clip": (0.0, "> 0 (or \"none\" to switch clipping off)"),
+    "trainer.grad_accum": (0, ">= 1"),
+    "trainer.ema_decay": (1.0, "in [0, 1)"),
+    "trainer.log_every": (0, ">= 1"),
+    "trainer.val_every": (-1, ">= 0 (0 = never)"),
+    "trainer.val_batches": (0, ">= 1"),
+    "trainer.snapshot_every": (-1, ">= 0 (0 = off)"),
+    "trainer.ckpt_every": (-1, ">= 0 (0 = only at the end)"),
+    "trainer.keep_last": (0, ">= 1"),
+    "sample.nfe": (1_000_001, "in 1..1000000 (the number of denoiser calls)"),
+    "sample.spacing": ("linear", "one of uniform, quadratic, karras, logsnr (or unset)"),
+    "sample.n": (0, ">= 1"),
+    "sample.guidance": (-1.0, ">= 0 and finite (or unset; negative guidance is not supported: 0 is the "
+                              "unconditional model, 1 the conditional one)"),
+}
+
+
+def test_range_rules_sit_in_field_metadata():
+    """Each range or choice rule is in the metadata of its field (no table apart), and each one is
+    enforced with its own message when a dict is read."""
+    from diffkit import _typed
+
+    found = {}
+    for name, cls in _typed.hints(Config).items():
+        for f in dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ():
+            rule = _typed._rule(f, _typed.hints(cls)[f.name])
+            if rule is not None:
+                found[f"{name}.{f.name}"] = rule.describe()
+    assert found == {key: what for key, (_, what) in RULES.items()}
+    for key, (bad, what) in RULES.items():
+        section, name = key.split(".")
+        with pytest.raises(ConfigError) as e:
+            config_from_dict({section: {name: list(bad) if isinstance(bad, tuple) else bad}})
+        assert str(e.value) == f"{key!r} in <dict> must be {what}, got {bad!r}", key
+        assert e.value.key == key
+
+
+def test_config_imports_neither_torch_nor_the_samplers():
+    """diffkit.config (and the loader and documentation modules it uses) import no torch and no
+    diffkit.samplers: loaded in a fresh interpreter under a bare `diffkit` package object (diffkit's own
+    __init__ imports the engine, and so torch), a Config is built, read, documented and written."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import diffkit
+    code = ("import sys, types, tempfile, pathlib; p = types.ModuleType('diffkit'); p.__path__ = [%r]; "
+            "sys.modules['diffkit'] = p; import diffkit.config as c; "
+            "cfg = c.apply_overrides(c.Config(), ['sample.sampler=heun', 'sample.spacing=karras']); "
+            "d = pathlib.Path(tempfile.mkdtemp()); assert c.load_config(c.dump_config(cfg, d / 'c.toml')) == cfg; "
+            "c.format_config_markdown(); "
+            "print(sorted(m for m in ('torch', 'diffkit.samplers', 'diffkit.registry', 'numpy') "
+            "if m in sys.modules))"
+            % str(Path(diffkit.__file__).parent))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_sampler_constants_are_shared_with_the_samplers():
+    """The sampler constants config.py checks against are the samplers' own (diffkit.constants)."""
+    from diffkit import constants
+
+    assert samplers.SPACINGS is constants.SPACINGS and samplers.MAX_NFE == constants.MAX_NFE
+    assert constants.BUILTIN_SAMPLER_NAMES == tuple(samplers.BUILTIN_SAMPLERS)
+
+
+def test_documentation_rendering_is_its_own_module():
+    """diffkit.config_docs renders the help and docs/config.md; config.py only passes its Config."""
+    from diffkit import config_docs
+
+    assert config_docs.format_markdown(Config) == format_config_markdown()
+    assert config_docs.format_help(Config, 70) == format_config_help(width=70)
+    assert config_docs.describe(Config) == describe()
