@@ -33,17 +33,18 @@ Numerical scheme
   results converge as ``dt -> 0`` and the filter's energy loss is a well-defined budget term.
   ``filterfac=0`` switches it off.
 - **Time**: ETDRK4 (Cox & Matthews 2002; Kassam & Trefethen 2005, contour-integral phi
-  functions): the stiff filter damping is integrated exactly, the Jacobian, the background
-  advection ``U_n d_x``, the beta/shear term ``Qy_n d_x psi_n`` and the drag explicitly (at
-  ``nx = 64`` and 2 h the background flow alone has CFL number 0.012, the equilibrated eddies
-  reach 0.15-0.2; drag and Rossby-wave rates times the step are below 1e-2).  pyqg uses AB3
+  functions; :mod:`diffkit.etdrk4`, the integrator the PDE simulators use too): the stiff
+  filter damping is integrated exactly, the Jacobian, the background advection ``U_n d_x``, the
+  beta/shear term ``Qy_n d_x psi_n`` and the drag explicitly (at ``nx = 64`` and 2 h the
+  background flow alone has CFL number 0.012, the equilibrated eddies reach 0.15-0.2; drag and
+  Rossby-wave rates times the step are below 1e-2).  pyqg uses AB3
   with the filter applied per step; ETDRK4 costs 4 right-hand sides per step but is
   fourth-order accurate and self-starting (a batched run equals the single runs exactly).
   Cost on one CPU thread at ``nx = 64``, ``dt = 2 h``: about 11 s per simulated year for one
   member and 13-20 s per member-year batched (16 members: 200-320 s per year; FFT-bound).
 
-Conventions (as :mod:`diffkit_pde.simulators`)
------------------------------------------------
+Conventions (as :mod:`diffkit_pde.conventions`)
+------------------------------------------------
 - ``device``/``dtype`` follow ``q0`` when given, else CPU/float64; coefficients are computed in
   float64 and moved once; one host sync per *output* step (the stability check).
 - Randomness per member from ``numpy.random.default_rng([seed, i])``: member ``i`` is the same
@@ -72,17 +73,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from diffkit.errors import DiffkitError, NonFiniteError
+from diffkit.etdrk4 import ETDRK4, SCHEME as ETDRK4_SCHEME, resolve_device_dtype
 
 from .qg_coarse import _check_coarse, coarse_grain
 
-SCHEME = ("ETDRK4 (Cox & Matthews 2002; Kassam & Trefethen 2005 contour-integral phi functions), "
-          "filter exact, Jacobian explicit and 3/2-rule dealiased, PV inversion spectral")
+SCHEME = f"{ETDRK4_SCHEME}, filter exact, Jacobian explicit and 3/2-rule dealiased, PV inversion spectral"
 DAY = 86400.0
 YEAR = 365.0 * DAY
 CPHI = 0.65 * math.pi          # pyqg's filter cut-off (in K dx)
@@ -104,50 +105,8 @@ class NonFiniteStateError(StabilityError, NonFiniteError):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _resolve(device, dtype, ref):
-    if device is None:
-        device = ref.device if isinstance(ref, torch.Tensor) else "cpu"
-    if dtype is None:
-        dtype = ref.dtype if isinstance(ref, torch.Tensor) and ref.is_floating_point() else torch.float64
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    return torch.device(device), dtype
-
-
 def _cdtype(dtype):
     return torch.complex128 if dtype == torch.float64 else torch.complex64
-
-
-def _etdrk4_coefficients(lin: torch.Tensor, h: float, n_contour: int = 32) -> dict:
-    """ETDRK4 coefficients for a real diagonal ``lin`` (Kassam & Trefethen 2005, eq. 2.5):
-    phi functions as means over ``n_contour`` points of a unit circle around each ``h*lin``."""
-    hl = float(h) * lin.to(torch.float64)
-    r = torch.exp(1j * math.pi * (torch.arange(1, n_contour + 1, dtype=torch.float64) - 0.5) / n_contour)
-    LR = hl.to(torch.complex128)[..., None] + r
-    eLR = torch.exp(LR)
-    Q = h * ((torch.exp(LR / 2) - 1) / LR).mean(-1).real
-    f1 = h * ((-4 - LR + eLR * (4 - 3 * LR + LR ** 2)) / LR ** 3).mean(-1).real
-    f2 = h * ((2 + LR + eLR * (-2 + LR)) / LR ** 3).mean(-1).real
-    f3 = h * ((-4 - 3 * LR - LR ** 2 + eLR * (4 - LR)) / LR ** 3).mean(-1).real
-    return {"E": torch.exp(hl), "E2": torch.exp(hl / 2), "Q": Q, "f1": f1, "f2": f2, "f3": f3}
-
-
-class _ETDRK4:
-    """One ETDRK4 step ``v -> v(t+h)`` for ``v_t = lin*v + N(v)`` with diagonal real ``lin``."""
-
-    def __init__(self, lin, h, device, dtype):
-        for k, t in _etdrk4_coefficients(lin, h).items():
-            setattr(self, k, t.to(device=device, dtype=dtype))
-
-    def step(self, v: torch.Tensor, N: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        Nv = N(v)
-        a = self.E2 * v + self.Q * Nv
-        Na = N(a)
-        b = self.E2 * v + self.Q * Na
-        Nb = N(b)
-        c = self.E2 * a + self.Q * (2 * Nb - Nv)
-        Nc = N(c)
-        return self.E * v + Nv * self.f1 + 2 * (Na + Nb) * self.f2 + Nc * self.f3
 
 
 def _floor_sig(x: float, digits: int = 4) -> float:
@@ -255,25 +214,20 @@ class _Spectral:
         q1, q2 = qh[..., 0, :, :], qh[..., 1, :, :]
         return torch.stack((A[0, 0] * q1 + A[0, 1] * q2, A[1, 0] * q1 + A[1, 1] * q2), -3)
 
-    def _pad(self, a: torch.Tensor) -> torch.Tensor:
-        n, m, h = self.n, self.m, self.h
+    def _resize(self, a: torch.Tensor, m: int) -> torch.Tensor:
+        """The modes ``|kx|, |ky| < h`` of a half spectrum ``a`` (``n`` or ``3n/2`` grid) on an ``m``
+        grid: zero-padding (``m = 3n/2``) or truncation (``m = n``) for the 3/2 rule."""
+        n, h = a.shape[-2], self.h
         out = a.new_zeros(*a.shape[:-2], m, m // 2 + 1)
         out[..., :h, :h] = a[..., :h, :h]
         out[..., m - h + 1:, :h] = a[..., n - h + 1:, :h]
         return out
 
-    def _truncate(self, A: torch.Tensor) -> torch.Tensor:
-        n, m, h = self.n, self.m, self.h
-        out = A.new_zeros(*A.shape[:-2], n, n // 2 + 1)
-        out[..., :h, :h] = A[..., :h, :h]
-        out[..., n - h + 1:, :h] = A[..., m - h + 1:, :h]
-        return out
-
     def jacobian(self, qh: torch.Tensor, ph: torch.Tensor) -> torch.Tensor:
         """``J(psi, q) = u q_x + v q_y`` (spectral, dealiased by the 3/2 rule)."""
         spec = torch.stack((-self.iky * ph, self.ikx * ph, self.ikx * qh, self.iky * qh))
-        f = torch.fft.irfft2(self._pad(spec), s=(self.m, self.m), norm="forward")
-        return self._truncate(torch.fft.rfft2(f[0] * f[2] + f[1] * f[3], norm="forward"))
+        f = torch.fft.irfft2(self._resize(spec, self.m), s=(self.m, self.m), norm="forward")
+        return self._resize(torch.fft.rfft2(f[0] * f[2] + f[1] * f[3], norm="forward"), self.n)
 
     def rhs(self, qh: torch.Tensor) -> torch.Tensor:
         """Everything but the filter: ``-J - U q_x - Qy psi_x + drag`` (spectral)."""
@@ -370,7 +324,7 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
     With ``observe``, ``q``/``psi``/``u``/``v`` are on the ``observe^2`` grid while ``q0``,
     ``q_final`` and ``q_fine`` are fine states.
     """
-    device, dtype = _resolve(device, dtype, q0 if isinstance(q0, torch.Tensor) else None)
+    device, dtype = resolve_device_dtype(device, dtype, q0 if isinstance(q0, torch.Tensor) else None)
     if q0 is not None:
         q0t = torch.as_tensor(q0).detach()
         if q0t.ndim == 3:
@@ -416,7 +370,7 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
     q_init = torch.fft.irfft2(qh, s=(n, n), norm="forward")
     qh = qh.to(device=device, dtype=S.cdt)
 
-    stepper = _ETDRK4(-S.sigma64, h, device, dtype)
+    stepper = ETDRK4(-S.sigma64, h, device, dtype)
     kmax_dx = 2 * math.pi * (n // 2 - 1) / n
     limit = 2 * math.sqrt(2) / kmax_dx if cfl_max is None else float(cfl_max)
     dx = p["dx"]
