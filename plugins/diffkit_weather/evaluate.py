@@ -44,7 +44,8 @@ import torch
 from diffkit.adapters import cf_encode, cf_output
 from diffkit.ensemble import dispersion_verdict, format_rank_bins, rank_summary
 
-from .adapter import WeatherDataError, _fmt_level
+from ._common import WeatherDataError, _fmt_level
+from .cf import _fmt_time, _keys, _shift
 from .forecast import _fc_roles, read_truth  # noqa: F401  (read_truth: re-exported)
 
 __all__ = ["Evaluation", "evaluate", "open_forecast", "open_scores", "scores_table", "summarise", "write_scores",
@@ -114,8 +115,6 @@ def _check_forecast(fc):
     """The forecast checked and put in evaluate's order: every variable ``([initial_member,] member,
     init_time, lead_time, [level,] lat, lon)`` (transposed where needed), ``valid_time`` ``(init_time,
     lead_time)`` equal to ``init_time + lead_time``.  Anything else is an error naming the dim or time."""
-    from .adapter import _fmt_time
-    from .forecast import _keys
 
     need = ("member", "init_time", "lead_time")
     miss = [d for d in need if d not in fc.dims]
@@ -165,8 +164,6 @@ def _check_forecast(fc):
     if bad.any():
         n, k = (int(q[0]) for q in np.nonzero(bad))
         exp = np.asarray(fc["init_time"].values)[n:n + 1]
-        from .forecast import _shift
-
         raise WeatherDataError(
             f"the forecast's valid_time disagrees with init_time + lead_time: at init_time {_fmt_time(init[n])}, "
             f"lead_time {lead_h[k]:g} h it is {_fmt_time(vt[n, k])}, expected {_fmt_time(_shift(exp, lead_h[k])[0])} "
@@ -232,7 +229,7 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
     import xarray as xr
 
     from . import metrics as M
-    from .forecast import _Truth, _keys, _truth_dataset
+    from .forecast import _Truth, _truth_dataset
 
     if command is None:
         command = _command(fc, truth, out=out, plots=plots, time_units=time_units, member=member, seed=seed)

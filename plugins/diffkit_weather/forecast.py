@@ -42,9 +42,7 @@ timedelta (``standard_name = "forecast_period"``), ``init_time`` (``"forecast_re
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -56,11 +54,10 @@ from diffkit.errors import NonFiniteError, ShapeError
 from diffkit.layout import Layout
 from diffkit.rollout import DEFAULT_PERTURB, rollout
 
-from .adapter import (GriddedAdapter, WeatherDataError, _fmt_time, _hours, _plain, _same_coord, _text_vars,
-                      _vals, check_grid, decode_time, find_coords, fixed_mask, open_lazy,
-                      resolve_paths, time_forcings, unstack, upgrade_layout)
-#: the keyword of ``--init`` for every validation initialisation time
-ALL_VAL = "all-val"
+from ._common import WeatherDataError, _plain, _vals
+from .adapter import GriddedAdapter, check_grid, fixed_mask, open_lazy, resolve_paths, unstack, upgrade_layout
+from .cf import (ALL_VAL, _as_time, _fmt_keys, _fmt_time, _keys, _nearest, _parse_time, _same_coord, _shift,
+                 _text_vars, decode_time, find_coords, time_forcings)
 
 __all__ = ["Forecaster", "InitialStates", "load_forecaster", "initial_states", "forecast", "forecast_dataset",
            "persistence",
@@ -107,53 +104,6 @@ def load_forecaster(ckpt, device=None) -> Forecaster:
     model, cfg, _ = load_for_sampling(ckpt, device=device)
     model.layout = _check_layout(model.layout, f"checkpoint {ckpt}")
     return Forecaster(model, cfg, str(ckpt))
-
-
-# ----------------------------------------------------------------------------- times
-def _keys(times) -> np.ndarray:
-    """Hours since 1970 (rounded to 1e-6 h) of times: the exact-match key of a time."""
-    return np.round(_hours(np.asarray(times)), 6)
-
-
-def _shift(times, hours: float):
-    """``times + hours`` for datetime64 or cftime arrays."""
-    t = np.asarray(times)
-    if np.issubdtype(t.dtype, np.datetime64):
-        return t.astype("datetime64[ns]") + np.timedelta64(int(round(hours * 3600e9)), "ns")
-    return np.array([x + _dt.timedelta(hours=float(hours)) for x in t.ravel()], dtype=object).reshape(t.shape)
-
-
-_ISO = re.compile(r"\s*(-?\d{1,4})-(\d{1,2})-(\d{1,2})(?:[T ](\d{1,2})(?::(\d{1,2})(?::(\d{1,2}))?)?)?\s*")
-
-
-def _parse_time(s: str, like):
-    """An ISO time string as an element of the calendar of ``like`` (datetime64 or cftime)."""
-    m = _ISO.fullmatch(str(s))
-    if not m:
-        raise WeatherDataError(f"init time {s!r} is not an ISO time such as 1996-01-06T00:00 (or {ALL_VAL!r})")
-    y, mo, d, H, M, S = (int(x) if x else 0 for x in m.groups())
-    try:
-        if np.issubdtype(np.asarray(like).dtype, np.datetime64):
-            return np.datetime64(f"{y:04d}-{mo:02d}-{d:02d}T{H:02d}:{M:02d}:{S:02d}", "ns")
-        import cftime
-
-        return cftime.datetime(y, mo, d, H, M, S, calendar=np.asarray(like).flat[0].calendar)
-    except Exception as e:
-        raise WeatherDataError(f"init time {s!r} is not a valid date ({e})") from None
-
-
-def _as_time(x, like):
-    if isinstance(x, str):
-        return _parse_time(x, like)
-    if isinstance(x, (_dt.datetime, _dt.date)) and not hasattr(x, "calendar"):
-        return np.datetime64(x, "ns") if np.issubdtype(np.asarray(like).dtype, np.datetime64) else _parse_time(
-            x.isoformat(), like)
-    return x
-
-
-def _nearest(keys: np.ndarray, times, key: float, n: int = 3) -> str:
-    order = np.argsort(np.abs(keys - key), kind="stable")[:n]
-    return ", ".join(_fmt_time(times[i]) for i in sorted(order))
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -416,16 +366,7 @@ class _Files:
         return a[None] if a.ndim == 2 else a
 
     def _fmt_keys(self, keys) -> str:
-        base = np.datetime64("1970-01-01", "ns")
-        out = []
-        for k in keys:
-            if np.issubdtype(self.times.dtype, np.datetime64) or not len(self.times):
-                out.append(_fmt_time(base + np.timedelta64(int(round(k * 3600e9)), "ns")))
-            else:
-                import cftime
-
-                out.append(_fmt_time(cftime.num2date(k, "hours since 1970-01-01", self.times.flat[0].calendar)))
-        return ", ".join(out)
+        return _fmt_keys(keys, self.times)
 
     def lat_lon(self) -> tuple[np.ndarray, np.ndarray]:
         seg = self.segs[self.variables[0]][0]

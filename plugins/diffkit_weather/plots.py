@@ -136,7 +136,7 @@ def plot_rank_histograms(scores, path, *, leads: Sequence[int] | None = None) ->
 
 def _grid(lat: np.ndarray, lon: np.ndarray):
     """Plot coordinates (latitude ascending, longitude continuous) and how to reorder the data."""
-    from .adapter import _orientation
+    from .cf import _orientation
 
     o = _orientation(np.asarray(lat, np.float64), np.asarray(lon, np.float64), "the forecast")
     return o["lat_model"], o["lon_model"], o["lat_flip"], o["lon_flip"]
