@@ -294,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--markdown", action="store_true",
                     help="print the reference as Markdown (diffkit config --markdown > docs/config.md)")
     cp.set_defaults(func=_cmd_config)
+    from .assimilate import register as register_assimilate  # the options and the command: diffkit/assimilate.py
+
+    register_assimilate(sub.add_parser(
+        "assimilate", parents=[common], help="ensemble analysis from sparse, noisy observations (guided rollouts)",
+        description="Assimilate observations (CF netCDF: gridded with missing values, or points) into an ensemble: "
+                    "the surrogate's rollout from --init over the observation window, each step guided by that "
+                    "step's observations (mmps, reconstruction, dps). Writes members, ensemble mean and spread in "
+                    "the domain's forecast / rollout format. docs/observations.md"))
     _add_plugin_commands(sub, common)
     return p
 

@@ -49,10 +49,17 @@ def register_data(parser: argparse.ArgumentParser) -> None:
                              "`--set help=1` lists them)")
     parser.add_argument("--out", required=True, help="output netCDF file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .observe import add_observe_arguments
+
+    add_observe_arguments(parser)  # --observe-from TRUTH.nc: synthetic observations instead of a simulation
     parser.set_defaults(func=run_data)
 
 
 def run_data(args) -> int:
+    from .observe import observe_requested, run_observe
+
+    if observe_requested(args):
+        return run_observe(args)
     from diffkit.errors import ConfigError
 
     from .simulators import to_dataset, write_netcdf

@@ -36,10 +36,17 @@ def register_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--float32", action="store_true", help="store single precision (half the size)")
     parser.add_argument("--out", required=True, help="output netCDF file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .observe import add_observe_arguments
+
+    add_observe_arguments(parser)  # --observe-from TRUTH.nc: synthetic observations instead of a simulation
     parser.set_defaults(func=run_data)
 
 
 def run_data(args) -> int:
+    from .observe import observe_requested, run_observe
+
+    if observe_requested(args):
+        return run_observe(args)
     import math
 
     import torch
