@@ -45,9 +45,12 @@ def test_qg_benchmark_uncertain_next_state_oracle_and_tuned_baselines(tmp_path, 
         assert res[label]["spread_skill_ratio"] == [0.0] * K
         assert np.allclose(np.asarray(res[label]["rank_histogram"])[:, 1:-1], 0)
     assert np.all(np.asarray(res["climatology"]["spread_skill_ratio"]) > 0)   # (< 1 on non-stationary data)
-    assert bench.LABELS[-1] == "oracle"
+    assert bench.LABELS[-2:] == ("oracle", "oracle, clim. sub-grid")
     o = res["oracle"]                               # the simulator's own conditional ensemble
     assert o["spread"][0] > 0 and np.all(np.isfinite(o["spread_skill_ratio"]))
+    # the history-consistent oracle knows more (the observed coarse state one lead earlier): narrower
+    # at the first lead than the one with climatological sub-grid draws at the init
+    assert o["spread"][0] < res["oracle, clim. sub-grid"]["spread"][0]
     assert res["spread_oracle_ratio"] == pytest.approx(res["DDPM"]["spread"][0] / o["spread"][0])
     data = work / f"qg_quick_obs{S['nx']}of{S['nx_sim']}.nc"
     import xarray as xr
