@@ -205,6 +205,92 @@ class AutoregressiveSpec:
                    target=str(attrs["target"]), state_mean=attrs["state_mean"], state_std=attrs["state_std"])
 
 
+#: how a window model is conditioned: not at all (a prior over windows, for guidance and composition)
+#: or on observed values and their mask as channels (universal amortised, Shysheya et al. 2024)
+WINDOW_CONDITIONING = ("none", "amortised")
+
+
+def window_channels(variables: Sequence[str], length: int) -> tuple[str, ...]:
+    """Names of ``length`` consecutive states of the channels ``variables`` as data channels, oldest
+    first (step-major): ``("u@t+0", "v@t+0", "u@t+1", "v@t+1")`` for ``(u, v)`` and ``length = 2``."""
+    return tuple(f"{v}@t+{j}" for j in range(int(length)) for v in variables)
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """A model of windows of ``length`` consecutive states (``Layout.window``; :mod:`diffkit.window`).
+
+    The window's states are stacked along the channels, step-major (:func:`window_channels`), all
+    standardised with the per-variable state statistics (the layout's ``mean`` / ``std``, repeated
+    per step).  With ``conditioning = "amortised"`` the first conditioning channels are the observed
+    values (``obs:`` + each data channel, 0 where unobserved) and then the observation mask
+    (``mask:`` + each data channel, 1 where observed).
+    """
+
+    variables: tuple[str, ...]
+    """Names of the ``C`` state channels, in order."""
+    length: int
+    """Number of consecutive states in a window (>= 2)."""
+    step: float | None = None
+    """Time between consecutive states, in ``step_units``; None if unknown."""
+    step_units: str = "1"
+    """Units of ``step``."""
+    frame_step: int = 1
+    """Data frames per window step."""
+    conditioning: str = "none"
+    """``"none"`` or ``"amortised"`` (see :data:`WINDOW_CONDITIONING`)."""
+
+    def __post_init__(self):
+        object.__setattr__(self, "variables", _tuple_str(self.variables, "window.variables"))
+        if not self.variables:
+            raise ValueError("Layout.window.variables is empty: name at least one state channel")
+        for name, low in (("length", 2), ("frame_step", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or int(v) < low:
+                raise ValueError(f"Layout.window.{name} must be an integer >= {low}, got {v!r}")
+            object.__setattr__(self, name, int(v))
+        if self.step is not None:
+            step = float(self.step)
+            if not (math.isfinite(step) and step > 0):
+                raise ValueError(f"Layout.window.step must be a positive number (or None if unknown), got {self.step!r}")
+            object.__setattr__(self, "step", step)
+        object.__setattr__(self, "step_units", str(self.step_units))
+        if self.conditioning not in WINDOW_CONDITIONING:
+            raise ValueError(f"Layout.window.conditioning must be one of {', '.join(WINDOW_CONDITIONING)}, "
+                             f"got {self.conditioning!r}")
+
+    @property
+    def num_variables(self) -> int:
+        return len(self.variables)
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The data channels of a window (:func:`window_channels`)."""
+        return window_channels(self.variables, self.length)
+
+    @property
+    def value_channels(self) -> tuple[str, ...]:
+        """The conditioning channels of the observed values (``()`` unless amortised)."""
+        return tuple(f"obs:{c}" for c in self.channels) if self.conditioning == "amortised" else ()
+
+    @property
+    def mask_channels(self) -> tuple[str, ...]:
+        """The conditioning channels of the observation mask (``()`` unless amortised)."""
+        return tuple(f"mask:{c}" for c in self.channels) if self.conditioning == "amortised" else ()
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v, tuple) else v)
+                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "WindowSpec":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown Layout.window fields {sorted(unknown)}; known fields: {sorted(names)}")
+        return cls(**dict(d))
+
+
 @dataclass(frozen=True)
 class Layout:
     """How one sample ``x`` of shape ``(C, *shape)`` is laid out.
@@ -244,6 +330,9 @@ class Layout:
     channel_attrs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """CF attributes of the data channels, per channel (``{"T": {"units": "K", "long_name": "temperature",
     "standard_name": "air_temperature"}}``): netCDF outputs write them on each channel's variable."""
+    window: WindowSpec | None = None
+    """For models of windows of consecutive states (:mod:`diffkit.window`): their length and how they are
+    conditioned (``None``: not such a model)."""
 
     def __post_init__(self):
         object.__setattr__(self, "channels", _tuple_str(self.channels, "channels"))
@@ -301,6 +390,24 @@ class Layout:
             if self.cond_channels[:len(hc)] != hc:
                 raise ValueError(f"Layout.cond_channels must begin with the history channels {list(hc)} of the "
                                  f"autoregressive spec, got {list(self.cond_channels[:len(hc)])}")
+
+        win = self.window
+        if win is not None:
+            if isinstance(win, Mapping):
+                win = WindowSpec.from_dict(win)
+                object.__setattr__(self, "window", win)
+            if not isinstance(win, WindowSpec):
+                raise TypeError(f"Layout.window must be a WindowSpec or None, got {type(win).__name__}")
+            if self.autoregressive is not None:
+                raise ValueError("Layout.window and Layout.autoregressive are both set; a model is either a window "
+                                 "model or a next-state model, not both")
+            if self.channels != win.channels:
+                raise ValueError(f"Layout.channels must be the window's channels {list(win.channels)} "
+                                 f"(diffkit.layout.window_channels), got {list(self.channels)}")
+            wc = win.value_channels + win.mask_channels
+            if self.cond_channels[:len(wc)] != wc:
+                raise ValueError(f"Layout.cond_channels must begin with the amortised window's value and mask "
+                                 f"channels {list(wc)}, got {list(self.cond_channels[:len(wc)])}")
 
     # -- derived -------------------------------------------------------------------------
     @property
@@ -376,7 +483,7 @@ class Layout:
         d = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            if isinstance(v, AutoregressiveSpec):
+            if isinstance(v, (AutoregressiveSpec, WindowSpec)):
                 v = v.to_dict()
             elif isinstance(v, tuple):
                 v = list(v)
@@ -391,7 +498,8 @@ class Layout:
         """Inverse of :meth:`to_dict`.  A layout saved before ``autoregressive`` existed loads with
         ``autoregressive = None`` and its ``attrs`` as they were; the domain plugin that wrote it
         converts those attrs (:meth:`AutoregressiveSpec.from_legacy_attrs`) when it loads the model.
-        One saved before ``coord_attrs`` / ``channel_attrs`` existed loads with them empty."""
+        One saved before ``coord_attrs`` / ``channel_attrs`` / ``window`` existed loads with them empty
+        (``window = None``)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -113,7 +113,16 @@ class Trainer:
             _check_options(adapter_cls, options, f"data.options (adapter {cfg.data.adapter!r})")
             if "val_fraction" not in options and _accepts(adapter_cls, "val_fraction"):
                 options["val_fraction"] = cfg.data.val_fraction
+            if cfg.data.window:
+                from .window import window_options
+
+                options = window_options(adapter_cls, options, cfg.data.window)
             adapter = adapter_cls(**options)
+        if cfg.data.window:  # a window model (diffkit.window): the adapter's trajectories as windows
+            from .window import WindowAdapter
+
+            if not isinstance(adapter, WindowAdapter):
+                adapter = WindowAdapter.from_config(adapter, cfg)
         self.adapter = adapter
         self.layout: Layout = self.adapter.layout
         # unset [loss] keys take their defaults for this model and layout (a surrogate's differ); the
@@ -289,6 +298,8 @@ class Trainer:
                      pin_memory=self.device.type == "cuda", persistent_workers=False)
         while True:
             self.sampler.set_epoch(self.epoch)
+            if hasattr(self.train_set, "set_epoch"):  # data drawn per epoch (window masks)
+                self.train_set.set_epoch(self.epoch)
             self.sampler.set_start(self.batch_in_epoch * self.micro)
             # Its own generator: worker seeds must not consume the global RNG, whose state at a
             # resume point would otherwise differ from an uninterrupted run.
