@@ -106,7 +106,7 @@ def ddpm_options(args, s: dict) -> dict:
 
 
 def levels_of(schedule) -> int | None:
-    from diffkit.schedules import get_schedule
+    from diffkit import get_schedule
 
     return get_schedule(schedule).T
 
@@ -163,7 +163,7 @@ def level_counts(cfg, steps: int, batch: int) -> list[dict]:
     levels: ``steps * batch / T`` per level (level T is the k = 0 prediction step at pure noise).
     Continuous noise levels: per decade of sigma~, from 200 000 draws of the run's distribution."""
     from diffkit.losses import noise_distribution
-    from diffkit.schedules import get_schedule
+    from diffkit import get_schedule
 
     n = steps * batch
     if cfg.model.objective == "regression":
@@ -382,13 +382,13 @@ def main(argv=None) -> dict:
         r = dict(params=n_params, train_s=t_train, dt=dt, steps=cfg.trainer.steps, level_counts=counts,
                  **{f"hct_{th}": hct_stats(c0, dt, th) for th in (0.8, 0.9, 0.95)}, corr_mean_curve=c0.mean(0).tolist())
         if objective == "diffusion":  # what the run actually used (unset keys resolved at training)
-            from diffkit.samplers import get_sampler
-            from diffkit.schedules import get_schedule
+            from diffkit.registry import resolve
+            from diffkit import get_schedule
 
             lc, sc = sur.config.loss, sur.config.sample
             res["resolved"] = dict(weighting=lc.weighting, noise=lc.noise, sampler=sc.sampler, nfe=sc.nfe,
                                    spacing=sc.spacing or get_schedule(sur.config.model.schedule).sample_spacing
-                                   or get_sampler(sc.sampler).info.default_spacing)
+                                   or resolve("sampler", sc.sampler).info.default_spacing)
             cm = pearson_per_step(pred.mean(1), truth, 1)
             curves[f"DDPM mean of {members}"] = cm
             r["ensemble_mean_hct_0.8"] = hct_stats(cm, dt, 0.8)

@@ -528,7 +528,7 @@ def overhead(nfe: int, repeats: int, B: int = 16, d: int = 16):
         nfe_df = counter["n"]
         warnings.filterwarnings("ignore", message="heun with NFE")  # timing only: Heun's low-NFE warning
         t_dk, g_dk, t_df, g_df = _median_times([
-            lambda: dks.sample(Z, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init, generator=g),
+            lambda: dks.sample(Z, (B, d), sampler=dk_sampler(dk_name), nfe=nfe, x_init=x_init, generator=g),
             lambda: dks.timesteps(sched, n_dk, info.default_spacing),
             lambda: run_diffusers(scheduler, zero_eps, x_init, steps, generator=dg),
             lambda: scheduler.set_timesteps(steps),
@@ -585,12 +585,12 @@ def overhead_denoiser(nfe: int, repeats: int, B: int = 16, d: int = 16):
         cls = getattr(diffusers, cls_name)
         scheduler = cls(**_config(cls))
         with torch.no_grad():
-            a = dks.sample(den, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init)
-            b = dks.sample(plain, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init)
+            a = dks.sample(den, (B, d), sampler=dk_sampler(dk_name), nfe=nfe, x_init=x_init)
+            b = dks.sample(plain, (B, d), sampler=dk_sampler(dk_name), nfe=nfe, x_init=x_init)
         same = bool(torch.equal(a, b))
         t_fast, t_plain, t_df = _median_times([
-            lambda: dks.sample(den, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init),
-            lambda: dks.sample(plain, (B, d), sampler=dk_name, nfe=nfe, x_init=x_init),
+            lambda: dks.sample(den, (B, d), sampler=dk_sampler(dk_name), nfe=nfe, x_init=x_init),
+            lambda: dks.sample(plain, (B, d), sampler=dk_sampler(dk_name), nfe=nfe, x_init=x_init),
             lambda: run_diffusers(scheduler, zero_eps, x_init, nfe),
         ], repeats)
         us_fast = max(t_fast / nfe - t_net, 0.0) * 1e6
@@ -601,6 +601,39 @@ def overhead_denoiser(nfe: int, repeats: int, B: int = 16, d: int = 16):
                         ratio=us_fast / us_df if us_df > 0 else float("inf"),
                         ratio_plain=us_plain / us_df if us_df > 0 else float("inf")))
     return t_net * 1e6, out
+
+
+DK_ALL = ("ddpm", "ddim", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun", "unipc", "unipc-3")
+
+
+def overhead_all(nfe: int, repeats: int, B: int = 16, d: int = 16):
+    """Per-NFE time outside the network (µs) of every diffkit sampler at its default settings,
+    through a :class:`diffkit.Denoiser` (``x0_at`` fast path, trivial ``ZeroNet``) and through the
+    plain zero denoiser ``ZeroDenoiser``, all timed interleaved; no diffusers.  The table behind
+    the before -> after comparison of a change to the samplers' update formulas."""
+    from diffkit.denoiser import Denoiser
+
+    sched = linear(1000, 1e-4, 0.02)
+    net = ZeroNet()
+    den, Z = Denoiser(net, sched, "eps"), ZeroDenoiser(sched)
+    x_init = torch.randn(B, d, generator=torch.Generator().manual_seed(SEED_NOISE))
+    xz, cz = torch.zeros(B, d), torch.zeros(B)
+    t_net, t_zero = _median_times([lambda: [net(xz, cz) for _ in range(nfe)],
+                                   lambda: [Z(xz, 0.5) for _ in range(nfe)]], repeats)
+    t_net, t_zero = t_net / nfe, t_zero / nfe
+    warnings.filterwarnings("ignore", message="heun with NFE")
+    fns = []
+    for name in DK_ALL:
+        fn = dk_sampler(name)
+        g = torch.Generator().manual_seed(SEED_DDPM)
+        fns += [lambda fn=fn, g=g: dks.sample(den, (B, d), sampler=fn, nfe=nfe, x_init=x_init, generator=g),
+                lambda fn=fn, g=g: dks.sample(Z, (B, d), sampler=fn, nfe=nfe, x_init=x_init, generator=g)]
+    times = _median_times(fns, repeats)
+    out = []
+    for k, name in enumerate(DK_ALL):
+        out.append(dict(nfe=nfe, dk=name, us_den=max(times[2 * k] / nfe - t_net, 0.0) * 1e6,
+                        us_zero=max(times[2 * k + 1] / nfe - t_zero, 0.0) * 1e6))
+    return out
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -642,6 +675,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=None, help="samples per method (default 4000, quick 1000)")
     p.add_argument("--std-ratios", action="store_true",
                    help="only the exact-denoiser std-ratio table behind the sampler defaults (~1-2 minutes)")
+    p.add_argument("--overhead", action="store_true",
+                   help="only the overhead of every diffkit sampler (no diffusers, no accuracy; ~1 minute)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: steadier timings, and small batches gain nothing)")
     args = p.parse_args(argv)
@@ -660,6 +695,18 @@ def main(argv=None):
             with open(args.markdown, "w") as f:
                 f.write("# Sampled / true std on Gaussian data (exact denoiser, 4000 x 64, float64)\n\n"
                         + md_table(h, t) + "\n")
+        return 0
+    if args.overhead:
+        h = ["NFE", "sampler", "us/NFE Denoiser (x0_at)", "us/NFE zero denoiser"]
+        rows = [[r["nfe"], r["dk"], f"{r['us_den']:.1f}", f"{r['us_zero']:.1f}"]
+                for nfe in (10, 20, 100) for r in overhead_all(nfe, repeats)]
+        note = (f"time outside the network per denoiser call, median of {repeats} complete sampling loops of "
+                f"batch 16 x 16, all timed interleaved; torch {torch.__version__}, {args.threads} thread(s)")
+        log(note)
+        log(fmt_table(h, rows, [">", "<", ">", ">"]))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(f"# diffkit sampler overhead\n\n{note}\n\n" + md_table(h, rows) + "\n")
         return 0
     title = f"diffkit vs diffusers {_diffusers().__version__} samplers ({'quick' if quick else 'full'} run)"
     setup = (f"linear DDPM schedule (T=1000, beta 1e-4..0.02) and diffusers' squaredcos_cap_v2 cosine (T=1000), the "

@@ -15,9 +15,10 @@ from .layout import AutoregressiveSpec, Layout
 from .losses import diffusion_loss
 from .metrics import sliced_wasserstein
 from .process import posterior, posterior_sample, q_sample
-from .registry import PluginWarning
-from .samplers import sample, sampler_info, timesteps
-from .schedules import Schedule, cosine, from_alpha_bar, get_schedule, linear, sigmoid
+from .registry import PluginWarning, get_schedule
+from .samplers import sampler_info, timesteps
+from .sampling import sample
+from .schedules import Schedule, cosine, from_alpha_bar, linear, sigmoid
 
 __version__ = "0.1.0"
 

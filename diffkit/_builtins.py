@@ -1,38 +1,18 @@
-"""diffkit's own schedules, samplers and metrics, registered through the public hooks."""
-from .hookspecs import hookimpl
+"""diffkit's own plugins, as pytest's ``default_plugins``: the modules whose hook implementations
+register diffkit's schedules, samplers, guidance methods, metrics, adapter and commands.
 
+The registry (:mod:`diffkit.registry`) loads each of them as an entry point of the ``diffkit``
+group named after its module, through the same path as an installed plugin; the components they
+register are listed under the plugin ``diffkit``.  This module imports nothing, so the registry
+that reads it imports none of the component modules until discovery runs.
+"""
 
-@hookimpl
-def diffkit_schedules():
-    from . import schedules as S
-
-    return {"linear": S.linear, "cosine": S.cosine, "sigmoid": S.sigmoid, "alpha_bar": S.from_alpha_bar,
-            "refiner": S.refiner}
-
-
-@hookimpl
-def diffkit_samplers():
-    from .samplers import BUILTIN_SAMPLERS
-
-    return dict(BUILTIN_SAMPLERS)
-
-
-@hookimpl
-def diffkit_metrics():
-    from .metrics import BUILTIN_METRICS
-
-    return dict(BUILTIN_METRICS)
-
-
-@hookimpl
-def diffkit_adapters():
-    from .adapters import MixtureAdapter
-
-    return {"mixture": MixtureAdapter}
-
-
-@hookimpl
-def diffkit_commands():
-    from .quickstart import register
-
-    return {"quickstart": register}
+#: the modules of diffkit's built-in plugins (each defines ``@hookimpl`` functions)
+BUILTIN_PLUGINS = (
+    "diffkit.schedules",   # diffkit_schedules: linear, cosine, sigmoid, alpha_bar, refiner
+    "diffkit.samplers",    # diffkit_samplers: ddpm, ddim, dpmpp_2m, dpmpp_2s, dpmpp_3m, euler, heun, unipc
+    "diffkit.guidance",    # diffkit_guidance: dps, reconstruction, mmps
+    "diffkit.metrics",     # diffkit_metrics: sliced_wasserstein and the ensemble_* scores
+    "diffkit.adapters",    # diffkit_adapters: mixture
+    "diffkit.quickstart",  # diffkit_commands: quickstart
+)

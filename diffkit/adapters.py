@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from .hookspecs import hookimpl
 from .layout import Layout
 
 
@@ -266,3 +267,9 @@ class MixtureAdapter(Adapter):
         if data is None:
             raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
         return _DictDataset(self._layout.normalize(data))
+
+
+@hookimpl
+def diffkit_adapters():
+    """diffkit's own adapter, registered as a built-in plugin (:mod:`diffkit._builtins`)."""
+    return {"mixture": MixtureAdapter}

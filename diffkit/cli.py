@@ -61,7 +61,8 @@ def _cmd_sample(args) -> int:
 
     from .distributed import init_distributed
     from .model import class_balanced_count, load_for_sampling
-    from .samplers import MAX_NFE, SPACINGS, sample
+    from .samplers import MAX_NFE, SPACINGS
+    from .sampling import sample
 
     _check_sample_args(args, MAX_NFE, SPACINGS)
     device = resolve_device(args.device)
@@ -73,7 +74,7 @@ def _cmd_sample(args) -> int:
     if args.sampler is not None:
         from . import registry
 
-        registry.get("sampler", sampler)  # a typo fails before the model runs, listing the samplers
+        registry.resolve("sampler", sampler)  # a typo fails before the model runs, listing the samplers
     nfe = args.steps if args.steps is not None else sc.nfe
     guidance = args.guidance if args.guidance is not None else sc.guidance
     layout = den.layout

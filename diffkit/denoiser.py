@@ -10,6 +10,9 @@ as in k-diffusion's "predict the clean sample" contract.  The network is conditi
 log-SNR of ``t`` rather than on ``t`` itself, so a trained model can be sampled on any
 time grid.  Conditioning (fields, scalars, class labels) is carried by :class:`Cond`, and
 classifier-free guidance (Ho & Salimans 2022) is applied here, in one batched forward pass.
+
+The Denoiser takes a :class:`~diffkit.schedules.Schedule` object; a schedule name becomes one
+through :func:`diffkit.registry.resolve` (or :func:`diffkit.get_schedule`), never here.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from . import param as P
 from ._shape import as_batch_time, check_finite
 from .errors import ShapeError
 from .layout import Layout
-from .schedules import Schedule, get_schedule
+from .schedules import Schedule, cosine
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,16 @@ class Cond:
 _NO_COND = Cond()
 
 
+def _schedule(schedule, owner: str) -> Schedule:
+    """``schedule`` itself if it is a Schedule; a one-line error pointing to the registry otherwise."""
+    if isinstance(schedule, Schedule):
+        return schedule
+    if isinstance(schedule, (str, dict)):
+        raise TypeError(f"{owner} takes a Schedule object, got {schedule!r}; build it with "
+                        f"diffkit.get_schedule({schedule!r}) (diffkit.registry.resolve('schedule', ...))")
+    raise TypeError(f"{owner} takes a Schedule object (e.g. diffkit.cosine()), got {type(schedule).__name__}")
+
+
 class Denoiser(nn.Module):
     """Wrap a backbone ``net`` as an x0-estimator over the VP process of ``schedule``.
 
@@ -103,11 +116,11 @@ class Denoiser(nn.Module):
     sample (with conditioning fields concatenated as channels) and ``c_noise`` its log-SNR.
     """
 
-    def __init__(self, net: nn.Module, schedule: Schedule | str | dict, parameterization: str = "eps",
+    def __init__(self, net: nn.Module, schedule: Schedule, parameterization: str = "eps",
                  layout: Layout | None = None, *, logsnr_clip: float = 30.0):
         super().__init__()
         self.net = net
-        self.schedule = get_schedule(schedule)
+        self.schedule = _schedule(schedule, "Denoiser")
         self.parameterization = P.check_parameterization(parameterization)
         self.layout = layout if layout is not None else getattr(net, "layout", None)
         self.logsnr_clip = float(logsnr_clip)
@@ -237,17 +250,19 @@ class Regressor(nn.Module):
     The network is called exactly as a :class:`Denoiser` calls it, with zeros in place of the
     noisy sample and a fixed noise level ``c_noise`` (PDE-Refiner's one-step MSE model, Lippe et
     al. 2023, sec. 3), and its output is the prediction.  ``schedule`` is kept only so that a
-    trainer can treat both model types alike; it does not enter the prediction.
+    trainer can treat both model types alike; it does not enter the prediction (default: the
+    cosine schedule).
     """
 
     parameterization = "x0"
 
-    def __init__(self, net: nn.Module, layout: Layout, schedule: Schedule | str | dict = "cosine", *,
+    def __init__(self, net: nn.Module, layout: Layout, schedule: Schedule | None = None, *,
                  c_noise: float = 0.0):
         super().__init__()
         if layout is None:
             raise ValueError("Regressor needs the layout (it gives the shape of the prediction)")
-        self.net, self.layout, self.schedule = net, layout, get_schedule(schedule)
+        self.net, self.layout = net, layout
+        self.schedule = cosine() if schedule is None else _schedule(schedule, "Regressor")
         self.c_noise = float(c_noise)
 
     def net_output(self, cond: Cond | None, batch: int, *, device=None, dtype=torch.float32) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .ensemble import METRICS as ENSEMBLE_METRICS
+from .hookspecs import hookimpl
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, n_projections: int = 256,
@@ -38,4 +39,11 @@ def mean_std_error(x: torch.Tensor, mean, std) -> tuple[torch.Tensor, torch.Tens
 
 
 BUILTIN_METRICS = {"sliced_wasserstein": sliced_wasserstein, **ENSEMBLE_METRICS}
-"""diffkit's own metrics, registered through the ``diffkit_metrics`` hook (:mod:`diffkit._builtins`)."""
+"""diffkit's own metrics, registered through the ``diffkit_metrics`` hook below (a built-in plugin,
+:mod:`diffkit._builtins`)."""
+
+
+@hookimpl
+def diffkit_metrics():
+    """diffkit's own metrics (:data:`BUILTIN_METRICS`)."""
+    return dict(BUILTIN_METRICS)

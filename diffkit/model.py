@@ -17,7 +17,6 @@ from .config import Config, config_from_dict
 from .denoiser import Denoiser, Regressor
 from .errors import ConfigError
 from .layout import Layout
-from .schedules import get_schedule
 
 __all__ = ["LoadedModel", "build_model", "checkpoint_path", "load_for_sampling", "load_model"]
 
@@ -25,11 +24,11 @@ __all__ = ["LoadedModel", "build_model", "checkpoint_path", "load_for_sampling",
 def build_model(cfg: Config, layout: Layout) -> Denoiser | Regressor:
     """The model a config describes (a :class:`Denoiser`, or a :class:`Regressor` when
     ``model.objective = "regression"``), every name resolved through the plugin registry."""
-    factory = registry.get("backbone", cfg.model.backbone)
     options = dict(cfg.model.options)
-    _check_options(factory, options, f"model.options (backbone {cfg.model.backbone!r})")
+    _check_options(registry.get("backbone", cfg.model.backbone), options,
+                   f"model.options (backbone {cfg.model.backbone!r})")
     schedule = _schedule(cfg.model.schedule)
-    net = factory(layout, **options)
+    net = registry.resolve("backbone", {"name": cfg.model.backbone, **options})(layout)
     if cfg.model.objective == "regression":
         return Regressor(net, layout, schedule)
     return Denoiser(net, schedule, cfg.model.parameterization, layout)
@@ -38,12 +37,12 @@ def build_model(cfg: Config, layout: Layout) -> Denoiser | Regressor:
 def _schedule(spec):
     """The schedule ``model.schedule`` names; a bad option is a ConfigError naming the key."""
     if not isinstance(spec, dict):
-        return get_schedule(spec)
+        return registry.resolve("schedule", spec)
     options = {k: v for k, v in spec.items() if k != "name"}
     factory = registry.get("schedule", spec.get("name"))
     _check_options(factory, options, f"model.schedule (schedule {spec.get('name')!r})")
     try:
-        return get_schedule(spec)
+        return registry.resolve("schedule", spec)
     except (ValueError, TypeError) as e:
         raise ConfigError(f"model.schedule {spec!r} is invalid: {' '.join(str(e).split())}") from None
 
@@ -56,18 +55,8 @@ def _accepts(factory, name: str) -> bool:
         return False
 
 
-def _check_options(factory, options: dict, where: str) -> None:
-    """Unknown keyword options are a ConfigError naming them and listing the valid ones."""
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "layout"]
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
+#: unknown keyword options are a ConfigError naming them and listing the valid ones (the registry's check)
+_check_options = registry.check_options
 
 
 def checkpoint_path(path) -> Path:

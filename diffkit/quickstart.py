@@ -19,7 +19,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import registry
 from ._io import atomic_write
+from .hookspecs import hookimpl
 
 __all__ = ["Section", "run", "write_report"]
 
@@ -42,8 +44,6 @@ class Section:
 
 
 def _sections(only):
-    from . import registry
-
     comps = {c.name: c for c in registry.components("quickstart")}
     if not comps:
         raise RuntimeError("no quickstart sections are registered; are diffkit's built-in plugins installed "
@@ -135,3 +135,9 @@ def _cmd(args) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     run(args.out, only=only, seed=args.seed, progress=not args.no_progress)
     return 0
+
+
+@hookimpl
+def diffkit_commands():
+    """``diffkit quickstart``, registered as a built-in plugin (:mod:`diffkit._builtins`)."""
+    return {"quickstart": register}

@@ -1,8 +1,13 @@
 """Plugin discovery and the component registry.
 
-Modelled on pytest and xarray's backends: diffkit's own components are plugins too
-(:mod:`diffkit._builtins`, registered directly like pytest's built-ins); installed plugins
-come from the ``diffkit`` entry-point group.  Discovery is lazy and cached; :func:`refresh`
+Modelled on pytest and xarray's backends: diffkit's own components are plugins too -- the
+modules named in :data:`diffkit._builtins.BUILTIN_PLUGINS`, like pytest's ``default_plugins`` --
+loaded through the same entry-point path as installed plugins, which come from the ``diffkit``
+entry-point group.
+
+:func:`resolve` is the one place where a name becomes a component: the maths (schedules,
+samplers, the :class:`~diffkit.Denoiser`) takes objects, and everything that holds names (configs,
+the command line, ``diffkit.sample``, ``diffkit.get_schedule``) resolves them here.  Discovery is lazy and cached; :func:`refresh`
 rebuilds it.  A plugin that fails to import, or whose hook raises, becomes a
 :class:`PluginWarning` naming it and the rest keep working.
 
@@ -18,6 +23,9 @@ naming both.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import os
 import re
 import warnings
@@ -28,15 +36,17 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownComponentError
+from ._builtins import BUILTIN_PLUGINS
+from .errors import ConfigError, PluginError, UnknownComponentError
 
 ENTRY_POINT_GROUP = "diffkit"
-KINDS = ("backbone", "adapter", "schedule", "sampler", "metric", "command", "quickstart")
+KINDS = ("backbone", "adapter", "schedule", "sampler", "guidance", "metric", "command", "quickstart")
 _HOOKS = {
     "backbone": "diffkit_backbones",
     "adapter": "diffkit_adapters",
     "schedule": "diffkit_schedules",
     "sampler": "diffkit_samplers",
+    "guidance": "diffkit_guidance",
     "metric": "diffkit_metrics",
     "command": "diffkit_commands",
     "quickstart": "diffkit_quickstarts",
@@ -101,6 +111,23 @@ def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
               f"the hooks are {', '.join(_HOOKS.values())}")
 
 
+def _builtin_entry_points() -> list[metadata.EntryPoint]:
+    """diffkit's own plugins as entry points of the ``diffkit`` group, named after their modules."""
+    return [metadata.EntryPoint(name, name, ENTRY_POINT_GROUP) for name in BUILTIN_PLUGINS]
+
+
+def _load(pm: pluggy.PluginManager, ep: metadata.EntryPoint) -> None:
+    """Import the plugin ``ep`` points to and register it under ``ep.name``: the one loading path
+    of built-in and installed plugins."""
+    _register(pm, ep.load(), ep.name)
+
+
+def _load_builtins(pm: pluggy.PluginManager) -> None:
+    """Load diffkit's own plugins; one that fails is a bug in diffkit, raised as it is."""
+    for ep in _builtin_entry_points():
+        _load(pm, ep)
+
+
 def _load_entry_points(pm: pluggy.PluginManager) -> None:
     only = _only()
     seen: dict[str, str] = {}
@@ -116,7 +143,7 @@ def _load_entry_points(pm: pluggy.PluginManager) -> None:
         if pm.is_blocked(ep.name):
             continue
         try:
-            _register(pm, ep.load(), ep.name)
+            _load(pm, ep)
         except Exception as e:  # a broken plugin must not break diffkit
             _warn(f"diffkit plugin {ep.name!r} ({ep.value}) failed to load and is skipped: "
                   f"{type(e).__name__}: {e}")
@@ -132,9 +159,7 @@ def plugin_manager() -> pluggy.PluginManager:
     if _manager is None:
         pm = pluggy.PluginManager("diffkit")
         pm.add_hookspecs(hookspecs)
-        from . import _builtins
-
-        pm.register(_builtins, name="diffkit")
+        _load_builtins(pm)
         if not _autoload_disabled():
             _load_entry_points(pm)
         for name, plugin in _extra:
@@ -175,7 +200,7 @@ def _build_table() -> dict[str, dict[str, Component]]:
     for kind, hook_name in _HOOKS.items():
         hook = getattr(pm.hook, hook_name)
         for impl in hook.get_hookimpls():
-            plugin_name = pm.get_name(impl.plugin) or repr(impl.plugin)
+            plugin_name = _plugin_label(pm.get_name(impl.plugin) or repr(impl.plugin))
             try:
                 got = impl.function()
                 if got is None:
@@ -199,6 +224,11 @@ def _build_table() -> dict[str, dict[str, Component]]:
                     )
                 table[kind][name] = Component(kind, name, plugin_name, obj)
     return table
+
+
+def _plugin_label(name: str) -> str:
+    """The plugin a component is listed under: ``diffkit`` for every built-in module."""
+    return "diffkit" if name in BUILTIN_PLUGINS else name
 
 
 def components(kind: str | None = None) -> list[Component]:
@@ -233,3 +263,84 @@ def get(kind: str, name: str) -> Any:
             f"Check the spelling, or install the plugin that provides it (`diffkit plugins` lists them)"
         )
     return comps[name].obj
+
+
+#: kinds whose registered objects are factories of the component: resolving a name calls the
+#: factory with the spec's options (``"cosine"`` resolves to ``cosine()``, a Schedule)
+FACTORY_KINDS = ("schedule",)
+
+
+def _is_component(kind: str, obj: Any) -> bool:
+    """Whether ``obj`` is already a component of ``kind`` (rather than a name or a spec)."""
+    if kind == "schedule":
+        return callable(getattr(obj, "log_alpha_bar", None))
+    return callable(obj)
+
+
+def check_options(factory: Any, options: dict, where: str) -> None:
+    """Unknown keyword options of ``factory`` are a :class:`~diffkit.errors.ConfigError` naming them
+    and listing the valid ones (``where`` says whose options they are)."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n != "layout"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {', '.join(unknown)}; valid options: {', '.join(valid)}")
+
+
+def _bind(obj: Any, options: dict) -> Any:
+    """``obj`` with keyword ``options`` fixed, keeping its attributes (a sampler's ``info``), name and doc."""
+    bound = functools.partial(obj, **options)
+    bound.__dict__.update(getattr(obj, "__dict__", {}))
+    for attr in ("__name__", "__qualname__", "__doc__", "__module__"):
+        if hasattr(obj, attr):
+            setattr(bound, attr, getattr(obj, attr))
+    return bound
+
+
+def resolve(kind: str, spec: Any) -> Any:
+    """The component of ``kind`` that ``spec`` names: the one place names become objects.
+
+    ``spec`` is
+
+    - a registered name (``"cosine"``, ``"dpmpp_2m"``, ``"unet"``);
+    - a dict ``{"name": name, **options}``: the options are checked against the component's
+      keywords (an unknown one is a :class:`~diffkit.errors.ConfigError` listing the valid ones);
+    - or already a component (a :class:`~diffkit.schedules.Schedule` instance, a sampler function,
+      any callable), returned unchanged.
+
+    For a factory kind (:data:`FACTORY_KINDS`: ``schedule``) the result is what the factory
+    builds, ``factory(**options)``; for every other kind it is the registered object, with the
+    options bound as keyword arguments when there are any (``resolve("backbone", {"name": "unet",
+    "channels": 32})(layout)``).  An unknown name is an :class:`~diffkit.errors.UnknownComponentError`
+    listing the installed ones."""
+    _check_kind(kind)
+    if isinstance(spec, str):
+        name, options = spec, {}
+    elif isinstance(spec, dict):
+        options = dict(spec)
+        name = options.pop("name", None)
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"a {kind} given as a dict needs a 'name' key naming a registered {kind}, "
+                              f"got {spec!r}; e.g. {{'name': ..., **options}}")
+    elif _is_component(kind, spec):
+        return spec
+    else:
+        raise TypeError(f"cannot make a {kind} from {type(spec).__name__} {spec!r}; give a registered {kind} "
+                        f"name, a dict {{'name': ..., **options}} or a {kind} object")
+    obj = get(kind, name)
+    if options:
+        check_options(obj, options, f"{kind} {name!r}")
+    if kind in FACTORY_KINDS:
+        return obj(**options)
+    return _bind(obj, options) if options else obj
+
+
+def get_schedule(spec: Any):
+    """A :class:`~diffkit.schedules.Schedule` from an instance, a registered name or
+    ``{"name": ..., **options}``: :func:`resolve` for ``kind="schedule"``."""
+    return resolve("schedule", spec)

@@ -7,7 +7,7 @@ nothing of the domain:
 
 - all ``N`` initial conditions times ``M`` members advance in **one batch** (rows ``n * M + m``),
   one model call (a :class:`~diffkit.denoiser.Regressor`) or one sampler run (a
-  :class:`~diffkit.denoiser.Denoiser`, :func:`diffkit.samplers.sample`) per step;
+  :class:`~diffkit.denoiser.Denoiser`, :func:`diffkit.sample`) per step;
 - it works in standardised units: the history is standardised with the spec's state statistics,
   the target de-normalised with the layout's ``mean``/``std``;
 - the next state is the target itself (``target = "state"``) or the latest input state plus the
@@ -253,7 +253,7 @@ def rollout(model, history: torch.Tensor, steps: int, members: int = 1, *,
         it = tqdm(it, desc=desc, unit="step", dynamic_ncols=True)
     regression = isinstance(model, Regressor)
     if not regression:
-        from .samplers import sample
+        from .sampling import sample
     out = []
     for k in it:
         filled = torch.nan_to_num(hist, nan=0.0, posinf=0.0, neginf=0.0)

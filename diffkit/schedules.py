@@ -11,6 +11,9 @@ with any sampler spacing.  A schedule only has to define :meth:`Schedule.log_alp
 
 Naming: ``alpha`` here is the *cumulative* signal scale ``sqrt(alpha_bar)`` (VDM's alpha);
 the paper's per-step AR(1) coefficient ``lambda_t`` is :meth:`Schedule.transition`.
+
+Schedules are objects; a name (``"cosine"``, ``{"name": "refiner", "steps": 3}``) becomes one
+through :func:`diffkit.registry.resolve` (or :func:`diffkit.get_schedule`), never here.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import abc
 import math
 
 import torch
+
+from .hookspecs import hookimpl
 
 _DT = torch.float64  # schedule arithmetic is done in float64 and cast by the caller
 
@@ -287,18 +292,7 @@ def sigmoid(start: float = -3.0, end: float = 3.0, tau: float = 1.0, logsnr_min:
     return SigmoidSchedule(start=start, end=end, tau=tau, logsnr_min=logsnr_min, T=T)
 
 
-def get_schedule(spec) -> Schedule:
-    """A :class:`Schedule` from an instance, a registered name or ``{"name": ..., **options}``."""
-    if isinstance(spec, Schedule):
-        return spec
-    from . import registry
-
-    if isinstance(spec, str):
-        return registry.get("schedule", spec)()
-    if isinstance(spec, dict):
-        spec = dict(spec)
-        name = spec.pop("name", None)
-        if name is None:
-            raise ValueError("a schedule dict needs a 'name' key")
-        return registry.get("schedule", name)(**spec)
-    raise TypeError(f"cannot make a schedule from {type(spec).__name__}")
+@hookimpl
+def diffkit_schedules():
+    """diffkit's own schedules, registered as a built-in plugin (:mod:`diffkit._builtins`)."""
+    return {"linear": linear, "cosine": cosine, "sigmoid": sigmoid, "alpha_bar": from_alpha_bar, "refiner": refiner}

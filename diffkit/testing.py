@@ -58,9 +58,12 @@ def check_plugin_registers(plugin: Any, *, require_descriptions: bool = True,
     component it registers under that plugin name, without warnings (what ``diffkit plugins``
     shows).  The registry is refreshed before and after.  Returns ``{kind: {name: object}}``.
     """
+    import importlib
+
     import pluggy
 
-    from . import _builtins, hookspecs
+    from . import hookspecs
+    from ._builtins import BUILTIN_PLUGINS
     from .registry import _HOOKS
 
     pname = getattr(plugin, "__name__", None) or type(plugin).__name__
@@ -80,10 +83,12 @@ def check_plugin_registers(plugin: Any, *, require_descriptions: bool = True,
         pm.register(plugin, name=pname)
     except Exception as e:
         _fail(f"plugin {pname!r} does not register with pluggy: {type(e).__name__}: {e}")
-    core = {}
-    for kind, hook in _HOOKS.items():
-        if hasattr(_builtins, hook):
-            core[kind] = set(getattr(_builtins, hook)())
+    core: dict[str, set] = {}
+    builtin_modules = [importlib.import_module(m) for m in BUILTIN_PLUGINS]
+    for mod in builtin_modules:
+        for kind, hook in _HOOKS.items():
+            if hasattr(mod, hook):
+                core.setdefault(kind, set()).update(getattr(mod, hook)())
     found: dict[str, dict[str, Any]] = {}
     for kind, hook in _HOOKS.items():
         if hook not in hooks:
@@ -99,7 +104,7 @@ def check_plugin_registers(plugin: Any, *, require_descriptions: bool = True,
                 _fail(f"plugin {pname!r}: {hook}() returned the invalid name {name!r}; names are non-empty str")
             if not callable(obj):
                 _fail(f"plugin {pname!r}: {kind} {name!r} is a {type(obj).__name__}, not a callable")
-            if plugin is not _builtins and name in core.get(kind, ()):
+            if not any(plugin is m for m in builtin_modules) and name in core.get(kind, ()):
                 _fail(f"plugin {pname!r}: {kind} {name!r} shadows a diffkit built-in; choose another name")
             if require_descriptions and not (getattr(obj, "__doc__", None) or "").strip():
                 _fail(f"plugin {pname!r}: {kind} {name!r} has no docstring; its first line is the "

@@ -527,7 +527,7 @@ class Trainer:
         if isinstance(self.ema, Regressor):
             x = self.ema(cond, n)
         else:
-            from .samplers import sample
+            from .sampling import sample
 
             x = sample(self.ema.bind(cond, sc.guidance if labels is not None else None), (n, *self.layout.sample_shape),
                        sampler=sc.sampler, nfe=sc.nfe, spacing=sc.spacing, generator=g, device=self.device)

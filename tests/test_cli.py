@@ -167,7 +167,7 @@ def test_broken_plugin_is_a_warning_and_exit_0(tmp_path):
     assert {(k, n) for k, n, _, _ in table(proc.stdout)} >= set(BUILTINS)
     quiet = run(["plugins"], tmp_path, site=site, DIFFKIT_DISABLE_PLUGIN_AUTOLOAD="1")
     assert quiet.returncode == 0 and quiet.stderr == ""
-    assert {r[0] for r in table(quiet.stdout)} == {"adapter", "schedule", "sampler", "metric", "command"}
+    assert {r[0] for r in table(quiet.stdout)} == {"adapter", "schedule", "sampler", "guidance", "metric", "command"}
 
 
 def test_plugin_from_dist_info_is_listed(tmp_path):

@@ -650,7 +650,7 @@ def test_denoiser_without_layout_accepts_any_rank(affine_net, shape, gen):
 def test_denoiser_reads_layout_from_net(affine_net):
     net = affine_net()
     net.layout = _layout(cond_channels=(), scalars=())
-    D = dk.Denoiser(net, "cosine")
+    D = dk.Denoiser(net, dk.cosine())
     assert D.layout is net.layout
     with pytest.raises(ShapeError):
         D(torch.zeros(2, 3, 6), 0.5)
@@ -658,14 +658,14 @@ def test_denoiser_reads_layout_from_net(affine_net):
 
 @pytest.mark.parametrize("x_shape, match", [((4, 3, 6), "channels"), ((4, 2), "rank"), ((4, 2, 6, 1), "rank")])
 def test_denoiser_rejects_wrong_x(affine_net, x_shape, match):
-    D = dk.Denoiser(affine_net(out_channels=2), "cosine", layout=_layout())
+    D = dk.Denoiser(affine_net(out_channels=2), dk.cosine(), layout=_layout())
     with pytest.raises(ShapeError, match=match):
         D(torch.zeros(x_shape), 0.5, _cond())
 
 
 def test_denoiser_accepts_other_spatial_sizes(affine_net):
     """The layout check is on rank and channels only (backbones may pad and crop)."""
-    D = dk.Denoiser(affine_net(out_channels=2), "cosine", layout=_layout(cond_channels=(), scalars=()))
+    D = dk.Denoiser(affine_net(out_channels=2), dk.cosine(), layout=_layout(cond_channels=(), scalars=()))
     assert D(torch.zeros(2, 2, 9), 0.5).shape == (2, 2, 9)
 
 
@@ -683,7 +683,7 @@ def test_denoiser_accepts_other_spatial_sizes(affine_net):
     (dict(fields=torch.full((4, 1, 6), float("nan"))), "NaN"),
 ])
 def test_cond_mismatch_raises_shape_error(affine_net, change, match):
-    D = dk.Denoiser(affine_net(out_channels=2), "cosine", layout=_layout())
+    D = dk.Denoiser(affine_net(out_channels=2), dk.cosine(), layout=_layout())
     c = _cond()
     c = dk.Cond(**{**dict(fields=c.fields, scalars=c.scalars, labels=c.labels), **change})
     err = NonFiniteError if match == "NaN" else ShapeError
@@ -692,7 +692,7 @@ def test_cond_mismatch_raises_shape_error(affine_net, change, match):
 
 
 def test_cond_given_but_not_declared_raises(affine_net):
-    D = dk.Denoiser(affine_net(out_channels=2), "cosine", layout=_layout(cond_channels=(), scalars=(), num_classes=0))
+    D = dk.Denoiser(affine_net(out_channels=2), dk.cosine(), layout=_layout(cond_channels=(), scalars=(), num_classes=0))
     x = torch.zeros(4, 2, 6)
     with pytest.raises(ShapeError, match="no cond_channels"):
         D(x, 0.5, dk.Cond(fields=torch.zeros(4, 1, 6)))
@@ -703,14 +703,14 @@ def test_cond_given_but_not_declared_raises(affine_net):
 
 
 def test_null_label_is_accepted(affine_net):
-    D = dk.Denoiser(affine_net(out_channels=2), "cosine", layout=_layout())
+    D = dk.Denoiser(affine_net(out_channels=2), dk.cosine(), layout=_layout())
     c = _cond()
     D(torch.zeros(4, 2, 6), 0.5, dk.Cond(c.fields, c.scalars, torch.full((4,), 3)))
 
 
 @pytest.mark.parametrize("t", [0.0, -0.2, 1.0 + 1e-9, 1.5])
 def test_denoiser_rejects_times_outside_0_1(affine_net, t):
-    D = dk.Denoiser(affine_net(), "cosine")
+    D = dk.Denoiser(affine_net(), dk.cosine())
     with pytest.raises(ValueError):
         D(torch.zeros(2, 3), t)
     with pytest.raises(ValueError):
@@ -718,7 +718,7 @@ def test_denoiser_rejects_times_outside_0_1(affine_net, t):
 
 
 def test_guidance_without_labels_raises(affine_net):
-    D = dk.Denoiser(affine_net(out_channels=2), "cosine", layout=_layout())
+    D = dk.Denoiser(affine_net(out_channels=2), dk.cosine(), layout=_layout())
     c = _cond()
     with pytest.raises(ValueError, match="labels"):
         D(torch.zeros(4, 2, 6), 0.5, dk.Cond(c.fields, c.scalars), guidance=2.0)
@@ -730,7 +730,7 @@ def test_guidance_without_labels_raises(affine_net):
 @pytest.mark.parametrize("w", [0.0, 1.0, 2.5, -0.5])
 def test_classifier_free_guidance(affine_net, p, w, gen):
     net = affine_net(out_channels=2, c=0.1, d=0.7)
-    D = dk.Denoiser(net, "cosine", p, layout=_layout())
+    D = dk.Denoiser(net, dk.cosine(), p, layout=_layout())
     x = torch.randn(4, 2, 6, generator=gen)
     c = _cond(gen=gen)
     t = torch.tensor([0.2, 0.5, 0.6, 0.9], dtype=F64)

@@ -68,7 +68,7 @@ def test_default_sampler_reproduces_the_std(which, std):
                          ids=[f"{getattr(s, '__name__', s)}-{'-'.join(f'{k}{v}' for k, v in o.items()) or 'plain'}-{n}"
                               for s, o, n in HOLDS_AT])
 def test_every_sampler_reproduces_the_std_where_documented(sampler, opts, nfe):
-    fn = S.get_sampler(sampler)
+    fn = dk.registry.resolve("sampler", sampler)
     assert f"NFE {nfe}" in fn.__doc__  # the docstring names the NFE where it holds
     for which in ("cosine", "linear"):
         sch = SCHEDULES[which]()

@@ -26,6 +26,7 @@ from diffkit.cli import main  # noqa: E402
 from diffkit.config import config_from_dict  # noqa: E402
 from diffkit.denoiser import Cond, Denoiser, Regressor  # noqa: E402
 from diffkit.errors import NonFiniteError, ShapeError, UnknownComponentError  # noqa: E402
+from diffkit.schedules import cosine  # noqa: E402
 from diffkit_pde.adapter import PDEDataError, TrajectoryAdapter, spec_from_layout  # noqa: E402
 from diffkit.rollout import DEFAULT_PERTURB  # noqa: E402
 
@@ -469,7 +470,7 @@ def test_denoiser_oracle_rollout_is_exact_with_deterministic_samplers(shift, sam
     path, u, v = shift
     a = TrajectoryAdapter(str(path), variables=["u", "v"], history=history, target=target, val_fraction=0)
     L = a.layout
-    den = Denoiser(ShiftOracle(L), "cosine", "x0", L)
+    den = Denoiser(ShiftOracle(L), cosine(), "x0", L)
     K = 20
     hist = torch.stack([P.initial_condition(path, L, index=i).history for i in range(3)])
     pred = P.rollout(den, hist, K, members=3, sampler=sampler, nfe=3, seed=7)

@@ -32,6 +32,7 @@ CORE = {
     "metric": {"sliced_wasserstein", "ensemble_mean_rmse", "ensemble_spread", "ensemble_spread_skill_ratio",
                "ensemble_crps", "ensemble_rank_histogram"},
     "adapter": {"mixture"},
+    "guidance": {"dps", "reconstruction", "mmps"},
 }
 ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
 
@@ -529,10 +530,16 @@ def test_check_schedule_with_options():
 
 
 def test_check_plugin_registers_on_builtins():
-    import diffkit._builtins
+    import importlib
 
-    got = check_plugin_registers(diffkit._builtins)
-    assert set(got) == {"adapter", "schedule", "sampler", "metric", "command"}
+    from diffkit._builtins import BUILTIN_PLUGINS
+
+    got = {}
+    for name in BUILTIN_PLUGINS:  # each built-in module is a plugin of its own
+        for kind, comps in check_plugin_registers(importlib.import_module(name)).items():
+            assert not set(comps) & set(got.get(kind, {})), (name, kind)
+            got.setdefault(kind, {}).update(comps)
+    assert set(got) == {"adapter", "schedule", "sampler", "guidance", "metric", "command"}
     assert set(got["sampler"]) == CORE["sampler"] and set(got["command"]) == {"quickstart"}
 
 

@@ -30,7 +30,7 @@ from diffkit.denoiser import Cond, Regressor
 from diffkit.errors import DiffkitError, NonFiniteError, ShapeError
 from diffkit.layout import AutoregressiveSpec, Layout, history_channels
 from diffkit.rollout import DEFAULT_PERTURB, correlated_noise, resolve_perturb, resolve_perturb_length, rollout
-from diffkit.schedules import get_schedule
+from diffkit import get_schedule
 
 C, NX, H = 2, 8, 2                       # state channels, grid points, history states
 SM, SS = (1.0, -2.0), (2.0, 0.5)         # state statistics (physical)

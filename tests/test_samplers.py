@@ -329,7 +329,7 @@ def test_samplers_work_on_any_rank(name, opts, shape):
 def test_sample_with_a_conditioned_denoiser_and_guidance(affine_net):
     layout = dk.Layout(channels=("u", "v"), spatial=("x",), shape=(5,), cond_channels=("f",), num_classes=2)
     net = affine_net(out_channels=2, d=0.3)
-    D = dk.Denoiser(net, "cosine", "v", layout=layout)
+    D = dk.Denoiser(net, dk.cosine(), "v", layout=layout)
     cond = dk.Cond(fields=torch.randn(3, 1, 5), labels=torch.tensor([0, 1, 0]))
     for guidance in (None, 1.0, 3.0):
         net.calls = 0
@@ -539,7 +539,7 @@ FAST_SAMPLERS = [(n, {}) for n in ALL] + [("euler", {"churn": 2.0}), ("heun", {"
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
 def test_fast_path_equals_plain_call_bit_for_bit(p, which, dtype, affine_net):
     net = affine_net(out_channels=2, d=0.3).to(dtype)
-    den = dk.Denoiser(net, which, p)
+    den = dk.Denoiser(net, dk.get_schedule(which), p)
     x1 = torch.randn(4, 2, 5, dtype=dtype, generator=torch.Generator().manual_seed(0))
     calls = {"fast": 0}
     orig = den.x0_at
@@ -567,14 +567,14 @@ def test_fast_path_on_any_rank_with_conditioning_and_guidance(sampler, opts, sha
     x1 = torch.randn(shape, dtype=F64, generator=torch.Generator().manual_seed(2))
     run = lambda d, **kw: dk.sample(d, shape, sampler=sampler, nfe=7, x_init=x1, dtype=F64,
                                     generator=torch.Generator().manual_seed(3), **opts, **kw)
-    den = dk.Denoiser(affine_net(d=0.3), "cosine", "v")
+    den = dk.Denoiser(affine_net(d=0.3), dk.cosine(), "v")
     torch.testing.assert_close(run(den), run(PlainOnly(den)), rtol=0, atol=1e-12)
     if len(shape) < 2:
         return
     C, spatial = shape[1], shape[2:]
     layout = dk.Layout(channels=tuple(f"c{i}" for i in range(C)), spatial=tuple(f"s{i}" for i in range(len(spatial))),
                        shape=spatial, num_classes=3)
-    den = dk.Denoiser(affine_net(out_channels=C, d=0.3), "cosine", "v", layout=layout)
+    den = dk.Denoiser(affine_net(out_channels=C, d=0.3), dk.cosine(), "v", layout=layout)
     labels = torch.arange(shape[0]) % 3
     for guidance in (None, 2.5):
         bound = den.bind(dk.Cond(labels=labels), guidance)
@@ -590,10 +590,10 @@ def test_fast_path_never_bypasses_overrides_or_hooks(affine_net):
             return super().forward(x, t, cond, guidance) + 1.0
 
     x1 = torch.randn(3, 2, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
-    den = Shifted(affine_net(out_channels=2, d=0.3).double(), "cosine", "eps")
+    den = Shifted(affine_net(out_channels=2, d=0.3).double(), dk.cosine(), "eps")
     a = dk.sample(den, x1.shape, nfe=5, x_init=x1)
     torch.testing.assert_close(a, dk.sample(PlainOnly(den), x1.shape, nfe=5, x_init=x1), rtol=0, atol=0)
-    plain = dk.Denoiser(affine_net(out_channels=2, d=0.3).double(), "cosine", "eps")
+    plain = dk.Denoiser(affine_net(out_channels=2, d=0.3).double(), dk.cosine(), "eps")
     seen = []
     plain.register_forward_hook(lambda mod, inp, out: seen.append(1))
     dk.sample(plain, x1.shape, nfe=5, x_init=x1)

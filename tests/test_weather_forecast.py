@@ -34,6 +34,7 @@ from diffkit.cli import main  # noqa: E402
 from diffkit.config import config_from_dict  # noqa: E402
 from diffkit.denoiser import Cond, Denoiser, Regressor  # noqa: E402
 from diffkit.layout import Layout  # noqa: E402
+from diffkit.schedules import cosine  # noqa: E402
 from diffkit_weather import evaluate as E  # noqa: E402
 from diffkit_weather import forecast as F  # noqa: E402
 from diffkit_weather import metrics as WM  # noqa: E402
@@ -243,7 +244,7 @@ def test_perturbed_initial_condition_ensemble_of_a_regression_model(shift):
 def test_denoiser_oracle_forecast_is_exact_with_deterministic_samplers(shift, sampler):
     a = A.GriddedAdapter(str(shift), history=2, target="residual", val_fraction=0.25)
     L = a.layout
-    den = Denoiser(ShiftOracle(L), "cosine", "x0", L)
+    den = Denoiser(ShiftOracle(L), cosine(), "x0", L)
     ist = F.initial_states(shift, L, ["2000-01-02T06:00", "2000-01-04T00:00"])
     pred = F.forecast(den, None, ist, steps=4, members=3, sampler=sampler, nfe=3, seed=5)
     _close_nan(pred[:, 0].numpy(), truth_model(np.array([5, 12]), 4))

@@ -20,7 +20,7 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
     from diffkit.config import config_from_dict
     from diffkit.denoiser import Cond
     from diffkit.quickstart import Section
-    from diffkit.samplers import sample
+    from diffkit.sampling import sample
     from diffkit.model import load_for_sampling
     from diffkit.train import Trainer
 
