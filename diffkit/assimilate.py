@@ -227,7 +227,7 @@ def run_command(args) -> int:
     """``diffkit assimilate``: see :func:`register`."""
     import warnings
 
-    from .cli import resolve_device
+    from .devices import resolve_device
     from .model import load_model
 
     if args.members < 1:

@@ -9,6 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from .devices import resolve_device  # noqa: F401  (diffkit.cli.resolve_device: the plugins' commands use it)
+
 
 def _cmd_plugins(args) -> int:
     import warnings
@@ -202,22 +204,6 @@ def _check_out(out, adapter_cls) -> None:
         what = f"has an unknown extension {ext!r}" if ext else "has no extension"
         raise ValueError(f"--out {out} {what}: the {name!r} adapter writes {', '.join(files)} files; "
                          f"e.g. --out {p.with_suffix(files[0])}")
-
-
-def resolve_device(name):
-    """The torch device ``--device`` names (default: cuda if available); cuda without CUDA, or a name
-    torch does not know, is a one-line error.  The domain plugins' commands use it too."""
-    import torch
-
-    if not name:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"--device {name!r} is not a torch device ({' '.join(str(e).split())}); use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name} was requested but CUDA is not available on this machine; use --device cpu")
-    return device
 
 
 def _leave_process_group() -> None:
