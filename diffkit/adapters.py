@@ -203,6 +203,17 @@ def write_netcdf(x: torch.Tensor, layout: Layout, path, *, attrs: dict | None = 
     return atomic_to_netcdf(cf_output(ds, title="diffkit samples", command=command_of(attrs, "diffkit: samples")), path)
 
 
+def netcdf_attrs(params: dict) -> dict:
+    """``params`` as netCDF global attributes: None values dropped, ``bool`` as ``int`` (netCDF has
+    no boolean), ``int`` / ``float`` / ``str`` kept, anything else as its ``str``."""
+    def value(v):
+        if isinstance(v, bool):
+            return int(v)
+        return v if isinstance(v, (int, float, str)) else str(v)
+
+    return {k: value(v) for k, v in params.items() if v is not None}
+
+
 def atomic_to_netcdf(ds, path) -> Path:
     """Write an xarray Dataset to ``path`` atomically: a temporary file in the same folder,
     then ``os.replace``, so an existing file is never left half-written."""

@@ -331,6 +331,8 @@ def test_to_dataset_and_atomic_netcdf(tmp_path):
     dsk = P.to_dataset(k)
     assert dsk["u"].dims == ("trajectory", "time", "x", "y") and set(dsk.data_vars) >= {"u", "v", "omega"}
     assert dsk.attrs["re"] == pytest.approx(1000.0) and dsk.attrs["k_f"] == 4 and dsk.attrs["drag"] == 0.1
+    # netCDF has no boolean: True is written as 1 (diffkit.adapters.netcdf_attrs)
+    assert type(dsk.attrs["dealias"]) is int and dsk.attrs["dealias"] == 1
     P.write_netcdf(dsk, tmp_path / "k.nc")
     with pytest.raises(ValueError, match="kind"):
         P.to_dataset(k, "heat")

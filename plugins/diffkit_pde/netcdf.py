@@ -11,14 +11,6 @@ import numpy as np
 import torch
 
 
-def _attr(v):
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, (int, float, str)):
-        return v
-    return str(v)
-
-
 def to_dataset(result: dict, kind: str | None = None):
     """A CF-1.8 :class:`xarray.Dataset` of a simulator result.
 
@@ -33,6 +25,8 @@ def to_dataset(result: dict, kind: str | None = None):
     """
     import xarray as xr  # lazy: importing the plugin must not import xarray
 
+    from diffkit.adapters import netcdf_attrs
+
     p = dict(result["params"])
     kind = kind or p.get("kind")
     if kind not in ("ks", "burgers", "kolmogorov"):
@@ -40,7 +34,7 @@ def to_dataset(result: dict, kind: str | None = None):
     cpu = lambda a: torch.as_tensor(a).detach().cpu().numpy()
     attrs = {"Conventions": "CF-1.8", "source": "diffkit_pde simulators",
              "title": f"{p.get('name', kind)} simulation",
-             **{k: _attr(v) for k, v in p.items() if v is not None}}
+             **netcdf_attrs(p)}
     ntr = int(p["n_traj"])
     coords: dict[str, Any] = {
         "trajectory": ("trajectory", np.arange(ntr), {"long_name": "trajectory index"})}

@@ -620,14 +620,6 @@ def energy_budget(result: dict, *, fd_order: int = 4) -> dict:
 
 
 # ----------------------------------------------------------------------------- xarray / netCDF
-def _attr(v):
-    if isinstance(v, bool):
-        return int(v)
-    if isinstance(v, (int, float, str)):
-        return v
-    return str(v)
-
-
 KM_PER_DEG = 111.2
 
 
@@ -650,6 +642,8 @@ def to_dataset(result: dict, *, lat0: float = 45.0, lon0: float = -30.0,
     zonal wind) -- those of them present in ``result``.  Model parameters become global attributes.
     """
     import xarray as xr  # lazy: importing the plugin must not import xarray
+
+    from diffkit.adapters import netcdf_attrs
 
     p = dict(result["params"])
     cpu = lambda a: torch.as_tensor(a).detach().cpu().numpy()
@@ -708,7 +702,7 @@ def to_dataset(result: dict, *, lat0: float = 45.0, lon0: float = -30.0,
                             "cos(lat0) per degree of longitude; the dynamics are Cartesian (beta-plane)"),
               "lat0": float(lat0), "lon0": float(lon0),
               "periodic_axes": "latitude longitude",
-              **{k: _attr(v) for k, v in p.items() if v is not None}}
+              **netcdf_attrs(p)}
     ds = xr.Dataset(dv, coords=coords, attrs=gattrs)
     ds["time"].encoding.update(units="hours since 2000-01-01 00:00:00", calendar="standard")
     return ds
