@@ -104,3 +104,11 @@ class CountingDenoiser:
 def counting():
     """Factory: ``counting(denoiser)`` -> :class:`CountingDenoiser`."""
     return CountingDenoiser
+
+
+@pytest.fixture
+def synth(tmp_path):
+    """The PDE tests' small 1-D trajectory file (values known in closed form: tests/_pde_fixtures.py)."""
+    from _pde_fixtures import write_1d
+
+    return write_1d(tmp_path / "synth.nc", L=6.0)
