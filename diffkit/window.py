@@ -270,7 +270,8 @@ class WindowDataset(Dataset):
 class WindowAdapter(Adapter):
     """An autoregressive adapter's trajectories as windows of ``length`` states (``data.window``), with
     amortised conditioning masks when ``amortised`` (``data.amortised``).  Its ``name`` is the inner
-    adapter's, whose decoder writes the windows' channels."""
+    adapter's (the name checkpoints store); its own decoder is the default one (CF netCDF of the window
+    channels), which the trainer's snapshots use."""
 
     def __init__(self, inner: Adapter, length: int, *, amortised: bool = False,
                  masks: MaskDistribution | None = None, seed: int = 0):
@@ -292,9 +293,6 @@ class WindowAdapter(Adapter):
 
     def dataset(self, split: str) -> Dataset:
         return WindowDataset(self.inner.dataset(split), self.inner.layout, self._layout, self.masks, self.seed)
-
-    def decode(self, *args, **kwargs):  # an instance's decode is the inner adapter's
-        return type(self.inner).decode(*args, **kwargs)
 
 
 # ----------------------------------------------------------------------------- inference

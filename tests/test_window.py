@@ -461,7 +461,9 @@ def test_window_model_trains_and_samples_amortised_end_to_end(tmp_path, dims):
         "data": {"adapter": "pde", "batch_size": 8, "val_fraction": 0.25, "window": k, "amortised": True,
                  "options": {"path": str(data), **({"variables": ["u", "v"]} if dims == 2 else {})}},
         "model": {"backbone": "unet", "options": TINY_UNET},
-        "trainer": {"steps": 6, "lr": 1e-3, "warmup": 1, "val_every": 3, "ckpt_every": 0, "log_every": 100},
+        "trainer": {"steps": 6, "lr": 1e-3, "warmup": 1, "val_every": 3, "ckpt_every": 0, "log_every": 100,
+                    "snapshot_every": 6},
+        "sample": {"nfe": 2, "n": 2},
     })
     state = capture_rng_state(cuda=False)
     try:
@@ -469,6 +471,10 @@ def test_window_model_trains_and_samples_amortised_end_to_end(tmp_path, dims):
     finally:
         restore_rng_state(state)
     assert out["step"] == 6
+    snap = xr.open_dataset(tmp_path / "run" / "snapshots" / "step-000000006.nc")  # the windows, decoded
+    names = ["u"] if dims == 1 else ["u", "v"]
+    assert list(snap.data_vars) == [f"{v}@t+{j}" for j in range(k) for v in names]
+    assert snap.sizes["sample"] == 2 and bool(np.isfinite(snap.to_array().values).all())
     lm = load_model(tmp_path / "run")
     lay = lm.layout
     C = 1 if dims == 1 else 2
@@ -487,3 +493,55 @@ def test_window_model_trains_and_samples_amortised_end_to_end(tmp_path, dims):
     torch.testing.assert_close(x[:, :, mask[0]], truth[:, None, mask[0]].float().expand(1, 3, -1))
     traj = sample_trajectory(lm.model, length=k + 2, members=2, nfe=3, generator=g)
     assert traj.shape == (1, 2, k + 2, C, *S) and bool(torch.isfinite(traj).all())
+
+
+def test_window_dataset_matches_gridded_frames(tmp_path):
+    """The same windows from the gridded (``weather``) adapter: every adapter with an autoregressive spec serves them."""
+    try:
+        from diffkit_weather.adapter import GriddedAdapter
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
+        from diffkit_weather.adapter import GriddedAdapter
+    g = np.random.default_rng(0)
+    nt, lat, lon = 10, np.linspace(60.0, -60.0, 5), np.arange(0.0, 360.0, 45.0)
+    t2m = (280 + 5 * g.standard_normal((nt, lat.size, lon.size))).astype(np.float32)
+    path = tmp_path / "grid.nc"
+    xr.Dataset({"t2m": (("time", "latitude", "longitude"), t2m, {"units": "K"})},
+               coords={"time": ("time", 6 * np.arange(nt), {"units": "hours since 2000-01-01"}),
+                       "latitude": ("latitude", lat, {"units": "degrees_north"}),
+                       "longitude": ("longitude", lon, {"units": "degrees_east"})}).to_netcdf(path)
+    inner = GriddedAdapter(str(path), history=2, target="residual", val_fraction=0.3)
+    wa = WindowAdapter(inner, 3)
+    L = wa.layout
+    assert L.channels == ("t2m@t+0", "t2m@t+1", "t2m@t+2") and L.weights.shape == inner.layout.weights.shape
+    ds, pairs = wa.dataset("train"), inner.dataset("train").pairs
+    raw = torch.from_numpy(t2m).double()
+    lat_model = torch.tensor(L.coords["latitude"])
+    order = [int(np.argmin(np.abs(lat - v))) for v in lat_model.tolist()]  # the adapter's latitude order
+    for i in range(len(ds)):
+        phys = L.denormalize(ds[i]["x"].double())
+        ref = raw[torch.as_tensor(pairs[i])][:, order]
+        torch.testing.assert_close(phys, ref, rtol=0, atol=1e-4)
+
+
+def test_windows_md_gives_the_sampling_signatures():
+    """docs/windows.md states the signatures of the inference functions exactly as the code has them."""
+    import inspect
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "windows.md").read_text()
+
+    def fmt(v):
+        return f'"{v}"' if isinstance(v, str) else str(v)
+
+    for fn in (sample_amortised, sample_trajectory):
+        parts, star = [], False
+        for p in inspect.signature(fn).parameters.values():
+            if p.kind is p.KEYWORD_ONLY and not star:
+                parts.append("*")
+                star = True
+            if p.kind is p.VAR_KEYWORD:
+                parts.append(f"**{p.name}")
+            else:
+                parts.append(p.name if p.default is p.empty else f"{p.name}={fmt(p.default)}")
+        sig = f"`{fn.__name__}({', '.join(parts)})`"
+        assert sig in text, f"docs/windows.md lacks {sig}"
