@@ -116,6 +116,8 @@ def _check_forecast(fc):
     init_time, lead_time, [level,] lat, lon)`` (transposed where needed), ``valid_time`` ``(init_time,
     lead_time)`` equal to ``init_time + lead_time``.  Anything else is an error naming the dim or time."""
 
+    # an analysis's ensemble mean / spread (cell_methods "member: ...", diffkit assimilate) are not members: not scored
+    fc = fc.drop_vars([v for v in fc.data_vars if "member:" in str(fc[v].attrs.get("cell_methods", ""))])
     need = ("member", "init_time", "lead_time")
     miss = [d for d in need if d not in fc.dims]
     lacks = ([f"the dim(s) {', '.join(miss)}"] if miss else []) + \
