@@ -227,3 +227,129 @@ def test_assimilate_bad_file_error_is_one_line_in_a_subprocess(ks):
                            capture_output=True, text=True, timeout=300)
         assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
         assert "sigma_y of 'u' holds" in p.stderr and "<= 0" in p.stderr
+
+
+# ============================================================================= weather (QG quick setting)
+WEATHER_TOML = """\
+run_dir = "{run}"
+[data]
+adapter = "weather"
+batch_size = 8
+val_fraction = 0.1
+[data.options]
+path = ["{data}"]
+[model]
+backbone = "unet"
+[model.options]
+channels = 8
+channel_mult = [1, 2]
+num_res_blocks = 1
+attn_levels = []
+mid_attn = false
+[trainer]
+steps = 40
+warmup = 1
+val_every = 0
+ckpt_every = 0
+[sample]
+sampler = "dpmpp_2m"
+nfe = 4
+"""
+WINDOW = "2000-01-03T00:00,2000-01-04T00:00"
+
+
+@pytest.fixture(scope="module")
+def qg(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assim_qg")
+    data = root / "qg.nc"
+    assert main(["data", "weather", "qg", "--years", "0.03", "--spin-up-years", "0.01", "--nx", "16", "--fields",
+                 "psi", "--out", str(data), *RUN]) == 0
+    (root / "cfg.toml").write_text(WEATHER_TOML.format(run=(root / "run").as_posix(), data=data.as_posix()))
+    state = capture_rng_state(cuda=False)
+    try:
+        assert main(["train", str(root / "cfg.toml"), *RUN]) == 0
+    finally:
+        restore_rng_state(state)
+    grid, pts = root / "obs.nc", root / "stations.nc"
+    assert main(["data", "weather", "qg", "--observe-from", str(data), "--obs-window", WINDOW, "--obs-fraction",
+                 "0.2", "--out", str(grid)]) == 0
+    assert main(["data", "weather", "qg", "--observe-from", str(data), "--obs-window", WINDOW, "--obs-fraction",
+                 "0.2", "--obs-form", "points", "--seed", "2", "--out", str(pts)]) == 0
+    return dict(root=root, data=data, run=root / "run", grid=grid, points=pts)
+
+
+def _weather_rmse(path, obs):
+    with xr.open_dataset(obs) as o:
+        seen = np.isfinite(o["streamfunction"].values)                              # (time, level, lat, lon)
+        times = o["time"].values
+    with xr.open_dataset(path) as a:
+        mean = a["streamfunction_ensemble_mean"].values[0]                          # (lead, level, lat, lon)
+        valid = a["valid_time"].values[0]
+    return mean, seen, times, valid
+
+
+def test_weather_assimilate_beats_the_prior_and_evaluate_scores_it(qg, capsys):
+    """QG quick setting: gridded observations of 20 % of the points; the analysis (reconstruction) is closer
+    to the truth than the same-seed prior at observed and unobserved points, and diffkit evaluate scores it."""
+    root = qg["root"]
+    common = ["assimilate", str(qg["run"]), "--obs", str(qg["grid"]), "--init", str(qg["data"]), "--members", "4"]
+    assert main([*common, "--method", "reconstruction", "--out", str(root / "a.nc"), *RUN]) == 0
+    assert main([*common, "--no-guidance", "--out", str(root / "p.nc"), *RUN]) == 0
+    assert "from 2000-01-02T18:00" in capsys.readouterr().out                       # one lead before the first obs
+    with xr.open_dataset(qg["data"]) as d:
+        truth = d["streamfunction"].sel(time=slice(*WINDOW.split(","))).values
+    res = {}
+    for name in ("a", "p"):
+        mean, seen, times, valid = _weather_rmse(root / f"{name}.nc", qg["grid"])
+        np.testing.assert_array_equal(valid, times)
+        err = (mean - truth) ** 2
+        res[name] = (np.sqrt(err[seen].mean()), np.sqrt(err[~seen].mean()))
+    assert res["a"][0] < 0.9 * res["p"][0] and res["a"][1] < res["p"][1], res
+    for name in ("a", "p"):
+        assert main(["evaluate", str(root / f"{name}.nc"), "--truth", str(qg["data"]), "--out", str(root / f"ev_{name}"),
+                     "--no-plots"]) == 0
+    out = capsys.readouterr().out
+    assert "4 member(s), 1 init time(s), 5 lead time(s)" in out
+    with xr.open_dataset(root / "ev_a" / "scores.nc") as sa, xr.open_dataset(root / "ev_p" / "scores.nc") as sp:
+        assert float(sa["rmse"].mean()) < float(sp["rmse"].mean())
+
+
+def test_weather_station_observations_guide_the_forecast(qg, capsys):
+    out = qg["root"] / "stations_analysis.nc"
+    assert main(["assimilate", str(qg["run"]), "--obs", str(qg["points"]), "--init", str(qg["data"]), "--members",
+                 "2", "--method", "reconstruction", "--out", str(out), *RUN]) == 0
+    assert "(points form" in capsys.readouterr().out
+    with xr.open_dataset(out) as a:
+        assert a["streamfunction"].dims[:3] == ("member", "init_time", "lead_time") and a.attrs["observation_form"] == "points"
+
+
+def _weather_bad(qg, name, edit):
+    with xr.open_dataset(qg["points"]) as o:
+        ds = edit(o.load().copy(deep=True))
+    path = qg["root"] / f"bad_{name}.nc"
+    ds.to_netcdf(path)
+    return path
+
+
+def _set(var, i, value):
+    def edit(o):
+        a = o[var].values.copy()
+        a[i] = value
+        return o.assign_coords({var: ("obs", a, o[var].attrs)}) if var in o.coords else o.assign(
+            {var: ("obs", a, o[var].attrs)})
+    return edit
+
+
+@pytest.mark.parametrize("name,edit,fragment", [
+    ("latitude", _set("latitude", 0, 80.0), "outside the model's grid, the first at latitude = 80"),
+    ("level", _set("level", 0, 3.0), "'streamfunction' at level 3 is not a state channel of the model"),
+    ("nan", _set("streamfunction", 1, np.nan), "holds NaN or inf at 1 of"),
+    ("variable", lambda o: o.rename({"streamfunction": "temperature"}), "variable 'temperature' is not a variable"),
+])
+def test_weather_rejects_bad_station_files(qg, name, edit, fragment, capsys):
+    path = _weather_bad(qg, name, edit)
+    capsys.readouterr()
+    rc = main(["assimilate", str(qg["run"]), "--obs", str(path), "--init", str(qg["data"]), "--members", "2",
+               "--out", str(qg["root"] / "never.nc"), *RUN])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and fragment in err, err
