@@ -1,14 +1,21 @@
 """``diffkit quickstart``: the README's first command, run as a user runs it.
 
 The full run (every registered section, default sizes) is what CI times: it must stay within
-the 5 minutes on 2 CPU cores that issue 7 allows.  The checks are on behaviour: each domain's
-small model must beat the trivial forecast of its domain (persistence), the report must state
-the metrics and point at files that exist.
+the 5 minutes on 2 CPU cores that issue 7 allows.  The budget is checked on the CPU time the
+command used, which does not grow when other jobs share the machine (its wall time does: a fixed
+wall-clock timeout failed a correct run on a loaded box).  The same budget limits the child's CPU
+time, and a child that makes no CPU progress for minutes is stopped as hung, so the test's only
+timeouts scale with the work it runs.  The checks are on behaviour: each domain's small model must
+beat the trivial forecast of its domain (persistence), the report must state the metrics and point
+at files that exist.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import resource
+import signal
 import subprocess
 import sys
 import time
@@ -21,20 +28,86 @@ from diffkit import hookimpl
 from diffkit.cli import main
 from diffkit.quickstart import Section
 
-pytestmark = pytest.mark.slow
+#: issue 7's budget is 5 minutes on 2 CPU cores (600 CPU-seconds); CI machines are noisy, so the
+#: test allows 480 s on 2 cores.  CPU time, unlike wall time, does not grow with the machine's load.
+CPU_BUDGET_S = 2 * 480
+#: a child whose CPU time has not advanced for this long is hung (waiting on nothing), whatever the load
+STALL_S = 300
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """utime + stime of a live process in clock ticks (Linux /proc), None where unavailable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_within_cpu_budget(cmd, cpu_s: float, stall_s: float = STALL_S, poll_s: float = 2.0):
+    """Run ``cmd``; its limits scale with the work, not the wall clock.  The child's CPU time is capped
+    at ``cpu_s`` (+25 %: RLIMIT_CPU kills a runaway), and it is killed when its CPU time stops advancing
+    for ``stall_s`` (where /proc is missing: after ``4 * cpu_s`` of wall time).  Returns
+    ``(CompletedProcess, wall seconds, CPU seconds of the child and its waited-for children)``."""
+    limit = int(cpu_s * 1.25)
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_CPU, (limit, limit + 30))
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.monotonic()
+    with open(os.devnull, "rb") as stdin, _Capture() as out, _Capture() as err:
+        proc = subprocess.Popen(cmd, stdin=stdin, stdout=out.f, stderr=err.f, preexec_fn=cap)
+        last, last_change = _cpu_ticks(proc.pid), time.monotonic()
+        while proc.poll() is None:
+            time.sleep(poll_s)
+            ticks, now = _cpu_ticks(proc.pid), time.monotonic()
+            if ticks is not None and ticks != last:
+                last, last_change = ticks, now
+            hung = now - last_change > stall_s if ticks is not None else now - t0 > 4 * cpu_s
+            if hung and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+                pytest.fail(f"{' '.join(map(str, cmd[1:]))}: no CPU progress for {stall_s:.0f} s (hung); "
+                            f"stderr: {err.text()[-2000:]}")
+        stdout, stderr = out.text(), err.text()
+    wall = time.monotonic() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if proc.returncode == -signal.SIGXCPU or (proc.returncode == -signal.SIGKILL and cpu >= limit):  # the cap
+        pytest.fail(f"{' '.join(map(str, cmd[1:]))} was stopped after {cpu:.0f} CPU-seconds "
+                    f"(the cap is {limit} s, the budget {cpu_s:.0f} s)")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), wall, cpu
+
+
+class _Capture:
+    """A temporary file for a child's output (a pipe could fill and block the polled child)."""
+
+    def __enter__(self):
+        import tempfile
+
+        self.f = tempfile.TemporaryFile()
+        return self
+
+    def text(self) -> str:
+        self.f.seek(0)
+        return self.f.read().decode(errors="replace")
+
+    def __exit__(self, *exc):
+        self.f.close()
 
 
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs") / "diffkit-quickstart"
-    t = time.time()
-    r = subprocess.run([sys.executable, "-m", "diffkit", "quickstart", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, timeout=900)
-    return out, r, time.time() - t
+    r, wall, cpu = run_within_cpu_budget(
+        [sys.executable, "-m", "diffkit", "quickstart", "--out", str(out), "--no-progress"], CPU_BUDGET_S)
+    return out, r, (wall, cpu)
 
 
+@pytest.mark.slow
 def test_quickstart_writes_a_report_with_every_section(quickstart_run):
-    out, r, seconds = quickstart_run
+    out, r, (wall, cpu) = quickstart_run
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"report in {out / 'report.md'}" in r.stdout
     report = (out / "report.md").read_text()
@@ -52,10 +125,11 @@ def test_quickstart_writes_a_report_with_every_section(quickstart_run):
             assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert f"]({f})" in report
         assert sec["rows"] and all(f"| {a} | {b} |" in report for a, b, _ in sec["rows"])
-    # the issue's budget is 5 minutes on 2 cores; CI machines are noisy, so allow a margin here
-    assert seconds < 480, f"diffkit quickstart took {seconds:.0f} s"
+    # the issue's budget is 5 minutes on 2 cores, checked on CPU time (see CPU_BUDGET_S)
+    assert cpu < CPU_BUDGET_S, f"diffkit quickstart used {cpu:.0f} CPU-seconds ({wall:.0f} s wall)"
 
 
+@pytest.mark.slow
 def test_quickstart_models_beat_simple_references(quickstart_run):
     out, r, _ = quickstart_run
     assert r.returncode == 0, r.stderr[-3000:]
@@ -80,6 +154,20 @@ def test_quickstart_models_beat_simple_references(quickstart_run):
         assert "valid_time" in ds.coords
     with xr.open_dataset(out / "pde" / "rollout.nc") as ds:
         assert {"member", "time"} <= set(ds.dims)
+
+
+def test_quickstart_timeout_scales_with_what_it_runs():
+    """The full run's limits are on its work: a hung child (no CPU progress) and a runaway one (over the
+    CPU cap) are stopped, while a slow wall clock alone (a sleeping, then working child) is no failure."""
+    py = sys.executable
+    with pytest.raises(pytest.fail.Exception, match=r"no CPU progress for 1 s \(hung\)"):
+        run_within_cpu_budget([py, "-c", "import time; time.sleep(60)"], cpu_s=60, stall_s=1, poll_s=0.1)
+    with pytest.raises(pytest.fail.Exception, match=r"stopped after .* CPU-seconds \(the cap is 1 s"):
+        run_within_cpu_budget([py, "-c", "while True: pass"], cpu_s=1, stall_s=60, poll_s=0.1)
+    r, wall, cpu = run_within_cpu_budget([py, "-c", "import time; time.sleep(1.5); print(sum(range(10**6)))"],
+                                         cpu_s=30, stall_s=10, poll_s=0.1)
+    assert r.returncode == 0 and r.stdout.strip() == str(sum(range(10**6)))
+    assert wall >= 1.5 and cpu < wall
 
 
 def test_unknown_section_is_an_error_naming_the_registered_ones(tmp_path, capsys):
