@@ -84,3 +84,69 @@ def test_synthetic_observations_read_back_as_truth_plus_noise(form, tmp_path):
         assert np.all(np.abs(err) < 5 * sig) and np.all(np.abs(err) > 0)        # noisy, at the noise level
     with pytest.raises(ObservationError, match="outside the assimilation window"):
         read_observations(tmp_path / "o.nc", _grid(np.arange(2) * 0.5))
+
+
+class _GaussianAR(torch.nn.Module):
+    """A stand-in autoregressive diffusion model: its standardised target z ~ N(0, I) whatever the
+    history (the exact denoiser :class:`diffkit.analytic.GaussianDenoiser`), target = residual."""
+
+    def __init__(self):
+        super().__init__()
+        from diffkit.layout import AutoregressiveSpec, Layout
+        from diffkit.schedules import CosineSchedule
+
+        self.schedule = CosineSchedule()
+        spec = AutoregressiveSpec(variables=("u",), history=1, target="residual", state_mean=(1.0,), state_std=(0.5,))
+        self.layout = Layout(channels=("du",), spatial=("x",), shape=(8,), periodic=("x",),
+                             coords={"x": tuple(0.5 * np.arange(8))}, cond_channels=("u@t",),
+                             mean=torch.tensor(0.3).reshape(1, 1), std=torch.tensor(2.0).reshape(1, 1),
+                             autoregressive=spec)
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def bind(self, cond=None, guidance=None):
+        from diffkit.analytic import GaussianDenoiser
+
+        return GaussianDenoiser(self.schedule, torch.zeros(1, 8), 1.0)
+
+
+@pytest.mark.parametrize("kind", ["mask", "points"])
+def test_guided_rollout_step_is_the_exact_gaussian_posterior(kind):
+    """diffkit.assimilate moves physical observations of the next state x = last + mean + std z into the model's
+    standardised space; with a Gaussian prior on z and MMPS (exact there) the guided step's x0 estimate is the
+    closed-form posterior mean E[z | x_t, y], so any error in the offset (latest state, mean) or scale shows."""
+    from diffkit.assimilate import Guide, GuidedRollout
+    from diffkit.denoiser import Cond
+    from diffkit.observations import StepObservations
+
+    model = _GaussianAR()
+    x_ax = Axis("x", tuple(0.5 * np.arange(8)), periodic=True, modulus=4.0)
+    g = torch.Generator().manual_seed(0)
+    last = 1.0 + 0.5 * torch.randn(3, 1, 8, generator=g, dtype=torch.float64)     # physical latest states
+    if kind == "mask":
+        mask = torch.zeros(1, 8, dtype=torch.bool)
+        mask[0, ::3] = True
+        A = torch.eye(8, dtype=torch.float64)[mask[0]]
+        step = StepObservations(y=torch.tensor([1.5, -0.5, 2.0], dtype=torch.float64),
+                                sigma=torch.tensor([0.1, 0.2, 0.4], dtype=torch.float64), mask=mask)
+    else:
+        op = PointInterpolation([x_ax], [0, 0, 0, 0], [np.array([0.2, 1.3, 3.9, 2.5])], 1)
+        A = op.matrix()
+        step = StepObservations(y=torch.tensor([1.5, -0.5, 2.0, 0.7], dtype=torch.float64),
+                                sigma=torch.tensor([0.1, 0.2, 0.4, 0.3], dtype=torch.float64), operator=op)
+    gr = GuidedRollout(model, {1: step}, Guide("mmps", {"cg_iters": 20, "cg_tol": 0.0}))
+    fields = ((last - 1.0) / 0.5).to(torch.float32)
+    plain = gr.bind(Cond(fields=fields))                                            # step 0: no observations
+    assert type(plain).__name__ == "GaussianDenoiser"
+    guided = gr.bind(Cond(fields=fields))                                           # step 1: guided
+    t = 0.6
+    a, s = (float(v) for v in model.schedule.coeffs(torch.tensor([t], dtype=torch.float64)))
+    x_t = torch.randn(3, 1, 8, generator=g, dtype=torch.float64)
+    got = guided(x_t, t)
+    m = a / (a * a + s * s) * x_t.flatten(1)                                        # E[z | x_t], prior N(0, I)
+    v = s * s / (a * a + s * s)                                                     # Var[z | x_t]
+    # y = A x + e = A(last + 0.3 + 2 z) + e  ->  (y - A(last + 0.3)) / 2 = A z + e / 2
+    yz = (step.y[None] - (last.flatten(1) + 0.3) @ A.T) / 2.0
+    Sz = torch.diag((step.sigma / 2.0) ** 2)
+    K = v * A.T @ torch.linalg.inv(v * A @ A.T + Sz)
+    want = m + (yz - m @ A.T) @ K.T
+    torch.testing.assert_close(got.flatten(1), want, rtol=1e-6, atol=1e-8)
