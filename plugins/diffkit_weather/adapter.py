@@ -53,9 +53,6 @@ Conventions
 """
 from __future__ import annotations
 
-import glob as _glob
-import os
-import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -68,228 +65,13 @@ from diffkit.adapters import (CF_COORDINATE_ATTRS, Adapter, atomic_to_netcdf, cf
 from diffkit.layout import TARGETS, AutoregressiveSpec, Layout, history_channels
 
 from ._common import WeatherDataError, _attrs, _fmt_level, _plain, _vals
-from .cf import (_fmt_time, _hours, _orientation, _same_coord, _text_vars, decode_time, find_coords,
+from .cf import (_fmt_time, _hours, _keys, _orientation, _same_coord, decode_file_time, find_coords, one_calendar,
                  time_forcings)
+from .store import Store, check_grid, field_segment, open_lazy, resolve_paths  # noqa: F401  (check_grid: users import it here)
 
 FORCINGS = ("time_of_day", "day_of_year")
 #: elements of one statistics read (float32 ~ 21 bytes each with the float64 temporaries)
 _STATS_ELEMENTS = 1 << 22
-
-
-def _index(local: np.ndarray):
-    """A basic (slice) indexer for evenly spaced ascending positions, else the list."""
-    local = np.asarray(local, dtype=np.int64)
-    if local.size == 1:
-        return slice(int(local[0]), int(local[0]) + 1)
-    d = np.diff(local)
-    if d.size and (d == d[0]).all() and d[0] > 0:
-        return slice(int(local[0]), int(local[-1]) + 1, int(d[0]))
-    return local.tolist()
-
-
-class RemotePath(str):
-    """A URL of a zarr store (``gs://bucket/era5.zarr``, ``s3://...``, ``memory://...``): a ``str``
-    with :class:`~pathlib.Path`'s ``name``, so it stands where a local path does."""
-
-    @property
-    def name(self) -> str:
-        return self.rstrip("/").rsplit("/", 1)[-1]
-
-    def resolve(self) -> "RemotePath":
-        return self
-
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
-#: the fsspec filesystem package a URL scheme needs (none of them is a diffkit dependency)
-_FS_PACKAGES = {"gs": "gcsfs", "gcs": "gcsfs", "s3": "s3fs", "s3a": "s3fs", "az": "adlfs", "abfs": "adlfs",
-                "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp"}
-_ZARR_MARKERS = ("zarr.json", ".zgroup", ".zarray", ".zmetadata")
-
-
-def resolve_paths(path) -> list[Path]:
-    """The data of ``path``: a netCDF file, a zarr store (a directory, usually ``*.zarr``, or a URL
-    such as ``gs://bucket/era5.zarr``), a glob pattern, or a list of these (sorted per glob)."""
-    items = [path] if isinstance(path, (str, os.PathLike)) else list(path)
-    if not items:
-        raise WeatherDataError("data.options.path is empty; give a netCDF file, a zarr store, a glob such as "
-                               "'era5/*.nc' or a list")
-    out: list = []
-    for it in items:
-        s = os.fspath(it)
-        if _URL.match(s):  # a remote store: existence is checked when it is opened
-            out.append(RemotePath(s))
-        elif any(c in s for c in "*?["):
-            hits = sorted(_glob.glob(s))
-            if not hits:
-                raise WeatherDataError(f"no file matches the pattern {s!r}; check the path (data.options.path)")
-            out += [Path(h) for h in hits]
-        else:
-            p = Path(s)
-            if not p.exists():
-                raise FileNotFoundError(f"gridded data file {p} does not exist; check data.options.path")
-            out.append(p)
-    seen, uniq = set(), []
-    for p in out:
-        if p.resolve() not in seen:
-            seen.add(p.resolve())
-            uniq.append(p)
-    return uniq
-
-
-def is_zarr(path) -> bool:
-    """Whether ``path`` is read as a zarr store: a URL, a ``*.zarr`` path, or a directory holding zarr metadata."""
-    s = os.fspath(path)
-    if _URL.match(s) or s.rstrip("/\\").endswith(".zarr"):
-        return True
-    p = Path(s)
-    return p.is_dir() and any((p / m).exists() for m in _ZARR_MARKERS)
-
-
-def open_lazy(path):
-    """Open one netCDF file or zarr store lazily (no data read, times not decoded: :func:`decode_time`
-    does that).  A zarr store is opened through dask with its own chunks, so a read of some times
-    loads only the chunks holding them."""
-    import xarray as xr
-
-    if is_zarr(path):
-        return _open_zarr(path)
-    if Path(os.fspath(path)).is_dir():
-        raise WeatherDataError(f"{path} is a directory, neither a netCDF file nor a zarr store (no "
-                               f"{' / '.join(_ZARR_MARKERS)} in it); give netCDF files, a glob such as "
-                               f"'{Path(path) / '*.nc'}', or a zarr store")
-    try:
-        return xr.open_dataset(path, decode_times=False, decode_timedelta=False, cache=False)
-    except Exception as e:
-        raise WeatherDataError(f"cannot read {path} as netCDF ({type(e).__name__}: {e}); give CF netCDF files") from None
-
-
-_fork_hook_set = False
-
-
-def _dask_synchronous_after_fork() -> None:
-    # dask's threaded scheduler keeps a thread pool that a forked child (a DataLoader worker)
-    # inherits without its threads: a compute there waits forever.  Children compute in their own
-    # thread instead (each worker is one reader; the parallelism is the workers).
-    import dask
-
-    dask.config.set(scheduler="synchronous")
-
-
-def _open_zarr(path):
-    global _fork_hook_set
-    import warnings
-
-    import xarray as xr
-
-    s = os.fspath(path)
-    try:
-        import dask.array  # noqa: F401  (open_zarr(chunks=...) needs it)
-        import zarr  # noqa: F401
-    except ImportError as e:
-        raise WeatherDataError(f"{s} is a zarr store; reading it needs the optional packages zarr and dask "
-                               f"({(e.name or 'zarr').split('.')[0]} is not installed): pip install \"diffkit[zarr]\"") from None
-    remote = _URL.match(s)
-    if remote:
-        scheme = s.split("://", 1)[0].lower()
-        try:
-            import fsspec
-
-            fsspec.get_filesystem_class(scheme)
-        except ImportError as e:
-            why = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise WeatherDataError(f"reading {s} needs the fsspec filesystem for {scheme}://, which is not "
-                                   f"installed ({why}); it is no diffkit dependency: pip install "
-                                   f"{_FS_PACKAGES.get(scheme, 'fsspec and the package for ' + scheme + '://')}") from None
-        except ValueError:
-            raise WeatherDataError(f"{s}: fsspec knows no filesystem {scheme}://; give a local path or a URL "
-                                   f"such as gs://bucket/store.zarr (gcsfs) or s3://bucket/store.zarr (s3fs)") from None
-    if not _fork_hook_set:
-        os.register_at_fork(after_in_child=_dask_synchronous_after_fork)
-        _fork_hook_set = True
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.filterwarnings("always", message="Failed to open Zarr store with consolidated metadata")
-            ds = xr.open_zarr(s, chunks={}, decode_times=False, decode_timedelta=False)
-    except FileNotFoundError as e:  # also zarr's GroupNotFoundError: no store metadata there
-        if remote:
-            raise WeatherDataError(f"no zarr store at {s} ({type(e).__name__}: {e}); check the URL "
-                                   f"(data.options.path)") from None
-        if not Path(s).exists():
-            raise FileNotFoundError(f"zarr store {s} does not exist; check data.options.path") from None
-        raise WeatherDataError(f"{s} is not a zarr store ({type(e).__name__}: {e}); give the directory "
-                               f"that holds the store's zarr.json / .zgroup") from None
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else ""
-        raise WeatherDataError(f"cannot read {s} as a zarr store ({type(e).__name__}: {msg})") from None
-    for w in caught:
-        if "consolidated metadata" in str(w.message):
-            if remote:  # slow, but works: say so in one line
-                warnings.warn(f"{s} has no consolidated metadata, so opening it reads each array's metadata "
-                              f"separately; zarr.consolidate_metadata() on the store makes it faster", stacklevel=3)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return ds
-
-
-# ----------------------------------------------------------------------------- the store
-class _Store:
-    """Lazy reader of variables spread over files: ``read(var, times)`` returns
-    ``(nt, L, nlat, nlon)`` float32 in the model's orientation, reading only those times."""
-
-    def __init__(self, paths: list[Path], specs: dict, orient: dict, seg_of: dict, loc_of: dict):
-        self.paths, self.specs, self.orient = paths, specs, orient
-        self.seg_of, self.loc_of = seg_of, loc_of
-        self._open: dict[int, Any] = {}
-        self._pid = os.getpid()
-
-    def __getstate__(self):
-        s = dict(self.__dict__)
-        s["_open"] = {}
-        return s
-
-    def __setstate__(self, s):
-        self.__dict__.update(s)
-        self._pid = os.getpid()
-
-    def ds(self, i: int):
-        if self._pid != os.getpid():  # forked DataLoader worker: never share netCDF handles
-            self._open, self._pid = {}, os.getpid()
-        if i not in self._open:
-            self._open[i] = open_lazy(self.paths[i])
-        return self._open[i]
-
-    def adopt(self, i: int, ds) -> None:
-        self._open[i] = ds
-
-    def read(self, var: str, tidx, member: int | None = None) -> np.ndarray:
-        tidx = np.atleast_1d(np.asarray(tidx, dtype=np.int64))
-        sp = self.specs[var]
-        out = None
-        segs = self.seg_of[var][tidx]
-        for s in np.unique(segs):
-            sel = segs == s
-            seg = sp["segments"][int(s)]
-            ind: dict[str, Any] = {seg["time"]: _index(self.loc_of[var][tidx[sel]])}
-            if seg["level"] is not None:
-                ind[seg["level"]] = _index(np.asarray(sp["level_index"]))
-            if seg["member"] is not None:
-                ind[seg["member"]] = int(member if member is not None else 0)
-            for d in seg["extra"]:  # size-1 dims (e.g. a single height level): dropped
-                ind[d] = 0
-            da = self.ds(seg["file"])[var].isel(ind)
-            order = [seg["time"]] + ([seg["level"]] if seg["level"] else []) + [seg["lat"], seg["lon"]]
-            a = np.asarray(da.transpose(*order).values if list(da.dims) != order else da.values)
-            if seg["level"] is None:
-                a = a[:, None]
-            if out is None:
-                out = np.empty((tidx.size, *a.shape[1:]), dtype=np.float32)
-            out[sel] = a
-        o = self.orient
-        if o["lat_flip"]:
-            out = out[..., ::-1, :]
-        if o["lon_flip"]:
-            out = out[..., ::-1]
-        return np.ascontiguousarray(out, dtype=np.float32)
 
 
 # ----------------------------------------------------------------------------- datasets
@@ -313,8 +95,7 @@ class _Pairs(Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"item {i} out of range for {len(self)} pairs")
         p = self.pairs[i // len(self.members)]
-        m = self.members[i % len(self.members)]
-        u = self.a._read_state(p, m)  # (history + 1, C, H, W), NaN where missing
+        u = self.a._read_state(p, i % len(self.members))  # (history + 1, C, H, W), NaN where missing
         return self.a._make_item(u, int(p[-2]))
 
 
@@ -424,18 +205,10 @@ class GriddedAdapter(Adapter):
         avail: dict[str, list] = {}
         statics: dict[str, tuple] = {}
         for fi, (p, ds, r) in enumerate(files):
-            for v, da in ds.data_vars.items():
-                d = list(map(str, da.dims))
-                if r.get("latitude") not in d or r.get("longitude") not in d:
-                    continue
-                rest = [x for x in d if x not in (r.get("latitude"), r.get("longitude"), r.get("time"), r.get("member"))]
-                lev = [x for x in rest if x in r.get("level", [])]
-                other = [x for x in rest if x not in lev]
-                if len(lev) > 1 or any(ds.sizes[x] != 1 for x in other):
+            for v in ds.data_vars:
+                seg, big = field_segment(ds, v, r, fi, p.name)
+                if seg is None or big:
                     continue  # not a plain gridded field (extra dims of size > 1)
-                seg = dict(file=fi, time=r.get("time") if r.get("time") in d else None, lat=r["latitude"],
-                           lon=r["longitude"], level=lev[0] if lev else None,
-                           member=r.get("member") if r.get("member") in d else None, extra=other)
                 if seg["time"] is None:
                     statics.setdefault(str(v), (fi, seg))
                 else:
@@ -469,9 +242,7 @@ class GriddedAdapter(Adapter):
         self.member_values: list = []
         if mdims - {None}:
             seg = avail[variables[0]][0]
-            ds = files[seg["file"]][1]
-            md = seg["member"]
-            vals = np.asarray(ds[md].values) if md in ds.variables else np.arange(ds.sizes[md])
+            md, vals = seg["member"], seg["member_values"]
             if member is None:
                 self.members = list(range(len(vals)))
             else:
@@ -494,13 +265,13 @@ class GriddedAdapter(Adapter):
         # levels per variable
         self.levels: dict[str, list[float]] = {}
         self.level_info: dict[str, dict] = {}
-        specs: dict[str, dict] = {}
         for v in variables:
             segs = avail[v]
             ld = segs[0]["level"]
             if any(s["level"] != ld for s in segs):
                 raise WeatherDataError(f"variable {v!r} has different level dims in different files")
-            sp = dict(segments=segs, level_index=None)
+            for s in segs:
+                s["level_index"] = None
             if ld is not None:
                 ds = files[segs[0]["file"]][1]
                 lv = (np.asarray(ds[ld].values, dtype=np.float64) if ld in ds.variables
@@ -521,13 +292,13 @@ class GriddedAdapter(Adapter):
                             raise WeatherDataError(f"level {w!r} of variable {v!r} not in {ld!r}; its levels are "
                                                    f"{_vals(lv, 20)}")
                         idx.append(int(hit[0]))
-                sp["level_index"] = idx
+                for s in segs:
+                    s["level_index"] = idx
                 self.levels[v] = [float(lv[i]) for i in idx]
                 self.level_info[v] = dict(dim=ld, attrs=_attrs(ds[ld].attrs) if ld in ds.variables else {},
                                           descending=bool(len(lv) > 1 and (np.diff(lv) < 0).all()))
                 if ld in ds.variables:
                     self.coord_dtypes[ld] = str(ds[ld].dtype)
-            specs[v] = sp
         self.channels = [f"{v}@{_fmt_level(l)}" if v in self.levels else v
                          for v in variables for l in (self.levels.get(v) or [None])]
         dup = sorted({c for c in self.channels if self.channels.count(c) > 1})
@@ -539,7 +310,6 @@ class GriddedAdapter(Adapter):
             n = len(self.levels.get(v) or [None])
             self.ch_slices[v] = slice(c, c + n)
             c += n
-        self._specs = specs
         self._time_units = time_units
 
     def _describe_vars(self) -> str:
@@ -558,13 +328,7 @@ class GriddedAdapter(Adapter):
                 fi = seg["file"]
                 if fi not in decoded:
                     p, ds, r = files[fi]
-                    try:
-                        decoded[fi] = decode_time(ds[seg["time"]], p.name, self._time_units)
-                    except WeatherDataError as e:
-                        tv = _text_vars(ds)
-                        more = (f" The file has text variable(s) {tv}; if the time values count from there, say so "
-                                f"with time_units." if tv else "")
-                        raise WeatherDataError(str(e) + more) from None
+                    decoded[fi] = decode_file_time(ds, seg["time"], p.name, self._time_units, how="time_units")
                     t = decoded[fi]
                     h = _hours(t)
                     if h.size > 1 and not (np.diff(h) > 0).all():
@@ -572,9 +336,7 @@ class GriddedAdapter(Adapter):
                         raise WeatherDataError(
                             f"time axis of {p.name} is not strictly increasing: {_fmt_time(t[i])} is followed by "
                             f"{_fmt_time(t[i + 1])}; sort the file by time (ds.sortby('time')) and drop duplicates")
-        kinds = {("dt64" if np.issubdtype(t.dtype, np.datetime64) else "cf:" + t.flat[0].calendar) for t in decoded.values()}
-        if len(kinds) > 1:
-            raise WeatherDataError(f"the files use different calendars ({sorted(kinds)}); convert them to one calendar")
+        one_calendar(decoded.values())
         allh = np.unique(np.concatenate([np.round(_hours(t), 6) for t in decoded.values()]))
         # global axis: union of all times; every variable must hold every time exactly once
         first = {}
@@ -584,30 +346,29 @@ class GriddedAdapter(Adapter):
         self.hours = allh
         self.times = np.array([first[h] for h in allh], dtype=next(iter(decoded.values())).dtype)
         T = len(allh)
-        seg_of, loc_of = {}, {}
         for v in self.variables:
-            so = np.full(T, -1, dtype=np.int32)
-            lo = np.full(T, -1, dtype=np.int64)
-            for si, seg in enumerate(self._avail[v]):
-                pos = np.searchsorted(allh, np.round(_hours(decoded[seg["file"]]), 6))
-                clash = so[pos] >= 0
-                if clash.any():
-                    other = self._avail[v][int(so[pos[clash][0]])]
-                    raise WeatherDataError(
-                        f"variable {v!r} appears at the same time {_fmt_time(self.times[pos[clash][0]])} in "
-                        f"{files[other['file']][0].name} and {files[seg['file']][0].name}; give each time once")
-                so[pos] = si
-                lo[pos] = np.arange(len(pos))
-            if (so < 0).any():
-                i = int(np.flatnonzero(so < 0)[0])
+            for seg in self._avail[v]:
+                seg["times"], seg["keys"] = decoded[seg["file"]], _keys(decoded[seg["file"]])
+                seg["member_index"] = self.members if seg["member"] is not None else None
+        # static fields: a time-independent field, else the first time of one; the first member of a member dim
+        static = {v: dict(self._statics[v][1] if v in self._statics else self._avail[v][0], member_index=[0])
+                  for v in self.static_names}
+        self.store = Store([(p.name, p, ds) for p, ds, _ in files], {v: self._avail[v] for v in self.variables},
+                           static=static, orient=self.orient, dtype=np.float32)
+        for v in self.variables:
+            if v in self.store.clash:
+                key, first_seg, again = self.store.clash[v]
+                other, seg = self._avail[v][first_seg], self._avail[v][again]
                 raise WeatherDataError(
-                    f"variable {v!r} has no data at {_fmt_time(self.times[i])} ({int((so < 0).sum())} of {T} times "
+                    f"variable {v!r} appears at the same time {_fmt_time(self.times[np.searchsorted(allh, key)])} in "
+                    f"{files[other['file']][0].name} and {files[seg['file']][0].name}; give each time once")
+            absent = ~self.store.has(v, allh)
+            if absent.any():
+                i = int(np.flatnonzero(absent)[0])
+                raise WeatherDataError(
+                    f"variable {v!r} has no data at {_fmt_time(self.times[i])} ({int(absent.sum())} of {T} times "
                     f"missing), which other variables have; every variable needs the same times (files: "
                     f"{', '.join(files[s['file']][0].name for s in self._avail[v])})")
-            seg_of[v], loc_of[v] = so, lo
-        self.store = _Store(self.paths, self._specs, self.orient, seg_of, loc_of)
-        for fi, (p, ds, r) in enumerate(files):
-            self.store.adopt(fi, ds)
 
         if T < 2:
             raise WeatherDataError(f"{', '.join(p.name for p in self.paths)} hold {T} time(s); forecast pairs need "
@@ -718,12 +479,12 @@ class GriddedAdapter(Adapter):
         maxL = max(len(self.levels.get(v) or [None]) for v in self.variables)
         nb = self._block(maxL * H * W)
         used = np.flatnonzero(train | self.val_times)  # times outside both splits are never read (a time slice
-        for m in self.members:                         # of a 1959-2023 store reads that slice only)
+        for m in range(len(self.members)):             # of a 1959-2023 store reads that slice only)
             for s in range(0, used.size, nb):
                 tidx = used[s: s + nb]
                 tr = train[tidx]
                 for v in self.variables:
-                    a = self.store.read(v, tidx, m)
+                    a = self.store.read(v, self.hours[tidx], m)
                     cs = self.ch_slices[v]
                     if not np.isfinite(a[~np.isnan(a)]).all():
                         self._infinite(v, a, tidx, m)
@@ -750,10 +511,10 @@ class GriddedAdapter(Adapter):
             t = int(fb[c].min())
             v = next(v for v in self.variables if self.ch_slices[v].start <= c < self.ch_slices[v].stop)
             count = 0
-            for mm in self.members:
-                a = self.store.read(v, [t], mm)[0, c - self.ch_slices[v].start]
+            for mm in range(len(self.members)):
+                a = self.store.read(v, self.hours[[t]], mm)[0, c - self.ch_slices[v].start]
                 count = max(count, int((np.isnan(a) & ~fixed[c]).sum()))
-            seg = self._avail[v][int(self.store.seg_of[v][t])]
+            seg = self.store.segment(v, self.hours[t])
             raise WeatherDataError(
                 f"variable {v!r} (channel {self.channels[c]!r}, file {self._files[seg['file']][0].name}) is missing "
                 f"(NaN) at {count} grid point(s) at {_fmt_time(self.times[t])} outside its fixed mask (the "
@@ -774,19 +535,19 @@ class GriddedAdapter(Adapter):
         self.has_missing = bool(nan_all.any())
         self.n_train_samples = n
 
-    def _infinite(self, v: str, a: np.ndarray, tidx: np.ndarray, m) -> None:
+    def _infinite(self, v: str, a: np.ndarray, tidx: np.ndarray, m: int) -> None:
         """Raise naming the variable, channel, time, member and count of the first infinite values of a block
-        ``a`` (``(nt, L, lat, lon)`` of variable ``v`` at the times ``tidx``)."""
+        ``a`` (``(nt, L, lat, lon)`` of variable ``v`` at the times ``tidx``, member position ``m``)."""
         inf = np.isinf(a)
         i = int(np.flatnonzero(inf.any(axis=(1, 2, 3)))[0])
         li = int(np.flatnonzero(inf[i].any(axis=(1, 2)))[0])
         c = self.ch_slices[v].start + li
         signs = sorted({"+inf" if x > 0 else "-inf" for x in a[i][inf[i]].ravel()[:1000]})
-        seg = self._avail[v][int(self.store.seg_of[v][tidx[i]])]
+        seg = self.store.segment(v, self.hours[tidx[i]])
         mem = ""
-        if m is not None:
+        if self.members[m] is not None:
             md = seg["member"] or "member"
-            mem = f", member {self.member_values[self.members.index(m)]!r} of {md!r}"
+            mem = f", member {self.member_values[m]!r} of {md!r}"
         raise WeatherDataError(
             f"variable {v!r} (channel {self.channels[c]!r}, file {self._files[seg['file']][0].name}{mem}) holds "
             f"infinite values ({' and '.join(signs)}) at {int(inf[i, li].sum())} grid point(s) at "
@@ -800,14 +561,14 @@ class GriddedAdapter(Adapter):
         H, W = len(self.grid["lat"]), len(self.grid["lon"])
         maxL = max(len(self.levels.get(v) or [None]) for v in self.variables)
         nb = max(1, self._block(2 * maxL * H * W))
-        for m in self.members:
+        for m in range(len(self.members)):
             for s in range(0, len(P), nb):
                 blk = P[s: s + nb]
                 need = np.unique(np.concatenate([blk[:, -2], blk[:, -1]]))
                 i0 = np.searchsorted(need, blk[:, -2])
                 i1 = np.searchsorted(need, blk[:, -1])
                 for v in self.variables:
-                    a = self.store.read(v, need, m)
+                    a = self.store.read(v, self.hours[need], m)
                     cs = self.ch_slices[v]
                     d = a[i1] - a[i0]
                     d[:, self.fixed_mask[cs]] = np.nan
@@ -822,29 +583,14 @@ class GriddedAdapter(Adapter):
         self.static_channels: list[str] = []
         arrs = []
         for v in self.static_names:
-            if v in self._statics:
-                fi, seg = self._statics[v]
-                da = self._files[fi][1][v]
-            else:  # a field with a time dim (e.g. ERA5 orography): its first time
-                seg = self._avail[v][0]
-                fi = seg["file"]
-                da = self._files[fi][1][v].isel({seg["time"]: 0})
-            if seg["member"]:
-                da = da.isel({seg["member"]: 0})
-            da = da.isel({d: 0 for d in seg["extra"]})
-            order = ([seg["level"]] if seg["level"] else []) + [seg["lat"], seg["lon"]]
-            a = np.asarray(da.transpose(*order).values, dtype=np.float64)
-            if a.ndim == 2:
-                a = a[None]
+            seg = self.store.static[v]
+            a = self.store.read_static(v)          # (L, lat, lon) float64, the model's orientation
+            if seg["level"] is None:
                 names = [v]
             else:
-                ds = self._files[fi][1]
+                ds = self.store.ds(seg["file"])
                 lv = ds[seg["level"]].values if seg["level"] in ds.variables else np.arange(a.shape[0])
                 names = [f"{v}@{_fmt_level(x)}" for x in lv]
-            if self.orient["lat_flip"]:
-                a = a[:, ::-1]
-            if self.orient["lon_flip"]:
-                a = a[:, :, ::-1]
             arrs.append(a)
             self.static_channels += names
         if arrs:
@@ -867,7 +613,7 @@ class GriddedAdapter(Adapter):
         order = np.argsort(pair, kind="stable")
         out = np.empty((len(pair), len(self.channels), len(self.grid["lat"]), len(self.grid["lon"])), np.float32)
         for v in self.variables:
-            a = self.store.read(v, pair[order], member)
+            a = self.store.read(v, self.hours[pair[order]], member)
             out[order, self.ch_slices[v]] = a
         if self.fixed_mask.any():
             out[:, self.fixed_mask] = np.nan
@@ -1240,40 +986,3 @@ def upgrade_layout(layout: Layout) -> Layout:
     except ValueError as e:
         raise WeatherDataError(f"cannot read this old weather checkpoint's layout: {e}") from None
     return layout.replace(autoregressive=spec, attrs={k: v for k, v in a.items() if k not in _LEGACY})
-
-
-def check_grid(ds_or_path, layout: Layout, *, dims: Mapping[str, str] | None = None) -> None:
-    """Raise :class:`WeatherDataError` unless the data (an xarray Dataset, a file, a glob or a list)
-    are on the grid of ``layout`` (a checkpoint's) and hold its variables and levels."""
-    a = layout.attrs
-    if a.get("adapter") != GriddedAdapter.name:
-        raise WeatherDataError(f"the layout was not made by the weather adapter (adapter {a.get('adapter')!r})")
-    if hasattr(ds_or_path, "data_vars"):
-        sets = [("the data set", ds_or_path)]
-    else:
-        sets = [(p.name, open_lazy(p)) for p in resolve_paths(ds_or_path)]
-    have: dict[str, tuple] = {}
-    for name, ds in sets:
-        r = find_coords(ds, name, dims)
-        if "latitude" not in r or "longitude" not in r:
-            raise WeatherDataError(f"{name} has no latitude/longitude dims (dims: {', '.join(map(str, ds.dims))})")
-        _same_coord(np.asarray(ds[r["latitude"]].values, np.float64), np.asarray(a["lat_values"]),
-                    "latitude", name, "the checkpoint layout")
-        _same_coord(np.asarray(ds[r["longitude"]].values, np.float64), np.asarray(a["lon_values"]),
-                    "longitude", name, "the checkpoint layout")
-        for v in ds.data_vars:
-            have.setdefault(str(v), (name, ds))
-    missing = [v for v in a["variables"] if v not in have]
-    if missing:
-        raise WeatherDataError(f"variable(s) {missing} of the checkpoint layout are not in "
-                               f"{', '.join(n for n, _ in sets)}; they have {', '.join(sorted(have)) or 'none'}")
-    for v, lv in a.get("levels", {}).items():
-        name, ds = have[v]
-        ld = a["level_dims"][v]
-        if ld not in ds[v].dims:
-            raise WeatherDataError(f"variable {v!r} of {name} has no level dim {ld!r} (dims {tuple(ds[v].dims)}), "
-                                   f"which the checkpoint layout has")
-        fl = np.asarray(ds[ld].values, np.float64) if ld in ds.variables else np.arange(ds.sizes[ld], dtype=np.float64)
-        absent = [l for l in lv if not np.isclose(fl, l, rtol=0, atol=1e-6 * max(1.0, abs(l))).any()]
-        if absent:
-            raise WeatherDataError(f"level(s) {absent} of variable {v!r} are not in {name} (levels {_vals(fl, 20)})")

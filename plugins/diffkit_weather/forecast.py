@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -54,10 +54,11 @@ from diffkit.errors import NonFiniteError, ShapeError
 from diffkit.layout import Layout
 from diffkit.rollout import DEFAULT_PERTURB, rollout
 
-from ._common import WeatherDataError, _plain, _vals
-from .adapter import GriddedAdapter, check_grid, fixed_mask, open_lazy, resolve_paths, unstack, upgrade_layout
-from .cf import (ALL_VAL, _as_time, _fmt_keys, _fmt_time, _keys, _nearest, _parse_time, _same_coord, _shift,
-                 _text_vars, decode_time, find_coords, time_forcings)
+from ._common import WeatherDataError, _plain
+from .adapter import GriddedAdapter, fixed_mask, unstack, upgrade_layout
+from .cf import (ALL_VAL, _as_time, _fmt_time, _keys, _nearest, _parse_time, _same_coord, _shift, find_coords,
+                 time_forcings)
+from .store import ALL_MEMBERS, Store, _member_list, check_grid
 
 __all__ = ["Forecaster", "InitialStates", "load_forecaster", "initial_states", "forecast", "forecast_dataset",
            "persistence",
@@ -107,277 +108,10 @@ def load_forecaster(ckpt, device=None) -> Forecaster:
 
 
 # ----------------------------------------------------------------------------- reading files
-#: the ``member`` value that chooses every member of a member dim (``--member all``)
-ALL_MEMBERS = "all"
-
-
-def _member_pos(vals: np.ndarray, want) -> int | None:
-    """Position of the member ``want`` (a value, or its text as typed after ``--member``) in the
-    member coordinate ``vals``; None when absent."""
-    vals = np.asarray(vals)
-    if isinstance(want, str):
-        w = want.strip()
-        if vals.dtype.kind in "iuf":
-            try:
-                hit = np.flatnonzero(vals.astype(np.float64) == float(w))
-            except ValueError:
-                return None
-        else:
-            hit = np.flatnonzero(np.array([str(_plain(x)) for x in vals.ravel()], dtype=object) == w)
-    else:
-        try:
-            hit = np.flatnonzero(vals == want)
-        except (TypeError, ValueError):
-            return None
-    return int(hit[0]) if hit.size else None
-
-
-def _member_list(member) -> list | None:
-    """``member`` as a list of wanted members (None: no choice; ``"all"`` stays ``"all"``)."""
-    if member is None:
-        return None
-    if isinstance(member, str):
-        return ALL_MEMBERS if member.strip().lower() == ALL_MEMBERS else [member]
-    if np.ndim(member) == 0:
-        return [member]
-    out = list(member)
-    if not out:
-        raise WeatherDataError("member: an empty list chooses no member; give a member value or 'all'")
-    return out
-
-
-class _Files:
-    """Gridded files (or one xarray Dataset) read the adapter's way -- CF coordinate roles, decoded
-    times (``time_units`` for files without CF units), levels chosen by value, the chosen members of
-    a member dim -- without the adapter's statistics pass.  Arrays come back in the files' own order.
-
-    ``member``: None (no choice: a member dim must have one member, else an error asking for one),
-    a member value, a list of them, or ``"all"``.  ``self.members`` are the chosen member values
-    (``[None]`` when no variable has a member dim), ``self.member_dim`` the member dim's name;
-    :meth:`read` reads the member at a position of ``self.members``.  A variable without a member
-    dim is the same for every member.  ``member_optional``: a member choice on files without a
-    member dim is ignored (else an error)."""
-
-    def __init__(self, data, variables: Sequence[str], levels: Mapping[str, Sequence[float]], *,
-                 level_dims: Mapping[str, str] | None = None, time_units: str | None = None,
-                 dims: Mapping[str, str] | None = None, member=None, statics: Sequence[str] = (),
-                 member_optional: bool = False):
-        if hasattr(data, "data_vars"):
-            self.sets = [("the data set", data)]
-        else:
-            self.sets = [(p.name, open_lazy(p)) for p in resolve_paths(data)]
-        self.names = ", ".join(n for n, _ in self.sets)
-        self.variables, self.levels = list(variables), {k: list(v) for k, v in levels.items()}
-        self.level_dims = dict(level_dims or {})
-        self.segs: dict[str, list[dict]] = {v: [] for v in self.variables}
-        self.static: dict[str, dict] = {}
-        decoded: dict[int, np.ndarray] = {}
-        for fi, (name, ds) in enumerate(self.sets):
-            r = find_coords(ds, name, dims)
-            lat, lon, tdim, mdim = r.get("latitude"), r.get("longitude"), r.get("time"), r.get("member")
-            for v in list(self.variables) + list(statics):
-                if v not in ds.data_vars:
-                    continue
-                d = list(map(str, ds[v].dims))
-                if lat not in d or lon not in d:
-                    continue
-                lev = [x for x in d if x in r.get("level", [])]
-                want_ld = self.level_dims.get(v)
-                if want_ld is not None and want_ld in d:
-                    lev = [want_ld]
-                extra = [x for x in d if x not in (lat, lon, tdim, mdim, *lev)]
-                big = [x for x in extra if ds.sizes[x] != 1] + lev[1:]
-                if big:
-                    raise WeatherDataError(
-                        f"variable {v!r} of {name} has the dim(s) {', '.join(f'{x!r} (size {ds.sizes[x]})' for x in big)}"
-                        f" besides time, one level, latitude, longitude and a member dim (dims {tuple(d)}); select "
-                        f"one value of it first (ds.isel({big[0]}=0)), or name its role with data.options.dims")
-                seg = dict(file=fi, time=tdim if tdim in d else None, lat=lat, lon=lon, level=lev[0] if lev else None,
-                           member=mdim if mdim in d else None, extra=extra, name=name)
-                if seg["member"] is not None:
-                    seg["member_values"] = (np.asarray(ds[mdim].values) if mdim in ds.variables
-                                            else np.arange(ds.sizes[mdim]))
-                if v in statics:
-                    self.static.setdefault(v, seg)
-                    continue
-                if seg["time"] is None:
-                    raise WeatherDataError(f"variable {v!r} of {name} has no time dim (dims {tuple(d)})")
-                if fi not in decoded:
-                    try:
-                        decoded[fi] = decode_time(ds[tdim], name, time_units)
-                    except WeatherDataError as e:
-                        tv = _text_vars(ds)
-                        more = (f" The file has text variable(s) {tv}; if the time values count from there, say so "
-                                f"with time_units (data.options.time_units of the run, or --time-units)." if tv else "")
-                        raise WeatherDataError(str(e) + more) from None
-                seg["times"] = decoded[fi]
-                seg["keys"] = _keys(decoded[fi])
-                self.segs[v].append(seg)
-        missing = [v for v in self.variables if not self.segs[v]]
-        if missing:
-            have = sorted({str(v) for _, ds in self.sets for v in ds.data_vars})
-            raise WeatherDataError(f"variable(s) {missing} are not (as gridded fields with a time dim) in "
-                                   f"{self.names}; they have {', '.join(have) or 'none'}")
-        self._choose_members(member, member_optional)
-        kinds = {"dt64" if np.issubdtype(np.asarray(s["times"]).dtype, np.datetime64)
-                 else "cf:" + s["times"].flat[0].calendar for v in self.variables for s in self.segs[v]}
-        if len(kinds) > 1:
-            raise WeatherDataError(f"the files use different calendars ({sorted(kinds)}); convert them to one calendar")
-        # where each time of each variable is: key -> (segment, position)
-        self.where: dict[str, dict[float, tuple[int, int]]] = {}
-        first: dict[float, Any] = {}
-        for v in self.variables:
-            w: dict[float, tuple[int, int]] = {}
-            for si, s in enumerate(self.segs[v]):
-                for j, (k, t) in enumerate(zip(s["keys"].tolist(), s["times"])):
-                    w.setdefault(k, (si, j))
-                    first.setdefault(k, t)
-            self.where[v] = w
-        common = sorted(set.intersection(*(set(w) for w in self.where.values())))
-        self.keys = np.asarray(common, dtype=np.float64)
-        tdt = next(iter(self.segs[self.variables[0]]))["times"].dtype
-        self.times = np.array([first[k] for k in common], dtype=tdt)
-
-    def _choose_members(self, member, optional: bool) -> None:
-        """Resolve the member choice against every segment with a member dim (see the class doc)."""
-        msegs = [s for v in self.variables for s in self.segs[v] if s["member"] is not None] + \
-            [s for s in self.static.values() if s["member"] is not None]
-        want = _member_list(member)
-        self.member_dim = None
-        if not msegs:
-            if want is not None and not optional:
-                shown = ALL_MEMBERS if want == ALL_MEMBERS else ", ".join(map(str, want))
-                raise WeatherDataError(f"member {shown} was chosen, but no variable of {self.names} has a member dim "
-                                       f"(member, number, realization, ...); leave the member choice out")
-            self.members = [None]
-            return
-        first = msegs[0]
-        vals0 = first["member_values"]
-        self.member_dim = first["member"]
-        if want is None:
-            if len(vals0) > 1:
-                raise WeatherDataError(
-                    f"{first['name']} has {len(vals0)} members in its member dim {first['member']!r} (values "
-                    f"{_vals(vals0)}) and no member was chosen; choose one with --member VALUE (member= in Python, "
-                    f"data.options.member in a run), or every one with --member all")
-            chosen = [0]
-        elif want == ALL_MEMBERS:
-            chosen = list(range(len(vals0)))
-        else:
-            chosen = []
-            for w in want:
-                i = _member_pos(vals0, w)
-                if i is None:
-                    raise WeatherDataError(f"member {w!r} is not in the member dim {first['member']!r} of "
-                                           f"{first['name']}; its members are {_vals(vals0, 20)}")
-                chosen.append(i)
-        self.members = [_plain(vals0[i]) for i in chosen]
-        for s in msegs:
-            idx = []
-            for i in chosen:
-                j = _member_pos(s["member_values"], vals0[i]) if s is not first else i
-                if j is None:
-                    raise WeatherDataError(f"member {_plain(vals0[i])!r} of {first['name']} is not in the member dim "
-                                           f"{s['member']!r} of {s['name']}; its members are "
-                                           f"{_vals(s['member_values'], 20)}")
-                idx.append(j)
-            s["member_index"] = idx
-
-    def member_label(self, pos: int) -> str:
-        """``"member 3 of 'number'"`` for the member at ``pos`` ("" without a member dim)."""
-        m = self.members[pos]
-        return "" if m is None else f"member {m!r} of {self.member_dim!r}"
-
-    def _level_index(self, v: str, seg: dict, ds, name: str) -> list[int] | None:
-        ld = seg["level"]
-        lv = self.levels.get(v)
-        if not lv:
-            if ld is not None:
-                raise WeatherDataError(f"variable {v!r} of {name} has a level dim {ld!r}, which the checkpoint's "
-                                       f"variable has not")
-            return None
-        if ld is None:
-            raise WeatherDataError(f"variable {v!r} of {name} has no level dim; the checkpoint has it on levels {lv}")
-        fl = np.asarray(ds[ld].values, np.float64) if ld in ds.variables else np.arange(ds.sizes[ld], dtype=np.float64)
-        idx = []
-        for l in lv:
-            hit = np.flatnonzero(np.isclose(fl, l, rtol=0, atol=1e-6 * max(1.0, abs(l))))
-            if not hit.size:
-                raise WeatherDataError(f"level {l:g} of variable {v!r} is not in {name} (levels {_vals(fl, 20)})")
-            idx.append(int(hit[0]))
-        return idx
-
-    def _select(self, v: str, seg: dict, ind: dict, mpos: int = 0):
-        name, ds = self.sets[seg["file"]]
-        li = self._level_index(v, seg, ds, name)
-        if li is not None:
-            ind[seg["level"]] = li
-        if seg["member"] is not None:
-            ind[seg["member"]] = seg["member_index"][mpos]
-        for d in seg["extra"]:
-            ind[d] = 0
-        da = ds[v].isel(ind)
-        order = ([seg["time"]] if seg["time"] in da.dims else []) + ([seg["level"]] if li is not None else []) + \
-            [seg["lat"], seg["lon"]]
-        return np.asarray(da.transpose(*order).values, dtype=np.float64), li is not None
-
-    def read(self, v: str, keys: Sequence[float], mpos: int = 0) -> np.ndarray:
-        """``(n, L, lat, lon)`` float64 values of ``v`` at the times ``keys`` (NaN where missing), of the
-        member at position ``mpos`` of ``self.members``."""
-        keys = [float(k) for k in keys]
-        w = self.where[v]
-        absent = [k for k in keys if k not in w]
-        if absent:
-            raise WeatherDataError(f"variable {v!r} has no data at {len(absent)} of the times asked for in "
-                                   f"{self.names} (first {self._fmt_keys(absent[:3])})")
-        out = None
-        pos = np.array([w[k] for k in keys], dtype=np.int64).reshape(-1, 2)
-        for si in np.unique(pos[:, 0]):
-            sel = np.flatnonzero(pos[:, 0] == si)
-            seg = self.segs[v][int(si)]
-            loc, inv = np.unique(pos[sel, 1], return_inverse=True)   # sorted, each time read once
-            a, has_level = self._select(v, seg, {seg["time"]: loc.tolist()}, mpos)
-            if not has_level:
-                a = a[:, None]
-            if out is None:
-                out = np.empty((len(keys), *a.shape[1:]), np.float64)
-            out[sel] = a[inv.ravel()]
-        return out
-
-    def read_static(self, v: str) -> np.ndarray:
-        """``(L, lat, lon)`` of a static field (a field with a time dim: its first time), all its levels."""
-        seg = self.static.get(v)
-        if seg is None:
-            if v in self.where:
-                seg = self.segs[v][0]
-            else:
-                raise WeatherDataError(f"static field {v!r} the checkpoint is conditioned on is not in {self.names}")
-        name, ds = self.sets[seg["file"]]
-        ind: dict[str, Any] = {}
-        if seg["time"] is not None:
-            ind[seg["time"]] = 0
-        if seg["member"] is not None:
-            ind[seg["member"]] = seg["member_index"][0]   # static fields: the first chosen member
-        for d in seg["extra"]:
-            ind[d] = 0
-        da = ds[v].isel(ind)
-        order = ([seg["level"]] if seg["level"] else []) + [seg["lat"], seg["lon"]]
-        a = np.asarray(da.transpose(*order).values, dtype=np.float64)
-        return a[None] if a.ndim == 2 else a
-
-    def _fmt_keys(self, keys) -> str:
-        return _fmt_keys(keys, self.times)
-
-    def lat_lon(self) -> tuple[np.ndarray, np.ndarray]:
-        seg = self.segs[self.variables[0]][0]
-        ds = self.sets[seg["file"]][1]
-        return (np.asarray(ds[seg["lat"]].values, np.float64), np.asarray(ds[seg["lon"]].values, np.float64))
-
-
 def _files_for(data, layout: Layout, *, time_units=None, dims=None, member=None, statics=(),
-               member_optional: bool = False) -> _Files:
+               member_optional: bool = False) -> Store:
     a = layout.attrs
-    return _Files(data, a["variables"], a.get("levels", {}), level_dims=a.get("level_dims", {}),
+    return Store.open(data, a["variables"], a.get("levels", {}), level_dims=a.get("level_dims", {}),
                   time_units=time_units, dims=dims, member=member, statics=statics, member_optional=member_optional)
 
 
@@ -519,7 +253,7 @@ def forcing_scalars(times, layout: Layout, hours: float = 0.0) -> torch.Tensor:
     return torch.as_tensor(np.stack(cols, 1), dtype=torch.float32)
 
 
-def _static_fields(files: _Files, layout: Layout):
+def _static_fields(files: Store, layout: Layout):
     a = layout.attrs
     names = list(a.get("static", []))
     if not names:
@@ -608,7 +342,7 @@ def initial_states(data, layout: Layout, init_times, *, steps: int | None = None
                          torch.from_numpy(fm), times, static, valid, tuple(files.members), files.member_dim)
 
 
-def _check_finite(x: np.ndarray, layout: Layout, fm: np.ndarray, files: _Files, i: int, times, want) -> None:
+def _check_finite(x: np.ndarray, layout: Layout, fm: np.ndarray, files: Store, i: int, times, want) -> None:
     """Raise on ``+-inf`` in the initial states ``x`` ``(N, h, C, lat, lon)`` of member position ``i``, and on
     NaN outside the fixed mask when the model has no mask channel (it was trained without missing values)."""
     inf = np.isinf(x) & ~fm
@@ -903,7 +637,7 @@ class _Truth:
                 self.all_levels[v] = [float(x) for x in np.asarray(fc[ld[0]].values, np.float64)]
                 self.levels[v] = forecast_levels(fc, v, ld[0])
                 self.level_dims[v] = ld[0]
-        self.files = files = _Files(truth, self.variables, self.levels, level_dims=self.level_dims,
+        self.files = files = Store.open(truth, self.variables, self.levels, level_dims=self.level_dims,
                                     time_units=time_units, dims=dims, member=member)
         #: several truth members (``member="all"`` or a list): a ``truth_member`` dim
         want = _member_list(member)
@@ -914,8 +648,8 @@ class _Truth:
         self.fc = fc
 
     def missing(self, v: str, keys: np.ndarray) -> list[float]:
-        have = self.files.where[v]
-        return sorted({float(k) for k in np.asarray(keys).ravel() if float(k) not in have})
+        keys = np.asarray(keys, np.float64).ravel()
+        return sorted({float(k) for k in keys[~self.files.has(v, keys)]})
 
     def at(self, v: str, keys: np.ndarray) -> tuple[np.ndarray, list[str]]:
         """``(T, *keys.shape, [level,] lat, lon)`` values of ``v`` (``T`` chosen members) at the time keys,
