@@ -392,6 +392,19 @@ class ComposedDenoiser:
         return out
 
 
+def _unwrap(model):
+    """The denoiser of a :class:`~diffkit.model.LoadedModel` (or ``model`` itself); a regression model is refused."""
+    from .denoiser import Regressor
+    from .model import LoadedModel
+
+    if isinstance(model, LoadedModel):
+        model = model.model
+    if isinstance(model, Regressor):
+        raise WindowError("this is a regression model (model.objective = \"regression\"): window sampling needs a "
+                          "diffusion model; train the window model with model.objective = \"diffusion\"")
+    return model
+
+
 def _check_amortised(model, what: str) -> WindowSpec:
     spec = window_spec(model.layout)
     if spec.conditioning != "amortised":
@@ -481,7 +494,9 @@ def sample_amortised(model, values, mask, members: int = 1, *, sampler: str = "d
                      progress: bool = False, dtype=torch.float32, **options) -> torch.Tensor:
     """``members`` windows per condition from an amortised window model, given observations.
 
-    ``values`` and ``mask`` have shape ``(N, k, C, *S)`` (``N`` conditions, the model's ``k`` states of
+    ``model`` is a :class:`~diffkit.denoiser.Denoiser` (or a :func:`~diffkit.model.load_model` result)
+    whose layout has an amortised :class:`~diffkit.layout.WindowSpec`.  ``values`` and ``mask`` have
+    shape ``(N, k, C, *S)`` (``N`` conditions, the model's ``k`` states of
     ``C`` variables; ``layout.window``): ``mask`` is 1 (or True) where a value is observed and 0 where
     not (values there are ignored and may be NaN).  Observing the first states forecasts; observing
     sparse points assimilates; an all-zero mask draws from the window prior.  ``values`` are physical
@@ -492,6 +507,7 @@ def sample_amortised(model, values, mask, members: int = 1, *, sampler: str = "d
     ``(N, members, k, C, *S)`` standard normal).  Returns ``(N, members, k, C, *S)`` in the units of
     ``values``; observed entries equal the observations exactly.
     """
+    model = _unwrap(model)
     spec = _check_amortised(model, "sample_amortised")
     layout = model.layout
     if not isinstance(members, int) or isinstance(members, bool) or members < 1:
@@ -537,6 +553,7 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
     own observations).  ``noise`` (``"sda"`` only): the initial state, ``(N, members, L, C, *S)``
     standard normal.  Returns ``(N, members, L, C, *S)``.
     """
+    model = _unwrap(model)
     spec = window_spec(model.layout)
     layout, k, C, S = model.layout, spec.length, spec.num_variables, tuple(model.layout.shape)
     if method not in TRAJECTORY_METHODS:

@@ -192,6 +192,15 @@ def test_window_amortised_items_hold_values_mask_and_weight(tmp_path):
     assert any(not torch.equal(again[i]["fields"], ds[i]["fields"]) for i in range(len(ds)))
 
 
+@pytest.mark.parametrize("amortised", [False, True])
+def test_window_adapter_passes_the_adapter_contract_check(tmp_path, amortised):
+    from diffkit.testing import check_adapter
+
+    path, _ = _traj_file(tmp_path / "t.nc", shape=(4, 5), variables=("u", "v"))
+    inner = TrajectoryAdapter(str(path), variables=["u", "v"], history=1, horizon=2, val_fraction=0.25)
+    check_adapter(WindowAdapter(inner, 3, amortised=amortised), n_items=4, workdir=tmp_path)
+
+
 def test_window_length_must_be_history_plus_horizon(tmp_path):
     path, _ = _traj_file(tmp_path / "t.nc")
     inner = TrajectoryAdapter(str(path), history=2, horizon=1, val_fraction=0.25)
@@ -430,6 +439,10 @@ def test_window_sampling_bad_inputs_are_one_line_errors():
         with pytest.raises(exc, match=msg) as ei:
             fn()
         assert "\n" not in str(ei.value)
+    from diffkit.denoiser import Regressor
+
+    with pytest.raises(WindowError, match="regression model .* needs a diffusion model"):
+        sample_amortised(Regressor(torch.nn.Identity(), amort.layout), v, m, 1)
     not_window = Layout(channels=("u",))
 
     class M:
@@ -488,7 +501,7 @@ def test_window_model_trains_and_samples_amortised_end_to_end(tmp_path, dims):
     mask[:, 0] = True  # forecast from the first state
     mask[:, 1:, :, ::3] = True  # and assimilate sparse points of the others
     g = torch.Generator().manual_seed(0)
-    x = sample_amortised(lm.model, truth, mask, 3, nfe=4, generator=g)
+    x = sample_amortised(lm, truth, mask, 3, nfe=4, generator=g)  # a load_model result, or its .model
     assert x.shape == (1, 3, k, C, *S) and bool(torch.isfinite(x).all())
     torch.testing.assert_close(x[:, :, mask[0]], truth[:, None, mask[0]].float().expand(1, 3, -1))
     traj = sample_trajectory(lm.model, length=k + 2, members=2, nfe=3, generator=g)
