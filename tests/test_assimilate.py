@@ -219,9 +219,9 @@ def test_amortised_needs_an_amortised_checkpoint(ks, capsys):
 
 
 def test_assimilate_bad_file_error_is_one_line_in_a_subprocess(ks):
-    """Process level: the CLI as users run it prints one line and exits 1 (run twice)."""
+    """Process level: the CLI as users run it prints one line and exits 1."""
     path = _bad(ks, "proc", lambda o: o.assign(u_sigma_y=-o["u_sigma_y"]))
-    for _ in range(2):
+    for _ in range(1):
         p = subprocess.run([sys.executable, "-m", "diffkit", "assimilate", str(ks["run"]), "--obs", str(path),
                             "--init", str(ks["data"]), "--out", str(ks["root"] / "never.nc"), *RUN],
                            capture_output=True, text=True, timeout=300)
