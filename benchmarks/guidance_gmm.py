@@ -1,6 +1,6 @@
 """Guided sampling against exact posteriors: MMPS, reconstruction guidance and DPS on a Gaussian mixture.
 
-    python benchmarks/guidance_gmm.py [--n 2000] [--nfe 10 20 50] [--markdown FILE]
+    python benchmarks/guidance_gmm.py [--n 2000] [--nfe 10 20 50] [--seeds 0] [--sweep] [--markdown FILE]
 
 The prior is a Gaussian mixture with isotropic components (K = 4, samples of shape (1, 2, 2), so
 d = 4), whose exact denoiser E[x0 | x_t] is :class:`diffkit.GaussianMixtureDenoiser`.  With a
@@ -14,7 +14,9 @@ Each guidance method (its default options, ``cg_iters`` 10 for MMPS) samples ``n
 default sampler (DPM-Solver++(2M), logsnr grid) at each NFE; the metric is the sliced
 2-Wasserstein distance (:func:`diffkit.metrics.sliced_wasserstein`, 256 fixed projections) to
 ``n`` exact posterior samples.  The *floor* is the same distance between two independent sets of
-``n`` exact samples (mean of 3 pairs): what sampling noise alone gives.  Each row also gives the
+``n`` exact samples (mean of 3 pairs): what sampling noise alone gives.  ``--seeds`` repeats the
+whole measurement on other draws of the mixture, the operator and ``y``; ``--sweep`` adds the
+ratios of DPS over ``zeta`` and of reconstruction guidance over ``gamma`` (NFE 20, first seed).  Each row also gives the
 distance of the unguided prior samples (how far "no guidance" is) and the cost per denoiser
 call in vector-Jacobian products.
 
@@ -189,17 +191,36 @@ def run(n=2000, nfes=(10, 20, 50), operators=("mask", "dense"), seed=0):
                 x, model = guided_samples(method, den, obs, n, nfe, seed=1)
                 dt = time.perf_counter() - t0
                 w = sw2(x, ref)
-                rows.append({"operator": opname, "nfe": nfe, "method": method, "sw2": w, "floor": fl,
+                rows.append({"seed": seed, "operator": opname, "nfe": nfe, "method": method, "sw2": w, "floor": fl,
                              "ratio": w / fl, "prior_ratio": sw2(prior, ref) / fl,
                              "vjps_per_call": model.vjps / model.nfe, "seconds": dt})
     return rows
 
 
+SWEEP = {"dps": ("zeta", (0.3, 1.0, 3.0, 10.0)), "reconstruction": ("gamma", (0.1, 0.3, 1.0, 3.0))}
+
+
+def sweep(n=2000, nfe=20, operators=("mask", "dense"), seed=0) -> str:
+    """Markdown table: ratio to the floor of DPS over zeta and reconstruction guidance over gamma."""
+    lines = ["| operator | method | option = value: ratio to floor |", "|---|---|---|"]
+    for opname in operators:
+        den, obs, exact = gmm_problem(opname, seed=seed)
+        fl = floor(exact, n, seed)
+        ref = exact(n, torch.Generator().manual_seed(999))
+        for method, (opt, values) in SWEEP.items():
+            cells = []
+            for v in values:
+                x, _ = guided_samples(method, den, obs, n, nfe, seed=1, **{opt: v})
+                cells.append(f"{opt} = {v:g}: {sw2(x, ref) / fl:.1f}")
+            lines.append(f"| {opname} | {method} | {'; '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def format_markdown(rows) -> str:
-    lines = ["| operator | NFE | method | sliced W2 | floor | ratio to floor | prior's ratio | VJPs per call | s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| seed | operator | NFE | method | sliced W2 | floor | ratio to floor | prior's ratio | VJPs per call | s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['operator']} | {r['nfe']} | {r['method']} | {r['sw2']:.4f} | {r['floor']:.4f} | "
+        lines.append(f"| {r['seed']} | {r['operator']} | {r['nfe']} | {r['method']} | {r['sw2']:.4f} | {r['floor']:.4f} | "
                      f"{r['ratio']:.2f} | {r['prior_ratio']:.1f} | {r['vjps_per_call']:.1f} | {r['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
@@ -208,13 +229,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=2000, help="samples per set")
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="draws of the problem (mixture, operator, y)")
+    p.add_argument("--sweep", action="store_true", help="also sweep DPS's zeta and reconstruction's gamma")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    rows = run(args.n, tuple(args.nfe), seed=args.seed)
+    rows = [r for seed in args.seeds for r in run(args.n, tuple(args.nfe), seed=seed)]
     table = format_markdown(rows)
+    if args.sweep:
+        table += "\n" + sweep(args.n, 20, seed=args.seeds[0])
     print(table)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if args.markdown:

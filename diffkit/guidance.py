@@ -576,8 +576,10 @@ def reconstruction(denoiser, obs: Observation, *, gamma: float = 1.0) -> Reconst
     ``p(y | x_t) ~ N(y; A(D(x_t)), Sigma_y + gamma sigma_t^2/alpha_t^2 I)``, differentiated through the
     denoiser by autograd.  Returns the guided denoiser ``D + (sigma_t^2/alpha_t) grad_{x_t} log p(y | x_t)``,
     an estimate of ``E[x0 | x_t, y]``.  Cost per call: 1 denoiser evaluation and 1 vector-Jacobian
-    product.  Exact only where ``Cov[x0 | x_t] = gamma sigma_t^2/alpha_t^2 I`` (for instance a Gaussian
-    prior of identity covariance and ``gamma = 1``, for an operator with orthonormal rows).
+    product.  Exact only where ``A Cov[x0 | x_t] A^T = gamma sigma_t^2/alpha_t^2 I``: ``gamma = 1`` is the
+    small-noise limit of the denoiser's variance (``sigma_t/alpha_t`` well below the data's scale) for
+    operators with unit-norm rows (masks, index subsets); scale ``gamma`` by the squared row norm
+    otherwise, or the guidance over-corrects at small noise (docs/assimilation.md).
     """
     return Reconstruction(denoiser, obs, gamma=gamma)
 

@@ -164,6 +164,26 @@ def test_pde_ks_example_runs_end_to_end(tmp_path):
         assert "u_truth" in ds and "correlation" in ds and ds.attrs["Conventions"] == "CF-1.8"
 
 
+def test_assimilation_md_example_runs_as_written():
+    """The code block of docs/assimilation.md's "Example" section, run as written: 64 MMPS members
+    of a two-component mixture from 8 of 32 values observed with sigma_y = 0.1.  Measured: RMSE of
+    the ensemble mean 0.27 (the unguided prior's members: 1.25), spread 0.37, observed values
+    spread 0.11 (the exact posterior std there: 0.095)."""
+    import torch
+
+    text = (ROOT / "docs" / "assimilation.md").read_text()
+    section = text.split("## Example", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "docs/assimilation.md's Example section should hold one python block"
+    ns: dict = {}
+    exec(compile(blocks[0], "docs/assimilation.md", "exec"), ns)
+    members, mask = ns["members"], ns["mask"]
+    assert members.shape == (64, 1, 32) and bool(torch.isfinite(members).all())
+    assert float(ns["rmse"]) < 0.4, float(ns["rmse"])
+    assert float(members[:, mask].std(0).mean()) < 0.15
+    assert ns["guided"].nfe == 20
+
+
 # -- every example is run by a test ---------------------------------------------------------------
 #: example (a file or folder in examples/) -> the tests that run it in a reduced setting
 EXAMPLE_TESTS = {
