@@ -378,12 +378,21 @@ class ComposedDenoiser:
         return cond if cond.given else None
 
     def __call__(self, x, t):
+        return self._compose(x, t, lambda xw, tw, cond: self.model(xw, tw, cond) if cond is not None
+                             else self.model(xw, tw))
+
+    def x0_at(self, x, t, alpha: float, sigma: float, logsnr: float):
+        """The samplers' fast path: the model's own ``x0_at`` on the windows, where it has one."""
+        fast = getattr(self.model, "x0_at", None)
+        if fast is None:
+            return self(x, t)
+        return self._compose(x, t, lambda xw, tw, cond: fast(xw, tw, alpha, sigma, logsnr, cond))
+
+    def _compose(self, x, t, call):
         B, S = x.shape[0], x.shape[2:]
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
         tw = t.expand(B).repeat_interleave(self.n_win) if t.ndim else t
-        cond = self._cond(B)
-        xw = self._windows(x)
-        y = self.model(xw, tw, cond) if cond is not None else self.model(xw, tw)
+        y = call(self._windows(x), tw, self._cond(B))
         y = y.reshape(B, self.n_win, self.k, self.C, *S)
         out = y[:, self._win.to(x.device), self._pos.to(x.device)]  # (B, L, C, *S)
         out = out.reshape(x.shape)

@@ -452,6 +452,41 @@ def test_window_sampling_bad_inputs_are_one_line_errors():
 
 
 # ============================================================================= 6. end to end
+def test_window_amortised_training_resumes_bitwise_exactly(tmp_path):
+    """8 steps in one go equal 4 steps, a checkpoint (mid-epoch) and 4 more in a fresh trainer: the masks
+    are a function of (seed, epoch, item), so the resumed run draws the same ones (3 steps per epoch)."""
+    import dataclasses
+
+    from diffkit.train import Trainer
+
+    path, _ = _traj_file(tmp_path / "t.nc", n=4, T=6, shape=(8,))
+    cfg = config_from_dict({
+        "run_dir": str(tmp_path / "full"),
+        "data": {"adapter": "pde", "batch_size": 4, "val_fraction": 0.25, "window": 3, "amortised": True,
+                 "options": {"path": str(path)}},
+        "model": {"backbone": "unet", "options": TINY_UNET},
+        "trainer": {"steps": 8, "lr": 1e-3, "warmup": 1, "val_every": 0, "ckpt_every": 4, "log_every": 100,
+                    "deterministic": True},
+    })
+    state = capture_rng_state(cuda=False)
+    try:
+        full = Trainer(cfg, device="cpu", progress=False)
+        assert len(full.train_set) == 12
+        full.fit()
+        ckpt = tmp_path / "full" / "checkpoints" / "ckpt-000000004.pt"
+        resumed = Trainer(dataclasses.replace(cfg, run_dir=str(tmp_path / "resumed")), device="cpu", progress=False,
+                          resume=str(ckpt))
+        assert resumed.step == 4
+        resumed.fit()
+    finally:
+        restore_rng_state(state)
+        torch.use_deterministic_algorithms(False)
+    assert resumed.step == 8
+    for (k, a), b in zip(full.net.state_dict().items(), resumed.net.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+
 def _pde_file(root: Path, dims: int) -> Path:
     path = root / f"pde{dims}.nc"
     if dims == 1:
@@ -504,6 +539,14 @@ def test_window_model_trains_and_samples_amortised_end_to_end(tmp_path, dims):
     x = sample_amortised(lm, truth, mask, 3, nfe=4, generator=g)  # a load_model result, or its .model
     assert x.shape == (1, 3, k, C, *S) and bool(torch.isfinite(x).all())
     torch.testing.assert_close(x[:, :, mask[0]], truth[:, None, mask[0]].float().expand(1, 3, -1))
+    # the composed denoiser's fast path (the model's x0_at) equals its plain call
+    L, B = k + 2, 2
+    zeros = torch.zeros(B, L * C, *S)
+    den = ComposedDenoiser(lm.model, L, zeros, zeros)
+    xt, tt = torch.randn(B, L * C, *S, generator=g), torch.full((B,), 0.3, dtype=torch.float64)
+    a, s = (float(v[0]) for v in lm.model.schedule.coeffs(tt))
+    lam = float(lm.model.schedule.logsnr(tt)[0])
+    torch.testing.assert_close(den.x0_at(xt, tt, a, s, lam), den(xt, tt), rtol=1e-5, atol=1e-5)
     traj = sample_trajectory(lm.model, length=k + 2, members=2, nfe=3, generator=g)
     assert traj.shape == (1, 2, k + 2, C, *S) and bool(torch.isfinite(traj).all())
 
