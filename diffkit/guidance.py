@@ -431,6 +431,9 @@ class GuidedDenoiser:
         self.vjps = 0
 
     def __call__(self, x: torch.Tensor, t, **extra_args) -> torch.Tensor:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.method} guidance differentiates through the denoiser, which "
+                               "torch.inference_mode() forbids; sample under torch.no_grad() instead")
         B = x.shape[0]
         a, s = self.schedule.coeffs(as_batch_time(t, B, device=x.device))
         y, var = self.obs.values(x)
@@ -614,12 +617,12 @@ def diffkit_guidance():
     return dict(BUILTIN_GUIDANCE)
 
 
-def get_guidance(name_or_fn):
-    """The guidance method registered as ``name`` (``"dps"``, ``"reconstruction"``, ``"mmps"`` or a
-    plugin's), or ``name_or_fn`` itself if it is callable.  ``method(denoiser, obs, **options)``
-    returns a guided denoiser."""
-    if callable(name_or_fn):
-        return name_or_fn
+def get_guidance(spec):
+    """The guidance method ``spec`` names: a registered name (``"dps"``, ``"reconstruction"``,
+    ``"mmps"`` or a plugin's), a dict ``{"name": ..., **options}`` (the options bound, checked against
+    the method's keywords) or a method itself, returned as is -- through
+    :func:`diffkit.registry.resolve`, the one place names become components.
+    ``method(denoiser, obs, **options)`` returns a guided denoiser."""
     from . import registry
 
-    return registry.get("guidance", name_or_fn)
+    return registry.resolve("guidance", spec)

@@ -361,6 +361,8 @@ def test_guided_denoiser_wraps_a_bound_denoiser_without_the_fast_path():
     probe.schedule = den.schedule
     dk.sample(mmps(probe, obs), (2, 1, 8), nfe=2, extra_args={"hint": 1})
     assert seen == {"hint": 1}
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=r"torch.no_grad\(\) instead"):
+        mmps(den, obs)(torch.zeros((2, 1, 8)), 0.5)
 
 
 def test_guidance_methods_register_through_the_hook():
@@ -370,6 +372,10 @@ def test_guidance_methods_register_through_the_hook():
         assert comps[name].plugin == "diffkit" and comps[name].obj is fn and get_guidance(name) is fn
         assert comps[name].description
     assert get_guidance(mmps) is mmps
+    assert get_guidance({"name": "mmps", "cg_iters": 3})(dk.GaussianDenoiser(dk.cosine(), torch.zeros((1, 4)), 1.0),
+                                                        Observation(IndexOperator([1]), torch.ones((1, 1)), 0.1)).cg_iters == 3
+    with pytest.raises(dk.ConfigError, match="cg_itres"):
+        get_guidance({"name": "mmps", "cg_itres": 3})
     with pytest.raises(dk.UnknownComponentError, match="unknown guidance 'nope'.*mmps"):
         get_guidance("nope")
 
