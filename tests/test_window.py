@@ -390,6 +390,32 @@ def test_sda_composition_with_amortised_observations_matches_posterior():
     assert float((cov[U][:, U] - cov_ref).abs().max()) < 0.02
 
 
+def test_sda_composed_window_prior_with_mmps_guidance_matches_posterior():
+    """The guided window model: a window prior composed over a trajectory (ComposedDenoiser follows the
+    denoiser contract) wrapped by diffkit.guidance's MMPS, three noisy point observations
+    (sigma_y = 0.1): the closed-form posterior (measured errors: mean 0.018, covariance 0.011 with Heun
+    at 99 NFE; 0.007 at 199)."""
+    from diffkit import guidance as G
+    from diffkit.sampling import sample
+
+    L, k, phi, sy = 10, 7, 0.5, 0.1
+    K1 = torch.ones(1, 1, dtype=torch.float64)
+    S = ar1_cov(L, phi, K1)
+    where = [1, 4, 8]
+    A = torch.zeros(3, L, dtype=torch.float64)
+    A[range(3), where] = 1
+    y = torch.tensor([1.2, -0.8, 0.5], dtype=torch.float64)
+    gain = S @ A.T @ torch.linalg.inv(A @ S @ A.T + sy**2 * torch.eye(3, dtype=torch.float64))
+    mean_ref, cov_ref = gain @ y, S - gain @ A @ S
+    mask = torch.zeros(L, 1, dtype=torch.bool)
+    mask[where] = True
+    obs = G.Observation(G.MaskOperator(mask), y[None].expand(L + 1, -1), sy)
+    guided = G.mmps(ComposedDenoiser(window_model(k, phi, K1, amortised=False), L), obs)
+    mean, cov = pushed_moments(lambda z: sample(guided, (L + 1, L, 1), sampler="heun", nfe=99,
+                                                x_init=z.reshape(L + 1, L, 1), dtype=torch.float64), L)
+    assert float((mean - mean_ref).abs().max()) < 0.04 and float((cov - cov_ref).abs().max()) < 0.025
+
+
 def test_composition_takes_each_state_from_its_most_central_window():
     assert composition_starts(8, 3).tolist() == [0, 0, 1, 2, 3, 4, 5, 5]
     assert composition_starts(6, 4).tolist() == [0, 0, 1, 2, 2, 2]
