@@ -50,6 +50,8 @@ class Assimilation:
     """
 
     name = "domain"
+    #: whether :meth:`run` also assimilates with window models trained with amortised conditioning
+    amortised = False
 
     @classmethod
     def grid(cls, layout):  # pragma: no cover - interface
@@ -250,10 +252,14 @@ def run_command(args) -> int:
     loaded = load_model(args.checkpoint, device=device)
     if args.method == "amortised":
         check_amortised(loaded.layout)
-        raise DiffkitError("--method amortised: assimilating with an amortised window model is not wired into "
-                           "diffkit assimilate yet; use diffkit.window.sample_amortised from Python")
     domain = assimilation_for(loaded.adapter)
-    if loaded.layout.autoregressive is None:
+    if getattr(loaded.layout, "window", None) is not None:
+        if not getattr(domain, "amortised", False):
+            raise DiffkitError(f"--method amortised is wired for the PDE domain; the {domain.name} domain's window "
+                               f"models are sampled from Python (diffkit.window.sample_trajectory)")
+    elif args.method == "amortised":  # pragma: no cover - check_amortised raised
+        raise DiffkitError("this checkpoint was not trained with amortised conditioning")
+    elif loaded.layout.autoregressive is None:
         raise DiffkitError("this checkpoint is not an autoregressive surrogate (layout.autoregressive is None); "
                            "diffkit assimilate guides the rollouts of models trained on the weather or pde adapters")
     with warnings.catch_warnings():

@@ -218,6 +218,35 @@ def test_amortised_needs_an_amortised_checkpoint(ks, capsys):
     assert rc == 1 and "was not trained with amortised conditioning" in err and "data.amortised = true" in err
 
 
+def test_amortised_window_model_conditions_on_the_observations(ks, capsys):
+    """--method amortised with a window model trained with universal-amortised conditioning (diffkit.window):
+    the trajectory from the initial state, every observed value reproduced exactly (amortised conditioning
+    takes observations as exact); the same checkpoint with a guidance method is a one-line error."""
+    root = ks["root"]
+    cfg = TOML.format(run=(root / "arun").as_posix(), data=ks["data"].as_posix())
+    cfg = cfg.replace('adapter = "pde"', 'adapter = "pde"\nwindow = 4\namortised = true')
+    cfg = cfg.replace("history = 1\n", "").replace('target = "residual"\n', "").replace("steps = 150", "steps = 20")
+    (root / "acfg.toml").write_text(cfg)
+    state = capture_rng_state(cuda=False)
+    try:
+        assert main(["train", str(root / "acfg.toml"), *RUN]) == 0
+    finally:
+        restore_rng_state(state)
+    out = root / "amortised.nc"
+    common = ["assimilate", str(root / "arun"), "--obs", str(ks["obs"]), "--init", str(ks["data"]), "--members", "3"]
+    capsys.readouterr()
+    assert main([*common, "--method", "amortised", "--out", str(out), *RUN]) == 0
+    assert "taken as exact (amortised conditioning" in capsys.readouterr().out
+    with xr.open_dataset(out) as a, xr.open_dataset(ks["obs"]) as o:
+        seen = np.isfinite(o["u"].values)
+        assert a["u"].shape == (3, 8, 32) and a.attrs["method"] == "amortised"
+        np.testing.assert_allclose(a["u"].values[:, seen], np.broadcast_to(o["u"].values[seen], (3, seen.sum())),
+                                   rtol=0, atol=1e-5)
+        assert np.all(a["u_ensemble_spread"].values[~seen] > 0)                   # unobserved points vary
+    assert main([*common, "--method", "mmps", "--out", str(root / "never.nc"), *RUN]) == 1
+    assert "it assimilates with --method amortised, not mmps" in capsys.readouterr().err
+
+
 def test_assimilate_bad_file_error_is_one_line_in_a_subprocess(ks):
     """Process level: the CLI as users run it prints one line and exits 1."""
     path = _bad(ks, "proc", lambda o: o.assign(u_sigma_y=-o["u_sigma_y"]))
