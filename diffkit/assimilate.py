@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 
-from .errors import DiffkitError, ObservationError
-from .observations import ObservationSet, StepObservations
+from .errors import DiffkitError
+from .observations import StepObservations
 
 __all__ = ["METHODS", "DEFAULTS", "Assimilation", "GuidedRollout", "assimilation_for", "guidance_options",
            "model_space", "check_amortised", "ensemble_statistics_attrs"]
@@ -215,14 +215,6 @@ def ensemble_statistics_attrs(variable: str, what: str, attrs: Mapping[str, Any]
     a["long_name"] = f"{label} of {attrs.get('long_name', variable)}"
     a["cell_methods"] = f"{dim}: {what}"
     return a
-
-
-def check_window(obs: ObservationSet, steps: int) -> None:
-    """An error if the observation set has observations beyond ``steps`` window steps."""
-    late = [k for k in obs.steps if k >= steps]
-    if late:
-        raise ObservationError(f"{obs.path}: observations at window step {max(late) + 1} but only {steps} step(s) "
-                               f"are assimilated; raise --steps or leave --steps out")
 
 
 def run_command(args) -> int:
