@@ -43,6 +43,8 @@ sampler = "dpmpp_2m"
 nfe = 6
 """
 RUN = ["--no-progress", "--device", "cpu"]
+#: every test here trains a tiny model through the CLI (fixtures of 35-65 s): the slow lane
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
