@@ -150,6 +150,28 @@ def test_mmps_is_the_exact_conditional_mean_for_a_gaussian_prior():
         assert guided.nfe == 4 and guided.vjps == 4 * (A.shape[0] + 1)
 
 
+def test_nonlinear_operator_path_is_exact_on_an_affine_map():
+    """MMPS with a NonlinearOperator (Jacobian products by autograd, linearised at D) observing the
+    affine map W x + 0.5 equals the closed-form E[x0 | x_t, y] for observations y - 0.5 of W x; DPS
+    and reconstruction guidance give the same result through the nonlinear path as through
+    LinearOperator(W) with y - 0.5."""
+    g = _gen(11)
+    shape = (1, 2, 2, 4)
+    W = torch.randn((6, 16), generator=g, dtype=DT)
+    m, C, den = _gaussian_prior(shape, g)
+    A, y, lin_obs = _observe(LinearOperator(W, shape), shape, m, C, g, 0.1)
+    aff = NonlinearOperator(lambda x: x.flatten(1) @ W.T + 0.5, in_shape=shape)
+    obs = Observation(aff, (y + 0.5)[None], 0.1)
+    x = torch.randn((3, *shape), generator=g, dtype=DT)
+    for t in (0.1, 0.5, 0.9):
+        a, s = (float(v) for v in dk.cosine().coeffs(torch.tensor(t, dtype=DT)))
+        want = torch.stack([bench.gaussian_conditional_mean(m, C, A, 0.1, y, xi.flatten(), a, s) for xi in x])
+        got = mmps(den, obs, cg_iters=6, cg_tol=0.0)(x, t)
+        torch.testing.assert_close(got.flatten(1), want, rtol=1e-9, atol=1e-9)
+        for method in (dps, reconstruction):
+            torch.testing.assert_close(method(den, obs)(x, t), method(den, lin_obs)(x, t), rtol=1e-10, atol=1e-10)
+
+
 def _whitened(x, pm, pc):
     """Samples mapped by the exact posterior to N(0, I): (x - mean) L^{-T}."""
     L = torch.linalg.cholesky(pc)
