@@ -466,7 +466,9 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         lines.append(f"| {v['stride']} | {v['best'] or 'none'} | {v['what']} | "
                      f"{'' if v['best'] is None else format(v['value'], '.2f')} | {v.get('target', '')} | "
                      f"**{'PASS' if v['met'] else 'FAIL'}** |")
-    lines.append("")
+    others = [k for k in SETTINGS if k != res["setting"]]
+    lines += ["", f"Only `--setting {res['setting']}` produced this file; the {' and '.join(others)} settings were "
+              f"not run for it (no numbers of theirs are shown).", ""]
     _atomic_text(path, "\n".join(lines))
 
 
