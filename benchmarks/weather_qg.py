@@ -98,6 +98,20 @@ STATES = {
 }
 
 
+def oracle_insertions(s: dict) -> tuple[int, int]:
+    """(every, count): the history-consistent oracle inserts the observed coarse state every ``every``
+    6-hourly frames at ``count`` times before the init (and at the init).  Default: one lead back, the
+    forecasters' other input state (``oracle_window_h`` = ``oracle_every_h`` = lead); a longer window
+    at a shorter interval uses more of the observed past than the forecasters see (a lower bound on
+    their attainable spread, where the sub-grid scales synchronise with the resolved flow)."""
+    every_h = float(s.get("oracle_every_h") or s["lead"])
+    window_h = float(s.get("oracle_window_h") or s["lead"] * (HISTORY - 1))
+    if every_h % 6 or window_h % every_h or window_h < every_h:
+        raise SystemExit(f"--oracle-every-hours must be a multiple of 6 dividing --oracle-window-hours, "
+                         f"got {every_h:g} and {window_h:g}")
+    return int(every_h // 6), int(window_h // every_h)
+
+
 def setup_data(work: Path, setting: str, s: dict, seed: int, progress: bool, device=None) -> tuple[Path, Path]:
     """THE DATA SET-UP: the one place that makes the benchmark's data (issue 14).  The two-layer QG
     model runs on ``nx_sim^2`` and is observed coarse-grained on ``nx^2``; from the fine state at each
@@ -108,7 +122,9 @@ def setup_data(work: Path, setting: str, s: dict, seed: int, progress: bool, dev
     the oracle's coarse streamfunction ``psi`` (n_init, members, k + 1, 2, nx, nx) and its
     ``init_times``; both are reused when present."""
     data = work / f"qg_{setting}_obs{s['nx']}of{s['nx_sim']}.nc"
-    oracle = work / f"oracle_{setting}_obs{s['nx']}of{s['nx_sim']}_m{s['members']}_k{s['k']}_hist{HISTORY}.npz"
+    every, count = oracle_insertions(s)
+    oracle = work / (f"oracle_{setting}_obs{s['nx']}of{s['nx_sim']}_m{s['members']}_k{s['k']}"
+                     f"_ins{count}x{every * 6}h.npz")
     if not (data.exists() and oracle.exists()):
         simulate(data, oracle, s, seed, progress, device)
     return data, oracle
@@ -129,8 +145,8 @@ def simulate(path: Path, oracle_path: Path, s: dict, seed: int, progress: bool, 
     train = [frame(x) for x in sp["train_times"]]
     pick = np.linspace(0, len(train) - 1, min(s["pool"], len(train))).round().astype(int)
     pool = [train[i] for i in np.unique(pick)]        # evenly spread over the training period
-    back = int(round(s["lead"] / 6))                          # frames per lead
-    hist = [[f - back * j for j in range(HISTORY - 1, 0, -1)] for f in inits]   # oldest first, per init
+    every, count = oracle_insertions(s)
+    hist = [[f - every * j for j in range(count, 0, -1)] for f in inits]   # oldest first, per init
     frames = inits + pool + sorted({f for h in hist for f in h})
     threads = torch.get_num_threads()
     if device is None or str(device) == "cpu":
@@ -152,7 +168,7 @@ def simulate(path: Path, oracle_path: Path, s: dict, seed: int, progress: bool, 
                                  exclude=[j for j, f in enumerate(pool) if f in inits], **kw)
         q_hist = torch.stack([qf[[at[f] for f in h]] for h in hist])          # (n_init, HISTORY - 1, 2, n, n)
         o = oracle_ensemble(q_init, q_pool, s["members"], s["k"], history=q_hist,
-                            history_step=s["lead"] * 3600.0,
+                            history_step=every * 6 * 3600.0,
                             exclude=[j for j, f in enumerate(pool) if f in inits or f in set(sum(hist, []))],
                             **kw)
     finally:
@@ -269,6 +285,11 @@ def main(argv=None) -> dict:
                     help="baseline IC perturbation (relative std); default: tuned on the validation period")
     ap.add_argument("--perturb-length", type=float, default=0.0,
                     help="with --perturb: its correlation length in grid points (default 0: white)")
+    ap.add_argument("--oracle-window-hours", type=float, default=None,
+                    help="the history-consistent oracle inserts the observed coarse state over this many hours "
+                         "before the init (default: one lead, the forecasters' other history state)")
+    ap.add_argument("--oracle-every-hours", type=float, default=None,
+                    help="... every this many hours (a multiple of 6; default: one lead)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None)
     ap.add_argument("--workdir", default=None)
@@ -279,6 +300,8 @@ def main(argv=None) -> dict:
     s = dict(SETTINGS[args.setting])
     if args.steps:
         s["steps"] = args.steps
+    s["oracle_window_h"], s["oracle_every_h"] = args.oracle_window_hours, args.oracle_every_hours
+    oracle_insertions(s)
     progress = not args.no_progress
     from diffkit.train import Trainer
     from diffkit_weather import evaluate as E
@@ -325,11 +348,11 @@ def main(argv=None) -> dict:
         fc = F.load_forecaster(cfg.run_dir, device=tr.device)
         fcs[objective] = (fc, tag, n_params, t_train)
         if objective == "diffusion":  # what the run actually used (unset keys resolved at training)
-            from diffkit.samplers import get_sampler
+            from diffkit.registry import resolve
 
             lc, sc = fc.config.loss, fc.config.sample
             res["resolved"] = dict(weighting=lc.weighting, noise=lc.noise, sampler=sc.sampler, nfe=sc.nfe,
-                                   spacing=sc.spacing or get_sampler(sc.sampler).info.default_spacing)
+                                   spacing=sc.spacing or resolve("sampler", sc.sampler).info.default_spacing)
 
     # the baseline's perturbation: tuned on the validation period (minimum fair CRPS at the first lead)
     reg = fcs["regression"][0]
@@ -487,9 +510,10 @@ def write_markdown(res: dict, path: Path, work: Path) -> None:
         f"{s['lead']} h, residual target, history {res['history']} states, no forcings.  Oracle: the simulator's "
         f"own ensemble from each held-out init time ({s['members']} fine states that agree with the observed "
         f"coarse history, re-run on {s['nx_sim']}x{s['nx_sim']} and coarse-grained): the members start "
-        f"{s['lead'] * (res['history'] - 1)} h before the init from the observed coarse state there plus sub-grid "
-        f"scales drawn from {s['pool']} training-period states, run to the init, where the observed coarse state "
-        f"is inserted and their own sub-grid scales kept (`oracle_ensemble(history=...)`); 'oracle, clim. "
+        f"{oracle_insertions(s)[0] * 6 * oracle_insertions(s)[1]} h before the init from the observed coarse state "
+        f"there plus sub-grid scales drawn from {s['pool']} training-period states, run to the init with the "
+        f"observed coarse state inserted every {oracle_insertions(s)[0] * 6} h and at the init (their own sub-grid "
+        f"scales kept; `oracle_ensemble(history=...)`); 'oracle, clim. "
         f"sub-grid' draws the sub-grid scales at the init instead (ignoring the history, as before this change).  "
         f"Stationarity, test / train (max |ratio - 1| "
         f"{st['max_deviation']:.3f}: **{_pf(st['stationary'])}** at 5 %):", "", "```",
