@@ -260,10 +260,10 @@ def test_lat_lon_get_cf_attributes_when_input_lacks_them(case, tmp_path, monkeyp
         lat, lon, variables = "latitude", "longitude", {"t2m", "msl"}
     L = a.layout
     assert L.coord_attrs == {"latitude": CF_LAT, "longitude": CF_LON}
-    from diffkit_weather import forecast as F
+    from diffkit_weather import decode as D
 
     pred = torch.randn(1, 2, 2, *L.sample_shape)
-    fc = F.forecast_dataset(pred, L, a.times[[3]])
+    fc = D.forecast_dataset(pred, L, a.times[[3]])
     fc.to_netcdf(tmp_path / "fc.nc")
     # an old checkpoint's layout (saved before coord_attrs existed) gets the same attributes
     d = L.to_dict()

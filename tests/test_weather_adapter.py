@@ -26,6 +26,8 @@ try:
 except ImportError:  # editable install made before the plugin existed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
     from diffkit_weather import adapter as A
+from diffkit_weather import decode as D  # noqa: E402
+from diffkit_weather import store as S  # noqa: E402
 
 import xarray as xr  # a dependency: missing it is a failure, not a skip
 
@@ -171,7 +173,7 @@ def test_storm_fixed_mask_is_weight_zero_and_a_mask_channel():
     f = d[j]["fields"]
     assert (f[1] == 0).all() and (f[-1] == 0).all()
     # the mask is in the layout: a checkpoint alone restores it
-    assert A.fixed_mask(a.layout).sum() == 4 * 224
+    assert D.fixed_mask(a.layout).sum() == 4 * 224
 
 
 @needs_ncl
@@ -245,8 +247,8 @@ def test_era5_round_trip_items_unstack_decode(era5_path, tmp_path, target):
     it = d[i]
     tgt = int(d.pairs[i, -1])
     assert it["fields"].shape == (2 * 7, 19, 36) and L.cond_channels[7] == "z@500@t"
-    phys = A.next_state(it["x"][None], it["fields"][None], L)[0]
-    ds = A.unstack(phys, L)
+    phys = D.next_state(it["x"][None], it["fields"][None], L)[0]
+    ds = D.unstack(phys, L)
     for v in ("z", "t", "u", "t2m"):
         ref = raw[v].isel(time=tgt)
         assert ds[v].dims == ref.dims and ds[v].attrs == ref.attrs
@@ -264,7 +266,7 @@ def test_era5_round_trip_items_unstack_decode(era5_path, tmp_path, target):
                 assert dec[v].attrs == raw[v].attrs and dec[v].dims == ("sample", *raw[v].dims[1:])
                 ref = raw[v].isel(time=tgt).values
                 np.testing.assert_allclose(dec[v].values[0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-            cf = {"latitude": A.CF_LATITUDE, "longitude": A.CF_LONGITUDE}   # CF attributes added (test_cf_outputs.py)
+            cf = {"latitude": D.CF_LATITUDE, "longitude": D.CF_LONGITUDE}   # CF attributes added (test_cf_outputs.py)
             for c in ("latitude", "longitude", "level"):
                 np.testing.assert_array_equal(dec[c].values, raw[c].values)
                 assert dec[c].attrs == {**raw[c].attrs, **cf.get(c, {})} and dec[c].dtype == raw[c].dtype
@@ -286,7 +288,7 @@ def test_longitude_across_the_wrap_is_relabelled_not_reordered(tmp_path):
     a = A.GriddedAdapter(p, variables=["t2m"], val_fraction=0)
     lm = np.asarray(a.layout.coords["longitude"])
     assert (np.diff(lm) > 0).all() and lm[0] == -180 and a.layout.periodic == ("longitude",)
-    ds = A.unstack(a.layout.denormalize(a.dataset("train")[0]["x"]), a.layout)
+    ds = D.unstack(a.layout.denormalize(a.dataset("train")[0]["x"]), a.layout)
     np.testing.assert_array_equal(ds["longitude"].values, lon.astype(np.float32))
     raw = xr.open_dataset(p, decode_times=False)
     np.testing.assert_allclose(ds["t2m"].values, raw["t2m"].values[1], rtol=1e-6)
@@ -306,7 +308,7 @@ def test_time_split_over_files_equals_one_file(tmp_path, era5_path):
     for i in (0, 3, 9):                      # pair 3 reads from both files
         torch.testing.assert_close(a.dataset("train")[i], b.dataset("train")[i])
     assert a.layout.autoregressive.state_mean == pytest.approx(b.layout.autoregressive.state_mean, rel=1e-12)
-    A.check_grid([p1, p2], a.layout)
+    S.check_grid([p1, p2], a.layout)
 
 
 def test_members_are_separate_trajectories(tmp_path):
@@ -353,9 +355,9 @@ def test_error_grids_differ_between_files(tmp_path):
     assert "latitude" in msg and "a.nc" in msg and "b.nc" in msg
     # and data against a checkpoint layout
     a = A.GriddedAdapter(p1, val_fraction=0)
-    A.check_grid(p1, a.layout)
+    S.check_grid(p1, a.layout)
     with pytest.raises(A.WeatherDataError, match="latitude of b.nc"):
-        A.check_grid(p2, a.layout)
+        S.check_grid(p2, a.layout)
 
 
 def test_error_gap_in_time_axis(tmp_path):

@@ -23,6 +23,8 @@ except ImportError:  # editable install made before the plugin existed
 import xarray as xr
 
 from diffkit.cli import main
+from diffkit_weather import cf as C
+from diffkit_weather import decode as D
 from diffkit_weather import evaluate as E
 from diffkit_weather import forecast as F
 from diffkit_weather import metrics as WM
@@ -41,7 +43,7 @@ def fc(shift):
     g = np.random.default_rng(5)
     base = torch.from_numpy(truth_model(np.array([4, 8]), K)).float()
     pred = base[:, None] + torch.from_numpy(g.normal(size=(2, 3, K, 4, 8, 24)) * 0.3).float()
-    return F.forecast_dataset(pred, L, TIMES)
+    return D.forecast_dataset(pred, L, TIMES)
 
 
 def _cli_err(capsys, args) -> str:
@@ -157,7 +159,7 @@ def test_dims_option_without_coordinates_is_an_error(tmp_path):
         with pytest.raises(A.WeatherDataError, match=r"maps longitude to 'x', but plain.nc has no coordinate values "
                                                      r"for 'x' \(only index numbers 0..7, which are not degrees of "
                                                      r"longitude\)"):
-            A.find_coords(ds.assign_coords(y=np.linspace(-40.0, 40.0, 5)), "plain.nc", {"latitude": "y", "longitude": "x"})
+            C.find_coords(ds.assign_coords(y=np.linspace(-40.0, 40.0, 5)), "plain.nc", {"latitude": "y", "longitude": "x"})
     # the same silent default without the option: dims named lat/lon but no coordinate values
     x = np.zeros((4, 5, 8), np.float32) + np.arange(4.0)[:, None, None]
     xr.Dataset({"a": (("time", "lat", "lon"), x)},

@@ -35,6 +35,7 @@ from diffkit.config import config_from_dict  # noqa: E402
 from diffkit.denoiser import Cond, Denoiser, Regressor  # noqa: E402
 from diffkit.layout import Layout  # noqa: E402
 from diffkit.schedules import cosine  # noqa: E402
+from diffkit_weather import decode as D  # noqa: E402
 from diffkit_weather import evaluate as E  # noqa: E402
 from diffkit_weather import forecast as F  # noqa: E402
 from diffkit_weather import metrics as WM  # noqa: E402
@@ -163,7 +164,7 @@ def test_regressor_oracle_forecast_is_exact_and_unstacks_to_the_file(shift, hist
         mask = f[:, -1]
         assert bool((mask[:, -1] == 0).all()) and bool((mask[:, :-1] == 1).all())   # the adapter's mask channel
     # CF dataset on the file's grid: names, levels, orientation, attributes, valid times
-    ds = F.forecast_dataset(pred, L, ist.times, attrs={"seed": 0})
+    ds = D.forecast_dataset(pred, L, ist.times, attrs={"seed": 0})
     raw = xr.open_dataset(shift)
     assert ds["t"].dims == ("member", "init_time", "lead_time", "level", "latitude", "longitude")
     np.testing.assert_array_equal(ds["latitude"].values, LAT)
@@ -206,7 +207,7 @@ def test_old_checkpoint_layouts_are_converted(shift, tmp_path):
     buf.seek(0)
     old = Layout.from_dict(torch.load(buf, weights_only=True))
     assert old.autoregressive is None
-    up = A.upgrade_layout(old)
+    up = D.upgrade_layout(old)
     assert up.autoregressive == L.autoregressive and repr(up.attrs) == repr(L.attrs)   # (NaN fill values)
     # forecasts accept the old layout as it is (converted on the way in)
     model = Regressor(ShiftOracle(L), L)
@@ -216,7 +217,7 @@ def test_old_checkpoint_layouts_are_converted(shift, tmp_path):
     broken = {**_old_layout_dict(L)}
     broken["attrs"] = {k: v for k, v in broken["attrs"].items() if k != "state_std"}
     with pytest.raises(A.WeatherDataError, match="old weather checkpoint.*lack state_std"):
-        A.upgrade_layout(Layout.from_dict(broken))
+        D.upgrade_layout(Layout.from_dict(broken))
 
 
 def test_perturbed_initial_condition_ensemble_of_a_regression_model(shift):
@@ -321,7 +322,7 @@ def test_trained_diffusion_ensembles_are_seeded_and_batched(trained, shift):
     assert torch.equal(a.nan_to_num(), b.nan_to_num()) and (a - c).abs().nan_to_num().max() > 1e-3
     assert (a[:, 0] - a[:, 1]).abs().nan_to_num().amax() > 1e-3      # members differ
     assert bool(torch.isnan(a[:, :, :, 2:, -1]).all()) and bool(torch.isfinite(a[:, :, :, :, :-1]).all())
-    ds = F.forecast_dataset(a, fc.layout, ist.times, options=fc.data_options)
+    ds = D.forecast_dataset(a, fc.layout, ist.times, options=fc.data_options)
     assert dict(ds.sizes) == {"member": 3, "init_time": N, "lead_time": 2, "level": 2, "latitude": 8, "longitude": 24}
     np.testing.assert_array_equal(ds["valid_time"].values[:, 1], ist.times + np.timedelta64(12, "h"))
 
@@ -344,7 +345,7 @@ def test_trained_regression_baseline_is_a_perturbed_initial_condition_ensemble(t
 
 # ============================================================================= 3. evaluate
 def _fc_from(pred, layout, times):
-    return F.forecast_dataset(torch.as_tensor(pred, dtype=torch.float32), layout, times)
+    return D.forecast_dataset(torch.as_tensor(pred, dtype=torch.float32), layout, times)
 
 
 def test_evaluate_scores_equal_direct_metric_calls(shift, tmp_path):

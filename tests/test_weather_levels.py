@@ -29,6 +29,7 @@ import xarray as xr
 
 from diffkit.adapters import atomic_to_netcdf
 from diffkit.denoiser import Regressor
+from diffkit_weather import decode as D
 from diffkit_weather import evaluate as E
 from diffkit_weather import forecast as F
 from diffkit_weather import metrics as WM
@@ -95,7 +96,7 @@ def test_forecast_per_variable_levels_round_trip_through_evaluate(shift, case, t
     ist = F.initial_states(str(shift), L, ["2000-01-02T00:00", "2000-01-03T06:00"])
     K, M = 3, 2
     pred = F.forecast(model, None, ist, steps=K, members=M, perturb=0.0)
-    fc_path = atomic_to_netcdf(F.forecast_dataset(pred, L, ist.times, attrs={"seed": 0}), tmp_path / "fc.nc")
+    fc_path = atomic_to_netcdf(D.forecast_dataset(pred, L, ist.times, attrs={"seed": 0}), tmp_path / "fc.nc")
     raw = xr.open_dataset(shift).load()
     union = sorted({l for lv in levels.values() for l in lv})
     i0 = np.array([4, 9])

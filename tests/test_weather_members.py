@@ -34,6 +34,7 @@ import xarray as xr
 
 from diffkit.checkpoint import capture_rng_state, restore_rng_state
 from diffkit.cli import main
+from diffkit_weather import decode as D
 from diffkit_weather import evaluate as E
 from diffkit_weather import forecast as F
 
@@ -173,13 +174,13 @@ def test_forecast_member_choice_reads_that_member_and_is_recorded(era5):
         want = np.stack([raw[v].sel(number=m).isel(time=16).values[::-1] for v in ("t2m", "msl")])  # lat ascending
         np.testing.assert_array_equal(ist.history[0, 0].numpy(), want)
         assert ist.members == (m,) and ist.member_dim == "number"
-        assert F.member_attrs(ist, m) == {"initial_member": str(m), "initial_member_dim": "number",
+        assert D.member_attrs(ist, m) == {"initial_member": str(m), "initial_member_dim": "number",
                                           "initial_member_choice": f"member {m} of 'number' (--member {m})"}
     # the default: the run's data.options.member when it names one member, recorded as such
     opts = dict(fc.data_options, member=4)
     ist = F.initial_states(era5["path"], fc.layout, INIT, options=opts)
     assert ist.members == (4,)
-    assert F.member_attrs(ist, None, 4)["initial_member_choice"] == "member 4 of 'number' (data.options.member = 4 " \
+    assert D.member_attrs(ist, None, 4)["initial_member_choice"] == "member 4 of 'number' (data.options.member = 4 " \
                                                                   "of the run)"
     with pytest.raises(A.WeatherDataError, match="has 10 members in its member dim 'number'"):
         F.initial_states(era5["path"], fc.layout, INIT, options=dict(fc.data_options, member=[1, 2]))
@@ -238,7 +239,7 @@ def test_evaluate_every_truth_member_averages_the_per_member_scores(era5, tmp_pa
     fc = F.load_forecaster(era5["run"], device="cpu")
     ist = F.initial_states(era5["path"], fc.layout, [INIT, "2020-01-05T12:00"], options=fc.data_options, member=2)
     pred = F.forecast(fc, None, ist, steps=2, members=3, seed=1)
-    ds = F.member_dataset(pred, fc.layout, ist, attrs=F.member_attrs(ist, 2))
+    ds = D.member_dataset(pred, fc.layout, ist, attrs=D.member_attrs(ist, 2))
     every = E.evaluate(ds, era5["path"], member="all", plots=False).scores
     per = [E.evaluate(ds, era5["path"], member=m, plots=False).scores for m in range(10)]
     for m in ("rmse", "crps", "spread", "spread_skill_ratio", "persistence_rmse", "climatology_rmse"):

@@ -23,6 +23,7 @@ try:
 except ImportError:  # editable install made before the plugin existed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
     from diffkit_weather import adapter as A
+from diffkit_weather import decode as D  # noqa: E402
 
 import dask.array as da
 import xarray as xr
@@ -157,7 +158,7 @@ def test_weatherbench2_zarr_layout_reads_lazily(tmp_path, order, chunk_reads):
     lsm = ds["land_sea_mask"].values[flip].astype(np.float64)
     np.testing.assert_allclose(it["fields"][-1].numpy(), (lsm - lsm.mean()) / lsm.std(), rtol=0, atol=1e-6)
     # back to the store's own orientation and values
-    back = A.unstack(A.next_state(it["x"][None], it["fields"][None], L)[0], L)
+    back = D.unstack(D.next_state(it["x"][None], it["fields"][None], L)[0], L)
     np.testing.assert_array_equal(back["latitude"].values, lat)
     np.testing.assert_allclose(back["temperature"].sel(level=850).values, _field(ds, "temperature", 850, t1),
                                rtol=0, atol=1e-4)

@@ -20,7 +20,9 @@ from __future__ import annotations
 from diffkit.hookspecs import hookimpl
 
 from . import metrics
-from .adapter import GriddedAdapter, WeatherDataError, check_grid, unstack
+from .adapter import GriddedAdapter, WeatherDataError
+from .decode import unstack
+from .store import check_grid
 from .cli import register_data, register_evaluate, register_forecast
 from . import evaluate, forecast  # the modules: forecast.forecast(...), evaluate.evaluate(...)
 from .evaluate import Evaluation

@@ -15,7 +15,7 @@ weather conditioning (forcings, static fields, the mask channel) and the fixed m
   initialisation time ``t + k * lead``, as in training (``layout.attrs["forcing_time"] = "init"``);
 - the **target** is the state or the increment (``target = "residual"``), turned into the next
   physical state by the layout's :class:`~diffkit.layout.AutoregressiveSpec` (latest input state
-  plus the de-normalised increment), as :func:`~diffkit_weather.adapter.next_state` does;
+  plus the de-normalised increment), as :func:`~diffkit_weather.decode.next_state` does;
 - **missing values**: inputs are filled with 0 (the normalised mean) and flagged in the
   ``"mask"`` channel exactly as the adapter does for training; outputs are NaN on the layout's
   fixed missing-value mask (points missing at every training time);
@@ -34,11 +34,13 @@ comes from the sampler) and :data:`~diffkit.rollout.DEFAULT_PERTURB` (0.05) for 
 with more than one member: the "perturbed-initial-condition ensemble" baseline.  Points of the
 fixed missing-value mask are not perturbed.
 
-:func:`forecast_dataset` turns a forecast into CF netCDF: dims ``(member, init_time, lead_time,
-[level,] latitude, longitude)`` with the file's own variable, coordinate and level names,
-attributes, units and orientation (:func:`~diffkit_weather.adapter.unstack`), ``lead_time`` a
-timedelta (``standard_name = "forecast_period"``), ``init_time`` (``"forecast_reference_time"``),
-``member`` (``"realization"``) and the 2-D coordinate ``valid_time(init_time, lead_time)``.
+:func:`~diffkit_weather.decode.forecast_dataset` turns a forecast into CF netCDF: dims ``(member,
+init_time, lead_time, [level,] latitude, longitude)`` with the file's own variable, coordinate and
+level names, attributes, units and orientation (:func:`~diffkit_weather.decode.unstack`),
+``lead_time`` a timedelta (``standard_name = "forecast_period"``), ``init_time``
+(``"forecast_reference_time"``), ``member`` (``"realization"``) and the 2-D coordinate
+``valid_time(init_time, lead_time)``.  The files are read by :class:`~diffkit_weather.store.Store`,
+the adapter's reader.
 """
 from __future__ import annotations
 
@@ -54,16 +56,16 @@ from diffkit.errors import NonFiniteError, ShapeError
 from diffkit.layout import Layout
 from diffkit.rollout import DEFAULT_PERTURB, rollout
 
-from ._common import WeatherDataError, _plain
-from .adapter import GriddedAdapter, fixed_mask, unstack, upgrade_layout
+from ._common import WeatherDataError
+from .decode import _check_layout, fixed_mask
+from .decode import forecast_dataset, member_attrs, member_dataset  # noqa: F401  (public names of this module before the split)
 from .cf import (ALL_VAL, _as_time, _fmt_time, _keys, _nearest, _parse_time, _same_coord, _shift, find_coords,
                  time_forcings)
 from .store import ALL_MEMBERS, Store, _member_list, check_grid
 
-__all__ = ["Forecaster", "InitialStates", "load_forecaster", "initial_states", "forecast", "forecast_dataset",
-           "persistence",
+__all__ = ["Forecaster", "InitialStates", "load_forecaster", "initial_states", "forecast", "persistence",
            "select_init_times", "forcing_scalars", "read_truth", "DEFAULT_PERTURB", "ALL_VAL", "ALL_MEMBERS",
-           "member_attrs", "member_dataset"]
+           "forecast_dataset", "member_attrs", "member_dataset"]
 
 
 # ----------------------------------------------------------------------------- the model
@@ -87,14 +89,6 @@ class Forecaster:
     def data_options(self) -> dict:
         """The run's ``data.options`` (time_units, dims, member, val_slice, ...)."""
         return dict(self.config.data.options) if self.config is not None else {}
-
-
-def _check_layout(layout: Layout, where: str = "the checkpoint") -> Layout:
-    """The weather layout with its autoregressive spec (an old checkpoint's converted), or an error."""
-    if layout.attrs.get("adapter") != GriddedAdapter.name:
-        raise WeatherDataError(f"{where} was not trained on the weather adapter (its layout comes from adapter "
-                               f"{layout.attrs.get('adapter')!r}); forecast needs data.adapter = \"weather\"")
-    return upgrade_layout(layout)
 
 
 def load_forecaster(ckpt, device=None) -> Forecaster:
@@ -284,7 +278,7 @@ def initial_states(data, layout: Layout, init_times, *, steps: int | None = None
     """Initial states of a forecast from data files (a file, a glob, a list) or an xarray Dataset.
 
     The data are checked against the checkpoint's grid, variables and levels
-    (:func:`~diffkit_weather.adapter.check_grid`: a mismatch is an error naming both) and read with
+    (:func:`~diffkit_weather.store.check_grid`: a mismatch is an error naming both) and read with
     the adapter's coordinate logic; ``options`` is the run's ``data.options`` (its ``time_units``,
     ``dims``, ``member`` and ``val_slice`` are used; the keyword arguments override them).  For each
     init time ``t`` (see :func:`select_init_times`; ``"all-val"`` needs ``steps``) the history states
@@ -467,127 +461,6 @@ def persistence(history, steps: int) -> torch.Tensor:
     return h[:, -1][:, None, None].expand(-1, 1, steps, *h.shape[2:])
 
 
-def _jsonable(v):
-    try:
-        json.dumps(v)
-        return v
-    except TypeError:
-        return str(v)
-
-
-def forecast_dataset(pred, layout: Layout, init_times, *, attrs: Mapping | None = None, options: Mapping | None = None):
-    """CF :class:`xarray.Dataset` of a forecast ``(N, M, K, C, lat, lon)`` (physical, model orientation).
-
-    Dims ``(member, init_time, lead_time, [level,] latitude, longitude)`` -- the variables, level and
-    grid dims keep the data file's names, attributes, units, dtypes and orientation
-    (:func:`~diffkit_weather.adapter.unstack`); ``lead_time`` is a timedelta
-    (``forecast_period``), ``valid_time(init_time, lead_time)`` a 2-D coordinate.  ``options`` (the
-    run's ``data.options``) records ``time_units``/``dims``/``member`` so that ``evaluate`` reads the
-    truth files the same way; ``attrs`` become global attributes.
-    """
-    import xarray as xr
-
-    from diffkit.adapters import command_of
-
-    from .adapter import cf_metadata
-
-    pred = torch.as_tensor(pred).detach().float().cpu()
-    if pred.ndim != 6 or tuple(pred.shape[3:]) != tuple(layout.sample_shape):
-        raise ShapeError(f"forecast has shape {tuple(pred.shape)}, expected (N, M, K, "
-                         f"{', '.join(map(str, layout.sample_shape))})")
-    N, M, K = pred.shape[:3]
-    init_times = np.asarray(init_times)
-    if init_times.shape != (N,):
-        raise ShapeError(f"{init_times.size} init time(s) for {N} initial condition(s)")
-    a = layout.attrs
-    spec = _check_layout(layout, "the layout").autoregressive
-    lead_h = spec.step
-    flat = pred.permute(1, 0, 2, 3, 4, 5).reshape(M * N * K, *layout.sample_shape)
-    tpl = unstack(flat, layout, dim="sample")
-    leads = (np.arange(1, K + 1) * np.int64(round(lead_h * 3600e9))).astype("timedelta64[ns]")
-    if np.issubdtype(init_times.dtype, np.datetime64):
-        init_times = init_times.astype("datetime64[ns]")
-        valid = init_times[:, None] + leads[None, :]
-    else:
-        valid = np.stack([_shift(init_times, lead_h * k) for k in range(1, K + 1)], 1)
-    coords = {k: v for k, v in tpl.coords.items() if k != "sample"}
-    coords["member"] = ("member", np.arange(M, dtype=np.int32),
-                        {"standard_name": "realization", "long_name": "ensemble member", "units": "1"})
-    coords["init_time"] = ("init_time", init_times, {"standard_name": "forecast_reference_time",
-                                                     "long_name": "initialisation time of the forecast"})
-    coords["lead_time"] = ("lead_time", leads, {"standard_name": "forecast_period", "long_name": "lead time"})
-    coords["valid_time"] = (("init_time", "lead_time"), valid, {"standard_name": "time", "long_name": "valid time"})
-    dv = {}
-    for v in tpl.data_vars:
-        da = tpl[v]
-        arr = da.values.reshape(M, N, K, *da.shape[1:])
-        dv[v] = (("member", "init_time", "lead_time", *da.dims[1:]), arr, dict(da.attrs))
-    # the data file's global attributes are not copied: cf_metadata extends its history only
-    gattrs = {"source": "diffkit forecast", "lead_hours": lead_h, "members": int(M), "steps": int(K),
-              "history_states": spec.history, "target": spec.target}
-    o = {k: v for k, v in dict(options or {}).items() if k in ("time_units", "dims", "member") and v is not None}
-    gattrs["diffkit_data_options"] = json.dumps({k: _jsonable(v) for k, v in o.items()})
-    gattrs.update({k: (v if isinstance(v, (int, float, str)) else str(v)) for k, v in (attrs or {}).items()
-                   if v is not None})
-    ds = xr.Dataset(dv, coords=coords, attrs=gattrs)
-    ds = ds.transpose("member", "init_time", "lead_time", ...)
-    ds["lead_time"].encoding.update(units="hours", dtype="float64")
-    for v in ds.data_vars:
-        fv = a.get("fill_values", {}).get(v)
-        ds[v].encoding["_FillValue"] = np.dtype(ds[v].dtype).type(fv) if fv is not None else None
-    return cf_metadata(ds, layout, title="diffkit forecast", command=command_of(attrs, "diffkit forecast"))
-
-
-# ----------------------------------------------------------------------------- members of the input
-def member_attrs(ist: InitialStates, member=None, run_member=None) -> dict:
-    """Global attributes recording which input member(s) a forecast started from: ``initial_member``
-    (the value, ``"all"``, or ``"none"`` when the data have no member dim), ``initial_member_dim``
-    and ``initial_member_choice`` (how it was chosen: ``--member``, the run's ``data.options.member``,
-    or the data's only member)."""
-    if ist.member_dim is None:
-        return {"initial_member": "none", "initial_member_choice": "the data have no member dim"}
-    every = (isinstance(member, str) and member.strip().lower() == ALL_MEMBERS) or len(ist.members) > 1
-    value = ALL_MEMBERS if every else str(ist.members[0])
-    if member is not None:
-        how = f"--member {member}"
-    elif run_member is not None and (isinstance(run_member, str) or np.ndim(run_member) == 0 or
-                                     len(run_member) == 1):
-        how = f"data.options.member = {run_member!r} of the run"
-    else:
-        how = f"the only member of {ist.member_dim!r}"
-    return {"initial_member": value, "initial_member_dim": str(ist.member_dim),
-            "initial_member_choice": f"member {value} of {ist.member_dim!r} ({how})" if not every else
-            f"every member of {ist.member_dim!r} ({', '.join(map(str, ist.members))}; {how}), one ensemble each"}
-
-
-def member_dataset(pred, layout: Layout, ist: InitialStates, *, attrs: Mapping | None = None,
-                   options: Mapping | None = None, per_member: bool | None = None):
-    """:func:`forecast_dataset` of a forecast from :func:`initial_states` with one or several input
-    members: ``pred`` is ``(I * N, M, K, C, lat, lon)`` (member-major, as ``ist``).  With several
-    (or ``per_member=True``) the dataset gets a leading dim ``initial_member`` (the input member each
-    ensemble started from, values of the data's member dim); else it is :func:`forecast_dataset`'s."""
-    import xarray as xr
-
-    I = len(ist.members)
-    N = len(ist.times) // I
-    if per_member is None:
-        per_member = I > 1
-    if not per_member:
-        return forecast_dataset(pred, layout, ist.times, attrs=attrs, options=options)
-    parts = [forecast_dataset(pred[i * N:(i + 1) * N], layout, ist.times[:N], attrs=attrs, options=options)
-             for i in range(I)]
-    ds = xr.concat(parts, dim="initial_member", data_vars="all", coords="minimal", compat="override",
-                   combine_attrs="override")
-    ds = ds.assign_coords(initial_member=("initial_member", np.asarray([_plain(m) for m in ist.members]),
-                                          {"long_name": f"member of the input data the ensemble started from "
-                                                        f"(its dim {ist.member_dim!r})"}))
-    ds = ds.transpose("initial_member", "member", "init_time", "lead_time", ...)
-    for v in ds.data_vars:
-        ds[v].encoding = dict(parts[0][v].encoding)
-    ds["lead_time"].encoding.update(parts[0]["lead_time"].encoding)
-    return ds
-
-
 # ----------------------------------------------------------------------------- truth
 def _fc_roles(fc) -> dict:
     """Roles of the dims of a forecast dataset: latitude, longitude, level dims (by the adapter's rules)."""
@@ -601,7 +474,7 @@ def _fc_roles(fc) -> dict:
 def forecast_levels(fc, v: str, ld: str) -> list[float]:
     """The levels (values of the dim ``ld``) at which the forecast ``fc`` holds variable ``v``: those
     where it has a finite value.  Variables that share a level dim but not their levels are NaN at
-    the levels they lack (:func:`~diffkit_weather.adapter.shared_levels`, or ``xarray.merge`` of
+    the levels they lack (:func:`~diffkit_weather.decode.shared_levels`, or ``xarray.merge`` of
     per-variable selections); such levels are not forecast, so they are neither read from the truth
     nor scored.  A variable with no finite value at all keeps every level (its scores are NaN)."""
     lv = [float(x) for x in np.asarray(fc[ld].values, np.float64)]
