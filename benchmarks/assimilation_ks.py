@@ -155,14 +155,16 @@ def window_guided(model, cfg, y, sigma, mask, gamma: float, members: int, seed: 
     K, nx = y.shape[0], mask.shape[0]
     m, sd = _state_stats(layout, 1)
     m, sd = float(m.reshape(-1)[0]), float(sd.reshape(-1)[0])
-    zeros = torch.zeros(members, K, nx)
+    dev = next(model.parameters()).device
+    zeros = torch.zeros(members, K, nx, device=dev)
     den = ComposedDenoiser(model, K, zeros, zeros.clone())
     full = mask[None].expand(K, nx).contiguous()
     obs = Observation(MaskOperator(full), ((y - m) / sd).reshape(1, -1).float(), float(sigma) / sd)
-    g = torch.Generator().manual_seed(seed)
+    x_init = torch.randn((members, K, nx), generator=torch.Generator().manual_seed(seed)).to(dev)
     x = sample(reconstruction(den, obs, gamma=gamma), (members, K, nx), sampler=cfg.sample.sampler,
-               nfe=cfg.sample.nfe, generator=g)
-    return x.double() * sd + m
+               nfe=cfg.sample.nfe, x_init=x_init, device=dev,
+               generator=torch.Generator(device=dev).manual_seed(seed))
+    return x.double().cpu() * sd + m
 
 
 def amortised(model, cfg, y, mask, members: int, seed: int) -> torch.Tensor:
@@ -174,9 +176,11 @@ def amortised(model, cfg, y, mask, members: int, seed: int) -> torch.Tensor:
     values[0, :, 0, mask] = y
     obs_mask = torch.zeros(1, K, 1, nx, dtype=torch.bool)
     obs_mask[0, :, 0, mask] = True
+    noise = torch.randn((1, members, K, 1, nx), generator=torch.Generator().manual_seed(seed))
+    dev = next(model.parameters()).device
     x = sample_trajectory(model, values, obs_mask, members, method="sda", sampler=cfg.sample.sampler,
-                          nfe=cfg.sample.nfe, generator=torch.Generator().manual_seed(seed))
-    return x[0, :, :, 0].double()
+                          nfe=cfg.sample.nfe, noise=noise, generator=torch.Generator(device=dev).manual_seed(seed))
+    return x[0, :, :, 0].double().cpu()
 
 
 def oi(clim, y, sigma, mask, members: int, seed: int) -> torch.Tensor:
