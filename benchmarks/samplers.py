@@ -636,6 +636,48 @@ def overhead_all(nfe: int, repeats: int, B: int = 16, d: int = 16):
     return out
 
 
+def overhead_against(old_path: str, nfe: int, repeats: int, B: int = 16, d: int = 16):
+    """Before -> after: every diffkit sampler of ``diffkit.samplers`` against the same sampler of
+    another version of the module (``old_path``, e.g. ``git show REV:diffkit/samplers.py > old.py``,
+    loaded as a module of the installed diffkit package), through a :class:`diffkit.Denoiser`
+    (``x0_at`` path, ``ZeroNet``) and the plain zero denoiser, all four timed interleaved; the
+    *best* of ``repeats`` loops each (on a loaded machine the minimum is the stable statistic, as
+    ``timeit`` recommends).  Also the largest difference between the two versions' samples."""
+    import importlib.util
+
+    from diffkit.denoiser import Denoiser
+
+    spec = importlib.util.spec_from_file_location("diffkit._samplers_before", old_path)
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    sched = linear(1000, 1e-4, 0.02)
+    den, Z = Denoiser(ZeroNet(), sched, "eps"), ZeroDenoiser(sched)
+    x_init = torch.randn(B, d, generator=torch.Generator().manual_seed(SEED_NOISE))
+    warnings.filterwarnings("ignore", message="heun with NFE")
+    out = []
+    for name in DK_ALL:
+        new_fn = dk_sampler(name)
+        old_fn = getattr(old, name.removesuffix("-3"))
+        if name == "unipc-3":
+            old_fn = (lambda f: lambda *a, **k: f(*a, order=3, **k))(old_fn)
+            old_fn.info = new_fn.info
+        run = lambda fn, D: dks.sample(D, (B, d), sampler=fn, nfe=nfe, x_init=x_init,
+                                       generator=torch.Generator().manual_seed(SEED_DDPM))
+        fns = [lambda f=f, D=D: run(f, D) for D in (den, Z) for f in (old_fn, new_fn)]
+        for f in fns:
+            f()
+        times = [[] for _ in fns]
+        for _ in range(repeats):
+            for k, f in enumerate(fns):
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+        us = [min(t) / nfe * 1e6 for t in times]
+        diff = float((run(old_fn, den) - run(new_fn, den)).abs().max())
+        out.append(dict(nfe=nfe, dk=name, den=us[:2], zero=us[2:], diff=diff))
+    return out
+
+
 # -- reporting ---------------------------------------------------------------------------------
 def fmt_table(header, rows, align=None):
     cols = list(zip(*([header] + rows)))
@@ -677,6 +719,9 @@ def main(argv=None):
                    help="only the exact-denoiser std-ratio table behind the sampler defaults (~1-2 minutes)")
     p.add_argument("--overhead", action="store_true",
                    help="only the overhead of every diffkit sampler (no diffusers, no accuracy; ~1 minute)")
+    p.add_argument("--against", metavar="OLD_SAMPLERS_PY",
+                   help="with --overhead: time every sampler before -> after against this version of "
+                        "diffkit/samplers.py (git show REV:diffkit/samplers.py > old.py), interleaved, best of the loops")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default 1: steadier timings, and small batches gain nothing)")
     args = p.parse_args(argv)
@@ -695,6 +740,24 @@ def main(argv=None):
             with open(args.markdown, "w") as f:
                 f.write("# Sampled / true std on Gaussian data (exact denoiser, 4000 x 64, float64)\n\n"
                         + md_table(h, t) + "\n")
+        return 0
+    if args.overhead and args.against:
+        h = ["NFE", "sampler", "Denoiser (x0_at): before", "after", "change", "zero denoiser: before", "after",
+             "change", "max |after - before|"]
+        rows = []
+        for nfe in (10, 20, 100):
+            for r in overhead_against(args.against, nfe, repeats):
+                (b1, a1), (b2, a2) = r["den"], r["zero"]
+                rows.append([r["nfe"], r["dk"], f"{b1:.1f}", f"{a1:.1f}", f"{a1 / b1 - 1:+.1%}", f"{b2:.1f}",
+                             f"{a2:.1f}", f"{a2 / b2 - 1:+.1%}", f"{r['diff']:.1e}"])
+        note = (f"time per denoiser call, µs (trivial networks: almost all of it is the sampler's own), best of "
+                f"{repeats} complete sampling loops of batch 16 x 16, the four of each row timed interleaved; before = "
+                f"{args.against}; torch {torch.__version__}, {args.threads} thread(s)")
+        log(note)
+        log(fmt_table(h, rows, [">", "<"] + [">"] * 7))
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(f"# diffkit sampler overhead, before -> after\n\n{note}\n\n" + md_table(h, rows) + "\n")
         return 0
     if args.overhead:
         h = ["NFE", "sampler", "us/NFE Denoiser (x0_at)", "us/NFE zero denoiser"]

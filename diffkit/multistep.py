@@ -57,6 +57,9 @@ def dpmpp_2m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None)
             if h == 0:  # coincident noise levels: the exact step is the identity (see _MIN_STEP_RATIO)
                 _report(callback, g, i, x, x0)
                 continue
+            # Lu et al. (2022) Alg. 2, DPM-Solver++(2M), with r = h_{i-1} / h_i:
+            #   D_i = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}            (D_i = x0_i on the first step)
+            #   x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
             d = x0
             if x0_prev is not None and h_prev >= _MIN_STEP_RATIO * h:
                 r = h_prev / h
@@ -96,6 +99,12 @@ def dpmpp_3m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None)
                 x0_1 = x0_2 = h_1 = h_2 = None
             elif h_2 is not None and h_2 < _MIN_STEP_RATIO * h:
                 x0_2 = h_2 = None
+            # The data-prediction exponential integrator (Lu et al. 2022, sec. 3) with x0(lambda) expanded
+            # to second order about lambda_t (the Taylor expansion of DPM-Solver, Lu et al. 2022a, sec. 3.2):
+            #   x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) x0 + alpha_s phi2 (h x0') + 2 alpha_s phi3 (h^2 x0'' / 2)
+            # with phi2 = int_0^h e^{u-h} u du / h and phi3 = int_0^h e^{u-h} u^2/2 du / h^2, and h x0', h^2 x0''/2
+            # from divided differences of the last three estimates (the third-order multistep update of
+            # the DPM-Solver reference code)
             a_s = g.a[i + 1]
             em = math.expm1(-h)
             x = (g.s[i + 1] / g.s[i]) * x - (a_s * em) * x0
@@ -238,6 +247,9 @@ def _unipc_step(g: _Grid, i: int, j: int, x, ms: list, ls: list, k: int, variant
     rks = [(ls[q] - ls[0]) / h for q in range(1, k)]
     a_s = g.a[j]
     phi1, bh, R, b = _unipc_coeffs(h, rks + [1.0], variant)
+    # Zhao et al. (2023) UniP-k / UniC-k (sec. 3) in data-prediction form, phi_1 = e^{-h} - 1:
+    #   x_j = (sigma_j / sigma_i) x_i - alpha_j phi_1 m_i - alpha_j B(h) sum_k rho_k D_k / r_k,
+    #   D_k = m_{i-k} - m_i   (UniC adds the new estimate's term rho (m_new - m_i), with r = 1)
     out = (g.s[j] / g.s[i]) * x - (a_s * phi1) * m0
     if m_new is None:  # predictor: the older estimates only
         if k == 1:

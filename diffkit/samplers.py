@@ -12,6 +12,14 @@ Every sampler is
 - ``callback(info)`` is called after every step with a dict (``i``, ``n``, ``t``, ``t_next``,
   ``x``, ``x0``); the progress bar of :func:`sample` is such a callback.
 
+Every update is written as in its paper, with the equation cited beside it (Ho et al. 2020,
+Song et al. 2021a, Karras et al. 2022, Lu et al. 2022, Zhao et al. 2023).  The time grids
+(:func:`timesteps`, the spacings, :func:`sampler_info`) live in :mod:`diffkit.grids` and the
+multistep solvers (``dpmpp_2m``, ``dpmpp_3m``, ``unipc``) in :mod:`diffkit.multistep`; this module
+has the one-step samplers, the registration and :func:`sample`, and re-exports the rest, so
+``diffkit.samplers.timesteps``, ``diffkit.samplers.unipc`` etc. work as before.  Samplers are
+functions: a name becomes one through :func:`diffkit.registry.resolve` (``diffkit.sample`` does it).
+
 Multistep history lives in local variables; nothing is stored between calls.  Each sampler
 declares its order, whether it is stochastic, and how many denoiser evaluations (NFE) a grid
 costs, through :func:`sampler_info`.
@@ -88,11 +96,15 @@ def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, var
     for i in range(g.n):
         x0 = g.call(x, i, kw)
         a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
-        lam = a_t / a_s  # AR(1) coefficient of q(x_t | x_s); posterior as in process.posterior_coeffs
-        sig2 = max(1.0 - lam * lam, 0.0)
-        x = (a_s * sig2 / s_t**2) * x0 + (lam * s_s**2 / s_t**2) * x
-        if i < g.n - 1:
-            var = sig2 * s_s**2 / s_t**2 if variance == "small" else sig2
+        # Ho et al. (2020) eqs. 6-7 from step t to s < t (Turner et al. 2024, step 3), with
+        # alpha_bar = alpha^2, 1 - alpha_bar = sigma^2 and the step's beta = 1 - (alpha_t / alpha_s)^2:
+        #   mu~(x_t, x0) = sqrt(alpha_bar_s) beta / (1 - alpha_bar_t) x0
+        #                  + sqrt(1 - beta) (1 - alpha_bar_s) / (1 - alpha_bar_t) x_t
+        #   beta~ = (1 - alpha_bar_s) / (1 - alpha_bar_t) beta       (process.posterior_coeffs)
+        beta = max(1.0 - (a_t / a_s) ** 2, 0.0)
+        x = (a_s * beta / s_t**2) * x0 + ((a_t / a_s) * s_s**2 / s_t**2) * x
+        if i < g.n - 1:  # x_s ~ N(mu~, beta~ I) ("small") or N(mu~, beta I) ("large"); S_noise scales the std
+            var = beta * s_s**2 / s_t**2 if variance == "small" else beta
             x = x + (math.sqrt(var) * churn_noise) * _noise(x, generator)
         _report(callback, g, i, x, x0)
     return x
@@ -114,11 +126,16 @@ def ddim(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, eta
     for i in range(g.n):
         x0 = g.call(x, i, kw)
         a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
+        # Song et al. (2021a) eq. 12, with sqrt(alpha_bar) = alpha and sqrt(1 - alpha_bar) = sigma:
+        #   x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z,   eps = (x_t - alpha_t x0) / sigma_t,
+        #   c = eta sqrt(sigma_s^2 / sigma_t^2) sqrt(1 - alpha_t^2 / alpha_s^2)            (eq. 16)
+        # eps is linear in x_t and x0, so the step is  x_s = (alpha_s - k alpha_t) x0 + k x_t  [+ c z]
+        # with k = sqrt(sigma_s^2 - c^2) / sigma_t (no eps tensor is formed)
         c = 0.0
         if eta > 0 and s_s > 0:
             c = eta * math.sqrt((s_s**2 / s_t**2) * (1 - (a_t / a_s) ** 2))
-        k = math.sqrt(max(s_s**2 - c**2, 0.0)) / s_t  # x_s = a_s x0 + k (x - a_t x0) [+ c z]
-        x = torch.add(x0, x - a_t * x0, alpha=k / a_s).mul_(a_s) if k else a_s * x0
+        k = math.sqrt(max(s_s**2 - c**2, 0.0)) / s_t
+        x = (a_s - k * a_t) * x0 + k * x
         if c > 0:
             x = x + (c * churn_noise) * _noise(x, generator)
         _report(callback, g, i, x, x0)
@@ -167,12 +184,28 @@ class _Churn:
             self.tb[i] = t_hat[k].to(dev).expand(g.tb.shape[1])
             self.a[i], self.s[i], self.lam[i] = a_h[k], s_h[k], l_h[k]
 
-    def apply(self, g: _Grid, i: int, xt, generator, kw):
-        """``(x^~, x0 at x^~)`` at step ``i``: fresh noise (if churned), then one denoiser call."""
+    def apply(self, g: _Grid, i: int, x, generator, kw):
+        """``(x^, alpha^, x0 at x^)`` at step ``i``: fresh noise (if churned), then one denoiser call.
+
+        Alg. 2 adds the noise to ``x~ = x / alpha``: ``x~^ = x~ + sqrt(sigma^2 - sigma~^2) S_noise z``;
+        on the state ``x = alpha x~`` that is ``x^ = (alpha^ / alpha) x + alpha^ sqrt(...) S_noise z``."""
         if not self.on[i]:
-            return xt, g.call(g.a[i] * xt, i, kw)
-        xt = xt + self.add[i] * _noise(xt, generator)
-        return xt, g.call_at(self.a[i] * xt, self.tb[i], self.a[i], self.s[i], self.lam[i], kw)
+            return x, g.a[i], g.call(x, i, kw)
+        a_hat = self.a[i]
+        x = _combine(a_hat / g.a[i], x, a_hat * self.add[i], _noise(x, generator))
+        return x, a_hat, g.call_at(x, self.tb[i], a_hat, self.s[i], self.lam[i], kw)
+
+
+def _combine(k1: float, x1, *terms):
+    """``k1 x1 + k2 x2 + ...`` (``terms = (k2, x2, k3, x3, ...)``, Python-float ``k``): the form of
+    every Euler-family update below, evaluated as one multiply and one ``torch.add(..., alpha=k)``
+    per further term.  Spelled with operators, each ``k * x`` is a kernel of its own, and on the
+    small tensors of sampling a multiply by a Python float costs about as much as two tensor
+    additions (euler was 28 % slower per call that way; ``benchmarks/samplers.py --overhead``)."""
+    out = x1 * k1
+    for j in range(0, len(terms), 2):
+        out = torch.add(out, terms[j + 1], alpha=terms[j])
+    return out
 
 
 def _heun_plan(nfe: int) -> tuple[int, dict]:
@@ -200,23 +233,29 @@ def _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn
     g = _Grid(denoiser, ts, x)
     ch = _Churn(g, churn, churn_tmin, churn_tmax, churn_noise)
     kw = extra_args or {}
-    xt = x / g.a[0]  # x~ = x / alpha
-    for i in range(g.n):
-        xt, x0 = ch.apply(g, i, xt, generator, kw)
-        sig_hat = ch.sig[i]
-        a_s, sig_s = g.a[i + 1], g.sigma_tilde(i + 1)
-        # Euler: x~' = x~ + (sig_s - sig) (x~ - x0) / sig = lerp(x0, x~, sig_s / sig)
-        x0, xt = _promote(x0, xt)
-        x_next = torch.lerp(x0, xt, sig_s / sig_hat)
+    for i in range(g.n):  # the state is x = alpha x~ (the denoiser's input); x~ is never formed
+        x, a_hat, x0 = ch.apply(g, i, x, generator, kw)
+        sig_hat, a_s = ch.sig[i], g.a[i + 1]
+        sig_s = g.s[i + 1] / a_s
+        if x0.dtype != x.dtype:
+            x0, x = _promote(x0, x)
+        # Karras et al. (2022) Alg. 2 (Alg. 1 without churn) in x~ = x / alpha and sigma~, h = sigma' - sigma^:
+        #   d = (x~^ - D) / sigma^,   x~' = x~^ + h d                                    (Euler step)
+        # and on x = alpha x~:  x' = alpha' x~' = (alpha' sigma' / (alpha^ sigma^)) x^ - (alpha' h / sigma^) D
+        h = sig_s - sig_hat
+        x_next = _combine(a_s * sig_s / (a_hat * sig_hat), x, -a_s * h / sig_hat, x0)
         if sig_s > 0 and i < second_order_steps:
-            x0_2 = g.call(a_s * x_next, i + 1, kw)
-            # Heun: x~ + (sig_s - sig)/2 (d + d'), d = (x~ - x0)/sig, d' = (x~' - x0')/sig_s
-            half = 0.5 * (sig_s - sig_hat)
-            x_next = torch.add(xt, xt - x0, alpha=half / sig_hat).add_(x_next - x0_2, alpha=half / sig_s)
-        xt = x_next
+            #   d' = (x~' - D') / sigma',   x~'' = x~^ + h (d + d') / 2                 (Heun's correction)
+            # and on x, with c = h / 2:
+            #   x'' = (alpha' / alpha^)(1 + c / sigma^) x^ - (alpha' c / sigma^) D + (c / sigma') x' - (alpha' c / sigma') D'
+            x0_2 = g.call(x_next, i + 1, kw)
+            c = 0.5 * h
+            x_next = _combine(a_s / a_hat * (1 + c / sig_hat), x, -a_s * c / sig_hat, x0,
+                              c / sig_s, x_next, -a_s * c / sig_s, x0_2)
+        x = x_next
         if callback is not None:
-            _report(callback, g, i, a_s * xt, x0)
-    return g.a[-1] * xt
+            _report(callback, g, i, x, x0)
+    return x
 
 
 @sampler_info(order=1, stochastic=False)
@@ -276,7 +315,8 @@ def dpmpp_2s(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
 
     Each step from sigma^ (after churn) to sigma_s evaluates the denoiser at x~ and at the
     midpoint ``sqrt(sigma^ sigma_s)`` in log sigma~ (r = 1/2), and takes the exponential-
-    integrator step ``x~' = lerp(D_mid, x~, sigma_s / sigma^)``.  Like :func:`heun`, the first
+    integrator step ``x~' = (sigma_s / sigma^) x~ + (1 - sigma_s / sigma^) D_mid`` (Lu et al. 2022,
+    Alg. 1 with r = 1/2).  Like :func:`heun`, the first
     ``second_order_steps`` steps are second order (default: all but the one onto t = 0), so a
     grid of ``n`` steps ending in 0 costs ``2n - 1`` calls, and :func:`sample` spends an exact
     NFE.
@@ -299,23 +339,28 @@ def dpmpp_2s(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
         t_m, a_m, s_m, l_m = _levels(g.den.schedule, sm)
         for j, i in enumerate(steps):
             mid[i] = (t_m[j].to(g.tb.device).expand(g.tb.shape[1]), a_m[j], s_m[j], l_m[j], float(sm[j]))
-    xt = x / g.a[0]
     for i in range(g.n):
-        xt, x0 = ch.apply(g, i, xt, generator, kw)
-        x0, xt = _promote(x0, xt)
-        sig_hat, a_s, sig_s = ch.sig[i], g.a[i + 1], g.sigma_tilde(i + 1)
+        x, a_hat, x0 = ch.apply(g, i, x, generator, kw)
+        if x0.dtype != x.dtype:
+            x0, x = _promote(x0, x)
+        sig_hat, a_s = ch.sig[i], g.a[i + 1]
+        r_s = g.s[i + 1] / a_s / sig_hat  # e^{-h} = sigma~_s / sigma^ (h: the step in half-log-SNR)
+        # Lu et al. (2022) Alg. 1, DPM-Solver++(2S) with r = 1/2, in the VP variables of x itself
+        # (sigma_t / sigma_s = (alpha_t sigma~_t) / (alpha_s sigma~_s), e^{-r h} = sigma~_m / sigma^):
+        #   u = (sigma_m / sigma^) x^ - alpha_m (e^{-r h} - 1) x0(x^),   sigma~_m = sqrt(sigma^ sigma~_s)
+        #   D = (1 - 1/(2r)) x0(x^) + 1/(2r) x0(u, sigma_m) = x0(u, sigma_m)
+        #   x' = (sigma_s / sigma^) x^ - alpha_s (e^{-h} - 1) D
         if i in mid:
             tb_m, a_m, s_m, l_m, sig_m = mid[i]
-            x_mid = torch.lerp(x0, xt, sig_m / sig_hat)
-            d = g.call_at(a_m * x_mid, tb_m, a_m, s_m, l_m, kw)
-            d, xt = _promote(d, xt)
-            x_next = torch.lerp(d, xt, sig_s / sig_hat)
-        else:
-            x_next = torch.lerp(x0, xt, sig_s / sig_hat)
-        xt = x_next
+            r_m = sig_m / sig_hat
+            u = _combine(a_m / a_hat * r_m, x, -a_m * (r_m - 1.0), x0)
+            d = g.call_at(u, tb_m, a_m, s_m, l_m, kw)
+        else:  # first order, D = x0(x^): DPM-Solver++(1), i.e. DDIM / Euler
+            d = x0
+        x = _combine(a_s / a_hat * r_s, x, -a_s * (r_s - 1.0), d)
         if callback is not None:
-            _report(callback, g, i, a_s * xt, x0)
-    return g.a[-1] * xt
+            _report(callback, g, i, x, x0)
+    return x
 
 
 BUILTIN_SAMPLERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "dpmpp_2s": dpmpp_2s, "dpmpp_3m": dpmpp_3m,
