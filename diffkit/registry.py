@@ -344,3 +344,10 @@ def get_schedule(spec: Any):
     """A :class:`~diffkit.schedules.Schedule` from an instance, a registered name or
     ``{"name": ..., **options}``: :func:`resolve` for ``kind="schedule"``."""
     return resolve("schedule", spec)
+
+
+def get_guidance(spec: Any):
+    """A guidance method from a registered name (``"dps"``, ``"reconstruction"``, ``"mmps"`` or a
+    plugin's), ``{"name": ..., **options}`` (options bound) or a method itself: :func:`resolve` for
+    ``kind="guidance"``."""
+    return resolve("guidance", spec)
