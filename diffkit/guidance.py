@@ -28,7 +28,8 @@ and the methods differ in how they approximate ``log p(y | x_t)``:
   ``N(y; A(D), Sigma_y + gamma sigma_t^2 / alpha_t^2 I)``;
 - :func:`mmps` (Rozet et al. 2024): the Gaussian ``N(y; A D, Sigma_y + A Cov[x0 | x_t] A^T)``, with
   the Tweedie covariance applied through vector-Jacobian products and the system solved by
-  conjugate gradients; exact for a Gaussian prior, a linear operator and the exact denoiser.
+  conjugate gradients; exact for a Gaussian prior, a linear operator and the exact denoiser, and
+  safeguarded (truncated CG) for learned denoisers whose covariance is not positive definite.
 
 They are registered through the ``diffkit_guidance`` hook (:func:`get_guidance`), so plugins can
 add more.  Guided denoisers differentiate through the denoiser, so they do not define the
@@ -38,11 +39,12 @@ docs/assimilation.md gives the costs and how to choose ``gamma`` and ``sigma_y``
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
 import torch
 
-from ._shape import as_batch_time, bcast
+from ._shape import append_dims, as_batch_time, bcast
 from .errors import ObservationError
 from .hookspecs import hookimpl
 from .hookspecs import hookimpl
@@ -501,7 +503,13 @@ class Reconstruction(GuidedDenoiser):
 
 
 class MMPS(GuidedDenoiser):
-    """Moment-matching posterior sampling (Rozet et al. 2024) as a denoiser."""
+    """Moment-matching posterior sampling (Rozet et al. 2024) as a denoiser, with a safeguarded CG.
+
+    Besides ``nfe`` and ``vjps`` it counts, over its calls and per sample, what the safeguard did
+    (see :func:`mmps`): ``negative_curvature`` (CG met a direction along which the denoiser's
+    covariance is negative), ``fallbacks`` (of those, the ones met at the first iteration, solved
+    with reconstruction guidance's covariance instead) and ``radius_stops`` (CG stopped at the
+    bound ``||u|| <= 2 ||r|| / min sigma_y^2``).  It warns once, at the first such event."""
 
     method = "mmps"
 
@@ -514,6 +522,10 @@ class MMPS(GuidedDenoiser):
             raise ValueError(f"cg_tol must be a finite number >= 0, got {cg_tol!r}")
         self.cg_iters, self.cg_tol = cg_iters, tol
         self.last_cg_iters = 0
+        self.negative_curvature = 0
+        self.fallbacks = 0
+        self.radius_stops = 0
+        self._warned = False
 
     def _guide(self, xr, x0, a, s, a_b, s_b, y, var):
         op = self.obs.operator
@@ -526,39 +538,89 @@ class MMPS(GuidedDenoiser):
             self.vjps += 1
             return c * g
 
-        def matvec(u):  # (Sigma_y + A Cov A^T) u
-            return var * u + op.jvp(x0d, cov(op.vjp(x0d, u)))
+        def matvec(u):  # (Sigma_y + A Cov A^T) u, and its Sigma_y part
+            noise = var * u
+            return noise + op.jvp(x0d, cov(op.vjp(x0d, u))), noise
 
-        u, self.last_cg_iters = _cg(matvec, y - y_hat, self.cg_iters, self.cg_tol)
+        r = y - y_hat
+        # ||(Sigma_y + P)^{-1} r|| <= ||r|| / min sigma_y^2 for any PSD P: CG's iterates, whose norm grows
+        # monotonically to the solution's on an SPD system, never exceed it (2x for rounding)
+        vmin = var.flatten(1).min(1).values
+        radius = torch.where(vmin > 0, 2 * _dot(r, r).sqrt() / vmin.clamp_min(torch.finfo(r.dtype).tiny),
+                             torch.full_like(vmin, math.inf))
+        u, self.last_cg_iters, neg, first, hit = _cg(matvec, r, self.cg_iters, self.cg_tol, radius)
+        if bool(first.any()):  # no positive-curvature direction: reconstruction guidance's Cov = sigma^2/alpha^2 I
+            rec = r / (var + _per_obs((s_b / a_b) ** 2, y))
+            u = torch.where(append_dims(first, u.ndim), rec, u)
+        n_neg, n_fb, n_hit = int(neg.sum()), int(first.sum()), int(hit.sum())
+        self.negative_curvature += n_neg
+        self.fallbacks += n_fb
+        self.radius_stops += n_hit
+        if (n_neg or n_hit) and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "mmps: the denoiser's covariance (sigma_t^2/alpha_t) dD/dx_t is not positive definite (a learned "
+                "denoiser's Jacobian need not be): conjugate gradients stopped at negative curvature or at their "
+                "bound and kept their last iterate (at the first iteration: reconstruction guidance's "
+                "sigma_t^2/alpha_t^2 I covariance); the guided denoiser's .negative_curvature, .fallbacks and "
+                ".radius_stops count the samples (docs/assimilation.md)", RuntimeWarning, stacklevel=3)
         (g,) = torch.autograd.grad(x0, xr, op.vjp(x0d, u))
         self.vjps += 1
         return x0d + c * g
 
 
-def _cg(matvec, b: torch.Tensor, iters: int, tol: float) -> tuple[torch.Tensor, int]:
-    """Solve ``matvec(x) = b`` for each sample of the batch by conjugate gradients (at most ``iters``
-    products; stops when every residual is below ``tol`` times its right-hand side)."""
+def _cg(matvec, b: torch.Tensor, iters: int, tol: float, radius: torch.Tensor | None = None):
+    """Solve ``M x = b`` for each sample of the batch by conjugate gradients, safeguarded for an ``M``
+    that should be ``Sigma_y + P`` with ``P`` symmetric positive semi-definite but may not be.
+
+    ``matvec(p)`` returns ``(M p, Sigma_y p)``.  At most ``iters`` products; CG ends when every sample
+    has its residual below ``tol`` times its right-hand side (those below it iterate on meanwhile, as
+    in plain CG).  A sample stops -- Steihaug's truncated CG -- and keeps its last iterate when the direction ``p`` has negative curvature under ``P``
+    (``p^T P p < -sqrt(eps) ||p|| ||P p||``, far beyond rounding for a PSD ``P``) or when the next
+    iterate would leave ``||x|| <= radius`` (``(B,)``, ``inf`` for none).  For SPD ``M`` within the
+    radius none of this triggers and the iterates are plain CG's, bit for bit.
+
+    Returns ``(x, products, negative, at_first, radius_hit)``: the ``(B,)`` booleans say which samples
+    met negative curvature, which met it at the first iteration (``x`` is then 0) and which stopped
+    at the radius."""
+    B = b.shape[0]
     x = torch.zeros_like(b)
     r = b.clone()
     p = r.clone()
     rs = _dot(r, r)
     stop = (tol * tol) * rs
+    rel = math.sqrt(torch.finfo(b.dtype).eps)  # far above the rounding of p^T P p for a PSD P
     tiny = torch.finfo(b.dtype).tiny
+    active = torch.ones(B, dtype=torch.bool, device=b.device)
+    negative = torch.zeros_like(active)
+    at_first = torch.zeros_like(active)
+    hit = torch.zeros_like(active)
+    if radius is None:
+        radius = torch.full((B,), math.inf, dtype=b.dtype, device=b.device)
     n = 0
     for n in range(1, iters + 1):
-        if bool((rs <= stop).all()):
-            return x, n - 1
-        Ap = matvec(p)
+        if not bool((active & (rs > stop)).any()):  # converged samples iterate on while others do, as plain CG
+            return x, n - 1, negative, at_first, hit
+        Ap, noise = matvec(p)
+        Pp = Ap - noise
+        bad = active & (_dot(p, Pp) < -rel * _dot(p, p).sqrt() * _dot(Pp, Pp).sqrt())
+        negative, active = negative | bad, active & ~bad
+        if n == 1:
+            at_first = bad
         pAp = _dot(p, Ap)
-        alpha = torch.where(pAp.abs() > tiny, rs / pAp.where(pAp.abs() > tiny, torch.ones_like(pAp)),
-                            torch.zeros_like(pAp))
-        x = x + bcast(alpha, x) * p
-        r = r - bcast(alpha, r) * Ap
+        ok = active & (pAp > tiny)  # else p ~ 0 (or sigma_y = 0 and P singular along p): no step
+        alpha = torch.where(ok, rs / pAp.where(ok, torch.ones_like(pAp)), torch.zeros_like(pAp))
+        x_new = x + bcast(alpha, x) * p
+        out = ok & (_dot(x_new, x_new).sqrt() > radius)
+        hit, active = hit | out, active & ~out
+        step = bcast(torch.where(out, torch.zeros_like(alpha), alpha), x)
+        x = x + step * p
+        r = r - step * Ap
         rs_new = _dot(r, r)
-        beta = torch.where(rs > tiny, rs_new / rs.clamp_min(tiny), torch.zeros_like(rs))
+        beta = torch.where(active & (rs > tiny), rs_new / rs.clamp_min(tiny), torch.zeros_like(rs))
         p = r + bcast(beta, r) * p
-        rs = rs_new
-    return x, n
+        rs = torch.where(active, rs_new, rs)
+    return x, n, negative, at_first, hit
 
 
 def dps(denoiser, obs: Observation, *, zeta: float = 1.0) -> DPS:
@@ -597,6 +659,22 @@ def mmps(denoiser, obs: Observation, *, cg_iters: int = 10, cg_tol: float = 1e-6
     arithmetic).  A nonlinear operator is linearised at ``D``.  Cost per call: 1 denoiser
     evaluation and ``k + 1`` vector-Jacobian products, ``k <= cg_iters`` the CG iterations run
     (CG stops early when the residual falls below ``cg_tol`` times the right-hand side).
+
+    **Learned denoisers.**  CG assumes ``A Cov A^T`` symmetric positive semi-definite, which holds for
+    the exact denoiser but not for a network's Jacobian: on a KS surrogate ``b^T (Sigma_y + A Cov A^T) b``
+    was as low as ``-31.7 ||b||^2`` at the noisiest steps and plain CG's guidance reached 1e4-1e5
+    (docs/bench/guidance.md).  The CG here is therefore Steihaug's truncated CG: it stops a sample
+    and keeps its last iterate when a search direction has negative curvature under ``A Cov A^T``
+    (beyond ``sqrt(eps)`` of rounding), or when the next iterate would leave the bound
+    ``||u|| <= 2 ||r|| / min sigma_y^2`` that the solution obeys whenever ``A Cov A^T`` is PSD; a
+    sample whose *first* direction has negative curvature (no usable iterate) gets reconstruction
+    guidance's ``u = r / (sigma_y^2 + sigma_t^2/alpha_t^2)`` instead (``Cov ~ sigma_t^2/alpha_t^2 I``,
+    the ``gamma = 1`` covariance).  This costs no extra Jacobian product, and on a symmetric PSD
+    covariance (the exact Gaussian case) neither test can trigger: the result is plain CG's, bit for bit.
+    Symmetrising the operator (``(J + J^T)/2``, one JVP more per product) was not chosen: the
+    curvature ``p^T J p`` is the symmetric part's already, so it would cure no negative curvature.
+    The guided denoiser counts the samples concerned (``.negative_curvature``, ``.fallbacks``,
+    ``.radius_stops``) and warns once (a RuntimeWarning) at the first event.
     """
     return MMPS(denoiser, obs, cg_iters=cg_iters, cg_tol=cg_tol)
 

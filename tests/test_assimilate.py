@@ -102,16 +102,19 @@ def test_observe_from_writes_cf_observations_with_sigma_y(ks):
         strict=True, reason="measured: DPS (zeta 0.01..0.1) does not beat the prior of this 150-step surrogate "
                             "(observed-point RMSE 0.168..0.196 vs 0.164); on a 500-step one zeta 0.1 did (0.050 vs "
                             "0.071 observed, 0.074 vs 0.076 unobserved)")),
-    pytest.param("mmps", [], marks=pytest.mark.xfail(
-        strict=True, reason="MMPS's conjugate gradients diverge on this barely-trained surrogate (its Tweedie "
-                            "covariance is not positive definite); guidance.py needs a safeguard")),
+    # MMPS's Tweedie covariance is not positive definite on this barely trained surrogate: plain CG diverged
+    # (RMSE ~1e5); the safeguarded CG (guidance.py) measured 0.069 / 0.132 vs the prior's 0.164 / 0.166
+    ("mmps", []),
 ])
 def test_assimilate_analysis_beats_the_prior_ensemble(ks, method, extra, capsys):
     out = ks["root"] / f"a_{method}.nc"
     rc = main(["assimilate", str(ks["run"]), "--obs", str(ks["obs"]), "--init", str(ks["data"]), "--members", "6",
                "--method", method, *extra, "--out", str(out), *RUN])
-    assert rc == 0, capsys.readouterr().err
-    assert f"analysis ({method})" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"analysis ({method})" in captured.out
+    if method == "mmps":  # its safeguard engaged on this surrogate, and said so (no silent fallback)
+        assert "warning: mmps: the denoiser's covariance" in captured.err, captured.err
     with xr.open_dataset(out) as ds:
         assert ds["u"].dims == ("member", "time", "x") and ds.sizes["member"] == 6
         assert ds["member"].attrs["standard_name"] == "realization"

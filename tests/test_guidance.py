@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -417,6 +418,121 @@ def test_mmps_cg_stops_early_and_counts_its_products():
               cg_iters=2, cg_tol=0.0)
     g2(torch.randn((2, *shape), dtype=DT), 0.5)
     assert g2.last_cg_iters == 2 and g2.vjps == 3
+
+
+def _plain_cg(matvec, b, iters, tol, radius=None):
+    """The reference: textbook CG as MMPS ran it before the safeguard (no curvature test, no bound),
+    with the safeguarded ``_cg``'s signature (it reports no event)."""
+    from diffkit.guidance import _dot
+
+    def e(v):
+        return v.reshape(-1, *[1] * (b.ndim - 1))
+
+    x, r = torch.zeros_like(b), b.clone()
+    p, rs = r.clone(), _dot(r, r)
+    tiny = torch.finfo(b.dtype).tiny
+    n = 0
+    for n in range(1, iters + 1):
+        if bool((rs <= tol * tol * _dot(b, b)).all()):
+            n -= 1
+            break
+        Ap = matvec(p)[0]
+        pAp = _dot(p, Ap)
+        alpha = torch.where(pAp.abs() > tiny, rs / pAp, torch.zeros_like(pAp))
+        x, r = x + e(alpha) * p, r - e(alpha) * Ap
+        rs_new = _dot(r, r)
+        p, rs = r + e(torch.where(rs > tiny, rs_new / rs, torch.zeros_like(rs))) * p, rs_new
+    none = torch.zeros(b.shape[0], dtype=torch.bool)
+    return x, n, none, none, none
+
+
+class _LinearDenoiser:
+    """A "denoiser" D(x_t) = W x_t with a non-symmetric W whose symmetric part is indefinite: its
+    Tweedie covariance (sigma^2/alpha) W is not a covariance, as a learned network's need not be."""
+
+    def __init__(self, W):
+        self.W, self.schedule = W, dk.cosine()
+
+    def __call__(self, x, t, **extra_args):
+        return (x.flatten(1) @ self.W.T).reshape(x.shape)
+
+
+def test_mmps_safeguard_keeps_an_indefinite_denoiser_bounded(monkeypatch):
+    """Issue 15 item 1, MMPS on learned denoisers: with a linear denoiser whose Jacobian is
+    non-symmetric and indefinite, and sigma_y set so that Sigma_y + A Cov A^T is (nearly) singular,
+    plain CG returns a guidance ~1e6 times the residual; the safeguarded CG stays finite and within
+    its bound ||u|| <= 2 ||r|| / sigma_y^2, counts what it did and warns once."""
+    import diffkit.guidance as G
+
+    g = _gen(21)
+    d = 8
+    K = torch.randn((d, d), generator=g, dtype=DT)
+    W = torch.diag(torch.linspace(1.0, -1.0, d, dtype=DT)) + 0.2 * (K - K.T)
+    den = _LinearDenoiser(W)
+    t = 0.5
+    a, s = (float(v) for v in dk.cosine().coeffs(torch.tensor(t, dtype=DT)))
+    c = s * s / a
+    # the system is var I + c W^T (everything observed): make it singular along W's most negative real eigenvalue
+    ev = torch.linalg.eigvals(W)
+    mu = float(ev.real[ev.imag.abs() < 1e-12].min())
+    assert mu < 0
+    sigma_y = math.sqrt(-c * mu * (1 + 1e-9))
+    x = torch.randn((16, 1, d), generator=g, dtype=DT)
+    y = torch.randn((16, d), generator=g, dtype=DT)
+    obs = Observation(MaskOperator(torch.ones((1, d), dtype=torch.bool)), y, sigma_y)
+    D = den(x, t)
+    r = (y - D.flatten(1)).norm(dim=1)
+    bound = c * float(torch.linalg.matrix_norm(W, 2)) * 2 * r / sigma_y**2   # ||c W^T u|| for ||u|| <= 2 ||r|| / var
+
+    with monkeypatch.context() as mp:
+        mp.setattr(G, "_cg", _plain_cg)
+        old = mmps(den, obs, cg_iters=d, cg_tol=0.0)(x, t)
+    old_step = (old - D).flatten(1).norm(dim=1)
+    assert float((old_step / bound).max()) > 1e3, old_step / bound               # the old CG diverges
+
+    guided = mmps(den, obs, cg_iters=d, cg_tol=0.0)
+    with pytest.warns(RuntimeWarning, match="not positive definite") as caught:
+        out = [guided(x, tt) for tt in (t, 0.3, 0.8)]
+    assert len(caught) == 1                                                          # once per guided denoiser
+    assert all(bool(torch.isfinite(o).all()) for o in out)
+    step = (out[0] - D).flatten(1).norm(dim=1)
+    assert bool((step <= bound * (1 + 1e-9)).all()), step / bound
+    events = guided.negative_curvature + guided.radius_stops
+    assert events > 0 and guided.fallbacks <= guided.negative_curvature <= 3 * 16
+    # a sample whose first CG direction has negative curvature gets reconstruction guidance's step
+    Wneg = -torch.eye(d, dtype=DT)                                                   # Cov = -c I: negative everywhere
+    rec_like = mmps(_LinearDenoiser(Wneg), obs)
+    with pytest.warns(RuntimeWarning, match="not positive definite"):
+        got = rec_like(x, t)
+    assert rec_like.fallbacks == rec_like.negative_curvature == 16 and rec_like.vjps == 2
+    want = x.flatten(1) @ Wneg.T + c * (y - x.flatten(1) @ Wneg.T) / (sigma_y**2 + (s / a) ** 2) @ Wneg
+    torch.testing.assert_close(got.flatten(1), want, rtol=1e-12, atol=1e-12)
+
+
+def test_mmps_safeguard_leaves_the_exact_gaussian_case_unchanged(monkeypatch):
+    """On a Gaussian prior with its exact denoiser (symmetric PSD covariance) the safeguarded CG
+    never triggers and MMPS gives exactly what plain CG gives, for a mask, a coarsening and a dense
+    matrix, at high to low noise, converged or capped at 3 iterations."""
+    import diffkit.guidance as G
+
+    g = _gen(22)
+    for name, shape, op in _linear_cases(g):
+        m, C, den = _gaussian_prior(shape, g)
+        _, _, obs = _observe(op, shape, m, C, g, 0.1)
+        x = torch.randn((4, *shape), generator=g, dtype=DT)
+        for iters, tol in ((10, 1e-6), (3, 0.0)):
+            for t in (0.02, 0.3, 0.6, 0.98):
+                with monkeypatch.context() as mp:
+                    mp.setattr(G, "_cg", _plain_cg)
+                    ref = mmps(den, obs, cg_iters=iters, cg_tol=tol)
+                    want = ref(x, t)
+                guided = mmps(den, obs, cg_iters=iters, cg_tol=tol)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    got = guided(x, t)
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{name} t={t} iters={iters}")
+                assert guided.negative_curvature == guided.fallbacks == guided.radius_stops == 0, name
+                assert guided.vjps == ref.vjps, name
 
 
 # -- bad input: one-line errors naming the problem and the fix -------------------------------------------
