@@ -34,7 +34,8 @@ import torch
 
 import diffkit as dk
 from diffkit._shape import as_batch_time
-from diffkit.guidance import LinearOperator, MaskOperator, Observation, get_guidance
+from diffkit.guidance import LinearOperator, MaskOperator, Observation
+from diffkit.registry import get_guidance
 from diffkit.metrics import sliced_wasserstein
 
 DT = torch.float64

@@ -31,7 +31,7 @@ and the methods differ in how they approximate ``log p(y | x_t)``:
   conjugate gradients; exact for a Gaussian prior, a linear operator and the exact denoiser, and
   safeguarded (truncated CG) for learned denoisers whose covariance is not positive definite.
 
-They are registered through the ``diffkit_guidance`` hook (:func:`get_guidance`), so plugins can
+They are registered through the ``diffkit_guidance`` hook (:func:`diffkit.registry.get_guidance` resolves them), so plugins can
 add more.  Guided denoisers differentiate through the denoiser, so they do not define the
 samplers' ``x0_at`` fast path: samplers call them plainly (see :mod:`diffkit.samplers`).
 docs/assimilation.md gives the costs and how to choose ``gamma`` and ``sigma_y``.
@@ -47,11 +47,10 @@ import torch
 from ._shape import append_dims, as_batch_time, bcast
 from .errors import ObservationError
 from .hookspecs import hookimpl
-from .hookspecs import hookimpl
 
 __all__ = [
     "BlockAverage", "GuidedDenoiser", "IndexOperator", "LinearOperator", "MaskOperator", "NonlinearOperator",
-    "Observation", "ObservationOperator", "dps", "get_guidance", "mmps", "reconstruction", "BUILTIN_GUIDANCE",
+    "Observation", "ObservationOperator", "dps", "mmps", "reconstruction", "BUILTIN_GUIDANCE",
 ]
 
 
@@ -687,20 +686,3 @@ BUILTIN_GUIDANCE = {"dps": dps, "reconstruction": reconstruction, "mmps": mmps}
 def diffkit_guidance():
     """diffkit's own guidance methods (:data:`BUILTIN_GUIDANCE`), registered as a built-in plugin."""
     return dict(BUILTIN_GUIDANCE)
-
-
-@hookimpl
-def diffkit_guidance():
-    """diffkit's own guidance methods, registered as a built-in plugin (:mod:`diffkit._builtins`)."""
-    return dict(BUILTIN_GUIDANCE)
-
-
-def get_guidance(spec):
-    """The guidance method ``spec`` names: a registered name (``"dps"``, ``"reconstruction"``,
-    ``"mmps"`` or a plugin's), a dict ``{"name": ..., **options}`` (the options bound, checked against
-    the method's keywords) or a method itself, returned as is -- through
-    :func:`diffkit.registry.resolve`, the one place names become components.
-    ``method(denoiser, obs, **options)`` returns a guided denoiser."""
-    from . import registry
-
-    return registry.resolve("guidance", spec)

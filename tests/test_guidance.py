@@ -19,7 +19,8 @@ import diffkit as dk
 from diffkit import registry
 from diffkit.errors import DiffkitError, ObservationError
 from diffkit.guidance import (BlockAverage, IndexOperator, LinearOperator, MaskOperator, NonlinearOperator,
-                              Observation, dps, get_guidance, mmps, reconstruction)
+                              Observation, dps, mmps, reconstruction)
+from diffkit.registry import get_guidance
 
 ROOT = Path(__file__).resolve().parents[1]
 DT = torch.float64
