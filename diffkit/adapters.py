@@ -229,6 +229,15 @@ def atomic_to_netcdf(ds, path) -> Path:
     return path
 
 
+def split_of(split: str, train, val):
+    """What an adapter's :meth:`Adapter.dataset` serves for ``split``: ``train`` for ``"train"``,
+    ``val`` for ``"val"``; any other name is a ValueError naming the two."""
+    chosen = {"train": train, "val": val}.get(split)
+    if chosen is None:
+        raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+    return chosen
+
+
 class _DictDataset(Dataset):
     def __init__(self, x: torch.Tensor):
         self.x = x
@@ -274,10 +283,7 @@ class MixtureAdapter(Adapter):
         return self._layout
 
     def dataset(self, split: str) -> Dataset:
-        data = {"train": self._train, "val": self._val}.get(split)
-        if data is None:
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-        return _DictDataset(self._layout.normalize(data))
+        return _DictDataset(self._layout.normalize(split_of(split, self._train, self._val)))
 
 
 @hookimpl

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffkit.adapters import Adapter
+from diffkit.adapters import Adapter, split_of
 from diffkit.errors import DiffkitError, NonFiniteError
 from diffkit.layout import Layout
 
@@ -629,10 +629,7 @@ class ImageAdapter(Adapter):
         return self._layout
 
     def dataset(self, split: str) -> Dataset:
-        idx = {"train": self.train_idx, "val": self.val_idx}.get(split)
-        if idx is None:
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.as_tensor(split_of(split, self.train_idx, self.val_idx), dtype=torch.long)
         aug = split == "train"
         return ImageSet(self.data[idx], None if self.labels is None else self.labels[idx], self._layout,
                         hflip=self.hflip and aug, vflip=self.vflip and aug)

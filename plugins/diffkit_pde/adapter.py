@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffkit.adapters import Adapter
+from diffkit.adapters import Adapter, split_of
 from diffkit.errors import DiffkitError, NonFiniteError, ShapeError
 from diffkit.layout import TARGETS, AutoregressiveSpec, Layout, history_channels
 
@@ -331,9 +331,7 @@ class TrajectoryAdapter(Adapter):
         return self._layout
 
     def dataset(self, split: str) -> Dataset:
-        traj = {"train": self.train_traj, "val": self.val_traj}.get(split)
-        if traj is None:
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
+        traj = split_of(split, self.train_traj, self.val_traj)
         return _Windows(self.data, traj, self.starts, self._scalars, self._layout, self.path)
 
 
