@@ -64,6 +64,21 @@ TARGETS = ("state", "residual")
 LEGACY_ATTRS = ("variables", "history", "horizon", "frame_step", "target", "state_mean", "state_std")
 
 
+def _spec_to_dict(spec) -> dict:
+    """A spec dataclass as a plain dict (tuples as lists), for the layout's JSON."""
+    return {f.name: (list(v) if isinstance(v, tuple) else v)
+            for f in dataclasses.fields(spec) for v in [getattr(spec, f.name)]}
+
+
+def _spec_from_dict(cls, d: Mapping, what: str):
+    """The spec dataclass ``cls`` from :func:`_spec_to_dict`'s dict; unknown keys are a ValueError naming ``what``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {what} fields {sorted(unknown)}; known fields: {sorted(names)}")
+    return cls(**dict(d))
+
+
 def history_channels(variables: Sequence[str], history: int) -> tuple[str, ...]:
     """Names of ``history`` states of the channels ``variables`` as conditioning channels, oldest
     first: ``("u@t-1", "v@t-1", "u@t", "v@t")`` for ``(u, v)`` and ``history = 2``."""
@@ -180,16 +195,11 @@ class AutoregressiveSpec:
 
     # -- serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v, tuple) else v)
-                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        return _spec_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "AutoregressiveSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown Layout.autoregressive fields {sorted(unknown)}; known fields: {sorted(names)}")
-        return cls(**dict(d))
+        return _spec_from_dict(cls, d, "Layout.autoregressive")
 
     @classmethod
     def from_legacy_attrs(cls, attrs: Mapping, *, variables: Sequence[str], step: float | None = None,
@@ -279,16 +289,11 @@ class WindowSpec:
         return tuple(f"mask:{c}" for c in self.channels) if self.conditioning == "amortised" else ()
 
     def to_dict(self) -> dict:
-        return {f.name: (list(v) if isinstance(v, tuple) else v)
-                for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        return _spec_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "WindowSpec":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown Layout.window fields {sorted(unknown)}; known fields: {sorted(names)}")
-        return cls(**dict(d))
+        return _spec_from_dict(cls, d, "Layout.window")
 
 
 @dataclass(frozen=True)
