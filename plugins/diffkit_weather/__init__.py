@@ -21,12 +21,13 @@ from diffkit.hookspecs import hookimpl
 
 from . import metrics
 from .adapter import GriddedAdapter, WeatherDataError
-from .decode import unstack
+from .decode import forecast_dataset, unstack
 from .store import check_grid
 from .cli import register_data, register_evaluate, register_forecast
 from . import evaluate, forecast  # the modules: forecast.forecast(...), evaluate.evaluate(...)
 from .evaluate import Evaluation
-from .forecast import Forecaster, InitialStates, forecast_dataset, initial_states, load_forecaster, read_truth
+from .forecast import Forecaster, InitialStates, initial_states, load_forecaster
+from .truth import read_truth
 from .qg import (NonFiniteStateError, StabilityError, energy_budget, linear_growth_rate, linear_modes,
                  normal_mode_pv, perturb_members, simulate_qg, to_dataset, write_netcdf)
 from .qg_coarse import coarse_grain, refine, split_scales

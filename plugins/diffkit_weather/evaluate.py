@@ -1,6 +1,6 @@
 """Scores of an ensemble forecast against the truth, WeatherBench-2 style.
 
-:func:`evaluate` takes a forecast dataset (as :func:`~diffkit_weather.forecast.forecast_dataset`
+:func:`evaluate` takes a forecast dataset (as :func:`~diffkit_weather.decode.forecast_dataset`
 writes it: dims ``member, init_time, lead_time, [level,] latitude, longitude``) and the truth (files
 or a dataset on the same grid), reads the truth at each ``valid_time`` (with the time units and
 dims the forecast recorded from its run; a valid time the truth lacks is an error listing them),
@@ -46,7 +46,7 @@ from diffkit.ensemble import dispersion_verdict, format_rank_bins, rank_summary
 
 from ._common import WeatherDataError, _fmt_level
 from .cf import _fmt_time, _keys, _shift
-from .forecast import _fc_roles, read_truth  # noqa: F401  (read_truth: re-exported)
+from .truth import _fc_roles, _Truth, _truth_dataset, read_truth  # noqa: F401  (read_truth: re-exported)
 
 __all__ = ["Evaluation", "evaluate", "open_forecast", "open_scores", "scores_table", "summarise", "write_scores",
            "format_table", "calibration", "format_calibration", "METRICS"]
@@ -198,7 +198,7 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
              dims: Mapping[str, str] | None = None, member=None, seed: int = 0, max_maps: int = 12,
              command: str | None = None) -> Evaluation:
     """Score the ensemble forecast ``fc`` (a dataset or a netCDF path) against ``truth`` (files, a
-    glob, a list, or a dataset; read at each valid time, see :func:`~diffkit_weather.forecast.read_truth`).
+    glob, a list, or a dataset; read at each valid time, see :func:`~diffkit_weather.truth.read_truth`).
 
     The forecast is checked first: its variables' dims (transposed into evaluate's order; any dim
     besides ``[initial_member,] member, init_time, lead_time, [level,] lat, lon`` is an error naming
@@ -231,7 +231,6 @@ def evaluate(fc, truth, *, out=None, plots: bool = True, time_units: str | None 
     import xarray as xr
 
     from . import metrics as M
-    from .forecast import _Truth, _truth_dataset
 
     if command is None:
         command = _command(fc, truth, out=out, plots=plots, time_units=time_units, member=member, seed=seed)
