@@ -114,7 +114,7 @@ class Guide:
     options: dict = field(default_factory=dict)
 
     def __call__(self, denoiser, obs):
-        from .guidance import get_guidance
+        from .registry import get_guidance
 
         return get_guidance(self.method)(denoiser, obs, **self.options)
 
@@ -215,6 +215,37 @@ def ensemble_statistics_attrs(variable: str, what: str, attrs: Mapping[str, Any]
     a["long_name"] = f"{label} of {attrs.get('long_name', variable)}"
     a["cell_methods"] = f"{dim}: {what}"
     return a
+
+
+def ensemble_statistics(da, variable: str, attrs: Mapping[str, Any], *, dim: str = "member", keep_attrs=None):
+    """The ensemble mean and spread (std over ``dim``, ddof 1; NaN with one member) of ``da`` with
+    :func:`ensemble_statistics_attrs` of ``attrs``; ``keep_attrs`` goes to the mean (xarray's)."""
+    import numpy as np
+
+    mean = da.mean(dim, keep_attrs=keep_attrs).assign_attrs(ensemble_statistics_attrs(variable, "mean", attrs, dim))
+    sd = da.std(dim, ddof=1) if da.sizes[dim] > 1 else da.isel({dim: 0}) * np.nan
+    return mean, sd.assign_attrs(ensemble_statistics_attrs(variable, "standard_deviation", attrs, dim))
+
+
+def analysis_attrs(args, obs, sample, method: str, *, details: Mapping[str, Any] | None = None,
+                   init: Mapping[str, Any] | None = None) -> dict:
+    """The global attributes an analysis file of ``diffkit assimilate`` records (the domains' ``run``):
+    checkpoint, observations and their form / count / sigma_y range, the method (``"none (prior)"``
+    with ``--no-guidance``) and its ``details``, the initial state's file and ``init`` keys, seed,
+    sampler and NFE (``sample``: the run's ``[sample]`` section, unless given) and the command."""
+    lo, hi = obs.sigma_range()
+    return {"checkpoint": str(args.checkpoint), "observations": str(args.obs), "observation_form": obs.form,
+            "n_observations": obs.count, "observed_steps": len(obs.steps), "sigma_y_range": f"{lo:g}..{hi:g}",
+            "method": "none (prior)" if args.no_guidance else method, **(details or {}),
+            "init_file": str(args.init), **(init or {}), "seed": args.seed,
+            "sampler": args.sampler or sample.sampler, "nfe": args.nfe or sample.nfe,
+            "command": " ".join(["diffkit", *getattr(args, "argv", ["assimilate", str(args.checkpoint)])])}
+
+
+def label_analysis(ds, *, prior: bool) -> None:
+    """``title`` and ``source`` of an analysis file (``prior``: run with ``--no-guidance``)."""
+    ds.attrs["title"] = "diffkit analysis" if not prior else "diffkit prior ensemble"
+    ds.attrs["source"] = "diffkit assimilate"
 
 
 def run_command(args) -> int:

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from diffkit.assimilate import Assimilation, GuidedRollout, ensemble_statistics_attrs
+from diffkit.assimilate import Assimilation, GuidedRollout, analysis_attrs, ensemble_statistics, label_analysis
 from diffkit.errors import ObservationError
 from diffkit.observations import (Axis, ObservationGrid, observation_window, open_observations, read_observations,
                                   synthetic_observations)
@@ -158,24 +158,12 @@ class PDEAssimilation(Assimilation):
         pred = rollout(guided, ic.history, steps, members=args.members,
                        scalars=None if ic.scalars is None else ic.scalars[None], sampler=args.sampler, nfe=args.nfe,
                        seed=args.seed, progress=not args.no_progress, config=loaded.config)
-        sc = loaded.config.sample
         lo, hi = obs.sigma_range()
-        a = {"checkpoint": str(args.checkpoint), "observations": str(args.obs), "observation_form": obs.form,
-             "n_observations": obs.count, "observed_steps": len(obs.steps), "sigma_y_range": f"{lo:g}..{hi:g}",
-             "method": "none (prior)" if args.no_guidance else guide.method,
-             **{f"guidance_{k}": v for k, v in guide.options.items()},
-             "init_file": str(args.init), "init_index": index, "init_start": start, "seed": args.seed,
-             "sampler": args.sampler or sc.sampler, "nfe": args.nfe or sc.nfe,
-             "command": " ".join(["diffkit", *getattr(args, "argv", ["assimilate", str(args.checkpoint)])])}
+        a = analysis_attrs(args, obs, loaded.config.sample, guide.method,
+                           details={f"guidance_{k}": v for k, v in guide.options.items()},
+                           init={"init_index": index, "init_start": start})
         ds = rollout_dataset(pred, layout, ic, attrs=a)
-        ds.attrs["title"] = "diffkit analysis" if not args.no_guidance else "diffkit prior ensemble"
-        ds.attrs["source"] = "diffkit assimilate"
-        for v in spec.variables:
-            da = ds[v]
-            base = {"units": da.attrs.get("units", "1"), "long_name": v}
-            ds[f"{v}_ensemble_mean"] = da.mean("member").assign_attrs(ensemble_statistics_attrs(v, "mean", base))
-            sd = da.std("member", ddof=1) if args.members > 1 else da.isel(member=0) * np.nan
-            ds[f"{v}_ensemble_spread"] = sd.assign_attrs(ensemble_statistics_attrs(v, "standard_deviation", base))
+        _add_statistics(ds, spec.variables, prior=args.no_guidance)
         out = atomic_to_netcdf(ds, args.out)
         what = "prior ensemble (no guidance)" if args.no_guidance else f"analysis ({guide.method})"
         msg = (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of trajectory {index} from frame "
@@ -186,6 +174,15 @@ class PDEAssimilation(Assimilation):
             if np.isfinite(r).any():
                 msg += f"; ensemble-mean RMSE vs the truth in {args.init}: {np.nanmean(r):.4g} (mean over steps)"
         return out, msg
+
+
+def _add_statistics(ds, variables, *, prior: bool) -> None:
+    """An analysis rollout's title / source and each variable's ensemble mean and spread (units, or "1")."""
+    label_analysis(ds, prior=prior)
+    for v in variables:
+        da = ds[v]
+        ds[f"{v}_ensemble_mean"], ds[f"{v}_ensemble_spread"] = ensemble_statistics(
+            da, v, {"units": da.attrs.get("units", "1"), "long_name": v})
 
 
 def add_observe_arguments(parser) -> None:
@@ -306,22 +303,12 @@ def _run_amortised(loaded, args):
                              sampler=args.sampler or sc.sampler, nfe=args.nfe or sc.nfe, generator=g, scalars=scal,
                              progress=not args.no_progress)[0, :, 1:].to(torch.float32)
     lo, hi = obs.sigma_range()
-    a = {"checkpoint": str(args.checkpoint), "observations": str(args.obs), "observation_form": obs.form,
-         "n_observations": obs.count, "observed_steps": len(obs.steps), "sigma_y_range": f"{lo:g}..{hi:g}",
-         "method": "none (prior)" if args.no_guidance else "amortised",
-         "amortised_note": "amortised conditioning takes the observations as exact: sigma_y is not used",
-         "composition": method, "init_file": str(args.init), "init_index": index, "init_start": start,
-         "seed": args.seed, "sampler": args.sampler or sc.sampler, "nfe": args.nfe or sc.nfe,
-         "command": " ".join(["diffkit", *getattr(args, "argv", ["assimilate", str(args.checkpoint)])])}
+    a = analysis_attrs(args, obs, sc, "amortised",
+                       details={"amortised_note": "amortised conditioning takes the observations as exact: sigma_y "
+                                                  "is not used", "composition": method},
+                       init={"init_index": index, "init_start": start})
     out_ds = rollout_dataset(pred, ar, ic, attrs=a)
-    out_ds.attrs["title"] = "diffkit analysis" if not args.no_guidance else "diffkit prior ensemble"
-    out_ds.attrs["source"] = "diffkit assimilate"
-    for v in ar.channels:
-        da = out_ds[v]
-        base = {"units": da.attrs.get("units", "1"), "long_name": v}
-        out_ds[f"{v}_ensemble_mean"] = da.mean("member").assign_attrs(ensemble_statistics_attrs(v, "mean", base))
-        sd = da.std("member", ddof=1) if args.members > 1 else da.isel(member=0) * np.nan
-        out_ds[f"{v}_ensemble_spread"] = sd.assign_attrs(ensemble_statistics_attrs(v, "standard_deviation", base))
+    _add_statistics(out_ds, ar.channels, prior=args.no_guidance)
     out = atomic_to_netcdf(out_ds, args.out)
     what = "prior ensemble (no observations)" if args.no_guidance else "analysis (amortised)"
     return out, (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of trajectory {index} from frame "

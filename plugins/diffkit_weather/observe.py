@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from diffkit.assimilate import Assimilation, GuidedRollout, ensemble_statistics_attrs
+from diffkit.assimilate import Assimilation, GuidedRollout, analysis_attrs, ensemble_statistics, label_analysis
 from diffkit.errors import ObservationError
 from diffkit.observations import (Axis, ObservationGrid, observation_window, read_observations,
                                   synthetic_observations)
@@ -186,24 +186,16 @@ class WeatherAssimilation(Assimilation):
         guided = GuidedRollout(fc.model, {} if args.no_guidance else obs.steps, guide)
         pred = forecast(guided, None, ist, steps=steps, members=args.members, seed=args.seed, sampler=args.sampler,
                         nfe=args.nfe, progress=not args.no_progress, config=fc.config)
-        sc = fc.config.sample
         lo, hi = obs.sigma_range()
-        attrs = {"checkpoint": str(args.checkpoint), "observations": str(args.obs), "observation_form": obs.form,
-                 "n_observations": obs.count, "observed_steps": len(obs.steps), "sigma_y_range": f"{lo:g}..{hi:g}",
-                 "method": "none (prior)" if args.no_guidance else guide.method,
-                 **{f"guidance_{k}": v for k, v in guide.options.items()},
-                 "init_file": str(args.init), "seed": args.seed, "objective": "diffusion",
-                 "sampler": args.sampler or sc.sampler, "nfe": args.nfe or sc.nfe,
-                 "command": " ".join(["diffkit", *getattr(args, "argv", ["assimilate", str(args.checkpoint)])])}
+        attrs = analysis_attrs(args, obs, fc.config.sample, guide.method,
+                               details={f"guidance_{k}": v for k, v in guide.options.items()},
+                               init={"objective": "diffusion"})
         ds = forecast_dataset(pred, layout, ist.times, attrs=attrs, options=opts)
-        ds.attrs["title"] = "diffkit analysis" if not args.no_guidance else "diffkit prior ensemble"
-        ds.attrs["source"] = "diffkit assimilate"
+        label_analysis(ds, prior=args.no_guidance)
         for v in list(ds.data_vars):
             da = ds[v]
-            ds[f"{v}_ensemble_mean"] = da.mean("member", keep_attrs=False).assign_attrs(
-                ensemble_statistics_attrs(v, "mean", da.attrs))
-            sd = da.std("member", ddof=1) if args.members > 1 else da.isel(member=0) * np.nan
-            ds[f"{v}_ensemble_spread"] = sd.assign_attrs(ensemble_statistics_attrs(v, "standard_deviation", da.attrs))
+            ds[f"{v}_ensemble_mean"], ds[f"{v}_ensemble_spread"] = ensemble_statistics(da, v, da.attrs,
+                                                                                       keep_attrs=False)
             for s in ("_ensemble_mean", "_ensemble_spread"):
                 ds[v + s].encoding["_FillValue"] = da.encoding.get("_FillValue")
         out = atomic_to_netcdf(ds, args.out)
