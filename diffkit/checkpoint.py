@@ -198,6 +198,17 @@ def _check_payload(obj: Any, where: str, seen: set) -> None:
 # --------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------
+def _unlink(path: Path, message, stacklevel: int) -> None:
+    """Delete ``path``; gone already is fine, any other OSError a warning ``message(error)`` (nothing is
+    raised: the caller's own result or error matters more than a file left behind)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        warnings.warn(message(e), stacklevel=stacklevel)
+
+
 def _fsync_dir(directory: Path) -> None:
     if os.name == "nt":  # directories cannot be opened for fsync on Windows
         return
@@ -255,12 +266,7 @@ def save_checkpoint(path: str | os.PathLike, payload: Mapping) -> Path:
         # measured before the temp file is removed, which frees what it had taken
         full = isinstance(e, Exception) and _disk_full(e, path.parent)
         if not replaced:
-            try:
-                tmp.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as ue:
-                warnings.warn(f"could not remove the temporary file {tmp}: {ue}; delete it by hand", stacklevel=2)
+            _unlink(tmp, lambda ue: f"could not remove the temporary file {tmp}: {ue}; delete it by hand", 3)
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: clean up, then let it through
             raise
         if full and not replaced:
@@ -550,12 +556,7 @@ class CheckpointManager:
         for _, p in found[: max(0, len(found) - self.keep_last)]:
             if p == keep:
                 continue
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                warnings.warn(f"could not delete the old checkpoint {p}: {e.strerror or e}", stacklevel=3)
+            _unlink(p, lambda e: f"could not delete the old checkpoint {p}: {e.strerror or e}", 4)
 
     def _clean_temp_files(self) -> None:
         if os.name != "posix":  # os.kill(pid, 0) is not a liveness probe elsewhere
