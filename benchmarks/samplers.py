@@ -484,9 +484,10 @@ OVERHEAD_PAIRS = [  # (diffkit sampler, diffusers scheduler, diffusers extra con
 ]
 
 
-def _median_times(fns, repeats):
-    """Median wall time of each callable, timed interleaved (one call of each per round) so that
-    load from elsewhere on the machine hits all of them alike."""
+def _times(fns, repeats):
+    """The wall times of ``repeats`` calls of each callable (after one warm-up call of each), timed
+    interleaved (one call of each per round) so that load from elsewhere on the machine hits all of
+    them alike."""
     for fn in fns:  # warm-up
         fn()
     times = [[] for _ in fns]
@@ -495,7 +496,12 @@ def _median_times(fns, repeats):
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def _median_times(fns, repeats):
+    """Median wall time of each callable (:func:`_times`)."""
+    return [statistics.median(t) for t in _times(fns, repeats)]
 
 
 def overhead(nfe: int, repeats: int, B: int = 16, d: int = 16):
@@ -664,15 +670,7 @@ def overhead_against(old_path: str, nfe: int, repeats: int, B: int = 16, d: int 
         run = lambda fn, D: dks.sample(D, (B, d), sampler=fn, nfe=nfe, x_init=x_init,
                                        generator=torch.Generator().manual_seed(SEED_DDPM))
         fns = [lambda f=f, D=D: run(f, D) for D in (den, Z) for f in (old_fn, new_fn)]
-        for f in fns:
-            f()
-        times = [[] for _ in fns]
-        for _ in range(repeats):
-            for k, f in enumerate(fns):
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-        us = [min(t) / nfe * 1e6 for t in times]
+        us = [min(t) / nfe * 1e6 for t in _times(fns, repeats)]
         diff = float((run(old_fn, den) - run(new_fn, den)).abs().max())
         out.append(dict(nfe=nfe, dk=name, den=us[:2], zero=us[2:], diff=diff))
     return out

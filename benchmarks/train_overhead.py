@@ -43,11 +43,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
 import diffkit as dk
 from diffkit import registry
-from diffkit.adapters import Adapter
+from diffkit.adapters import Adapter, _DictDataset  # the mixture's {'x': tensor} items
 
 
 def build(args, device):
@@ -147,11 +146,7 @@ def loss_section(args, device):
         return (time.perf_counter() - t0) / args.steps
 
     run_bare(2), run_diffkit(2)  # warm-up
-    bare, dkit = [], []
-    for _ in range(args.repeats):
-        bare.append(timed(run_bare))
-        dkit.append(timed(run_diffkit))
-    ratios = [d / b for d, b in zip(dkit, bare)]
+    bare, dkit, ratios = _alternated(lambda: timed(run_bare), lambda: timed(run_diffkit), args.repeats)
     nparam = sum(p.numel() for p in net.parameters())
     print(f"backbone={args.backbone} params={nparam/1e6:.2f}M shape={layout.sample_shape} batch={args.batch} "
           f"device={device} threads={torch.get_num_threads()}")
@@ -162,18 +157,17 @@ def loss_section(args, device):
           f"target <= 1.03: {'PASS' if r <= 1.03 else 'FAIL'}")
 
 
+def _alternated(bare, engine, repeats):
+    """``repeats`` rounds of ``bare()`` then ``engine()`` (each returns its time), alternated so that load
+    from elsewhere hits both alike: the bare times, the engine times and their per-round ratios."""
+    b, e = [], []
+    for _ in range(repeats):
+        b.append(bare())
+        e.append(engine())
+    return b, e, [x / y for x, y in zip(e, b)]
+
+
 # -- section 2: the full Trainer against a bare loop ---------------------------------------------
-class _Images(Dataset):
-    def __init__(self, x):
-        self.x = x
-
-    def __len__(self):
-        return self.x.shape[0]
-
-    def __getitem__(self, i):
-        return {"x": self.x[i]}
-
-
 class SyntheticImages(Adapter):
     """Smooth random 1x16x16 fields (standardised), for the UNet variant."""
 
@@ -191,7 +185,7 @@ class SyntheticImages(Adapter):
         return self._layout
 
     def dataset(self, split):
-        return _Images(self._x if split == "train" else self._x[:64])
+        return _DictDataset(self._x if split == "train" else self._x[:64])
 
 
 def trainer_config(args, run_dir, steps):
@@ -310,11 +304,7 @@ def _trainer_section(args, device, tmp):
 
     S = args.trainer_steps
     timed_bare(3), timed_trainer(3)  # warm-up
-    bare, trainer = [], []
-    for _ in range(args.trainer_repeats):
-        bare.append(timed_bare(S))
-        trainer.append(timed_trainer(S))
-    ratios = [t / b for t, b in zip(trainer, bare)]
+    bare, trainer, ratios = _alternated(lambda: timed_bare(S), lambda: timed_trainer(S), args.trainer_repeats)
     coupled = [timed_coupled(S) for _ in range(args.trainer_repeats)]
     c_ratios = [t / b for t, b in coupled]
     nparam = sum(p.numel() for p in den.net.parameters())
