@@ -18,7 +18,7 @@ from .denoiser import Denoiser, Regressor
 from .errors import ConfigError
 from .layout import Layout
 
-__all__ = ["LoadedModel", "build_model", "checkpoint_path", "load_for_sampling", "load_model"]
+__all__ = ["LoadedModel", "ModelView", "build_model", "checkpoint_path", "load_for_sampling", "load_model"]
 
 
 def build_model(cfg: Config, layout: Layout) -> Denoiser | Regressor:
@@ -107,15 +107,12 @@ def _find_checkpoint(path, require) -> tuple[Path, dict]:
         raise CheckpointError(" ".join(str(e).replace(_RESUME_HINT, hint).split())) from None
 
 
-@dataclass(frozen=True)
-class LoadedModel:
-    """A trained model ready for inference: the EMA weights in eval mode, its config, the
-    registered adapter class (its decoder) and the checkpoint file it came from."""
+class ModelView:
+    """What a holder of a trained network (its ``model`` attribute: a Denoiser or Regressor) tells
+    about it: the layout and the objective.  :class:`LoadedModel` and the domains' handles
+    (``diffkit_pde``'s Surrogate, ``diffkit_weather``'s Forecaster) share it."""
 
     model: Denoiser | Regressor
-    config: Config
-    adapter: type
-    path: Path
 
     @property
     def layout(self) -> Layout:
@@ -125,6 +122,17 @@ class LoadedModel:
     def objective(self) -> str:
         """``"diffusion"`` or ``"regression"``."""
         return "regression" if isinstance(self.model, Regressor) else "diffusion"
+
+
+@dataclass(frozen=True)
+class LoadedModel(ModelView):
+    """A trained model ready for inference: the EMA weights in eval mode, its config, the
+    registered adapter class (its decoder) and the checkpoint file it came from."""
+
+    model: Denoiser | Regressor
+    config: Config
+    adapter: type
+    path: Path
 
 
 def load_model(path, device=None) -> LoadedModel:

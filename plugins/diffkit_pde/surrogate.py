@@ -29,6 +29,7 @@ import torch
 from diffkit.denoiser import Cond
 from diffkit.errors import NonFiniteError, ShapeError
 from diffkit.layout import AutoregressiveSpec, Layout
+from diffkit.model import ModelView
 from diffkit.rollout import rollout as _rollout
 
 from .adapter import (PDEDataError, check_trajectories_finite, open_trajectories, scalar_values,
@@ -36,15 +37,12 @@ from .adapter import (PDEDataError, check_trajectories_finite, open_trajectories
 
 
 @dataclass
-class Surrogate:
-    """A trained model with its run configuration (from :func:`load_surrogate`)."""
+class Surrogate(ModelView):
+    """A trained model with its run configuration (from :func:`load_surrogate`); ``layout`` and
+    ``objective`` from :class:`diffkit.model.ModelView`."""
 
     model: Any
     config: Any
-
-    @property
-    def layout(self) -> Layout:
-        return self.model.layout
 
     @property
     def spec(self) -> AutoregressiveSpec:

@@ -50,9 +50,10 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 import torch
 
-from diffkit.denoiser import Cond, Regressor
+from diffkit.denoiser import Cond
 from diffkit.errors import NonFiniteError, ShapeError
 from diffkit.layout import Layout
+from diffkit.model import ModelView
 from diffkit.rollout import DEFAULT_PERTURB, rollout
 
 from ._common import WeatherDataError
@@ -68,20 +69,13 @@ __all__ = ["Forecaster", "InitialStates", "load_forecaster", "initial_states", "
 
 # ----------------------------------------------------------------------------- the model
 @dataclass
-class Forecaster:
-    """A trained weather model with its run configuration (from :func:`load_forecaster`)."""
+class Forecaster(ModelView):
+    """A trained weather model with its run configuration (from :func:`load_forecaster`); ``layout``
+    and ``objective`` from :class:`diffkit.model.ModelView`."""
 
     model: Any
     config: Any
     path: str = ""
-
-    @property
-    def layout(self) -> Layout:
-        return self.model.layout
-
-    @property
-    def objective(self) -> str:
-        return "regression" if isinstance(self.model, Regressor) else "diffusion"
 
     @property
     def data_options(self) -> dict:
