@@ -20,7 +20,7 @@ Pure torch; importing :mod:`diffkit` does not import this module (the simulators
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -91,6 +91,20 @@ class ETDRK4:
         c = self.E2 * a + self.Q * (2 * Nb - Nv)
         Nc = N(c)
         return self.E * v + Nv * self.f1 + 2 * (Na + Nb) * self.f2 + Nc * self.f3
+
+
+def frames(stepper, v: torch.Tensor, N: Callable[[torch.Tensor], torch.Tensor], n_sub: int, n_frames: int,
+           bar=None) -> Iterator[tuple[int, torch.Tensor]]:
+    """The output frames ``(j, v_j)``, ``j = 0 .. n_frames - 1``, of a run from ``v`` with ``stepper``
+    (an :class:`ETDRK4`): ``v_0 = v``, each later frame ``n_sub`` steps after the one before; ``bar``
+    (a progress bar) advances one a frame.  The simulators' time loop."""
+    for j in range(n_frames):
+        if j > 0:
+            for _ in range(n_sub):
+                v = stepper.step(v, N)
+            if bar is not None:
+                bar.update(1)
+        yield j, v
 
 
 def amplification_factor(z, w, n_contour: int = 32) -> torch.Tensor:

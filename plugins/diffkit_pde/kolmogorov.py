@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from diffkit.etdrk4 import ETDRK4, SCHEME, resolve_device_dtype
+from diffkit.etdrk4 import ETDRK4, SCHEME, frames, resolve_device_dtype
 
 from .conventions import _n_burn, _n_sub, _progress, _rngs
 from .stability import _AdvectiveLimit, _Checker, _warn_resolution
@@ -207,11 +207,8 @@ def simulate_kolmogorov(n_traj: int, n_steps: int, *, n_sim: int = 256, n_out: i
     tail = torch.zeros(n_traj, device=device, dtype=dtype)
     pbar = _progress(nb + n_steps - 1, progress, "Kolmogorov flow")
     try:
-        for j in range(nb + n_steps):
+        for j, w in frames(stepper, w, N, n_sub, nb + n_steps, pbar):
             if j > 0:
-                for _ in range(n_sub):
-                    w = stepper.step(w, N)
-                pbar.update(1)
                 fl = fields(w)
                 check(speed(fl), "burn-in" if j < nb else "recording", j)
             if j >= nb:

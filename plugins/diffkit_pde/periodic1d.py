@@ -13,7 +13,7 @@ import math
 import numpy as np
 import torch
 
-from diffkit.etdrk4 import ETDRK4, SCHEME, resolve_device_dtype
+from diffkit.etdrk4 import ETDRK4, SCHEME, frames, resolve_device_dtype
 
 from .conventions import _n_sub, _progress, _rngs
 from .stability import _AdvectiveLimit, _Checker, _warn_resolution
@@ -88,11 +88,7 @@ def _simulate_1d(name, u0, L, lin_fn, *, dt_out, dt, n_steps, n_burn, dealias, c
     tail = torch.zeros(B, device=device, dtype=dtype)
     pbar = _progress(n_burn + n_steps - 1, progress, name)
     try:
-        for j in range(n_burn + n_steps):
-            if j > 0:
-                for _ in range(n_sub):
-                    v = stepper.step(v, N)
-                pbar.update(1)
+        for j, v in frames(stepper, v, N, n_sub, n_burn + n_steps, pbar):
             if j > 0 or n_burn == 0:
                 u = torch.fft.irfft(v, n=nx, norm="forward")
                 check(u.abs().amax(-1), "burn-in" if j < n_burn else "recording", j)
