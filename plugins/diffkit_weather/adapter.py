@@ -65,8 +65,8 @@ from diffkit.adapters import Adapter, cf_attrs
 from diffkit.layout import TARGETS, AutoregressiveSpec, Layout, history_channels
 
 from ._common import WeatherDataError, _attrs, _fmt_level, _plain, _vals
-from .cf import (_fmt_time, _hours, _keys, _orientation, _same_coord, decode_file_time, find_coords, one_calendar,
-                 time_forcings)
+from .cf import (_fmt_time, _hours, _keys, _orientation, _same_coord, decode_file_time, find_coords, level_pos,
+                 one_calendar, time_forcings)
 from .decode import _rle, cf_grid_attrs, unstack, write_samples
 from .store import Store, field_segment, open_lazy, resolve_paths
 
@@ -286,13 +286,10 @@ class GriddedAdapter(Adapter):
                     idx = list(range(len(lv)))
                 else:
                     want = [want] if np.ndim(want) == 0 else list(want)
-                    idx = []
-                    for w in want:
-                        hit = np.flatnonzero(np.isclose(lv, float(w), rtol=0, atol=1e-6 * max(1.0, abs(float(w)))))
-                        if not hit.size:
-                            raise WeatherDataError(f"level {w!r} of variable {v!r} not in {ld!r}; its levels are "
-                                                   f"{_vals(lv, 20)}")
-                        idx.append(int(hit[0]))
+                    idx = [level_pos(lv, w) for w in want]
+                    if None in idx:
+                        raise WeatherDataError(f"level {want[idx.index(None)]!r} of variable {v!r} not in {ld!r}; its "
+                                               f"levels are {_vals(lv, 20)}")
                 for s in segs:
                     s["level_index"] = idx
                 self.levels[v] = [float(lv[i]) for i in idx]

@@ -279,6 +279,13 @@ def _orientation(lat: np.ndarray, lon: np.ndarray, path) -> dict:
     return dict(lat_flip=lat_flip, lon_flip=lon_flip, lat_model=lat_model, lon_model=lon_model, periodic=periodic)
 
 
+def level_pos(values: np.ndarray, level: float) -> int | None:
+    """Position of ``level`` in the level coordinate ``values`` (equal within 1e-6 of its magnitude), or None."""
+    level = float(level)
+    hit = np.flatnonzero(np.isclose(values, level, rtol=0, atol=1e-6 * max(1.0, abs(level))))
+    return int(hit[0]) if hit.size else None
+
+
 def _same_coord(v: np.ndarray, ref: np.ndarray, what: str, name: str, ref_name: str) -> None:
     if v.shape != ref.shape:
         raise WeatherDataError(f"grids differ: {what} of {name} has {v.size} values {_vals(v)}, {ref_name} has "

@@ -17,7 +17,7 @@ import numpy as np
 from diffkit.layout import Layout
 
 from ._common import ADAPTER, WeatherDataError, _plain, _vals
-from .cf import _fmt_keys, _keys, _same_coord, decode_file_time, find_coords, one_calendar
+from .cf import _fmt_keys, _keys, _same_coord, decode_file_time, find_coords, level_pos, one_calendar
 
 
 def _index(local: np.ndarray):
@@ -360,10 +360,10 @@ class Store:
                   else np.arange(ds.sizes[ld], dtype=np.float64))
             idx = []
             for l in lv:
-                hit = np.flatnonzero(np.isclose(fl, l, rtol=0, atol=1e-6 * max(1.0, abs(l))))
-                if not hit.size:
+                i = level_pos(fl, l)
+                if i is None:
                     raise WeatherDataError(f"level {l:g} of variable {v!r} is not in {name} (levels {_vals(fl, 20)})")
-                idx.append(int(hit[0]))
+                idx.append(i)
         seg["level_index"] = idx
         return idx
 
@@ -401,6 +401,9 @@ class Store:
             raise WeatherDataError(f"variable {v!r} has no data at {len(absent)} of the times asked for in "
                                    f"{self.names} (first {self._fmt_keys(absent[:3])})")
         si, lj = self._locate(v, keys)
+        if si.size and (si == si[0]).all() and (np.diff(lj) > 0).all():   # one file, ascending: read as asked
+            seg = self.segs[v][int(si[0])]
+            return self._oriented(self._select(v, seg, {seg["time"]: _index(lj)}, member, self.dtype))
         out = None
         for s in np.unique(si):
             sel = np.flatnonzero(si == s)
@@ -583,6 +586,6 @@ def check_grid(ds_or_path, layout: Layout, *, dims: Mapping[str, str] | None = N
             raise WeatherDataError(f"variable {v!r} of {name} has no level dim {ld!r} (dims {tuple(ds[v].dims)}), "
                                    f"which the checkpoint layout has")
         fl = np.asarray(ds[ld].values, np.float64) if ld in ds.variables else np.arange(ds.sizes[ld], dtype=np.float64)
-        absent = [l for l in lv if not np.isclose(fl, l, rtol=0, atol=1e-6 * max(1.0, abs(l))).any()]
+        absent = [l for l in lv if level_pos(fl, l) is None]
         if absent:
             raise WeatherDataError(f"level(s) {absent} of variable {v!r} are not in {name} (levels {_vals(fl, 20)})")
