@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from diffkit.adapters import Adapter, cf_attrs
+from diffkit.adapters import Adapter, cf_attrs, split_of
 from diffkit.layout import TARGETS, AutoregressiveSpec, Layout, history_channels
 
 from ._common import WeatherDataError, _attrs, _fmt_level, _plain, _vals
@@ -723,10 +723,7 @@ class GriddedAdapter(Adapter):
         return self._layout
 
     def dataset(self, split: str) -> Dataset:
-        pairs = {"train": self.train_pairs, "val": self.val_pairs}.get(split)
-        if pairs is None:
-            raise ValueError(f"unknown split {split!r}; use 'train' or 'val'")
-        return _Pairs(self, pairs)
+        return _Pairs(self, split_of(split, self.train_pairs, self.val_pairs))
 
     @staticmethod
     def unstack(x, layout: Layout, **kw):
