@@ -187,15 +187,6 @@ def level_counts(cfg, steps: int, batch: int) -> list[dict]:
                  fraction=float(h / len(lg)), samples=float(n * h / len(lg))) for a, h in zip(edges[:-1], hist)]
 
 
-def _train_seconds(log: Path, fallback: float) -> float:
-    """Wall time of training from the run's metrics.jsonl (the last elapsed_s), else ``fallback``."""
-    try:
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        return max(float(r["elapsed_s"]) for r in rows if "elapsed_s" in r)
-    except (OSError, ValueError):
-        return fallback
-
-
 def rollouts(sur, ics, members: int, seed: int, progress: bool, batch: int = 64):
     """``(pred, truth)``: ``(N, M, K, C, x)`` rollouts from every initial condition and the reference."""
     from diffkit_pde import rollout
@@ -331,7 +322,7 @@ def main(argv=None) -> dict:
     d = ddpm_options(args, s)
     steps = dict(zip(("regression", "diffusion"), training_steps(args, s, d)))
     progress = not args.no_progress
-    from diffkit.train import Trainer
+    from diffkit.train import Trainer, training_seconds
     from diffkit_pde import initial_condition, load_surrogate
     from diffkit_pde.metrics import pearson_per_step, spread_skill_ratio
 
@@ -363,7 +354,7 @@ def main(argv=None) -> dict:
             tr = Trainer(cfg, device=args.device, progress=progress, resume=True)
             n_params = sum(p.numel() for p in tr.net.parameters())
             tr.fit()
-            t_train = _train_seconds(Path(cfg.run_dir) / "metrics.jsonl", time.time() - t0)
+            t_train = training_seconds(cfg.run_dir, time.time() - t0)
             sur = load_surrogate(cfg.run_dir, device=tr.device)
         if ics is None:
             ics = [initial_condition(test, sur.layout, index=i) for i in range(s["test_traj"])]

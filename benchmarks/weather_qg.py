@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 import tempfile
@@ -263,14 +262,6 @@ def config(args, s: dict, data: Path, run_dir: Path, objective: str, sp: dict):
     })
 
 
-def _train_seconds(log: Path, fallback: float) -> float:
-    try:
-        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        return max(float(r["elapsed_s"]) for r in rows if "elapsed_s" in r)
-    except (OSError, ValueError):
-        return fallback
-
-
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--setting", choices=list(SETTINGS), default="cpu")
@@ -303,7 +294,7 @@ def main(argv=None) -> dict:
     s["oracle_window_h"], s["oracle_every_h"] = args.oracle_window_hours, args.oracle_every_hours
     oracle_insertions(s)
     progress = not args.no_progress
-    from diffkit.train import Trainer
+    from diffkit.train import Trainer, training_seconds
     from diffkit_weather import evaluate as E
     from diffkit_weather import forecast as F
 
@@ -344,7 +335,7 @@ def main(argv=None) -> dict:
         tr = Trainer(cfg, device=args.device, progress=progress, resume=True)
         n_params = sum(p.numel() for p in tr.net.parameters())
         tr.fit()
-        t_train = _train_seconds(Path(cfg.run_dir) / "metrics.jsonl", time.time() - t0)
+        t_train = training_seconds(cfg.run_dir, time.time() - t0)
         fc = F.load_forecaster(cfg.run_dir, device=tr.device)
         fcs[objective] = (fc, tag, n_params, t_train)
         if objective == "diffusion":  # what the run actually used (unset keys resolved at training)

@@ -629,3 +629,14 @@ def _append_jsonl(path: Path, record: dict) -> None:
             raise DiffkitError(f"could not append to {path}: disk full ({full}); free some disk space and "
                                "resume with --resume") from e
         raise
+
+
+def training_seconds(run_dir, fallback: float) -> float:
+    """The wall time a run spent training: the last ``elapsed_s`` in its ``metrics.jsonl`` (a resumed
+    run's includes the earlier sessions'), or ``fallback`` if the log is missing or has none."""
+    try:
+        text = (Path(run_dir) / "metrics.jsonl").read_text(encoding="utf-8")
+        return max(float(r["elapsed_s"]) for r in map(json.loads, filter(str.strip, text.splitlines()))
+                   if "elapsed_s" in r)
+    except (OSError, ValueError):
+        return fallback
