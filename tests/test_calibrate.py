@@ -65,6 +65,7 @@ def data():
     return x.float(), truth.float()
 
 
+@pytest.mark.slow
 def test_tune_perturbation_recovers_true_amplitude_and_length():
     model = identity_model()
     hist, truth = data()

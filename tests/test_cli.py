@@ -88,6 +88,7 @@ def table(stdout: str) -> list[tuple[str, str, str, str]]:
 
 # -- help -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("module", [False, True], ids=["console-script", "python-m"])
+@pytest.mark.slow
 def test_help(tmp_path, module):
     top = run(["--help"], tmp_path, module=module)
     assert top.returncode == 0, top.stderr
@@ -147,6 +148,7 @@ def test_plugins_bad_kind_is_a_usage_error(capsys):
     assert "invalid choice: 'bogus'" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_plugins_subprocess_includes_backbones(tmp_path):
     proc = run(["plugins"], tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -155,6 +157,7 @@ def test_plugins_subprocess_includes_backbones(tmp_path):
     assert {(k, n, p) for k, n, p, _ in rows} >= {("backbone", n, "backbones") for n in ("unet", "dit", "mlp")}
 
 
+@pytest.mark.slow
 def test_broken_plugin_is_a_warning_and_exit_0(tmp_path):
     site = tmp_path / "site"
     write_distribution(site, "brokenplugin", {"broken": "brokenplugin"},
@@ -170,6 +173,7 @@ def test_broken_plugin_is_a_warning_and_exit_0(tmp_path):
     assert {r[0] for r in table(quiet.stdout)} == {"adapter", "schedule", "sampler", "guidance", "metric", "command"}
 
 
+@pytest.mark.slow
 def test_plugin_from_dist_info_is_listed(tmp_path):
     site = tmp_path / "site"
     write_distribution(site, "oneplugin", {"one": "oneplugin"}, {"oneplugin": SCHEDULE_PLUGIN})
@@ -198,6 +202,7 @@ def test_error_is_one_line_without_traceback(tmp_path, clashing_site):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
+@pytest.mark.slow
 def test_error_with_debug_shows_traceback(tmp_path, clashing_site):
     proc = run(["plugins", "--debug"], tmp_path, site=clashing_site, module=True)
     assert proc.returncode != 0
@@ -205,6 +210,7 @@ def test_error_with_debug_shows_traceback(tmp_path, clashing_site):
     assert "diffkit.errors.PluginError: schedule 'shared_name'" in proc.stderr
 
 
+@pytest.mark.slow
 def test_env_switch_resolves_the_clash(tmp_path, clashing_site):
     proc = run(["plugins", "--kind", "schedule"], tmp_path, site=clashing_site, DIFFKIT_PLUGINS="two")
     assert proc.returncode == 0, proc.stderr

@@ -171,6 +171,7 @@ def runs(tmp_path_factory) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_same_model_as_one(runs):
     root = runs["root"]
     one, two = ckpt(root / "one", STEPS), ckpt(root / "two", STEPS)
@@ -186,6 +187,7 @@ def test_two_processes_train_the_same_model_as_one(runs):
     assert any(not torch.equal(first["model"][k], one["model"][k]) for k in one["model"])
 
 
+@pytest.mark.slow
 def test_logged_losses_do_not_depend_on_the_number_of_processes(runs):
     # the training loss is that of the global batch (not rank 0's share), and validation
     # evaluates the same samples whatever the world size
@@ -199,6 +201,7 @@ def test_logged_losses_do_not_depend_on_the_number_of_processes(runs):
             assert b["lr"] == pytest.approx(a["lr"], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_only_rank_zero_writes(runs):
     run = runs["root"] / "two"
     files = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
@@ -209,6 +212,7 @@ def test_only_rank_zero_writes(runs):
     assert stdout.count("diffkit train: finished at step 30") == 1, stdout
 
 
+@pytest.mark.slow
 def test_resume_with_two_processes_equals_an_uninterrupted_run(runs):
     root = runs["root"]
     assert runs["resume_proc"].stdout.count("resumed from") == 1, runs["resume_proc"].stdout
@@ -220,6 +224,7 @@ def test_resume_with_two_processes_equals_an_uninterrupted_run(runs):
         assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-7)
 
 
+@pytest.mark.slow
 def test_ema_and_weights_identical_on_every_rank(runs):
     probe = runs["root"] / "probe"
     res = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
@@ -228,6 +233,7 @@ def test_ema_and_weights_identical_on_every_rank(runs):
         assert r["model"] == 0.0 and r["ema"] == 0.0, r
 
 
+@pytest.mark.slow
 def test_every_rank_leaves_no_process_group_threads_behind(runs):
     # DDP's first import of torch._dynamo took references to the process group that outlived
     # destroy_process_group (as did the DDP wrapper itself): its gloo threads then ran on into
@@ -242,6 +248,7 @@ def test_every_rank_leaves_no_process_group_threads_behind(runs):
     assert "terminate called" not in runs["resume_proc"].stderr
 
 
+@pytest.mark.slow
 def test_resume_a_one_process_checkpoint_with_two_processes(runs):
     root = runs["root"]
     start = root / "one" / "checkpoints" / f"ckpt-{20:09d}.pt"
@@ -249,6 +256,7 @@ def test_resume_a_one_process_checkpoint_with_two_processes(runs):
     assert_same_weights(ckpt(root / "one", STEPS), ckpt(root / "one_to_two", STEPS), "1-proc run resumed on 2")
 
 
+@pytest.mark.slow
 def test_time_budget_stops_every_rank_at_the_same_step(runs):
     # each rank reads its own clock: unless they agree on when to stop, one leaves the loop and
     # the other waits forever in DDP's all-reduce of its next step
@@ -268,6 +276,7 @@ def test_time_budget_stops_every_rank_at_the_same_step(runs):
 
 
 @pytest.mark.parametrize("n", [10, 9], ids=["even-5+5", "uneven-5+4"])
+@pytest.mark.slow
 def test_sharded_sampling_equals_one_process(runs, n, monkeypatch):
     import xarray as xr
 

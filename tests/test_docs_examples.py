@@ -6,6 +6,7 @@ import inspect
 import re
 from pathlib import Path
 
+import pytest
 
 import diffkit as dk
 from diffkit import hookspecs
@@ -126,6 +127,7 @@ def _load_example(name):
     return mod
 
 
+@pytest.mark.slow
 def test_gmm2d_example_learns_the_mixture():
     """The trained example, at a small budget: a model that learnt nothing scores ~10x the floor
     (its samples are a blob at the origin); this budget reaches < 3x on 2 CPU cores in ~20 s."""
@@ -141,6 +143,7 @@ def test_gmm2d_untrained_model_is_far_from_truth():
     assert sw > 3.0 * floor, (sw, floor)
 
 
+@pytest.mark.slow
 def test_pde_ks_example_runs_end_to_end(tmp_path):
     """The KS example in its CI setting: every output is written, and both surrogates beat the
     persistence forecast ("nothing changes") on the first step by 20 % or more.  Measured: trained

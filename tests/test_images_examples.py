@@ -49,6 +49,7 @@ def test_images_digits_example_learns_the_classes(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["agreement"] == agree
 
 
+@pytest.mark.slow
 def test_images_digits_example_untrained_is_at_chance(tmp_path):
     report = _load_example("images_digits").main(["--quick", "--steps", "1", "--per-class", "5", "--nfe", "5",
                                                   "--no-progress", "--out", str(tmp_path)])

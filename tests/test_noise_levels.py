@@ -67,6 +67,7 @@ def test_default_sampler_reproduces_the_std(which, std):
 @pytest.mark.parametrize("sampler, opts, nfe", HOLDS_AT,
                          ids=[f"{getattr(s, '__name__', s)}-{'-'.join(f'{k}{v}' for k, v in o.items()) or 'plain'}-{n}"
                               for s, o, n in HOLDS_AT])
+@pytest.mark.slow
 def test_every_sampler_reproduces_the_std_where_documented(sampler, opts, nfe):
     fn = dk.registry.resolve("sampler", sampler)
     assert f"NFE {nfe}" in fn.__doc__  # the docstring names the NFE where it holds

@@ -78,6 +78,7 @@ def test_diffkit_plugins_lists_the_template(site, tmp_path):
     assert "timeseries" not in out.stderr, out.stderr                  # no warning about it
 
 
+@pytest.mark.slow
 def test_train_and_sample_through_the_template(site, tmp_path):
     run = tmp_path / "run"
     _run(["-m", "diffkit", "train", str(TEMPLATE / "run.toml"), "--device", "cpu", "--no-progress",
@@ -107,6 +108,7 @@ def test_train_and_sample_through_the_template(site, tmp_path):
     np.testing.assert_allclose(nc, values, rtol=1e-6, atol=1e-6)     # same seed, same samples, either format
 
 
+@pytest.mark.slow
 def test_the_templates_own_tests_pass(site, tmp_path):
     """Its tests, on the installed package (run from an empty folder, so that the source folder is
     not what `import diffkit_timeseries` finds)."""

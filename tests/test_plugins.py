@@ -466,6 +466,7 @@ def test_fixtures(diffkit_registry, diffkit_check):
         assert getattr(diffkit_check, fn) is getattr(diffkit.testing, fn)
 
 
+@pytest.mark.slow
 def test_fixtures_in_a_plugin_authors_suite(tmp_path):
     """A plugin's test suite gets the fixtures from the installed entry point alone (fresh pytest run)."""
     (tmp_path / "test_author.py").write_text(textwrap.dedent('''

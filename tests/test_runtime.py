@@ -186,6 +186,7 @@ def check_position(ck: dict) -> None:
     assert epoch * SPE + bie == step, (step, epoch, bie)
 
 
+@pytest.mark.slow
 def test_resume_after_sigint_is_bitwise_exact(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(run_dir, RESUME_SETS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -219,6 +220,7 @@ def test_resume_after_sigint_is_bitwise_exact(reference_run, tmp_path):
     assert_resumed_equal(reference_run, run_dir)
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_epoch_is_bitwise_exact(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(train_cmd(run_dir, RESUME_SETS), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -261,6 +263,7 @@ def test_resume_skips_a_corrupt_newest_checkpoint_with_a_warning(tmp_path):
 
 
 # -- 2. NaN loss ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     sets = TINY + ["trainer.steps=50", "trainer.ckpt_every=1", "trainer.lr=1e30", "trainer.grad_clip=none",
@@ -383,6 +386,7 @@ def trained_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_directory_holds_config_metrics_and_checkpoints(trained_run):
     # (the unset [loss] keys are stored resolved: a mixture model is not a surrogate)
     expected = apply_overrides(Config(), [*CLI_SETS, f'run_dir="{trained_run}"', "loss.weighting=min_snr",
@@ -401,6 +405,7 @@ def test_run_directory_holds_config_metrics_and_checkpoints(trained_run):
         assert {"lr", "samples_per_s", "elapsed_s"} <= set(r)
 
 
+@pytest.mark.slow
 def test_sample_writes_cf_netcdf_reproducibly(trained_run, tmp_path, capsys):
     import xarray as xr
     out = tmp_path / "s.nc"
@@ -428,6 +433,7 @@ def test_sample_writes_cf_netcdf_reproducibly(trained_run, tmp_path, capsys):
         assert not (ds4["x0"].values == ds["x0"].values).all()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_alone_is_enough_to_sample(trained_run, tmp_path, capsys):
     import xarray as xr
     alone = tmp_path / "elsewhere"

@@ -285,6 +285,7 @@ def _kill_after_logging_past_a_checkpoint(run_dir: Path) -> tuple[int, int]:
             proc.communicate()
 
 
+@pytest.mark.slow
 def test_metrics_jsonl_no_duplicates_after_kill_and_resume(tmp_path):
     run_dir = tmp_path / "run"
     ckpt_step, logged = _kill_after_logging_past_a_checkpoint(run_dir)

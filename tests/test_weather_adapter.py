@@ -472,6 +472,7 @@ def _big_file(path: Path, nt: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+@pytest.mark.slow
 def test_memory_stays_bounded_and_does_not_grow_with_time_steps(tmp_path, era5_path):
     p1, p2 = tmp_path / "m1000.nc", tmp_path / "m2000.nc"
     size1, size2 = _big_file(p1, 1000), _big_file(p2, 2000)

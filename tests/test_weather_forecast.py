@@ -475,6 +475,7 @@ def cli(tmp_path_factory):
     return case
 
 
+@pytest.mark.slow
 def test_cli_forecast_and_evaluate_end_to_end(cli, capsys):
     root, files = cli["root"], cli["files"]
     fc = root / "fc.nc"

@@ -191,6 +191,7 @@ def test_forecast_member_choice_reads_that_member_and_is_recorded(era5):
         np.testing.assert_array_equal(every.history[m, 0].numpy(), want)
 
 
+@pytest.mark.slow
 def test_era5_style_multi_member_end_to_end(era5, capsys, tmp_path):
     """train (the fixture) -> forecast --member 3 / --member all -> evaluate --member 3 / --member all,
     through the ``diffkit`` commands on the ERA5-style file with GRIB attributes."""

@@ -203,6 +203,7 @@ def _peak(store: str) -> int:
         tracemalloc.stop()
 
 
+@pytest.mark.slow
 def test_weatherbench2_memory_flat_in_number_of_times(tmp_path):
     nt = 8
     big = dict(order="descending", n_lat=65, n_lon=128)         # 2.8 deg with poles: 33 kB per field
@@ -236,6 +237,7 @@ def _docs_config() -> dict:
     return tomllib.loads(blocks[0])
 
 
+@pytest.mark.slow
 def test_weatherbench2_zarr_trains_forecasts_and_evaluates_through_the_cli(tmp_path, capsys):
     """docs/weather.md's WeatherBench-2 config, pointed at a small local store of the same layout
     (and its dates, a smaller UNet, 3 steps, no workers): ``diffkit train``, then ``forecast`` and
