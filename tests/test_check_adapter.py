@@ -319,7 +319,7 @@ def test_broken_decoders_fail(cls, match):
 def test_read_back_and_tolerance():
     """A lossy format (8-bit PNG, say) passes with its own reader and a tolerance that fits it."""
     def coarse(path, layout):                                   # values rounded to 0.1
-        return np.round(diffkit.testing._read_netcdf_back(path, layout), 1)
+        return np.round(diffkit.adapter_checks._read_netcdf_back(path, layout), 1)
 
     with pytest.raises(AssertionError, match="decode does not write the physical values"):
         check_adapter(Toy, read_back=coarse)
