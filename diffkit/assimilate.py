@@ -270,7 +270,7 @@ def run_command(args) -> int:
     if args.sampler is not None:
         from . import registry
 
-        getattr(registry, "resolve", registry.get)("sampler", args.sampler)  # a typo fails first, listing them
+        registry.resolve("sampler", args.sampler)  # a typo fails first, listing them
     device = resolve_device(args.device)
     loaded = load_model(args.checkpoint, device=device)
     if args.method == "amortised":
