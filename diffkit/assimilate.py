@@ -58,6 +58,19 @@ class Assimilation:
         raise NotImplementedError
 
     @classmethod
+    def check(cls, layout) -> None:
+        """An error unless this domain's :meth:`run` assimilates with a model of ``layout`` (called before
+        :meth:`run`, after ``--method amortised`` was checked).  Default: autoregressive surrogates, and
+        window models where :attr:`amortised`."""
+        if getattr(layout, "window", None) is not None:
+            if not cls.amortised:
+                raise DiffkitError(f"--method amortised is not wired for the {cls.name} domain: its window models "
+                                   f"are sampled from Python (diffkit.window.sample_trajectory)")
+        elif layout.autoregressive is None:
+            raise DiffkitError(f"this checkpoint is not an autoregressive surrogate (layout.autoregressive is None); "
+                               f"diffkit assimilate guides the rollouts of the {cls.name} domain's surrogates")
+
+    @classmethod
     def run(cls, loaded, args, guide: "Guide"):  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -276,15 +289,7 @@ def run_command(args) -> int:
     if args.method == "amortised":
         check_amortised(loaded.layout)
     domain = assimilation_for(loaded.adapter)
-    if getattr(loaded.layout, "window", None) is not None:
-        if not getattr(domain, "amortised", False):
-            raise DiffkitError(f"--method amortised is wired for the PDE domain; the {domain.name} domain's window "
-                               f"models are sampled from Python (diffkit.window.sample_trajectory)")
-    elif args.method == "amortised":  # pragma: no cover - check_amortised raised
-        raise DiffkitError("this checkpoint was not trained with amortised conditioning")
-    elif loaded.layout.autoregressive is None:
-        raise DiffkitError("this checkpoint is not an autoregressive surrogate (layout.autoregressive is None); "
-                           "diffkit assimilate guides the rollouts of models trained on the weather or pde adapters")
+    domain.check(loaded.layout)
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         out, msg = domain.run(loaded, args, Guide(args.method, options))
