@@ -52,6 +52,9 @@ class Assimilation:
     name = "domain"
     #: whether :meth:`run` also assimilates with window models trained with amortised conditioning
     amortised = False
+    #: whether :meth:`run` starts from the initial states of ``--init FILE`` (surrogates); a domain that
+    #: assimilates with unconditional single-state models sets it False
+    needs_init = True
 
     @classmethod
     def grid(cls, layout):  # pragma: no cover - interface
@@ -250,7 +253,7 @@ def analysis_attrs(args, obs, sample, method: str, *, details: Mapping[str, Any]
     return {"checkpoint": str(args.checkpoint), "observations": str(args.obs), "observation_form": obs.form,
             "n_observations": obs.count, "observed_steps": len(obs.steps), "sigma_y_range": f"{lo:g}..{hi:g}",
             "method": "none (prior)" if args.no_guidance else method, **(details or {}),
-            "init_file": str(args.init), **(init or {}), "seed": args.seed,
+            **({"init_file": str(args.init)} if args.init is not None else {}), **(init or {}), "seed": args.seed,
             "sampler": args.sampler or sample.sampler, "nfe": args.nfe or sample.nfe,
             "command": " ".join(["diffkit", *getattr(args, "argv", ["assimilate", str(args.checkpoint)])])}
 
@@ -290,6 +293,9 @@ def run_command(args) -> int:
         check_amortised(loaded.layout)
     domain = assimilation_for(loaded.adapter)
     domain.check(loaded.layout)
+    if domain.needs_init and args.init is None:
+        raise DiffkitError(f"--init FILE is required for this {domain.name} model: the file holding the initial "
+                           f"states its rollout starts from (the domain's truth / data file)")
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         out, msg = domain.run(loaded, args, Guide(args.method, options))
@@ -303,8 +309,9 @@ def register(parser) -> None:
                                            "surrogate trained on the weather or pde adapter)")
     parser.add_argument("--obs", required=True, metavar="OBS.nc",
                         help="observation file (CF netCDF, gridded with missing values or points; docs/observations.md)")
-    parser.add_argument("--init", required=True, metavar="FILE",
-                        help="file holding the initial states (the truth / data file format of the domain)")
+    parser.add_argument("--init", default=None, metavar="FILE",
+                        help="file holding the initial states of a surrogate's rollout (the truth / data file format "
+                             "of the domain); required for surrogates")
     parser.add_argument("--init-time", default=None, metavar="TIME",
                         help="weather: the initial time (ISO); default one model step before the first observation")
     parser.add_argument("--index", type=int, default=None,

@@ -216,6 +216,13 @@ def test_point_observations_guide_the_rollout(ks, capsys):
     assert "16 observation(s) at 2 step(s) (points form" in capsys.readouterr().out
 
 
+def test_a_surrogate_needs_init(ks, capsys):
+    rc = main(["assimilate", str(ks["run"]), "--obs", str(ks["obs"]), "--out", str(ks["root"] / "never.nc"), *RUN])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "--init FILE is required for this pde model" in err, err
+    assert not (ks["root"] / "never.nc").exists()
+
+
 def test_amortised_needs_an_amortised_checkpoint(ks, capsys):
     rc = main(["assimilate", str(ks["run"]), "--obs", str(ks["obs"]), "--init", str(ks["data"]), "--method",
                "amortised", "--out", str(ks["root"] / "never.nc"), *RUN])
