@@ -43,6 +43,24 @@ def test_import_diffkit_imports_no_plugin_module():
     assert loaded == []
 
 
+def test_import_diffkit_and_its_config_load_no_torch():
+    """``import diffkit`` / ``diffkit.config`` are light (PEP 562 lazy names): no torch, xarray, netCDF4."""
+    heavy = ("torch", "xarray", "netCDF4", "numpy")
+    loaded = _fresh(f"import json, sys, diffkit, diffkit.config\n"
+                    f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r})))")
+    assert loaded == []
+
+
+def test_every_public_name_of_diffkit_resolves_lazily():
+    out = _fresh("import json, diffkit\n"
+                 "vals = {n: type(getattr(diffkit, n)).__name__ for n in diffkit.__all__}\n"
+                 "print(json.dumps([sorted(vals), hasattr(diffkit, 'samplers'), hasattr(diffkit, 'nope')]))")
+    import diffkit
+
+    assert out == [sorted(diffkit.__all__), True, False]
+    assert set(diffkit.__all__) <= set(dir(diffkit))
+
+
 def test_no_math_module_imports_the_registry_at_import_time():
     # ``diffkit/__init__`` imports the registry, so the math modules are imported under a bare package
     # object standing in for ``diffkit``: only what they import themselves is loaded
