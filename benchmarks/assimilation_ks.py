@@ -50,6 +50,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:  # the helpers shared with assimilation_qg.py, also when loaded from a file path (tests)
+    sys.path.insert(0, _HERE)
+from _assim import atomic_text as _atomic_text  # noqa: E402  (shared with assimilation_qg.py)
+from _assim import enkf_window, oi_window, scores, target_lines, verdict_table  # noqa: E402
+from _assim import verdicts as _verdicts  # noqa: E402
+
 SETTINGS = {
     # nx / L: grid and (fixed) domain length; frame_step: 0.2 output intervals per model step / EnKF
     # cycle; window: K frames assimilated; k: states per window of the window model
@@ -185,11 +192,7 @@ def amortised(model, cfg, y, mask, members: int, seed: int) -> torch.Tensor:
 
 def oi(clim, y, sigma, mask, members: int, seed: int) -> torch.Tensor:
     """``(M, K, nx)``: per-frame OI with the climatological background, sampled from its posterior."""
-    from diffkit.da_baselines import gaussian_samples, optimal_interpolation, selection_matrix
-
-    H = selection_matrix(mask, mask.shape[0])
-    xa, Pa = optimal_interpolation(clim.mean, clim.cov, H, y, float(sigma) ** 2)
-    return gaussian_samples(xa, Pa, members, generator=torch.Generator().manual_seed(seed)).transpose(0, 1)
+    return oi_window(clim, y, float(sigma), mask, members, seed)
 
 
 def ks_forecast(s: dict):
@@ -230,19 +233,15 @@ def homogeneous(clim):
 
 def enkf_run(s: dict, starts, y, sigma, mask, inflation: float, seed: int, radius: float | None) -> torch.Tensor:
     """``(M, K, nx)``: the EnKF's analysis ensembles over the window."""
-    from diffkit.da_baselines import enkf, gaspari_cohn, selection_matrix
+    from diffkit.da_baselines import gaspari_cohn
 
     nx = mask.shape[0]
-    H = selection_matrix(mask, nx)
     loc = None
     if radius:
         i = torch.arange(nx, dtype=torch.float64)
         dist = (i[:, None] - i[None, :]).abs()
         loc = gaspari_cohn(torch.minimum(dist, nx - dist), radius)           # periodic grid distance (points)
-    obs = [(H, y[k], float(sigma) ** 2) for k in range(y.shape[0])]
-    ens = enkf(ks_forecast(s), starts, obs, inflation=inflation, generator=torch.Generator().manual_seed(seed),
-               localisation=loc)
-    return ens.transpose(0, 1)
+    return enkf_window(ks_forecast(s), starts, y, float(sigma), mask, inflation, seed, loc)
 
 
 def observe(truth: torch.Tensor, stride: int, sigma: float, seed: int):
@@ -255,33 +254,9 @@ def observe(truth: torch.Tensor, stride: int, sigma: float, seed: int):
     return y, mask
 
 
-def scores(pred: torch.Tensor, truth: torch.Tensor) -> dict:
-    """Ensemble-mean RMSE, fair CRPS and spread/skill of ``(N, M, K, x)`` against ``(N, K, x)``."""
-    from diffkit.ensemble import crps, ensemble_mean_rmse, spread_skill_ratio
-
-    kw = dict(member_dim=1, sample_dims=(0, 1))
-    return dict(rmse=float(ensemble_mean_rmse(pred, truth, **kw)), crps=float(crps(pred, truth, **kw)),
-                spread_skill=float(spread_skill_ratio(pred, truth, **kw)))
-
-
 def verdicts(table: dict) -> list[dict]:
     """Per stride: the best diffkit row by RMSE against OI and the EnKF, and its spread/skill."""
-    out = []
-    for stride, rows in table.items():
-        avail = {r: v for r, v in rows.items() if r in DIFFKIT_ROWS and v.get("rmse") is not None
-                 and math.isfinite(v["rmse"])}
-        if not avail:
-            out.append(dict(stride=stride, best=None, met=False, what="no diffkit method available"))
-            continue
-        best = min(avail, key=lambda r: avail[r]["rmse"])
-        b, o, e = avail[best], rows["OI"], rows["EnKF"]
-        for what, value, ok, want in (
-                ("RMSE / OI", b["rmse"] / o["rmse"], b["rmse"] <= TARGET_OI * o["rmse"], f"<= {TARGET_OI}"),
-                ("RMSE / EnKF", b["rmse"] / e["rmse"], b["rmse"] <= TARGET_ENKF * e["rmse"], f"<= {TARGET_ENKF}"),
-                ("spread/skill", b["spread_skill"], TARGET_SS[0] <= b["spread_skill"] <= TARGET_SS[1],
-                 f"in [{TARGET_SS[0]}, {TARGET_SS[1]}]")):
-            out.append(dict(stride=stride, best=best, what=what, value=float(value), target=want, met=bool(ok)))
-    return out
+    return _verdicts(table, DIFFKIT_ROWS, (("OI", TARGET_OI), ("EnKF", TARGET_ENKF)), TARGET_SS, key="stride")
 
 
 # ----------------------------------------------------------------------------- main
@@ -408,12 +383,8 @@ def main(argv=None) -> dict:
             v = table[stride][r]
             print(f"{stride:6d} {s['nx'] // stride:9d} {r:<24} {v['members']:7d} {v['rmse']:7.3f} {v['crps']:7.3f} "
                   f"{v['spread_skill']:9.2f} {v['seconds']:6.1f}")
-    for v in res["targets"]:
-        if v["best"] is None:
-            print(f"target (stride {v['stride']}): {v['what']}: FAIL")
-            continue
-        print(f"target (stride {v['stride']}, best diffkit method {v['best']}): {v['what']} = {v['value']:.2f} "
-              f"(target {v['target']}): {'PASS' if v['met'] else 'FAIL'}")
+    for line in target_lines(res["targets"], "stride"):
+        print(line)
     print(f"total {res['wall_s'] / 60:.1f} min", flush=True)
     if args.json:
         _atomic_text(Path(args.json), json.dumps(res, indent=1))
@@ -422,13 +393,6 @@ def main(argv=None) -> dict:
     if tmp is not None:
         tmp.cleanup()
     return res
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    from diffkit._io import atomic_write
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda f: f.write(text))
 
 
 def write_markdown(res: dict, path: Path, rows) -> None:
@@ -465,11 +429,7 @@ def write_markdown(res: dict, path: Path, rows) -> None:
             v = tab[r]
             lines.append(f"| {stride} | {s['nx'] // int(stride)} | {r} | {v['members']} | {v['rmse']:.3f} | "
                          f"{v['crps']:.3f} | {v['spread_skill']:.2f} | {v['seconds']:.1f} |")
-    lines += ["", "| stride | best diffkit method | criterion | value | target | verdict |", "|---|---|---|---|---|---|"]
-    for v in res["targets"]:
-        lines.append(f"| {v['stride']} | {v['best'] or 'none'} | {v['what']} | "
-                     f"{'' if v['best'] is None else format(v['value'], '.2f')} | {v.get('target', '')} | "
-                     f"**{'PASS' if v['met'] else 'FAIL'}** |")
+    lines += [""] + verdict_table(res["targets"], "stride")
     others = [k for k in SETTINGS if k != res["setting"]]
     lines += ["", f"Only `--setting {res['setting']}` produced this file; the {' and '.join(others)} settings were "
               f"not run for it (no numbers of theirs are shown).", ""]

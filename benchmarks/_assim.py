@@ -1,0 +1,122 @@
+"""What the assimilation benchmarks share (``assimilation_ks.py``, ``assimilation_qg.py``; issue 15).
+
+States are flattened to vectors of length ``d`` for the classical baselines (``diffkit.da_baselines``
+works on vectors); a window is ``K`` frames, each observed at the same points (a boolean ``mask``
+of the state's shape, ``y`` ``(K, p)`` in the mask's flat order) with noise ``sigma``: one float for
+every observation, or one value per observation ``(p,)``.
+
+- :func:`oi_window`: per-frame optimal interpolation with a climatological background, sampled from
+  its posterior;
+- :func:`enkf_window`: the stochastic EnKF cycled over the window with the domain's forecast step;
+- :func:`scores`: ensemble-mean RMSE, fair CRPS and spread/skill (``diffkit.ensemble``);
+- :func:`verdicts`, :func:`target_lines`, :func:`verdict_table`: the best diffkit row per sparsity
+  against the references, as dicts, printed ``target ...: PASS/FAIL`` lines and a markdown table;
+- :func:`atomic_text`: write a text file atomically.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def _obs_variance(sigma):
+    """``R`` for ``diffkit.da_baselines``: ``sigma ** 2`` as a float, or as ``(p,)`` variances."""
+    if isinstance(sigma, (int, float)):
+        return float(sigma) ** 2
+    return torch.as_tensor(sigma, dtype=torch.float64) ** 2
+
+
+def oi_window(clim, y, sigma, mask, members: int, seed: int) -> torch.Tensor:
+    """``(M, K, d)``: per-frame OI of the ``K`` frames' observations ``y`` ``(K, p)`` with the background
+    ``clim`` (an ``Analysis``: mean ``(d,)``, covariance ``(d, d)``), ``members`` draws of each posterior."""
+    from diffkit.da_baselines import gaussian_samples, optimal_interpolation, selection_matrix
+
+    H = selection_matrix(mask.reshape(-1), clim.mean.shape[0])
+    xa, Pa = optimal_interpolation(clim.mean, clim.cov, H, y, _obs_variance(sigma))
+    return gaussian_samples(xa, Pa, members, generator=torch.Generator().manual_seed(seed)).transpose(0, 1)
+
+
+def enkf_window(forecast, starts, y, sigma, mask, inflation: float, seed: int, localisation=None) -> torch.Tensor:
+    """``(M, K, d)``: the stochastic EnKF's analysis ensembles over the window, from ``starts`` ``(M, d)``
+    one step before the first frame, with ``forecast((M, d)) -> (M, d)`` between frames."""
+    from diffkit.da_baselines import enkf, selection_matrix
+
+    H = selection_matrix(mask.reshape(-1), starts.shape[-1])
+    R = _obs_variance(sigma)
+    obs = [(H, y[k], R) for k in range(y.shape[0])]
+    ens = enkf(forecast, starts, obs, inflation=inflation, generator=torch.Generator().manual_seed(seed),
+               localisation=localisation)
+    return ens.transpose(0, 1)
+
+
+def scores(pred: torch.Tensor, truth: torch.Tensor) -> dict:
+    """Ensemble-mean RMSE, fair CRPS and spread/skill of ``(N, M, K, ...)`` against ``(N, K, ...)``: root
+    per (trajectory, frame) over the state's entries, then the mean."""
+    from diffkit.ensemble import crps, ensemble_mean_rmse, spread_skill_ratio
+
+    kw = dict(member_dim=1, sample_dims=(0, 1))
+    return dict(rmse=float(ensemble_mean_rmse(pred, truth, **kw)), crps=float(crps(pred, truth, **kw)),
+                spread_skill=float(spread_skill_ratio(pred, truth, **kw)))
+
+
+def verdicts(table: dict, diffkit_rows, references, spread_skill: tuple[float, float], key: str = "stride") -> list[dict]:
+    """Per sparsity (the keys of ``table``, named ``key`` in the output): the best of ``diffkit_rows`` by
+    RMSE, its RMSE over each reference row's (``references``: ``(row, target)``; target None: reported,
+    no verdict, ``met`` None) and its spread/skill against the interval ``spread_skill``."""
+    out = []
+    for sparsity, rows in table.items():
+        avail = {r: v for r, v in rows.items() if r in diffkit_rows and v.get("rmse") is not None
+                 and math.isfinite(v["rmse"])}
+        if not avail:
+            out.append({key: sparsity, "best": None, "met": False, "what": "no diffkit method available"})
+            continue
+        best = min(avail, key=lambda r: avail[r]["rmse"])
+        b = avail[best]
+        checks = []
+        for ref, target in references:
+            o = rows[ref]
+            checks.append((f"RMSE / {ref}", b["rmse"] / o["rmse"],
+                           None if target is None else b["rmse"] <= target * o["rmse"],
+                           "none (reported)" if target is None else f"<= {target}"))
+        lo, hi = spread_skill
+        checks.append(("spread/skill", b["spread_skill"], lo <= b["spread_skill"] <= hi, f"in [{lo}, {hi}]"))
+        for what, value, ok, want in checks:
+            out.append({key: sparsity, "best": best, "what": what, "value": float(value), "target": want,
+                        "met": None if ok is None else bool(ok)})
+    return out
+
+
+def _verdict(met) -> str:
+    return "reported" if met is None else ("PASS" if met else "FAIL")
+
+
+def target_lines(targets: list[dict], key: str = "stride") -> list[str]:
+    """One ``target (...): ... PASS/FAIL`` line per verdict of :func:`verdicts` (``reported`` without a target)."""
+    out = []
+    for v in targets:
+        if v["best"] is None:
+            out.append(f"target ({key} {v[key]}): {v['what']}: FAIL")
+            continue
+        out.append(f"target ({key} {v[key]}, best diffkit method {v['best']}): {v['what']} = {v['value']:.2f} "
+                   f"(target {v['target']}): {_verdict(v['met'])}")
+    return out
+
+
+def verdict_table(targets: list[dict], key: str = "stride") -> list[str]:
+    """The markdown table of the verdicts of :func:`verdicts`."""
+    lines = [f"| {key} | best diffkit method | criterion | value | target | verdict |", "|---|---|---|---|---|---|"]
+    for v in targets:
+        lines.append(f"| {v[key]} | {v['best'] or 'none'} | {v['what']} | "
+                     f"{'' if v['best'] is None else format(v['value'], '.2f')} | {v.get('target', '')} | "
+                     f"**{_verdict(v['met'])}** |")
+    return lines
+
+
+def atomic_text(path: Path, text: str) -> None:
+    from diffkit._io import atomic_write
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text))
