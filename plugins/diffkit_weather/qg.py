@@ -79,7 +79,7 @@ import numpy as np
 import torch
 
 from diffkit.errors import DiffkitError, NonFiniteError
-from diffkit.etdrk4 import ETDRK4, SCHEME as ETDRK4_SCHEME, resolve_device_dtype
+from diffkit.etdrk4 import ETDRK4, SCHEME as ETDRK4_SCHEME, frames, resolve_device_dtype
 
 from .qg_coarse import _check_coarse, coarse_grain
 
@@ -344,8 +344,8 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
         raise ValueError(f"fields must be among {FIELDS}, got {sorted(unknown)}")
     p = _params(nx, L, beta, rd, delta, H1, U1, U2, rek, filterfac, filter_timescale)
     n_obs = p["nx"] if observe is None else _check_coarse(p["nx"], observe, "observe")
-    frames = [] if fine_frames is None else [int(i) for i in fine_frames]
-    bad_frames = [i for i in frames if not 0 <= i < int(n_steps)]
+    fine = [] if fine_frames is None else [int(i) for i in fine_frames]
+    bad_frames = [i for i in fine if not 0 <= i < int(n_steps)]
     if bad_frames:
         raise ValueError(f"fine_frames must be recorded frame indices in [0, {int(n_steps)}), got {bad_frames[:5]}")
     if not (dt > 0 and math.isfinite(dt)) or not (out_every > 0 and math.isfinite(out_every)):
@@ -406,17 +406,14 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
     want = [f for f in FIELDS if f in fields]
     out = {f: torch.empty(n_members, n_steps, 2, n_obs, n_obs, device=device, dtype=dtype) for f in want}
     obs = (lambda a: a) if n_obs == n else (lambda a: coarse_grain(a, n_obs))
-    q_fine = torch.empty(n_members, len(frames), 2, n, n, device=device, dtype=dtype) if frames else None
+    q_fine = torch.empty(n_members, len(fine), 2, n, n, device=device, dtype=dtype) if fine else None
     slot = {}
-    for i, fr in enumerate(frames):
+    for i, fr in enumerate(fine):
         slot.setdefault(fr, []).append(i)
     pbar = _progress(n_spin + n_steps - 1, progress, "two-layer QG")
     try:
-        for j in range(n_spin + n_steps):
+        for j, qh in frames(stepper, qh, S.rhs, n_sub, n_spin + n_steps, pbar):
             if j > 0:
-                for _ in range(n_sub):
-                    qh = stepper.step(qh, S.rhs)
-                pbar.update(1)
                 ph = S.psi(qh)
                 uv = S.velocities(ph)
                 check(uv, "spin-up" if j < n_spin else "recording", j)
@@ -465,8 +462,8 @@ def simulate_qg(n_members: int, n_steps: int, *, nx: int | None = None, L: float
     res.update(x=xs.to(device, dtype), y=xs.clone().to(device, dtype),
                t=(torch.arange(n_steps, dtype=torch.float64) * float(out_every)).to(device, dtype),
                q0=q_init.to(device, dtype), q_final=S.ifft(qh), dt_sim=h, cfl_limit=limit, params=params)
-    if frames:
-        res.update(q_fine=q_fine, fine_frames=torch.tensor(frames, dtype=torch.long))
+    if fine:
+        res.update(q_fine=q_fine, fine_frames=torch.tensor(fine, dtype=torch.long))
     return res
 
 
