@@ -37,6 +37,22 @@ def isolated_trainer_state(monkeypatch):
     registry.refresh()
 
 
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    """Every test starts and ends with a freshly discovered registry, no diffkit env vars
+    and no plugins registered by hand (test_registry.py and test_testing.py use it for every test,
+    through ``pytestmark = pytest.mark.usefixtures("clean_registry")``)."""
+    from diffkit import registry
+
+    for var in PLUGIN_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    saved = list(registry._extra)
+    registry.refresh()
+    yield
+    registry._extra[:] = saved
+    registry.refresh()
+
 #: one batch shape per tensor rank 1..5: (B,), (B,C), (B,C,L), (B,C,H,W), (B,C,D,H,W)
 SHAPES = [(5,), (5, 3), (4, 2, 7), (3, 2, 4, 5), (3, 2, 3, 2, 4)]
 SHAPE_IDS = [f"rank{len(s)}" for s in SHAPES]
