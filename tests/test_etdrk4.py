@@ -219,3 +219,63 @@ def test_qg_trajectories_bit_identical_to_the_former_copy(monkeypatch, dtype):
     monkeypatch.setattr(Q, "ETDRK4", _FormerQGETDRK4)
     old = run()
     _same(new, old, ("q", "psi", "u", "v"))
+
+
+# Frozen from simulate_qg before issue 16 moved its frame loop onto etdrk4.frames (commit 5b1c5c5):
+# simulate_qg(2, 4, nx=32, spin_up_years=1/365, seed=5, ic_amplitude=1e-5, observe=16,
+# fine_frames=[3, 1]) in float64 -- RMS of the coarse q per (member, frame, layer), RMS of q_fine per
+# (member, fine frame), three single values and the largest CFL number seen.
+_QG_FROZEN = {
+    "rms_q": [[[4.9757790689272535e-06, 4.58734897929653e-06], [4.97533357713927e-06, 4.529893001755619e-06],
+               [4.9821816988813156e-06, 4.4743800829539855e-06], [4.996309950020074e-06, 4.4207008151380765e-06]],
+              [[4.6692275939233436e-06, 4.699369083415058e-06], [4.746655082799319e-06, 4.657333855663191e-06],
+               [4.839695592244628e-06, 4.614043020539854e-06], [4.946864165737085e-06, 4.568969575016983e-06]]],
+    "rms_q_fine": [6.325857918434893e-06, 6.4306613329162085e-06, 6.159821586496793e-06, 6.205022085596618e-06],
+    "q_final[1,0,3,5]": -9.200446533701421e-07, "psi[0,2,1,7,2]": 3493.8969285480366,
+    "u[1,3,0,0,9]": 0.07573392198022572, "cfl_observed_max": 0.18711421967744318,
+}
+
+
+def test_qg_frame_loop_is_the_former_loop_and_matches_the_frozen_reference():
+    """simulate_qg's frames (spin-up discarded, n_sub = 3 ETDRK4 steps per 6-hour frame, observed on
+    16^2, fine states kept at frames 3 and 1) are bit-identical to the loop it had before, written
+    out here (frame 0 = the initial state, then n_sub steps per frame), in float64 and float32; and
+    the float64 run equals the values frozen from the former code (to round-off: the FFTs may
+    differ between builds)."""
+    import numpy as np
+
+    from diffkit_weather import qg as Q
+    from diffkit_weather.qg_coarse import coarse_grain
+
+    kw = dict(nx=32, spin_up_years=1 / 365, seed=5, ic_amplitude=1e-5, observe=16, fine_frames=[3, 1])
+    runs = {dtype: Q.simulate_qg(2, 4, dtype=dtype, **kw) for dtype in (torch.float64, torch.float32)}
+    for dtype, r in runs.items():
+        p = r["params"]
+        assert (p["spin_up_steps"], p["n_sub"]) == (4, 3)
+        S = Q._Spectral(dict(p, nx=p["nx_sim"], dx=p["dx_sim"]), torch.device("cpu"), dtype)
+        q = torch.stack([Q._random_field(np.random.default_rng([5, i]), 32) * 1e-5 for i in range(2)])
+        qh = torch.fft.rfft2(q, norm="forward") * S.mask64
+        qh[..., 0, 0] = 0
+        qh = qh.to(S.cdt)
+        stepper = ETDRK4(-S.sigma64, p["dt_sim"], "cpu", dtype)
+        seen = []
+        for j in range(4 + 4):                        # the former loop
+            if j > 0:
+                for _ in range(3):
+                    qh = stepper.step(qh, S.rhs)
+            if j >= 4:
+                seen.append(S.ifft(torch.stack((qh, S.psi(qh)))))
+        seen = torch.stack(seen, 2)                   # (2 = q/psi, member, frame, layer, y, x)
+        assert torch.equal(r["q"], coarse_grain(seen[0], 16)) and torch.equal(r["psi"], coarse_grain(seen[1], 16))
+        assert torch.equal(r["q_fine"], seen[0][:, [3, 1]]) and torch.equal(r["q_final"], seen[0][:, -1])
+    r = runs[torch.float64]
+    f = _QG_FROZEN
+    close = lambda got, want: torch.testing.assert_close(torch.as_tensor(got, dtype=torch.float64),
+                                                         torch.as_tensor(want, dtype=torch.float64),
+                                                         rtol=1e-10, atol=0)
+    close(r["q"].pow(2).mean((-2, -1)).sqrt(), f["rms_q"])
+    close(r["q_fine"].pow(2).mean((-3, -2, -1)).sqrt().flatten(), f["rms_q_fine"])
+    close(r["q_final"][1, 0, 3, 5], f["q_final[1,0,3,5]"])
+    close(r["psi"][0, 2, 1, 7, 2], f["psi[0,2,1,7,2]"])
+    close(r["u"][1, 3, 0, 0, 9], f["u[1,3,0,0,9]"])
+    close(r["params"]["cfl_observed_max"], f["cfl_observed_max"])
