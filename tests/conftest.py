@@ -128,3 +128,11 @@ def synth(tmp_path):
     from _pde_fixtures import write_1d
 
     return write_1d(tmp_path / "synth.nc", L=6.0)
+
+
+@pytest.fixture
+def era5_path(tmp_path) -> str:
+    """A synthetic ERA5-layout netCDF file (tests/_weather_era5.py), for the weather tests."""
+    from _weather_era5 import era5, write
+
+    return write(era5(), tmp_path / "era5.nc")

@@ -3,8 +3,10 @@
 - NCL's storm sample files (Debian ``libncarg-data``, installed by ``.ci/run``): four files, one
   variable each (u, v, t, p), no CF attributes at all (dims ``timestep``, ``lat``, ``lon``), a
   -9999 corner mask, and whole missing frames of v and t -- real-world warts;
-- a synthetic file in the ERA5 / WeatherBench-2 layout (latitude 90 .. -90, longitude 0 .. 355,
-  pressure levels, "hours since 1979-01-01") for the round trip and the CF conventions;
+- a synthetic file in the ERA5 / WeatherBench-2 layout (tests/_weather_era5.py: latitude 90 .. -90,
+  longitude 0 .. 350, pressure levels, "hours since 1979-01-01") for the layout, members, pickling and
+  options (the CF coordinates, the multi-file store and the decode round trip on the same files are
+  tested in test_weather_cf.py, test_weather_store.py and test_weather_decode.py);
 - the errors, and the memory use of a 2000-step file measured in a subprocess.
 """
 from __future__ import annotations
@@ -27,9 +29,10 @@ except ImportError:  # editable install made before the plugin existed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugins"))
     from diffkit_weather import adapter as A
 from diffkit_weather import decode as D  # noqa: E402
-from diffkit_weather import store as S  # noqa: E402
 
 import xarray as xr  # a dependency: missing it is a failure, not a skip
+
+from _weather_era5 import LAT, LON, era5, write  # noqa: E402  (era5_path: conftest.py)
 
 NCL = Path("/usr/share/ncarg/data/cdf")
 STORM = [NCL / f"{v}storm.cdf" for v in "UVTP"]
@@ -40,65 +43,6 @@ needs_ncl = pytest.mark.skipif(not STORM[0].exists(), reason="NCL sample data no
 def _storm(**kw):
     kw.setdefault("time_units", STORM_UNITS)
     return A.GriddedAdapter([str(p) for p in STORM], **kw)
-
-
-# ----------------------------------------------------------------------------- synthetic ERA5 files
-LAT = np.arange(90.0, -90.1, -10.0)   # 19, descending like ERA5
-LON = np.arange(0.0, 360.0, 10.0)     # 36, 0 .. 350: global
-LEVELS = np.array([500, 850], np.int32)
-
-
-def era5(nt: int = 12, *, lat=LAT, lon=LON, t0: int = 0, seed: int = 0, drop=(), cf_names=False, members=0):
-    """An ERA5 / WB2-layout dataset (raw numbers, encoded time) with z, t, u on levels and t2m."""
-    g = np.random.default_rng(seed)
-    hours = (t0 + 6 * np.arange(nt + len(drop))).astype(np.int64)
-    keep = np.setdiff1d(np.arange(hours.size), np.asarray(drop, int))
-    hours = hours[keep]
-    nlat, nlon = len(lat), len(lon)
-    la, lo = np.meshgrid(np.deg2rad(lat), np.deg2rad(lon), indexing="ij")
-    tt = hours[:, None, None] / 24.0
-    lead = (members,) if members else ()
-
-    def field(base, amp, lev=None):
-        shape = (*lead, hours.size, *(() if lev is None else (len(LEVELS),)), nlat, nlon)
-        wave = np.cos(la) * np.sin(lo - 0.3 * tt)
-        if lev is not None:
-            wave = wave[:, None] * (LEVELS[None, :, None, None] / 850.0) + LEVELS[None, :, None, None] * 0.01 * base / 500
-        return (base + amp * wave + 0.1 * amp * g.standard_normal(shape)).astype(np.float32)
-
-    names = dict(time="time", level="level", latitude="latitude", longitude="longitude")
-    if cf_names:  # odd dim names: only the CF attributes say what they are
-        names = dict(time="valid", level="p", latitude="yy", longitude="xx")
-    T, Z, Y, X = (names[k] for k in ("time", "level", "latitude", "longitude"))
-    mdim = ("ens",) if members else ()
-    coords = {
-        T: (T, hours, {"units": "hours since 1979-01-01", "calendar": "gregorian", "long_name": "time"}),
-        Z: (Z, LEVELS, {"units": "millibars", "long_name": "pressure_level", **({} if cf_names else {"standard_name": "air_pressure"})}),
-        Y: (Y, np.asarray(lat, np.float32), {"units": "degrees_north", "long_name": "latitude",
-                                             **({} if cf_names else {"standard_name": "latitude"})}),
-        X: (X, np.asarray(lon, np.float32), {"units": "degrees_east", "long_name": "longitude"}),
-    }
-    if members:
-        coords["ens"] = ("ens", np.arange(members, dtype=np.int32), {"standard_name": "realization"})
-    ds = xr.Dataset(
-        {"z": ((*mdim, T, Z, Y, X), field(50000.0, 800.0, LEVELS), {"units": "m**2 s**-2", "long_name": "Geopotential",
-                                                                  "standard_name": "geopotential"}),
-         "t": ((*mdim, T, Z, Y, X), field(260.0, 15.0, LEVELS), {"units": "K", "long_name": "Temperature",
-                                                               "standard_name": "air_temperature"}),
-         "u": ((*mdim, T, Z, Y, X), field(5.0, 10.0, LEVELS), {"units": "m s**-1", "long_name": "U component of wind"}),
-         "t2m": ((*mdim, T, Y, X), field(285.0, 20.0), {"units": "K", "long_name": "2 metre temperature"})},
-        coords=coords, attrs={"Conventions": "CF-1.6", "title": "synthetic ERA5 layout"})
-    return ds
-
-
-def write(ds, path) -> str:
-    ds.to_netcdf(path)
-    return str(path)
-
-
-@pytest.fixture
-def era5_path(tmp_path) -> str:
-    return write(era5(), tmp_path / "era5.nc")
 
 
 # ----------------------------------------------------------------------------- NCL storm files
@@ -237,80 +181,6 @@ def test_era5_layout_is_global_and_latitude_ascending(era5_path):
     assert a.step_hours == 6 and len(a.dataset("train")) == 8 and len(a.dataset("val")) == 2
 
 
-@pytest.mark.parametrize("target", ["state", "residual"])
-def test_era5_round_trip_items_unstack_decode(era5_path, tmp_path, target):
-    a = A.GriddedAdapter(era5_path, val_fraction=0, target=target, history=2)
-    L = a.layout
-    raw = xr.open_dataset(era5_path, decode_times=False).load()
-    d = a.dataset("train")
-    i = 3
-    it = d[i]
-    tgt = int(d.pairs[i, -1])
-    assert it["fields"].shape == (2 * 7, 19, 36) and L.cond_channels[7] == "z@500@t"
-    phys = D.next_state(it["x"][None], it["fields"][None], L)[0]
-    ds = D.unstack(phys, L)
-    for v in ("z", "t", "u", "t2m"):
-        ref = raw[v].isel(time=tgt)
-        assert ds[v].dims == ref.dims and ds[v].attrs == ref.attrs
-        tol = 1e-5 * float(np.abs(ref).max())
-        np.testing.assert_allclose(ds[v].values, ref.values, rtol=0, atol=tol)
-    np.testing.assert_array_equal(ds["latitude"].values, LAT)      # original (descending) order
-    np.testing.assert_array_equal(ds["level"].values, LEVELS)
-    # decode: atomically written CF netCDF equal to the template, from the layout alone
-    lay = type(L).from_dict(L.to_dict())
-    if target == "state":
-        out = A.GriddedAdapter.decode(torch.stack([it["x"], d[0]["x"]]), lay, tmp_path / "dec.nc", attrs={"step": 7})
-        with xr.open_dataset(out) as dec:
-            assert set(dec.data_vars) == {"z", "t", "u", "t2m"} and dec.attrs["step"] == 7
-            for v in dec.data_vars:
-                assert dec[v].attrs == raw[v].attrs and dec[v].dims == ("sample", *raw[v].dims[1:])
-                ref = raw[v].isel(time=tgt).values
-                np.testing.assert_allclose(dec[v].values[0], ref, rtol=0, atol=1e-5 * np.abs(ref).max())
-            cf = {"latitude": D.CF_LATITUDE, "longitude": D.CF_LONGITUDE}   # CF attributes added (test_cf_outputs.py)
-            for c in ("latitude", "longitude", "level"):
-                np.testing.assert_array_equal(dec[c].values, raw[c].values)
-                assert dec[c].attrs == {**raw[c].attrs, **cf.get(c, {})} and dec[c].dtype == raw[c].dtype
-        assert not list(tmp_path.glob(".*tmp*"))
-
-
-def test_cf_attributes_not_names_find_the_coordinates(tmp_path):
-    p = write(era5(cf_names=True), tmp_path / "cf.nc")   # dims valid / p / yy / xx
-    a = A.GriddedAdapter(p, variables=["t", "t2m"], levels=[850], val_fraction=0)
-    assert a.layout.channels == ("t@850", "t2m") and a.layout.periodic == ("longitude",)
-    assert a.layout.attrs["lat_name"] == "yy" and a.layout.attrs["level_dims"] == {"t": "p"}
-    with pytest.raises(A.WeatherDataError, match="level 700 .* not in"):
-        A.GriddedAdapter(p, levels=[700])
-
-
-def test_longitude_across_the_wrap_is_relabelled_not_reordered(tmp_path):
-    lon = np.r_[np.arange(180.0, 360.0, 10.0), np.arange(0.0, 180.0, 10.0)]   # 180 .. 350, 0 .. 170
-    p = write(era5(lon=lon), tmp_path / "wrap.nc")
-    a = A.GriddedAdapter(p, variables=["t2m"], val_fraction=0)
-    lm = np.asarray(a.layout.coords["longitude"])
-    assert (np.diff(lm) > 0).all() and lm[0] == -180 and a.layout.periodic == ("longitude",)
-    ds = D.unstack(a.layout.denormalize(a.dataset("train")[0]["x"]), a.layout)
-    np.testing.assert_array_equal(ds["longitude"].values, lon.astype(np.float32))
-    raw = xr.open_dataset(p, decode_times=False)
-    np.testing.assert_allclose(ds["t2m"].values, raw["t2m"].values[1], rtol=1e-6)
-    # a regional grid across Greenwich stays contiguous and is not periodic
-    p2 = write(era5(lon=np.r_[340.0, 350.0, 0.0, 10.0, 20.0]), tmp_path / "greenwich.nc")
-    b = A.GriddedAdapter(p2, variables=["t2m"], val_fraction=0)
-    assert b.layout.coords["longitude"] == (-20, -10, 0, 10, 20) and b.layout.periodic == ()
-
-
-def test_time_split_over_files_equals_one_file(tmp_path, era5_path):
-    full = era5()
-    p1 = write(full.isel(time=slice(0, 5)), tmp_path / "y1.nc")
-    p2 = write(full.isel(time=slice(5, None)), tmp_path / "y2.nc")
-    a = A.GriddedAdapter(str(tmp_path / "y?.nc"), val_fraction=0, lead=12)
-    b = A.GriddedAdapter(era5_path, val_fraction=0, lead=12)
-    assert len(a.dataset("train")) == len(b.dataset("train")) == 10
-    for i in (0, 3, 9):                      # pair 3 reads from both files
-        torch.testing.assert_close(a.dataset("train")[i], b.dataset("train")[i])
-    assert a.layout.autoregressive.state_mean == pytest.approx(b.layout.autoregressive.state_mean, rel=1e-12)
-    S.check_grid([p1, p2], a.layout)
-
-
 def test_members_are_separate_trajectories(tmp_path):
     p = write(era5(nt=6, members=3), tmp_path / "ens.nc")
     a = A.GriddedAdapter(p, variables=["t2m"], val_fraction=0)
@@ -346,20 +216,6 @@ def test_error_lead_not_a_multiple_of_the_step():
         _storm(variables=["u"], lead=-6)
 
 
-def test_error_grids_differ_between_files(tmp_path):
-    p1 = write(era5()[["t2m"]], tmp_path / "a.nc")
-    p2 = write(era5(lat=np.arange(88.0, -90.1, -10.0))[["z"]], tmp_path / "b.nc")
-    with pytest.raises(A.WeatherDataError) as e:
-        A.GriddedAdapter([p1, p2])
-    msg = str(e.value)
-    assert "latitude" in msg and "a.nc" in msg and "b.nc" in msg
-    # and data against a checkpoint layout
-    a = A.GriddedAdapter(p1, val_fraction=0)
-    S.check_grid(p1, a.layout)
-    with pytest.raises(A.WeatherDataError, match="latitude of b.nc"):
-        S.check_grid(p2, a.layout)
-
-
 def test_error_gap_in_time_axis(tmp_path):
     p = write(era5(nt=10, drop=[4]), tmp_path / "gap.nc")   # 00 06 12 18 | 1979-01-02 06:00 ...
     with pytest.raises(A.WeatherDataError) as e:
@@ -389,24 +245,6 @@ def test_error_nan_outside_fixed_mask_and_allow_missing(tmp_path):
     # stats of t@850 skip the two NaNs
     ref = ds["t"].values[:, 1].astype(np.float64)
     assert a.layout.autoregressive.state_mean[c] == pytest.approx(np.nanmean(ref), rel=1e-12)
-
-
-def test_error_non_monotonic_latitude(tmp_path):
-    lat = LAT.copy()
-    lat[[3, 4]] = lat[[4, 3]]
-    p = write(era5(lat=lat), tmp_path / "shuffled.nc")
-    with pytest.raises(A.WeatherDataError, match="latitude of shuffled.nc is not monotonic"):
-        A.GriddedAdapter(p)
-
-
-def test_error_undecodable_time(tmp_path):
-    ds = era5(nt=4)
-    ds["time"].attrs["units"] = "hours since the flood"
-    p = write(ds, tmp_path / "t.nc")
-    with pytest.raises(A.WeatherDataError, match="cannot decode the time coordinate 'time'"):
-        A.GriddedAdapter(p)
-    a = A.GriddedAdapter(p, time_units="hours since 2000-01-01", val_fraction=0)
-    assert a.times[0] == np.datetime64("2000-01-01T00:00")
 
 
 # ----------------------------------------------------------------------------- memory
