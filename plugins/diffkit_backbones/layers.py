@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffkit._shape import append_dims
 from diffkit.errors import ConfigError
 
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -55,6 +56,39 @@ class GroupNorm32(nn.GroupNorm):
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()
         return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   eps: float, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                   silu: bool = True) -> torch.Tensor:
+    """``silu(group_norm(x) * (1 + scale) + shift)`` in float32, cast back to ``x.dtype`` once.
+
+    ``scale`` and ``shift`` (FiLM, optional) are ``(B, C)``.  One chain of float32 element-wise
+    ops after the group statistics, which ``torch.compile`` emits as one fused kernel (the
+    reduction and the normalise-modulate-activate pass); in float32 it is exactly the unfused
+    ``F.silu(F.group_norm(x, ...) * (1 + scale) + shift)``, under bf16/fp16 it rounds once
+    instead of after each op.
+    """
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    h = F.group_norm(x.float(), num_groups, w, b, eps)
+    if scale is not None:
+        h = h * (1 + append_dims(scale.float(), h.ndim))
+    if shift is not None:
+        h = h + append_dims(shift.float(), h.ndim)
+    return (F.silu(h) if silu else h).to(x.dtype)
+
+
+class GroupNormSiLU(nn.GroupNorm):
+    """Fused ``SiLU(GroupNorm(x))`` (optionally FiLM-modulated in between), float32 inside.
+
+    The same parameters (and state-dict keys) as :class:`GroupNorm32`, so a checkpoint loads
+    into either; ``forward(x, scale=None, shift=None)`` is :func:`group_norm_act`.
+    """
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps, scale, shift)
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -24,27 +24,37 @@ from diffkit.errors import ConfigError
 from diffkit.layout import Layout
 
 from .embedding import ConditionEmbedding, check_x, require_spatial_rank
-from .layers import GroupNorm32, PadConv, conv_nd, norm_groups, pad_to_multiple, zero_init
+from .layers import GroupNorm32, GroupNormSiLU, PadConv, conv_nd, norm_groups, pad_to_multiple, zero_init
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv, FiLM from the embedding, GroupNorm-SiLU-dropout-conv, plus skip."""
+    """GroupNorm-SiLU-conv, FiLM from the embedding, GroupNorm-SiLU-dropout-conv, plus skip.
 
-    def __init__(self, ndim, cin, cout, emb_dim, *, periodic, groups, dropout):
+    With ``fused=True`` the norms are :class:`GroupNormSiLU` (norm, FiLM and SiLU in one float32
+    pass); the parameters are the same either way.
+    """
+
+    def __init__(self, ndim, cin, cout, emb_dim, *, periodic, groups, dropout, fused=False):
         super().__init__()
-        self.norm1 = GroupNorm32(norm_groups(cin, groups), cin)
+        norm = GroupNormSiLU if fused else GroupNorm32
+        self.fused = fused
+        self.norm1 = norm(norm_groups(cin, groups), cin)
         self.conv1 = PadConv(ndim, cin, cout, 3, periodic=periodic)
         self.film = nn.Linear(emb_dim, 2 * cout)
-        self.norm2 = GroupNorm32(norm_groups(cout, groups), cout)
+        self.norm2 = norm(norm_groups(cout, groups), cout)
         self.drop = nn.Dropout(dropout)
         self.conv2 = PadConv(ndim, cout, cout, 3, periodic=periodic)
         self.skip = conv_nd(ndim, cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))
         scale, shift = self.film(emb).chunk(2, dim=1)
-        h = self.norm2(h) * (1 + append_dims(scale, h.ndim)) + append_dims(shift, h.ndim)
-        h = self.conv2(self.drop(F.silu(h)))
+        if self.fused:
+            h = self.conv1(self.norm1(x))
+            h = self.norm2(h, scale, shift)
+        else:
+            h = self.conv1(F.silu(self.norm1(x)))
+            h = F.silu(self.norm2(h) * (1 + append_dims(scale, h.ndim)) + append_dims(shift, h.ndim))
+        h = self.conv2(self.drop(h))
         return self.skip(x) + h
 
 
@@ -114,9 +124,12 @@ class UNet(nn.Module):
     def __init__(self, layout: Layout, *, channels: int = 64, channel_mult: Sequence[int] = (1, 2, 2, 2),
                  num_res_blocks: int = 2, attn_levels: Sequence[int] | None = None, mid_attn: bool = True,
                  num_heads: int = 4, dropout: float = 0.0, groups: int = 32, out_channels: int | None = None,
-                 validate: bool = True):
+                 validate: bool = True, channels_last: bool = False, fused_norm_act: bool = False):
         super().__init__()
         nd = require_spatial_rank(layout, "unet")
+        if channels_last and nd == 1:
+            raise ConfigError("unet: channels_last needs 2 or 3 spatial axes (there is no channels-last memory "
+                              "format for 1-D convolutions); set channels_last = false for this layout")
         channel_mult = tuple(int(m) for m in channel_mult)
         if not channel_mult or min(channel_mult) < 1:
             raise ConfigError(f"unet: channel_mult must be a non-empty sequence of positive ints, got {channel_mult}")
@@ -142,7 +155,7 @@ class UNet(nn.Module):
 
         emb_dim = 4 * channels
         self.embed = ConditionEmbedding(layout, emb_dim, validate=validate, backbone="unet")
-        kw = dict(periodic=per, groups=groups, dropout=dropout)
+        kw = dict(periodic=per, groups=groups, dropout=dropout, fused=bool(fused_norm_act))
 
         def attn(c, on):
             return SelfAttention(c, num_heads=num_heads, groups=groups) if on else None
@@ -171,14 +184,23 @@ class UNet(nn.Module):
                 cur = channels * mult
             if i > 0:
                 self.up.append(Upsample(nd, cur, periodic=per))
-        self.norm_out = GroupNorm32(norm_groups(cur, groups), cur)
+        self.fused = bool(fused_norm_act)
+        self.norm_out = (GroupNormSiLU if self.fused else GroupNorm32)(norm_groups(cur, groups), cur)
         self.conv_out = zero_init(PadConv(nd, cur, self.out_channels, 3, periodic=per))
+        self.channels_last = bool(channels_last)
+        self.memory_format = ({2: torch.channels_last, 3: torch.channels_last_3d}[nd] if channels_last
+                              else torch.contiguous_format)
+        if channels_last:
+            self.to(memory_format=self.memory_format)  # the 4-D/5-D conv weights; 1-D/2-D tensors are unchanged
 
     def forward(self, x: torch.Tensor, c_noise: torch.Tensor, scalars: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None) -> torch.Tensor:
         check_x(self.layout, x, "unet")
         emb = F.silu(self.embed(x.shape[0], c_noise, scalars, labels))
         x, crop = pad_to_multiple(x, self.stride, self.layout.periodic_mask)
+        cl = self.channels_last
+        if cl:
+            x = x.contiguous(memory_format=self.memory_format)
         h = self.conv_in(x)
         hs = [h]
         for m in self.down:
@@ -190,14 +212,15 @@ class UNet(nn.Module):
             if m.takes_skip:
                 h = torch.cat([h, hs.pop()], dim=1)
             h = m(h, emb)
-        out = self.conv_out(F.silu(self.norm_out(h)))
-        return out if crop is None else out[crop]
+        out = self.conv_out(self.norm_out(h) if self.fused else F.silu(self.norm_out(h)))
+        out = out if crop is None else out[crop]
+        return out.contiguous() if cl else out  # callers get the usual layout back (a copy of C_out channels)
 
 
 def build_unet(layout: Layout, *, channels: int = 64, channel_mult: Sequence[int] = (1, 2, 2, 2),
                num_res_blocks: int = 2, attn_levels: Sequence[int] | None = None, mid_attn: bool = True,
                num_heads: int = 4, dropout: float = 0.0, groups: int = 32, out_channels: int | None = None,
-               validate: bool = True) -> UNet:
+               validate: bool = True, channels_last: bool = False, fused_norm_act: bool = False) -> UNet:
     """N-D UNet (1-3 spatial axes) with FiLM conditioning and circular padding on periodic axes.
 
     Ronneberger et al. 2015, in the diffusion form of Ho et al. 2020; conditioning by FiLM
@@ -220,6 +243,16 @@ def build_unet(layout: Layout, *, channels: int = 64, channel_mult: Sequence[int
     - ``groups`` (32): GroupNorm groups (the largest divisor of the width up to this).
     - ``out_channels`` (None = ``layout.num_channels``): output channels.
     - ``validate`` (True): check label ranges (one host sync per call on an accelerator).
+    - ``channels_last`` (False): run the convolutions in channels-last memory format (2-D:
+      ``torch.channels_last``, 3-D: ``channels_last_3d``; not for 1-D): the weights are stored
+      so and the input converted on entry, the output returned contiguous.  Usually faster on
+      GPUs with tensor cores (cuDNN's NHWC kernels, bf16/fp16); the same outputs and
+      gradients within float rounding.
+    - ``fused_norm_act`` (False): every GroupNorm followed by SiLU (and the FiLM between them
+      in residual blocks) is one float32 pass, :class:`~diffkit_backbones.layers.GroupNormSiLU`,
+      fused into one kernel by ``torch.compile``; in float32 it computes exactly what the
+      unfused path does, under bf16 autocast it rounds once instead of after each op.  Same
+      parameters, so checkpoints load either way.
 
     ``build_unet(layout, channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
     attn_levels=(1,), dropout=0.1)`` is the DDPM CIFAR-10 network (35.7M parameters in
@@ -228,4 +261,5 @@ def build_unet(layout: Layout, *, channels: int = 64, channel_mult: Sequence[int
     """
     return UNet(layout, channels=channels, channel_mult=channel_mult, num_res_blocks=num_res_blocks,
                 attn_levels=attn_levels, mid_attn=mid_attn, num_heads=num_heads, dropout=dropout,
-                groups=groups, out_channels=out_channels, validate=validate)
+                groups=groups, out_channels=out_channels, validate=validate, channels_last=channels_last,
+                fused_norm_act=fused_norm_act)
