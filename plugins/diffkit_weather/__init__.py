@@ -28,8 +28,10 @@ from . import evaluate, forecast  # the modules: forecast.forecast(...), evaluat
 from .evaluate import Evaluation
 from .forecast import Forecaster, InitialStates, initial_states, load_forecaster
 from .truth import read_truth
-from .qg import (NonFiniteStateError, StabilityError, energy_budget, linear_growth_rate, linear_modes,
-                 normal_mode_pv, perturb_members, simulate_qg, to_dataset, write_netcdf)
+from .qg import NonFiniteStateError, StabilityError, perturb_members, simulate_qg
+from .qg_energy import energy_budget
+from .qg_linear import linear_growth_rate, linear_modes, normal_mode_pv
+from .qg_netcdf import to_dataset, write_netcdf
 from .qg_coarse import coarse_grain, refine, split_scales
 from .qg_oracle import format_stationarity, oracle_ensemble, stationarity_report, subgrid_draws
 

@@ -51,7 +51,8 @@ def run_data(args) -> int:
 
     import torch
 
-    from .qg import perturb_members, simulate_qg, to_dataset, write_netcdf
+    from .qg import perturb_members, simulate_qg
+    from .qg_netcdf import to_dataset, write_netcdf
 
     if args.years <= 0 or args.members < 1 or args.members_of_init < 0 or args.spin_up_years < 0:
         raise ValueError("--years must be > 0, --members >= 1, --members-of-init and --spin-up-years >= 0")

@@ -46,7 +46,8 @@ def quickstart(out: Path, *, seed: int = 0, progress: bool = True):
 
     from . import evaluate as E
     from .forecast import forecast, forecast_dataset, initial_states, load_forecaster, persistence, select_init_times
-    from .qg import simulate_qg, to_dataset, write_netcdf
+    from .qg import simulate_qg
+    from .qg_netcdf import to_dataset, write_netcdf
 
     s = SIZES
     out = Path(out)
