@@ -136,3 +136,11 @@ def era5_path(tmp_path) -> str:
     from _weather_era5 import era5, write
 
     return write(era5(), tmp_path / "era5.nc")
+
+
+@pytest.fixture(scope="module")
+def shift(tmp_path_factory):
+    """The weather tests' oracle file (tests/_weather_shift.py), once per test module."""
+    from _weather_shift import write_shift
+
+    return write_shift(tmp_path_factory.mktemp("shift") / "shift.nc")

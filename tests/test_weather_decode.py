@@ -1,6 +1,7 @@
 """Tests of ``diffkit_weather.decode``: model tensors back onto the data file's variables, levels,
-coordinates and attributes (``next_state``, ``unstack``) and the adapter's ``decode``
-(``write_samples``) as an atomically written CF netCDF equal to the file."""
+coordinates and attributes (``next_state``, ``unstack``), the adapter's ``decode``
+(``write_samples``) as an atomically written CF netCDF equal to the file, and ``upgrade_layout``
+reading the layouts of old weather checkpoints (tests/_weather_shift.py's oracle file)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +9,14 @@ import pytest
 import torch
 import xarray as xr
 
+from diffkit.denoiser import Regressor
+from diffkit.layout import Layout
 from diffkit_weather import adapter as A
 from diffkit_weather import decode as D
+from diffkit_weather import forecast as F
 
 from _weather_era5 import LAT, LEVELS
+from _weather_shift import ShiftOracle  # shift: conftest.py
 
 
 @pytest.mark.parametrize("target", ["state", "residual"])
@@ -48,3 +53,36 @@ def test_era5_round_trip_items_unstack_decode(era5_path, tmp_path, target):
                 np.testing.assert_array_equal(dec[c].values, raw[c].values)
                 assert dec[c].attrs == {**raw[c].attrs, **cf.get(c, {})} and dec[c].dtype == raw[c].dtype
         assert not list(tmp_path.glob(".*tmp*"))
+
+
+def _old_layout_dict(layout):
+    """The dict of ``layout`` as written before Layout.autoregressive: the spec in attrs."""
+    d = layout.to_dict()
+    sp = d.pop("autoregressive")
+    d["attrs"] = {**d["attrs"], "history": sp["history"], "lead_hours": sp["step"], "target": sp["target"],
+                  "state_mean": sp["state_mean"], "state_std": sp["state_std"]}
+    return d
+
+
+def test_old_checkpoint_layouts_are_converted(shift, tmp_path):
+    import io
+
+    L = A.GriddedAdapter(str(shift), history=2, target="residual", val_fraction=0.25).layout
+    assert L.autoregressive.step == 6.0 and L.autoregressive.step_units == "hours"
+    assert not {"history", "lead_hours", "target", "state_mean", "state_std"} & set(L.attrs)
+    buf = io.BytesIO()
+    torch.save(_old_layout_dict(L), buf)
+    buf.seek(0)
+    old = Layout.from_dict(torch.load(buf, weights_only=True))
+    assert old.autoregressive is None
+    up = D.upgrade_layout(old)
+    assert up.autoregressive == L.autoregressive and repr(up.attrs) == repr(L.attrs)   # (NaN fill values)
+    # forecasts accept the old layout as it is (converted on the way in)
+    model = Regressor(ShiftOracle(L), L)
+    ist = F.initial_states(shift, old, "2000-01-02T00:00")
+    torch.testing.assert_close(F.forecast(model, old, ist, steps=2, members=1),
+                               F.forecast(model, L, ist, steps=2, members=1), rtol=0, atol=0, equal_nan=True)
+    broken = {**_old_layout_dict(L)}
+    broken["attrs"] = {k: v for k, v in broken["attrs"].items() if k != "state_std"}
+    with pytest.raises(A.WeatherDataError, match="old weather checkpoint.*lack state_std"):
+        D.upgrade_layout(Layout.from_dict(broken))

@@ -31,7 +31,7 @@ from diffkit_weather import metrics as WM
 from diffkit_weather import plots as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_weather_forecast import LAT, shift, truth_model, write_shift  # noqa: E402,F401  (shift: the fixture)
+from _weather_shift import LAT, truth_model, write_shift  # noqa: E402,F401  (shift: conftest.py)
 
 K = 3
 TIMES = np.array(["2000-01-02T00", "2000-01-03T00"], "datetime64[ns]")    # time indices 4 and 8

@@ -7,8 +7,9 @@
   as a Regressor and as an x0 Denoiser with deterministic samplers, with the forcings of each
   step's init time and the mask channel of the adapter;
 - a tiny trained UNet: seeded, batched ensembles and the CF layout of the forecast file;
-- evaluate: the scores equal direct calls of :mod:`diffkit_weather.metrics`; a perfect forecast
-  scores 0; tables and figures are written; a truth that does not cover the forecast is an error;
+- (evaluate's scores against direct metric calls, and the truth's alignment and coverage, on the same
+  oracle file -- tests/_weather_shift.py -- are in test_weather_evaluate.py and test_weather_truth.py;
+  the conversion of old checkpoint layouts in test_weather_decode.py)
 - the commands end to end on NCL's storm files (or a small QG run where they are not installed).
 """
 from __future__ import annotations
@@ -19,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 try:
     from diffkit_weather import adapter as A
@@ -33,95 +33,17 @@ from diffkit.checkpoint import capture_rng_state, restore_rng_state  # noqa: E40
 from diffkit.cli import main  # noqa: E402
 from diffkit.config import config_from_dict  # noqa: E402
 from diffkit.denoiser import Cond, Denoiser, Regressor  # noqa: E402
-from diffkit.layout import Layout  # noqa: E402
 from diffkit.schedules import cosine  # noqa: E402
 from diffkit_weather import decode as D  # noqa: E402
 from diffkit_weather import evaluate as E  # noqa: E402
 from diffkit_weather import forecast as F  # noqa: E402
-from diffkit_weather import metrics as WM  # noqa: E402
 
-PNG = b"\x89PNG\r\n\x1a\n"
+from _weather_shift import LAT, LEVELS, ShiftOracle, _close_nan, truth_model  # noqa: E402  (shift: conftest.py)
+
 TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False}
 NCL = Path("/usr/share/ncarg/data/cdf")
 STORM = [NCL / "Ustorm.cdf", NCL / "Pstorm.cdf"]
 STORM_UNITS = "hours since 1996-01-05 00:00"
-
-# ============================================================================= the shift file
-LAT = np.arange(70.0, -71.0, -20.0)       # 8 rows, descending (ERA5 order)
-LON = np.arange(0.0, 360.0, 15.0)         # 24 columns: global, periodic
-LEVELS = np.array([500, 850], np.int32)
-NT = 28                                   # 6-hourly from 2000-01-01 00:00
-
-
-def shift_fields(seed: int = 0) -> dict:
-    """``x(t) = roll(f, t)`` along longitude (one grid point east per 6 h), per variable ``(T, L, lat, lon)``;
-    z is missing (NaN) on the northernmost row at every time."""
-    g = np.random.default_rng(seed)
-    base = {"t": g.normal(size=(2, 8, 24)) * 2 + 5, "z": g.normal(size=(2, 8, 24)) * 0.5 - 1}
-    out = {v: np.stack([np.roll(f, t, axis=-1) for t in range(NT)]).astype(np.float32) for v, f in base.items()}
-    out["z"][:, :, 0] = np.nan
-    return out
-
-
-def write_shift(path) -> Path:
-    x = shift_fields()
-    ds = xr.Dataset(
-        {"t": (("time", "level", "latitude", "longitude"), x["t"], {"units": "K", "long_name": "temperature"}),
-         "z": (("time", "level", "latitude", "longitude"), x["z"], {"units": "m2 s-2", "long_name": "geopotential"}),
-         "orog": (("latitude", "longitude"), np.add.outer(LAT / 10, np.cos(np.deg2rad(LON))).astype(np.float32),
-                  {"units": "m", "long_name": "a static field"})},
-        coords={"time": ("time", 6 * np.arange(NT), {"units": "hours since 2000-01-01 00:00"}),
-                "level": ("level", LEVELS, {"units": "hPa", "standard_name": "air_pressure"}),
-                "latitude": ("latitude", LAT, {"units": "degrees_north"}),
-                "longitude": ("longitude", LON, {"units": "degrees_east"})},
-        attrs={"title": "zonal shift"})
-    ds.to_netcdf(path)
-    return Path(path)
-
-
-@pytest.fixture(scope="module")
-def shift(tmp_path_factory) -> Path:
-    return write_shift(tmp_path_factory.mktemp("shift") / "shift.nc")
-
-
-def truth_model(i0: np.ndarray, K: int) -> np.ndarray:
-    """The truth ``(N, K, C, lat, lon)`` after the init time indices ``i0``, in the model's orientation."""
-    x = shift_fields()
-    both = np.concatenate([x["t"], x["z"]], 1)[..., ::-1, :]            # latitude ascending
-    return np.stack([both[i + 1: i + K + 1] for i in i0])
-
-
-class ShiftOracle(nn.Module):
-    """The exact one-step map of the shift file in the standardised space, from the *oldest* history
-    state (``x(t + lead) = roll(x(t - h + 1), h)``), so a wrongly ordered or updated history breaks it.
-    Records the scalars and the mask channel it was given."""
-
-    def __init__(self, layout):
-        super().__init__()
-        a = layout.autoregressive
-        self.w = nn.Parameter(torch.zeros(()))
-        self.h, self.C, self.target = a.history, layout.num_channels, a.target
-        self.sm = torch.tensor(a.state_mean).reshape(-1, 1, 1)
-        self.ss = torch.tensor(a.state_std).reshape(-1, 1, 1)
-        self.tm, self.ts = layout.mean, layout.std
-        self.seen: list[tuple] = []
-
-    def forward(self, x, c_noise, scalars=None, labels=None):
-        B, C, h = x.shape[0], self.C, self.h
-        f = x[:, C:]
-        hist = f[:, : h * C].reshape(B, h, C, *x.shape[2:]) * self.ss + self.sm
-        nxt = torch.roll(hist[:, 0], h, dims=-1)
-        y = nxt - hist[:, -1] if self.target == "residual" else nxt
-        self.seen.append((B, scalars.clone(), f.clone()))
-        return (y - self.tm) / self.ts + 0 * self.w
-
-
-def _close_nan(a, b, atol=1e-5):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    assert a.shape == b.shape
-    np.testing.assert_array_equal(np.isnan(a), np.isnan(b))
-    np.testing.assert_allclose(a, b, rtol=0, atol=atol, equal_nan=True)
-
 
 # ============================================================================= 1. oracles
 @pytest.mark.parametrize("history,target,static", [(1, "state", ()), (2, "residual", ("orog",))])
@@ -185,39 +107,6 @@ def test_regressor_oracle_forecast_is_exact_and_unstacks_to_the_file(shift, hist
     back = E.open_forecast(atomic_to_netcdf(ds, tmp_path / "fc.nc"))
     assert back["lead_time"].dtype.kind == "m" and back.attrs["members"] == M
     _close_nan(back["z"].values, ds["z"].values, atol=0)
-
-
-def _old_layout_dict(layout):
-    """The dict of ``layout`` as written before Layout.autoregressive: the spec in attrs."""
-    d = layout.to_dict()
-    sp = d.pop("autoregressive")
-    d["attrs"] = {**d["attrs"], "history": sp["history"], "lead_hours": sp["step"], "target": sp["target"],
-                  "state_mean": sp["state_mean"], "state_std": sp["state_std"]}
-    return d
-
-
-def test_old_checkpoint_layouts_are_converted(shift, tmp_path):
-    import io
-
-    L = A.GriddedAdapter(str(shift), history=2, target="residual", val_fraction=0.25).layout
-    assert L.autoregressive.step == 6.0 and L.autoregressive.step_units == "hours"
-    assert not {"history", "lead_hours", "target", "state_mean", "state_std"} & set(L.attrs)
-    buf = io.BytesIO()
-    torch.save(_old_layout_dict(L), buf)
-    buf.seek(0)
-    old = Layout.from_dict(torch.load(buf, weights_only=True))
-    assert old.autoregressive is None
-    up = D.upgrade_layout(old)
-    assert up.autoregressive == L.autoregressive and repr(up.attrs) == repr(L.attrs)   # (NaN fill values)
-    # forecasts accept the old layout as it is (converted on the way in)
-    model = Regressor(ShiftOracle(L), L)
-    ist = F.initial_states(shift, old, "2000-01-02T00:00")
-    torch.testing.assert_close(F.forecast(model, old, ist, steps=2, members=1),
-                               F.forecast(model, L, ist, steps=2, members=1), rtol=0, atol=0, equal_nan=True)
-    broken = {**_old_layout_dict(L)}
-    broken["attrs"] = {k: v for k, v in broken["attrs"].items() if k != "state_std"}
-    with pytest.raises(A.WeatherDataError, match="old weather checkpoint.*lack state_std"):
-        D.upgrade_layout(Layout.from_dict(broken))
 
 
 def test_perturbed_initial_condition_ensemble_of_a_regression_model(shift):
@@ -341,80 +230,6 @@ def test_trained_regression_baseline_is_a_perturbed_initial_condition_ensemble(t
     assert (q[0, 0, 1:] - q[0, 0, :-1]).abs().nan_to_num().max() > 0  # it does advance
     with pytest.raises(ValueError, match="perturb must be >= 0"):
         F.forecast(fc, None, ist, steps=1, members=2, perturb=-1.0)
-
-
-# ============================================================================= 3. evaluate
-def _fc_from(pred, layout, times):
-    return D.forecast_dataset(torch.as_tensor(pred, dtype=torch.float32), layout, times)
-
-
-def test_evaluate_scores_equal_direct_metric_calls(shift, tmp_path):
-    L = A.GriddedAdapter(str(shift), val_fraction=0.25).layout
-    times = np.array(["2000-01-02T00", "2000-01-03T00"], "datetime64[ns]")
-    N, M, K = 2, 3, 3
-    g = np.random.default_rng(3)
-    base = torch.from_numpy(truth_model(np.array([4, 8]), K)).float()  # (N, K, C, lat, lon), model order
-    # exchangeable truth and members: a shared error plus member noise of the same size (a reliable ensemble)
-    shared = g.normal(size=(N, 1, K, 4, 8, 24)) * 0.3
-    pred = base[:, None] + torch.from_numpy(shared + g.normal(size=(N, M, K, 4, 8, 24)) * 0.3).float()
-    fc = _fc_from(pred, L, times)
-    ev = E.evaluate(fc, shift, out=tmp_path / "ev", seed=0)
-    s = ev.scores
-    assert list(s["channel"].values) == ["t@500", "t@850", "z@500", "z@850"]
-    raw = xr.open_dataset(shift)
-    w = WM.latitude_weights(LAT)
-    idx = np.array([[4, 8]]).T + 1 + np.arange(K)                     # (N, K) truth time indices
-    g2 = torch.Generator().manual_seed(0)
-    for c, (v, li) in enumerate([("t", 0), ("t", 1), ("z", 0), ("z", 1)]):
-        tr = torch.from_numpy(raw[v].values[idx][:, :, li].astype(np.float64))   # (N, K, lat, lon), file order
-        f = torch.from_numpy(fc[v].values[:, :, :, li].astype(np.float64))      # (M, N, K, lat, lon)
-        mask = torch.isfinite(tr) & torch.isfinite(f).all(0)
-        kw = dict(member_dim=0, mask=mask, init_dim=0)
-        np.testing.assert_allclose(s["rmse"].values[c], WM.rmse(f, tr, w, **kw).numpy(), rtol=1e-12)
-        np.testing.assert_allclose(s["crps"].values[c], WM.crps(f, tr, w, **kw).numpy(), rtol=1e-12)
-        np.testing.assert_allclose(s["spread"].values[c], WM.spread(f, w, **kw).numpy(), rtol=1e-12)
-        np.testing.assert_allclose(s["spread_skill_ratio"].values[c],
-                                   WM.spread_skill_ratio(f, tr, w, calibrated=True, **kw).numpy(), rtol=1e-12)
-        rh = WM.rank_histogram(f, tr, member_dim=0, mask=mask, keep_dims=(1,), generator=g2)  # no ties: exact
-        np.testing.assert_array_equal(s["rank_histogram"].values[c], rh.numpy())
-        assert int(rh.sum()) == int(mask.sum())
-    assert 0.85 < float(s["spread_skill_ratio"].mean()) < 1.15        # (M+1)/M-corrected: about 1
-    # the files: tidy CSV, netCDF, figures
-    names = sorted(p.name for p in ev.files)
-    assert names == ["lead_curves.png", "maps_t-500.png", "maps_t-850.png", "maps_z-500.png", "maps_z-850.png",
-                     "rank_histograms.png", "scores.csv", "scores.nc"]
-    import pandas as pd
-
-    tab = pd.read_csv(tmp_path / "ev" / "scores.csv")
-    assert len(tab) == 4 * K and list(tab.columns[:5]) == ["variable", "level", "channel", "units", "lead_hours"]
-    assert tab["lead_hours"].tolist()[:K] == [6.0, 12.0, 18.0] and tab["level"].tolist()[0] == 500
-    np.testing.assert_allclose(tab["crps"].values, s["crps"].values.ravel(), rtol=1e-7)
-    assert [f"rank_{j}" for j in range(M + 1)] == list(tab.columns[-(M + 1):])
-    back = E.open_scores(tmp_path / "ev" / "scores.nc")               # channel names: channel_name(channel)
-    np.testing.assert_allclose(back["rmse"].values, s["rmse"].values)
-    assert list(back["channel"].values) == list(s["channel"].values)
-    for p in ev.files:
-        if p.suffix == ".png":
-            assert p.read_bytes()[:8] == PNG
-    assert not list((tmp_path / "ev").glob(".*"))                     # no temporary files left behind
-
-
-def test_evaluate_perfect_forecast_and_uncovered_truth(shift, tmp_path):
-    L = A.GriddedAdapter(str(shift), val_fraction=0.25).layout
-    times = np.array(["2000-01-05T00"], "datetime64[ns]")
-    pred = torch.from_numpy(truth_model(np.array([16]), 4))[:, None].expand(1, 2, 4, 4, 8, 24)
-    ev = E.evaluate(_fc_from(pred, L, times), str(shift), plots=False)
-    s = ev.scores
-    assert np.abs(s["rmse"].values).max() < 1e-6 and np.abs(s["crps"].values).max() < 1e-6
-    assert np.abs(s["spread"].values).max() == 0 and ev.files == []
-    # one member: RMSE only, the ensemble scores are NaN; the table still has every row
-    one = E.evaluate(_fc_from(pred[:, :1], L, times), shift)
-    assert np.isnan(one.scores["crps"].values).all() and np.isfinite(one.scores["rmse"].values).all()
-    assert len(one.table) == 16
-    xr.open_dataset(shift).isel(time=slice(0, 19)).to_netcdf(tmp_path / "short.nc")
-    with pytest.raises(A.WeatherDataError, match=r"does not cover the forecast: variable 't' lacks 2 of its 4 valid "
-                                                 r"times: 2000-01-05 18:00, 2000-01-06 00:00"):
-        E.evaluate(_fc_from(pred, L, times), tmp_path / "short.nc")
 
 
 # ============================================================================= 4. the commands

@@ -35,7 +35,7 @@ from diffkit_weather import forecast as F
 from diffkit_weather import metrics as WM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_weather_forecast import ShiftOracle, write_shift  # noqa: E402
+from _weather_shift import ShiftOracle, write_shift  # noqa: E402
 
 CASES = {"disjoint": {"t": [850], "z": [500]},        # was: t at 850 labelled 500 (or z at 500 labelled 850)
          "overlapping": {"t": [500, 850], "z": [500]},  # was: xarray's "conflicting sizes"
