@@ -241,6 +241,20 @@ class TrainerConfig(Validated, section="trainer"):
     """Number of most recent periodic checkpoints kept in the run directory (>= 1)."""
     deterministic: bool = False
     """Use deterministic algorithms (torch.use_deterministic_algorithms): reproducible, slower."""
+    check_every: int = field(default=0, metadata=_AT_LEAST_0)
+    """Check the loss and the batch for NaN/inf every this many steps; 0 = every step on CPU (where reading
+    the loss costs no device sync) and every trainer.log_every steps on an accelerator.  Between checks
+    nothing waits for the device: a record of the first non-finite step is kept on the device, so the error
+    names that exact step.  Steps that log, validate, snapshot or checkpoint are always checked first, so no
+    checkpoint holds a diverged model."""
+    fused_adamw: bool = False
+    """Use the fused AdamW kernel (torch.optim.AdamW(fused=True): one kernel per parameter group; CPU and
+    CUDA support it); same update as the default up to float round-off."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun) share the model: ddp replicates it on every process; fsdp shards the
+    parameters, gradients, optimizer state and EMA weights over the processes (FSDP2, fully_shard), for
+    backbones that do not fit one device.  Checkpoints hold the full, unsharded weights either way.  One
+    process ignores it."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -143,11 +143,13 @@ class Trainer:
         self._wrap_net()
         # the parameter lists, once: walking the module tree costs ~0.1 ms a step (clip, EMA)
         self._params, self._ema_params = list(self.net.parameters()), list(self.ema.net.parameters())
-        self.opt = torch.optim.AdamW(self._params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.opt = torch.optim.AdamW(self._params, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay,
+                                     **self._fused())
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(tc.warmup, tc.steps))
         self.noise_gen = torch.Generator(device=self.device).manual_seed(tc.seed + 1)
         self.sampler = ResumableSampler(self.train_set, self.dist.world, self.dist.rank, seed=tc.seed)
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self._reset_watch()
         prec = tc.precision
         self.amp_dtype = torch.bfloat16 if (prec == "bf16" or (prec == "auto" and self.device.type == "cuda")) else None
         self.ckpts = CheckpointManager(self.run_dir / "checkpoints", keep_last=tc.keep_last)
@@ -214,6 +216,7 @@ class Trainer:
         self.net.load_state_dict(ck["model"])
         self.ema.net.load_state_dict(ck["ema"])
         self.opt.load_state_dict(ck["optimizer"])
+        self._apply_fused_flag()
         self.sched.load_state_dict(ck["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
         restore_rng_state(ck["rng"])
@@ -222,6 +225,31 @@ class Trainer:
         self._resumed = True
         if self.dist.main:
             print(f"diffkit: resumed from {path} at step {self.step}")
+
+    def _fused(self) -> dict:
+        """``{"fused": True}`` for AdamW where ``trainer.fused_adamw`` asks for it, else ``{}``; a one-line
+        error on a device without the fused kernel."""
+        if not self.cfg.trainer.fused_adamw:
+            return {}
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        if self.device.type not in _get_fused_kernels_supported_devices():
+            raise ConfigError(f"trainer.fused_adamw = true, but torch {torch.__version__} has no fused AdamW "
+                              f"kernel for device {self.device.type!r}; set trainer.fused_adamw = false")
+        return {"fused": True}
+
+    def _apply_fused_flag(self) -> None:
+        """A loaded optimizer state carries the ``fused`` flag it was saved with; this config's wins (the
+        update is the same up to round-off), with the step counts where the fused kernel wants them."""
+        fused = bool(self._fused())
+        for group in self.opt.param_groups:
+            group["fused"] = True if fused else None
+            if fused:
+                group["foreach"] = None
+                for p in group["params"]:
+                    st = self.opt.state.get(p, {})
+                    if isinstance(st.get("step"), torch.Tensor):
+                        st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
     def _check_same_model(self, ck: dict, path) -> None:
         """Raise a one-line :class:`CheckpointError` when the checkpoint's weights do not fit this
@@ -319,7 +347,9 @@ class Trainer:
         eps = torch.randn((W * B, *x.shape[1:]), generator=self.noise_gen, device=self.device, dtype=x.dtype)
         return t[r::W], eps[r::W]
 
-    def _loss(self, x0, cond, weight, t=None, eps=None, model=None) -> torch.Tensor:
+    def _loss(self, x0, cond, weight, t=None, eps=None, model=None, check=True) -> torch.Tensor:
+        """Per-sample loss; ``check=False`` skips the losses' NaN/inf check of ``x0`` (a host sync),
+        which the training step replaces by its device-side watch."""
         lc = self.cfg.loss
         w = self._layout_weights
         if weight is not None:
@@ -328,11 +358,12 @@ class Trainer:
         ctx = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else contextlib.nullcontext()
         with ctx:
             if isinstance(model or self.model, Regressor):
-                return regression_loss(model or self.model, x0, cond=cond if cond.given else None, weight=w)
+                return regression_loss(model or self.model, x0, cond=cond if cond.given else None, weight=w,
+                                       check=check)
             return diffusion_loss(model or self.model, x0, cond=cond if cond.given else None,
                                   weighting=lc.weighting, weight=w, gamma=lc.gamma, p_uncond=p_uncond,
                                   t=t, eps=eps, generator=self.noise_gen, noise=noise_distribution(lc),
-                                  sigma_data=lc.sigma_data)
+                                  sigma_data=lc.sigma_data, check=check)
 
     # -- the loop ----------------------------------------------------------------------
     def fit(self) -> dict:
@@ -357,34 +388,41 @@ class Trainer:
             old_handler = signal.signal(signal.SIGINT, self._on_sigint)
         t_start, n_samples, last_log = time.time(), 0, time.time()
         last = {}
+        every = self._check_interval()
         try:
             while self.step < tc.steps:
                 # 0: go on, 1: the time budget is spent, 2: Ctrl-C (which wins: it is what the user did)
                 stop = 2 if self._stop else \
                     int(tc.time_budget is not None and time.time() - t_start >= tc.time_budget)
-                if self.dist.world > 1:  # all ranks stop at the same step, or the others hang in DDP's all-reduce
+                # all ranks stop at the same step, or the others hang in DDP's all-reduce; agreed at the
+                # check steps only, whose host sync it shares
+                if self.dist.world > 1 and self.step % every == 0:
                     stop = int(self._all_reduce(float(stop), torchdist.ReduceOp.MAX))
+                elif self.dist.world > 1:
+                    stop = 0
                 if stop:
                     self.stopped = "interrupted" if stop == 2 else "time_budget"
                     break
-                loss = self._train_step(batches)
+                checked = self._check_due(self.step + 1, every)
+                loss = self._train_step(batches, check=checked)  # (a device tensor: nothing waits for it)
                 n_samples += self.cfg.data.batch_size
                 log_now = self.step % tc.log_every == 0 or self.step == tc.steps
                 if log_now and self.dist.world > 1:  # log the global batch's loss, not rank 0's share
                     loss = self._all_reduce(loss, torchdist.ReduceOp.SUM) / self.dist.world
+                host = float(loss) if (log_now or checked) else None  # read once the device was waited for
                 if self.dist.main and log_now:
                     now = time.time()
-                    last = {"step": self.step, "loss": loss, "lr": self.sched.get_last_lr()[0],
+                    last = {"step": self.step, "loss": host, "lr": self.sched.get_last_lr()[0],
                             "samples_per_s": n_samples / max(now - last_log, 1e-9), "elapsed_s": now - t_start}
                     _append_jsonl(log_path, last)
                     n_samples, last_log = 0, now
-                if bar is not None:
-                    bar.update(1)
+                if bar is not None and host is not None:
+                    bar.update(self.step - bar.n)
                     fd = bar.format_dict  # steps/s: tqdm's smoothed rate, else the mean so far
                     rate = fd.get("rate") or ((fd["n"] - fd.get("initial", 0)) / fd["elapsed"] if fd["elapsed"] else 0)
                     samples_s = f"{rate * self.cfg.data.batch_size:.0f}" if rate else "?"
                     # refresh=False: redrawn at tqdm's own pace, not every step
-                    bar.set_postfix(loss=f"{loss:.4f}", samples_s=samples_s, refresh=False)
+                    bar.set_postfix(loss=f"{host:.4f}", samples_s=samples_s, refresh=False)
                 if tc.val_every and self.step % tc.val_every == 0:
                     v = self.validate()
                     if self.dist.main:
@@ -397,6 +435,7 @@ class Trainer:
                 if self._stop and self.dist.world == 1:  # (several ranks: agreed at the top of the loop)
                     self.stopped = "interrupted"
                     break
+            self._raise_if_diverged()  # the steps since the last check, before the final checkpoint
             if not (tc.ckpt_every and self.step % tc.ckpt_every == 0):
                 self.save_checkpoint()
         finally:
@@ -415,42 +454,92 @@ class Trainer:
             out["stopped"] = self.stopped
         return out
 
-    def _all_reduce(self, value: float, op) -> float:
-        v = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+    def _all_reduce(self, value, op) -> float:
+        v = torch.as_tensor(value, dtype=torch.float64, device=self.device).reshape(1).clone()
         torchdist.all_reduce(v, op=op)
         return float(v)
+
+    # -- the NaN/inf watch: a device-side record, read at the check steps only ----------------
+    def _check_interval(self) -> int:
+        """``trainer.check_every``; 0: every step on CPU (reading a value there costs no device sync),
+        every ``trainer.log_every`` steps elsewhere (the log reads the loss anyway)."""
+        tc = self.cfg.trainer
+        return tc.check_every or (1 if self.device.type == "cpu" else tc.log_every)
+
+    def _check_due(self, step: int, every: int) -> bool:
+        """Whether ``step`` is checked before its optimizer update: every ``every`` steps, and every step
+        that logs, validates, snapshots or checkpoints, so no output is ever written from a diverged model."""
+        tc = self.cfg.trainer
+        return any(n and step % n == 0 for n in (every, tc.log_every, tc.val_every, tc.snapshot_every,
+                                                  tc.ckpt_every)) or step == tc.steps
+
+    def _reset_watch(self) -> None:
+        z = lambda v, dt: torch.full((), v, dtype=dt, device=self.device)  # noqa: E731
+        self._bad_data = z(_NO_STEP, torch.int64)  # the first step whose batch held NaN or inf
+        self._bad_step = z(_NO_STEP, torch.int64)  # the first step whose loss was not finite
+        self._bad_loss = z(0.0, torch.float64)  # and that loss
+
+    def _watch(self, step: int, total: torch.Tensor, data_ok: torch.Tensor) -> None:
+        """Record, on the device (no host sync), the first step with non-finite data or loss."""
+        first = ~torch.isfinite(total) & (self._bad_step == _NO_STEP)
+        self._bad_loss = torch.where(first, total, self._bad_loss)
+        self._bad_step = torch.where(first, step, self._bad_step)
+        self._bad_data = torch.where(~data_ok & (self._bad_data == _NO_STEP), step, self._bad_data)
+
+    def _raise_if_diverged(self) -> None:
+        """Read the record (one host sync; under torchrun the earliest step of any rank) and raise
+        :class:`TrainingDiverged` naming the first step whose batch or loss was not finite."""
+        loss = self._bad_loss
+        kind = torch.where(torch.isnan(loss), 1.0, torch.where(loss > 0, 2.0, 3.0)).double()  # nan, inf, -inf
+        # -step (the max over ranks is the earliest step), and the loss's kind packed with its step
+        rec = torch.stack([-self._bad_data.double(), kind - 4.0 * self._bad_step.double()])
+        if self.dist.world > 1:
+            torchdist.all_reduce(rec, op=torchdist.ReduceOp.MAX)
+        neg_data, packed = (int(v) for v in rec.tolist())
+        data, step = -neg_data, (3 - packed) // 4
+        kind = packed + 4 * step
+        if min(data, step) >= _NO_STEP:
+            return
+        if data <= step:
+            raise TrainingDiverged(
+                f"the training batch of step {data} holds NaN or inf values; the adapter must "
+                f"fill missing values and mark them with a weight of 0. The last good checkpoint in "
+                f"{self.ckpts.directory} is kept")
+        raise TrainingDiverged(
+            f"the loss became {('nan', 'inf', '-inf')[int(kind) - 1]} at step {step}; training stopped and the last "
+            f"good checkpoint in {self.ckpts.directory} is kept. Lower trainer.lr, enable trainer.grad_clip, "
+            f"or check the data for extreme values")
 
     def _on_sigint(self, signum, frame):
         if self._stop:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self._stop = True
 
-    def _train_step(self, batches) -> float:
+    def _train_step(self, batches, check: bool = True) -> torch.Tensor:
+        """One optimizer step; returns the loss as a 0-d float64 tensor on the device.  ``check``: read
+        the NaN/inf record first (one host sync) and raise before the update if this or an earlier
+        unchecked step diverged."""
         tc = self.cfg.trainer
         if not self.net.training:  # (.train() walks every module: ~0.1 ms a step)
             self.net.train()
         self.opt.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        data_ok = None
         for k in range(tc.grad_accum):
             x0, cond, weight = _collate_to(next(batches), self.device)
-            if not bool(torch.isfinite(x0).all()):
-                raise TrainingDiverged(
-                    f"the training batch of step {self.step + 1} holds NaN or inf values; the adapter must "
-                    f"fill missing values and mark them with a weight of 0. The last good checkpoint in "
-                    f"{self.ckpts.directory} is kept")
+            ok = torch.isfinite(x0).all()
+            data_ok = ok if data_ok is None else data_ok & ok
             t, eps = self._noise(x0)
             sync = contextlib.nullcontext()
             if self.ddp is not None and k < tc.grad_accum - 1:
                 sync = self.ddp.no_sync()
             with sync:
-                loss = self._loss(x0, cond, weight, t=t, eps=eps).mean() / tc.grad_accum
+                loss = self._loss(x0, cond, weight, t=t, eps=eps, check=False).mean() / tc.grad_accum
                 loss.backward()
-            total += float(loss.detach())
-        if not math.isfinite(total):
-            raise TrainingDiverged(
-                f"the loss became {total} at step {self.step + 1}; training stopped and the last good "
-                f"checkpoint in {self.ckpts.directory} is kept. Lower trainer.lr, enable trainer.grad_clip, "
-                f"or check the data for extreme values")
+            total = total + loss.detach().double()  # float64, as the sum of Python floats it replaced
+        self._watch(self.step + 1, total, data_ok)
+        if check:
+            self._raise_if_diverged()
         if tc.grad_clip is not None:
             self._clip_grad_norm(tc.grad_clip)
         self.opt.step()
@@ -538,6 +627,8 @@ class Trainer:
 
 
 _UNSET = object()
+#: "no such step yet" in the trainer's device-side NaN/inf record
+_NO_STEP = 2**40  # (times 4, still exact in float64)
 
 
 def _flat(d, prefix: str) -> dict:
