@@ -246,13 +246,14 @@ def test_qg_frame_loop_is_the_former_loop_and_matches_the_frozen_reference():
 
     from diffkit_weather import qg as Q
     from diffkit_weather.qg_coarse import coarse_grain
+    from diffkit_weather.qg_model import _Spectral
 
     kw = dict(nx=32, spin_up_years=1 / 365, seed=5, ic_amplitude=1e-5, observe=16, fine_frames=[3, 1])
     runs = {dtype: Q.simulate_qg(2, 4, dtype=dtype, **kw) for dtype in (torch.float64, torch.float32)}
     for dtype, r in runs.items():
         p = r["params"]
         assert (p["spin_up_steps"], p["n_sub"]) == (4, 3)
-        S = Q._Spectral(dict(p, nx=p["nx_sim"], dx=p["dx_sim"]), torch.device("cpu"), dtype)
+        S = _Spectral(dict(p, nx=p["nx_sim"], dx=p["dx_sim"]), torch.device("cpu"), dtype)
         q = torch.stack([Q._random_field(np.random.default_rng([5, i]), 32) * 1e-5 for i in range(2)])
         qh = torch.fft.rfft2(q, norm="forward") * S.mask64
         qh[..., 0, 0] = 0
