@@ -464,6 +464,7 @@ RULES = {
     "trainer.weight_decay": (-0.1, ">= 0 and finite"),
     "trainer.betas": ((0.9, 1.0), "two numbers in [0, 1)"),
     "trainer.warmup": (-1, ">= 0"),
+    "trainer.check_every": (-1, ">= 0"),
     "trainer.grad_clip": (0.0, "> 0 (or \"none\" to switch clipping off)"),
     "trainer.grad_accum": (0, ">= 1"),
     "trainer.ema_decay": (1.0, "in [0, 1)"),
