@@ -69,11 +69,13 @@ def sample_posterior(denoiser, observation, shape=None, *, members: int = 1, met
     ``p(x | y)`` (inpainting, super-resolution, any linear or differentiable observation operator).
 
     - ``observation``: a :class:`diffkit.guidance.Observation` of the *standardised* sample (``y`` of
-      batch ``n``: ``n`` independent observations, each sampled ``members`` times), or a
-      :class:`diffkit.observations.StepObservations` in physical units (a mask or a point operator,
-      batch 1), mapped into the model's standardised space by :func:`diffkit.assimilate.model_space`
-      with ``layout`` (default: the denoiser's) -- ``(y - A(mean)) / std``, sigma_y likewise.
-    - ``shape``: one sample's shape ``(C, *spatial)`` (default: the layout's ``sample_shape``).
+      batch ``n``: ``n`` independent observations, each sampled ``members`` times).  Physical
+      observations (a :class:`diffkit.observations.StepObservations` of an observation file) map into
+      the model's space with :func:`diffkit.assimilate.model_space` (``(y - A(mean)) / std``, sigma_y
+      likewise); this module does not import it (``diffkit.assimilate`` imports the window models,
+      which sample through here).
+    - ``shape``: one sample's shape ``(C, *spatial)`` (default: the ``sample_shape`` of ``layout`` or of
+      the denoiser's layout).
     - ``method``: a guidance name (``"mmps"``, ``"reconstruction"``, ``"dps"`` or a plugin's), a spec
       ``{"name": "mmps", "cg_iters": 5}`` (resolved by :func:`diffkit.registry.resolve`), a callable
       ``guide(denoiser, observation) -> guided denoiser`` (e.g. :class:`diffkit.assimilate.Guide`), or
@@ -92,22 +94,14 @@ def sample_posterior(denoiser, observation, shape=None, *, members: int = 1, met
     import torch
 
     from .guidance import Observation
-    from .observations import StepObservations
 
     if isinstance(members, bool) or not isinstance(members, int) or members < 1:
         raise ValueError(f"members must be an integer >= 1, got {members!r}")
-    if isinstance(observation, StepObservations):
-        layout = layout if layout is not None else _layout_of(denoiser)
-        if layout is None:
-            raise TypeError("physical observations (StepObservations) are mapped into the model's standardised space "
-                            "with its layout (mean, std): pass layout=, or give a diffkit.guidance.Observation of "
-                            "the standardised sample")
-        from .assimilate import model_space
-
-        observation = model_space(observation, layout)
-    elif not isinstance(observation, Observation):
-        raise TypeError(f"observation must be a diffkit.guidance.Observation (standardised) or a "
-                        f"diffkit.observations.StepObservations (physical), got {type(observation).__name__}")
+    if not isinstance(observation, Observation):
+        hint = (": map physical StepObservations with diffkit.assimilate.model_space(step, layout) first"
+                if type(observation).__name__ == "StepObservations" else "")
+        raise TypeError(f"observation must be a diffkit.guidance.Observation of the standardised sample, got "
+                        f"{type(observation).__name__}{hint}")
     if shape is None:
         layout = layout if layout is not None else _layout_of(denoiser)
         if layout is None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import diffkit as dk
+from diffkit.assimilate import model_space
 from diffkit.errors import UnknownComponentError
 from diffkit.guidance import BlockAverage, MaskOperator, Observation
 from diffkit.layout import Layout
@@ -75,7 +76,8 @@ def test_mmps_samples_are_the_gaussian_posterior_at_every_rank_and_scale(shape, 
 
 def test_physical_observations_are_mapped_through_the_layout():
     """StepObservations in physical units (x = mean_c + std_c z per channel, std_c = 50 and 0.2) with the
-    layout: the de-standardised samples have the physical closed-form posterior (model_space's mapping)."""
+    layout, mapped by diffkit.assimilate.model_space: the de-standardised samples have the physical
+    closed-form posterior; the sample shape comes from the layout."""
     shape, s = (2, 6), 0.01
     lay = Layout(channels=("a", "b"), spatial=("x",), shape=(6,), mean=torch.tensor([[280.0], [-3.0]]),
                  std=torch.tensor([[50.0], [0.2]]))
@@ -87,7 +89,8 @@ def test_physical_observations_are_mapped_through_the_layout():
     sig = sy * pstd[mask]
     y = truth[mask] + sig * torch.randn(sig.shape, generator=g, dtype=DT)
     den = dk.GaussianDenoiser(dk.cosine(), zmean, s)
-    z = sample_posterior(den, StepObservations(y, sig, mask=mask), members=N, layout=lay, nfe=NFE, seed=5, dtype=DT)
+    z = sample_posterior(den, model_space(StepObservations(y, sig, mask=mask), lay), members=N, layout=lay, nfe=NFE,
+                         seed=5, dtype=DT)
     x = pmean + pstd * (z - zmean)                       # physical, exactly as layout.denormalize
     ps = s * pstd[mask]
     v = 1.0 / (1.0 / ps**2 + 1.0 / sig**2)
@@ -142,7 +145,7 @@ def test_same_seed_same_samples_and_bad_arguments_are_one_line_errors():
         sample_posterior(den, obs, shape, members=0)
     with pytest.raises(UnknownComponentError):
         sample_posterior(den, obs, shape, method="nope")
-    with pytest.raises(TypeError, match="pass layout="):
+    with pytest.raises(TypeError, match="diffkit.assimilate.model_space"):
         sample_posterior(den, StepObservations(torch.zeros(2), torch.ones(2), mask=obs.operator.mask), shape)
     with pytest.raises(TypeError, match="give shape"):
         sample_posterior(den, obs)
