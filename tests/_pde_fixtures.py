@@ -1,5 +1,7 @@
-"""Shared helpers of the PDE plugin's tests (test_pde_adapter, test_pde_surrogate, test_pde_cli):
-the plugin import, and a small synthetic trajectory file whose values are known in closed form.
+"""Shared helpers of the PDE plugin's tests (test_pde_adapter, test_pde_surrogate, test_pde_cli, and
+the simulator tests test_pde_burgers / _ks / _kolmogorov / _stability / _netcdf / _simulators):
+the plugin import, a small synthetic trajectory file whose values are known in closed form, and the
+simulator tests' convergence-order fit and coarse-grid warning filter.
 The ``synth`` fixture built on it is in conftest.py.
 """
 from __future__ import annotations
@@ -8,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 try:
     import diffkit_pde as P
@@ -17,7 +20,7 @@ except ImportError:  # editable install made before the plugin existed
 
 import xarray as xr  # a dependency: missing it is a failure, not a skip
 
-__all__ = ["P", "N_TRAJ", "N_TIME", "NX", "DT", "DX", "known_u", "write_1d"]
+__all__ = ["P", "N_TRAJ", "N_TIME", "NX", "DT", "DX", "known_u", "write_1d", "coarse_ns", "_order"]
 
 # ============================================================================= synthetic files
 N_TRAJ, N_TIME, NX = 5, 12, 8
@@ -40,3 +43,14 @@ def write_1d(path, u=None, **attrs) -> Path:
                     coords={"x": np.arange(nx) * 0.5, "time": np.arange(T) * 0.1}, attrs=attrs)
     ds.to_netcdf(path)
     return Path(path)
+
+
+# ============================================================================= simulator checks
+#: the simulator tests' small Kolmogorov grids under-resolve Re = 1000 on purpose (the checks are of
+#: the discrete system); the resolution monitor itself is tested on Burgers (test_pde_stability.py)
+coarse_ns = pytest.mark.filterwarnings("ignore::diffkit_pde.stability.ResolutionWarning")
+
+
+def _order(dts, errs) -> float:
+    """Least-squares slope of log(err) against log(dt)."""
+    return float(np.polyfit(np.log(dts), np.log(errs), 1)[0])

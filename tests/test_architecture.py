@@ -166,13 +166,8 @@ TESTED_IN: dict[str, tuple[str, ...]] = {
     "plugins/diffkit_images/quickstart.py": ("test_quickstart.py",),      # every domain's quickstart, one file
     "plugins/diffkit_pde/quickstart.py": ("test_quickstart.py",),
     "plugins/diffkit_weather/quickstart.py": ("test_quickstart.py",),
-    "plugins/diffkit_pde/burgers.py": ("test_pde_simulators.py",),        # the simulators against exact solutions,
-    "plugins/diffkit_pde/ks.py": ("test_pde_simulators.py",),             # with their shared engine and conventions
-    "plugins/diffkit_pde/kolmogorov.py": ("test_pde_simulators.py", "test_etdrk4.py"),
-    "plugins/diffkit_pde/periodic1d.py": ("test_pde_simulators.py", "test_etdrk4.py"),
-    "plugins/diffkit_pde/conventions.py": ("test_pde_simulators.py",),
-    "plugins/diffkit_pde/stability.py": ("test_pde_simulators.py",),      # CFL and resolution checks of the simulators
-    "plugins/diffkit_pde/netcdf.py": ("test_pde_simulators.py",),         # to_dataset / write_netcdf of simulator output
+    "plugins/diffkit_pde/periodic1d.py": ("test_pde_simulators.py", "test_etdrk4.py"),  # what the simulators share:
+    "plugins/diffkit_pde/conventions.py": ("test_pde_simulators.py",),    # the 1-D engine, batching, seeding, dtypes
     "plugins/diffkit_pde/plots.py": ("test_figures.py", "test_pde_metrics.py"),
     "plugins/diffkit_pde/observe.py": ("test_assimilate.py",),            # data pde --observe-from, assimilate's PDE side
     "plugins/diffkit_weather/observe.py": ("test_assimilate.py", "test_weather_qg.py"),  # data weather qg --observe-from
