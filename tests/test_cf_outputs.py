@@ -43,11 +43,12 @@ from diffkit.cli import main
 from diffkit.config import config_from_dict
 from diffkit.layout import Layout
 
+from _tiny_unet import TINY_UNET  # noqa: E402
+
 NCL = Path("/usr/share/ncarg/data/cdf")
 STORM = [NCL / "Ustorm.cdf", NCL / "Pstorm.cdf"]
 STORM_UNITS = "hours since 1996-01-05 00:00"
 needs_ncl = pytest.mark.skipif(not STORM[0].exists(), reason="NCL sample data not installed (apt-get install libncarg-data)")
-TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False}
 CF_LAT = {"standard_name": "latitude", "long_name": "latitude", "units": "degrees_north", "axis": "Y"}
 CF_LON = {"standard_name": "longitude", "long_name": "longitude", "units": "degrees_east", "axis": "X"}
 STAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ): (.*) \(diffkit (\S+)\)$")

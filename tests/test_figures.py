@@ -29,6 +29,8 @@ from diffkit_pde import plots
 from diffkit_pde.adapter import TrajectoryAdapter
 from diffkit_pde.cli import plot_rollout, rollout_figures
 
+from _tiny_unet import TINY_UNET_TOML
+
 NX, T, T_START, DT = 24, 14, 100.0, 0.25
 
 
@@ -147,9 +149,7 @@ run_dir = "{run}"
 adapter = "images"
 options = {{ source = "digits", max_images = 200 }}
 batch_size = 16
-[model]
-backbone = "unet"
-options = {{ channels = 8, channel_mult = [1, 2], num_res_blocks = 1, attn_levels = [], mid_attn = false }}
+""" + TINY_UNET_TOML + """
 [trainer]
 steps = 2
 warmup = 1

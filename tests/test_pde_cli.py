@@ -14,6 +14,8 @@ from diffkit.config import config_from_dict
 from diffkit.errors import UnknownComponentError
 from diffkit_pde.adapter import PDEDataError
 
+from _tiny_unet import TINY_UNET_TOML
+
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -87,14 +89,7 @@ val_fraction = 0.34
 [data.options]
 path = "{data}"
 history = 1
-[model]
-backbone = "unet"
-[model.options]
-channels = 8
-channel_mult = [1, 2]
-num_res_blocks = 1
-attn_levels = []
-mid_attn = false
+""" + TINY_UNET_TOML + """
 [trainer]
 steps = 10
 warmup = 1

@@ -21,7 +21,7 @@ from diffkit.rollout import DEFAULT_PERTURB
 from diffkit.schedules import cosine
 from diffkit_pde.adapter import PDEDataError, TrajectoryAdapter, spec_from_layout
 
-TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False}
+from _tiny_unet import TINY_UNET  # noqa: E402
 
 
 # ============================================================================= 1. initial conditions

@@ -38,9 +38,9 @@ from diffkit_weather import decode as D  # noqa: E402
 from diffkit_weather import evaluate as E  # noqa: E402
 from diffkit_weather import forecast as F  # noqa: E402
 
+from _tiny_unet import TINY_UNET, TINY_UNET_TOML  # noqa: E402
 from _weather_shift import LAT, LEVELS, ShiftOracle, _close_nan, truth_model  # noqa: E402  (shift: conftest.py)
 
-TINY_UNET = {"channels": 8, "channel_mult": [1, 2], "num_res_blocks": 1, "attn_levels": [], "mid_attn": False}
 NCL = Path("/usr/share/ncarg/data/cdf")
 STORM = [NCL / "Ustorm.cdf", NCL / "Pstorm.cdf"]
 STORM_UNITS = "hours since 1996-01-05 00:00"
@@ -244,14 +244,7 @@ val_fraction = 0.1
 [data.options]
 path = [{paths}]
 {options}
-[model]
-backbone = "unet"
-[model.options]
-channels = 8
-channel_mult = [1, 2]
-num_res_blocks = 1
-attn_levels = []
-mid_attn = false
+{TINY_UNET_TOML}
 [trainer]
 steps = 10
 warmup = 1

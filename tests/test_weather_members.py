@@ -38,6 +38,8 @@ from diffkit_weather import decode as D
 from diffkit_weather import evaluate as E
 from diffkit_weather import forecast as F
 
+from _tiny_unet import TINY_UNET_TOML  # noqa: E402
+
 NUMBER = np.arange(10, dtype=np.int64)          # ERA5's ensemble: 10 members, numbered 0..9
 LAT = np.arange(60.0, -61.0, -20.0)             # 7 rows, descending (ERA5 order)
 LON = np.arange(0.0, 360.0, 22.5)               # 16 columns, global
@@ -95,14 +97,7 @@ val_fraction = 0.25
 path = "{path}"
 forcings = []
 {options}
-[model]
-backbone = "unet"
-[model.options]
-channels = 8
-channel_mult = [1, 2]
-num_res_blocks = 1
-attn_levels = []
-mid_attn = false
+{TINY_UNET_TOML}
 [trainer]
 steps = 4
 warmup = 1
