@@ -113,6 +113,24 @@ def _levels(schedule, sig) -> tuple[torch.Tensor, list, list, list]:
     return t, a.tolist(), s.tolist(), schedule.logsnr(t).tolist()
 
 
+def _coef(rows: list, x: torch.Tensor, capturable: bool) -> list:
+    """A sampler's per-step coefficients, computed before its loop: ``rows[i]`` is the tuple of step ``i``.
+
+    By default they stay Python floats (on CPU a multiply by a Python float is the cheapest kernel).
+    Neither reads a value back from the device inside the loop (the floats come from the schedule, on
+    the host, before it), so both loops can be captured whole as a CUDA graph.  ``capturable=True`` makes
+    them one float64 tensor on ``x``'s device, copied there once, and hands each step its row as 0-d
+    tensors, which the kernels read from device memory instead of taking as constants.  The arithmetic
+    is the same: a 0-d float64 operand is cast to ``x``'s dtype as a Python float is (bit for bit on CPU
+    for the plain products; the Euler family's ``alpha=`` additions become a multiply and an add)."""
+    if not capturable:
+        return rows
+    if not rows:
+        return rows
+    table = torch.tensor(rows, dtype=torch.float64).to(x.device)
+    return [tuple(r.unbind(0)) for r in table]
+
+
 def _noise(x, generator):
     return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 
-from .grids import _Grid, _report, sampler_info
+from .grids import _coef, _Grid, _report, sampler_info
 
 __all__ = ["dpmpp_2m", "dpmpp_3m", "unipc"]
 
@@ -39,7 +39,7 @@ _MIN_STEP_RATIO = 1e-2
 
 
 @sampler_info(order=2, stochastic=False)
-def dpmpp_2m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None):
+def dpmpp_2m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, capturable: bool = False):
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order data-prediction solver.
 
     The last step onto t = 0 is first order (it returns the x0 estimate).  The default sampler
@@ -47,25 +47,44 @@ def dpmpp_2m(denoiser, x, ts, *, extra_args=None, generator=None, callback=None)
     logsnr grid) it returns the std to within 2 % at NFE 20 and 5 % at NFE 10."""
     g = _Grid(denoiser, ts, x)
     kw = extra_args or {}
-    x0_prev, h_prev = None, None
+    # the plan of every step, before the loop: what it does ("x0": return the estimate, "same": the
+    # identity, 1: first order, 2: second order) and its coefficients
+    kinds, rows, have_prev, h_prev = [], [], False, None
     for i in range(g.n):
-        x0 = g.call(x, i, kw)
+        row = (0.0, 0.0, 0.0, 0.0)
         if g.s[i + 1] == 0:
-            x = x0
+            kind = "x0"
         else:
             h = _half_logsnr(g, i + 1) - _half_logsnr(g, i)
             if h == 0:  # coincident noise levels: the exact step is the identity (see _MIN_STEP_RATIO)
-                _report(callback, g, i, x, x0)
-                continue
+                kinds.append("same")
+                rows.append(row)
+                continue  # (the history stays that of the last distinct level)
             # Lu et al. (2022) Alg. 2, DPM-Solver++(2M), with r = h_{i-1} / h_i:
             #   D_i = (1 + 1/(2r)) x0_i - 1/(2r) x0_{i-1}            (D_i = x0_i on the first step)
             #   x_{t_i} = (sigma_{t_i} / sigma_{t_{i-1}}) x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
-            d = x0
-            if x0_prev is not None and h_prev >= _MIN_STEP_RATIO * h:
+            kind, k_new, k_prev = 1, 0.0, 0.0
+            if have_prev and h_prev >= _MIN_STEP_RATIO * h:
                 r = h_prev / h
-                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
-            x = (g.s[i + 1] / g.s[i]) * x - (g.a[i + 1] * math.expm1(-h)) * d
+                kind, k_new, k_prev = 2, 1 + 1 / (2 * r), 1 / (2 * r)
+            row = (k_new, k_prev, g.s[i + 1] / g.s[i], g.a[i + 1] * math.expm1(-h))
             h_prev = h
+        have_prev = True
+        kinds.append(kind)
+        rows.append(row)
+    coef = _coef(rows, x, capturable)
+    x0_prev = None
+    for i in range(g.n):
+        x0 = g.call(x, i, kw)
+        if kinds[i] == "x0":
+            x = x0
+        elif kinds[i] == "same":
+            _report(callback, g, i, x, x0)
+            continue
+        else:
+            k_new, k_prev, k_x, k_d = coef[i]
+            d = x0 if kinds[i] == 1 else k_new * x0 - k_prev * x0_prev  # D_i
+            x = k_x * x - k_d * d
         x0_prev = x0
         _report(callback, g, i, x, x0)
     return x

@@ -47,6 +47,16 @@ at NFE 10, on the cosine, linear and sigmoid schedules alike (``benchmarks/sampl
 computed once for its whole grid.  :class:`diffkit.Denoiser` and its ``bind()`` result define
 it and so skip the per-call schedule arithmetic and range checks; any other callable gets the
 plain ``denoiser(x, t, **extra_args)`` call.
+
+**Capturable loops.**  Every per-step coefficient is computed before a sampler's loop, from the
+schedule on the host, and the branches depend on the grid alone, so the loop reads no value back
+from the device (no ``.item()``, ``float(tensor)`` or ``bool(tensor)``; ``tests/test_sampler_capture.py``
+makes each such read raise inside the loop) and can be captured whole as a CUDA graph.
+``ddim``, ``ddpm``, ``euler``, ``heun`` and ``dpmpp_2m`` take ``capturable=True``: their coefficients
+then live in one float64 tensor on the sample's device (:func:`diffkit.grids._coef`), with the same
+samples (bit for bit, or to float round-off for the Euler family).  The denoiser must be sync-free
+too: :class:`diffkit.Denoiser`'s fast path reads nothing for an unconditional model, but with
+conditioning ``Cond.check`` (finite fields and scalars, the label range) reads values at every call.
 """
 from __future__ import annotations
 
@@ -57,8 +67,8 @@ import torch
 
 from ._shape import check_finite
 from .constants import MAX_NFE
-from .grids import (SIGMA_MAX, SIGMA_MIN, SPACINGS, SamplerInfo, _Grid, _levels, _noise, _report,  # noqa: F401
-                    sampler_info, timesteps)
+from .grids import (SIGMA_MAX, SIGMA_MIN, SPACINGS, SamplerInfo, _coef, _Grid, _levels, _noise,  # noqa: F401
+                    _report, sampler_info, timesteps)
 from .hookspecs import hookimpl
 from .multistep import dpmpp_2m, dpmpp_3m, unipc
 
@@ -78,7 +88,7 @@ def _check_noise(churn_noise) -> float:
 
 @sampler_info(order=1, stochastic=True)
 def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, variance: str = "small",
-         churn_noise: float = 1.0):
+         churn_noise: float = 1.0, capturable: bool = False):
     """Ancestral DDPM (Ho et al. 2020): draw from q(x_s | x_t, x0_hat) at every step.
 
     ``variance="small"`` uses the posterior variance (beta tilde), ``"large"`` the forward
@@ -93,8 +103,8 @@ def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, var
     churn_noise = _check_noise(churn_noise)
     g = _Grid(denoiser, ts, x)
     kw = extra_args or {}
+    rows = []  # the coefficients of every step, before the loop
     for i in range(g.n):
-        x0 = g.call(x, i, kw)
         a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
         # Ho et al. (2020) eqs. 6-7 from step t to s < t (Turner et al. 2024, step 3), with
         # alpha_bar = alpha^2, 1 - alpha_bar = sigma^2 and the step's beta = 1 - (alpha_t / alpha_s)^2:
@@ -102,17 +112,23 @@ def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, var
         #                  + sqrt(1 - beta) (1 - alpha_bar_s) / (1 - alpha_bar_t) x_t
         #   beta~ = (1 - alpha_bar_s) / (1 - alpha_bar_t) beta       (process.posterior_coeffs)
         beta = max(1.0 - (a_t / a_s) ** 2, 0.0)
-        x = (a_s * beta / s_t**2) * x0 + ((a_t / a_s) * s_s**2 / s_t**2) * x
-        if i < g.n - 1:  # x_s ~ N(mu~, beta~ I) ("small") or N(mu~, beta I) ("large"); S_noise scales the std
-            var = beta * s_s**2 / s_t**2 if variance == "small" else beta
-            x = x + (math.sqrt(var) * churn_noise) * _noise(x, generator)
+        # x_s ~ N(mu~, beta~ I) ("small") or N(mu~, beta I) ("large"); S_noise scales the std
+        var = beta * s_s**2 / s_t**2 if variance == "small" else beta
+        rows.append((a_s * beta / s_t**2, (a_t / a_s) * s_s**2 / s_t**2, math.sqrt(var) * churn_noise))
+    coef = _coef(rows, x, capturable)
+    for i in range(g.n):
+        x0 = g.call(x, i, kw)
+        k_x0, k_x, k_z = coef[i]
+        x = k_x0 * x0 + k_x * x  # mu~(x_t, x0)
+        if i < g.n - 1:  # no noise on the last step
+            x = x + k_z * _noise(x, generator)
         _report(callback, g, i, x, x0)
     return x
 
 
 @sampler_info(order=1, stochastic=False)  # stochastic only with eta > 0
 def ddim(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, eta: float = 0.0,
-         churn_noise: float = 1.0):
+         churn_noise: float = 1.0, capturable: bool = False):
     """DDIM (Song et al. 2021a).  ``eta = 0`` is deterministic (the probability-flow ODE's
     exponential-Euler step); ``eta = 1`` has the ancestral DDPM marginals.  ``churn_noise``
     scales the std of the fresh noise of ``eta > 0`` (EDM's S_noise).
@@ -123,8 +139,8 @@ def ddim(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, eta
     churn_noise = _check_noise(churn_noise)
     g = _Grid(denoiser, ts, x)
     kw = extra_args or {}
+    rows, noisy = [], []  # the coefficients of every step, before the loop
     for i in range(g.n):
-        x0 = g.call(x, i, kw)
         a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
         # Song et al. (2021a) eq. 12, with sqrt(alpha_bar) = alpha and sqrt(1 - alpha_bar) = sigma:
         #   x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps + c z,   eps = (x_t - alpha_t x0) / sigma_t,
@@ -135,9 +151,15 @@ def ddim(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, eta
         if eta > 0 and s_s > 0:
             c = eta * math.sqrt((s_s**2 / s_t**2) * (1 - (a_t / a_s) ** 2))
         k = math.sqrt(max(s_s**2 - c**2, 0.0)) / s_t
-        x = (a_s - k * a_t) * x0 + k * x
-        if c > 0:
-            x = x + (c * churn_noise) * _noise(x, generator)
+        rows.append((a_s - k * a_t, k, c * churn_noise))
+        noisy.append(c > 0)
+    coef = _coef(rows, x, capturable)
+    for i in range(g.n):
+        x0 = g.call(x, i, kw)
+        k_x0, k, k_z = coef[i]
+        x = k_x0 * x0 + k * x  # x_s = (alpha_s - k alpha_t) x0 + k x_t
+        if noisy[i]:  # + c z
+            x = x + k_z * _noise(x, generator)
         _report(callback, g, i, x, x0)
     return x
 
@@ -184,15 +206,21 @@ class _Churn:
             self.tb[i] = t_hat[k].to(dev).expand(g.tb.shape[1])
             self.a[i], self.s[i], self.lam[i] = a_h[k], s_h[k], l_h[k]
 
-    def apply(self, g: _Grid, i: int, x, generator, kw):
+    def a_hat(self, g: _Grid, i: int) -> float:
+        """alpha^ of step ``i``: the raised level's alpha where churned, alpha_i otherwise."""
+        return self.a[i] if self.on[i] else g.a[i]
+
+    def apply(self, g: _Grid, i: int, x, generator, kw, k=None):
         """``(x^, alpha^, x0 at x^)`` at step ``i``: fresh noise (if churned), then one denoiser call.
 
         Alg. 2 adds the noise to ``x~ = x / alpha``: ``x~^ = x~ + sqrt(sigma^2 - sigma~^2) S_noise z``;
-        on the state ``x = alpha x~`` that is ``x^ = (alpha^ / alpha) x + alpha^ sqrt(...) S_noise z``."""
+        on the state ``x = alpha x~`` that is ``x^ = (alpha^ / alpha) x + alpha^ sqrt(...) S_noise z``.
+        ``k``: these two coefficients, precomputed (:func:`~diffkit.grids._coef`)."""
         if not self.on[i]:
             return x, g.a[i], g.call(x, i, kw)
         a_hat = self.a[i]
-        x = _combine(a_hat / g.a[i], x, a_hat * self.add[i], _noise(x, generator))
+        k_x, k_z = (a_hat / g.a[i], a_hat * self.add[i]) if k is None else k
+        x = _combine(k_x, x, k_z, _noise(x, generator))
         return x, a_hat, g.call_at(x, self.tb[i], a_hat, self.s[i], self.lam[i], kw)
 
 
@@ -201,10 +229,12 @@ def _combine(k1: float, x1, *terms):
     every Euler-family update below, evaluated as one multiply and one ``torch.add(..., alpha=k)``
     per further term.  Spelled with operators, each ``k * x`` is a kernel of its own, and on the
     small tensors of sampling a multiply by a Python float costs about as much as two tensor
-    additions (euler was 28 % slower per call that way; ``benchmarks/samplers.py --overhead``)."""
+    additions (euler was 28 % slower per call that way; ``benchmarks/samplers.py --overhead``).
+    Tensor coefficients (a capturable run's) are multiplied in: ``alpha=`` would read them on the host."""
     out = x1 * k1
     for j in range(0, len(terms), 2):
-        out = torch.add(out, terms[j + 1], alpha=terms[j])
+        k = terms[j]
+        out = out + k * terms[j + 1] if isinstance(k, torch.Tensor) else torch.add(out, terms[j + 1], alpha=k)
     return out
 
 
@@ -228,30 +258,40 @@ def _churn_args(churn, churn_tmin, churn_tmax, churn_noise):
 
 
 def _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn_tmin, churn_tmax,
-                  churn_noise, second_order_steps):
+                  churn_noise, second_order_steps, capturable=False):
     churn, churn_tmin, churn_tmax, churn_noise = _churn_args(churn, churn_tmin, churn_tmax, churn_noise)
     g = _Grid(denoiser, ts, x)
     ch = _Churn(g, churn, churn_tmin, churn_tmax, churn_noise)
     kw = extra_args or {}
+    rows, heun_at = [], []  # the coefficients of every step, before the loop
     for i in range(g.n):  # the state is x = alpha x~ (the denoiser's input); x~ is never formed
-        x, a_hat, x0 = ch.apply(g, i, x, generator, kw)
-        sig_hat, a_s = ch.sig[i], g.a[i + 1]
+        a_hat, sig_hat, a_s = ch.a_hat(g, i), ch.sig[i], g.a[i + 1]
         sig_s = g.s[i + 1] / a_s
-        if x0.dtype != x.dtype:
-            x0, x = _promote(x0, x)
+        # churn (_Churn.apply): x^ = (alpha^ / alpha) x + alpha^ sqrt(sigma^2 - sigma~^2) S_noise z
+        row = [a_hat / g.a[i], a_hat * ch.add[i]] if ch.on[i] else [0.0, 0.0]
         # Karras et al. (2022) Alg. 2 (Alg. 1 without churn) in x~ = x / alpha and sigma~, h = sigma' - sigma^:
         #   d = (x~^ - D) / sigma^,   x~' = x~^ + h d                                    (Euler step)
         # and on x = alpha x~:  x' = alpha' x~' = (alpha' sigma' / (alpha^ sigma^)) x^ - (alpha' h / sigma^) D
         h = sig_s - sig_hat
-        x_next = _combine(a_s * sig_s / (a_hat * sig_hat), x, -a_s * h / sig_hat, x0)
-        if sig_s > 0 and i < second_order_steps:
+        row += [a_s * sig_s / (a_hat * sig_hat), -a_s * h / sig_hat]
+        heun_at.append(sig_s > 0 and i < second_order_steps)
+        if heun_at[-1]:
             #   d' = (x~' - D') / sigma',   x~'' = x~^ + h (d + d') / 2                 (Heun's correction)
             # and on x, with c = h / 2:
             #   x'' = (alpha' / alpha^)(1 + c / sigma^) x^ - (alpha' c / sigma^) D + (c / sigma') x' - (alpha' c / sigma') D'
-            x0_2 = g.call(x_next, i + 1, kw)
             c = 0.5 * h
-            x_next = _combine(a_s / a_hat * (1 + c / sig_hat), x, -a_s * c / sig_hat, x0,
-                              c / sig_s, x_next, -a_s * c / sig_s, x0_2)
+            row += [a_s / a_hat * (1 + c / sig_hat), -a_s * c / sig_hat, c / sig_s, -a_s * c / sig_s]
+        rows.append(row + [0.0] * (8 - len(row)))
+    coef = _coef(rows, x, capturable)
+    for i in range(g.n):
+        k = coef[i]
+        x, a_hat, x0 = ch.apply(g, i, x, generator, kw, k[:2])
+        if x0.dtype != x.dtype:
+            x0, x = _promote(x0, x)
+        x_next = _combine(k[2], x, k[3], x0)  # the Euler step
+        if heun_at[i]:  # Heun's correction
+            x0_2 = g.call(x_next, i + 1, kw)
+            x_next = _combine(k[4], x, k[5], x0, k[6], x_next, k[7], x0_2)
         x = x_next
         if callback is not None:
             _report(callback, g, i, x, x0)
@@ -260,7 +300,8 @@ def _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn
 
 @sampler_info(order=1, stochastic=False)
 def euler(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
-          churn: float = 0.0, churn_tmin: float = 0.0, churn_tmax: float = float("inf"), churn_noise: float = 1.0):
+          churn: float = 0.0, churn_tmin: float = 0.0, churn_tmax: float = float("inf"), churn_noise: float = 1.0,
+          capturable: bool = False):
     """Euler on the probability-flow ODE in Karras et al.'s variables, with optional EDM
     stochastic churn (``churn > 0``, applied where ``churn_tmin <= sigma~ <= churn_tmax``;
     ``churn_noise`` is EDM's S_noise).
@@ -271,13 +312,13 @@ def euler(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
     ``churn=2.5`` the std is 0.84 at NFE 20, 0.93 at NFE 50, 0.97 at NFE 100 (default logsnr
     grid, any data std); use Heun or ``dpmpp_2s`` with churn at low NFE."""
     return _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn_tmin, churn_tmax,
-                         churn_noise, second_order_steps=0)
+                         churn_noise, second_order_steps=0, capturable=capturable)
 
 
 @sampler_info(order=2, stochastic=False, plan=_heun_plan)
 def heun(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
          churn: float = 0.0, churn_tmin: float = 0.0, churn_tmax: float = float("inf"), churn_noise: float = 1.0,
-         second_order_steps: int | None = None):
+         second_order_steps: int | None = None, capturable: bool = False):
     """Heun's second-order method (Karras et al. 2022, Alg. 1/2), with optional stochastic churn.
 
     The first ``second_order_steps`` steps get the trapezoidal correction (default: all; a
@@ -302,7 +343,7 @@ def heun(denoiser, x, ts, *, extra_args=None, generator=None, callback=None,
         warnings.warn(f"heun with NFE {n + corrected} is unstable (samples can be many times too spread or "
                       f"diverge); use NFE >= {HEUN_MIN_NFE}, or dpmpp_2m at low NFE", UserWarning, stacklevel=2)
     return _euler_family(denoiser, x, ts, extra_args, generator, callback, churn, churn_tmin, churn_tmax,
-                         churn_noise, second_order_steps=k)
+                         churn_noise, second_order_steps=k, capturable=capturable)
 
 
 @sampler_info(order=2, stochastic=False, plan=_heun_plan)
