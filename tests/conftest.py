@@ -144,3 +144,13 @@ def shift(tmp_path_factory):
     from _weather_shift import write_shift
 
     return write_shift(tmp_path_factory.mktemp("shift") / "shift.nc")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Intra-op threading off for a module of tiny nets, where it only adds overhead (and stalls on a
+    busy machine); the backbone tests use it for every test (``pytestmark``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
