@@ -1,9 +1,11 @@
 """``diffkit assimilate``: ensembles of states conditioned on sparse, noisy observations.
 
 The engine is domain-free; a domain plugin supplies, through its adapter class's ``assimilation``
-attribute (an :class:`Assimilation`), how observation files map onto its models' states
-(:class:`~diffkit.observations.ObservationGrid`), where the initial states come from, and how the
-analysis is written (its forecast / rollout writer, so an analysis is read like a forecast).
+attribute (an :class:`Assimilation`), its options of the command (:meth:`Assimilation.add_arguments`),
+how observation files map onto its models' states (:class:`~diffkit.observations.ObservationGrid`) and
+are read (:meth:`Assimilation.read`: CF netCDF by default, or the domain's own format), where the
+initial states come from, and how the analysis is written (its forecast / rollout writer, so an
+analysis is read like a forecast).
 
 **Autoregressive surrogates** (``layout.autoregressive`` set; :mod:`diffkit.rollout`).  The prior is
 the surrogate's ensemble rollout from an initial history over the observation window; each step's
@@ -26,10 +28,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from .errors import DiffkitError
-from .observations import StepObservations
+from .observations import ObservationSet, StepObservations
 
 __all__ = ["METHODS", "DEFAULTS", "Assimilation", "GuidedRollout", "assimilation_for", "guidance_options",
            "model_space", "check_amortised", "ensemble_statistics_attrs"]
@@ -42,11 +45,17 @@ DEFAULTS = {"reconstruction": {"gamma": 1.0}, "dps": {"zeta": 1.0}, "mmps": {"cg
 
 class Assimilation:
     """What a domain gives ``diffkit assimilate`` (set as ``AdapterClass.assimilation``, or
-    as ``ASSIMILATION`` in the module ``observe`` of the adapter's package).
+    as ``ASSIMILATION`` in the module ``observe`` of the adapter's package).  Class methods (hooks);
+    a domain defines :meth:`grid` and :meth:`run`, the others have defaults:
 
+    - :meth:`add_arguments` -- the domain's options of the command (default none);
+    - :meth:`check` -- which models of the domain it assimilates with (default: surrogates);
     - :meth:`grid` -- the :class:`~diffkit.observations.ObservationGrid` of a model's layout (no window yet);
+    - :meth:`read_times`, :meth:`metadata`, :meth:`read` -- an observation file's time keys (to choose
+      the window from), its global attributes and its observations (default: the CF netCDF format);
     - :meth:`run` -- read the initial states, roll the guided model out over the window and write the
-      analysis; returns ``(path, message)``.
+      analysis; returns ``(path, message)``.  It reads the observations through ``cls.read_times`` /
+      ``cls.read`` (never the netCDF reader directly), so that a subclass's own format is used.
     """
 
     name = "domain"
@@ -57,8 +66,42 @@ class Assimilation:
     needs_init = True
 
     @classmethod
+    def add_arguments(cls, group) -> None:
+        """Add the domain's options of ``diffkit assimilate`` to ``group`` (an argparse argument group
+        titled "NAME domain options"; pytest's ``pytest_addoption`` is the model).  The command parses
+        every installed domain's options; giving one of another domain's is an error.  Default: none."""
+
+    @classmethod
     def grid(cls, layout):  # pragma: no cover - interface
         raise NotImplementedError
+
+    @classmethod
+    def read_times(cls, path, grid) -> np.ndarray:
+        """The sorted distinct time keys (``grid.time_key``'s units) of the observations in ``path``,
+        from which :meth:`run` chooses the window; an unreadable file is a one-line error.  Default:
+        :func:`diffkit.observations.observation_window` (CF netCDF)."""
+        from .observations import observation_window
+
+        return observation_window(path, grid)
+
+    @classmethod
+    def metadata(cls, path) -> Mapping[str, Any]:
+        """The global attributes of the observation file ``path`` (a domain may take defaults from them);
+        default: the netCDF file's.  A format without any returns ``{}``."""
+        from .observations import open_observations
+
+        return dict(open_observations(path).attrs)
+
+    @classmethod
+    def read(cls, path, grid) -> ObservationSet:
+        """The observations of ``path`` per step of ``grid.window`` (:meth:`ObservationGrid.with_window`):
+        an :class:`~diffkit.observations.ObservationSet` in physical units, every fault a one-line
+        :class:`~diffkit.errors.ObservationError`.  Default: :func:`diffkit.observations.read_observations`
+        (CF netCDF, gridded or points); a point format of the domain's own returns
+        :func:`diffkit.observations.point_observations` of its arrays."""
+        from .observations import read_observations
+
+        return read_observations(path, grid)
 
     @classmethod
     def check(cls, layout) -> None:
@@ -78,8 +121,10 @@ class Assimilation:
         raise NotImplementedError
 
 
-def assimilation_for(adapter_cls) -> type[Assimilation]:
-    """The domain's :class:`Assimilation` of a checkpoint's adapter class, or an error naming the adapter."""
+def assimilation_for(adapter_cls, *, required: bool = True) -> type[Assimilation] | None:
+    """The domain's :class:`Assimilation` of a checkpoint's adapter class, or an error naming the adapter
+    (``required=False``: None).  An ``observe`` module of the adapter's package that fails to import is
+    raised as it is, not taken for a domain without assimilation."""
     a = getattr(adapter_cls, "assimilation", None)
     if a is None:  # the plugin's convention: ASSIMILATION in the module observe of the adapter's package
         import importlib
@@ -87,14 +132,92 @@ def assimilation_for(adapter_cls) -> type[Assimilation]:
         pkg = (getattr(adapter_cls, "__module__", "") or "").split(".")[0]
         try:
             a = getattr(importlib.import_module(f"{pkg}.observe"), "ASSIMILATION", None) if pkg else None
-        except ModuleNotFoundError:
+        except ModuleNotFoundError as e:
+            if e.name not in (f"{pkg}.observe", pkg):
+                raise
             a = None
-    if a is None:
+    if a is None and required:
         name = getattr(adapter_cls, "name", adapter_cls.__name__)
         raise DiffkitError(f"the {name!r} adapter this checkpoint was trained on reads no observation files (its class "
-                           f"has no `assimilation`); diffkit assimilate works on models of the weather and pde "
-                           f"adapters, or of a plugin adapter that sets one (docs/observations.md)")
+                           f"has no `assimilation`); diffkit assimilate works on models of an adapter whose class "
+                           f"sets one (`diffkit assimilate --help` lists the installed domains; docs/observations.md)")
     return a
+
+
+def _domain_name(domain, fallback: str) -> str:
+    name = getattr(domain, "name", None)
+    return fallback if not name or name == Assimilation.name else str(name)
+
+
+def add_domain_arguments(parser) -> dict:
+    """Each installed domain's options (:meth:`Assimilation.add_arguments`), in a group "NAME domain
+    options", for every adapter of the registry whose class has an assimilation (diffkit's own domains
+    first; domains sharing one ``add_arguments``, a subclass and its parent, share one group).  A domain
+    that fails, or whose options clash with the command's or an earlier domain's, is a
+    :class:`~diffkit.registry.PluginWarning` naming its plugin, and none of its options is added.
+    Returns ``{dest: (add_arguments function, domain names, option, default)}`` of the options added."""
+    import argparse
+    import warnings
+
+    from . import registry
+
+    try:
+        comps = registry.components("adapter")
+    except Exception:  # noqa: BLE001 - an inconsistent plugin set: loading the checkpoint reports it
+        return {}
+    own = lambda c: not str(getattr(c.obj, "__module__", "")).startswith(("diffkit.", "diffkit_"))  # noqa: E731
+    hooks: dict = {}  # add_arguments function -> [(domain name, plugin, domain)]
+    for comp in sorted(comps, key=own):
+        try:
+            domain = assimilation_for(comp.obj, required=False) if isinstance(comp.obj, type) else None
+            fn = getattr(domain.add_arguments, "__func__", None) if domain is not None else None
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break the CLI
+            warnings.warn(f"diffkit plugin {comp.plugin!r}: the assimilation of its adapter {comp.name!r} failed to "
+                          f"load, and its options of diffkit assimilate are left out: {type(e).__name__}: "
+                          f"{' '.join(str(e).split())}", registry.PluginWarning, stacklevel=2)
+            continue
+        if fn is not None and fn is not Assimilation.add_arguments.__func__:
+            hooks.setdefault(fn, []).append((_domain_name(domain, comp.name), comp.plugin, domain))
+    taken = {o: "the command" for a in parser._actions for o in a.option_strings}
+    dests = {a.dest: "the command" for a in parser._actions}
+    owners: dict = {}
+    for fn, users in hooks.items():
+        names = list(dict.fromkeys(n for n, _, _ in users))
+        plugin, domain, title = users[0][1], users[0][2], f"{', '.join(names)} domain options"
+        try:  # rehearsed on a scratch parser first, so that a failing domain leaves nothing behind
+            scratch = argparse.ArgumentParser(add_help=False)
+            domain.add_arguments(scratch.add_argument_group(title))
+            for a in scratch._actions:
+                if not a.option_strings:
+                    raise ValueError(f"its argument {a.dest!r} is positional; a domain adds --options only")
+                clash = [o for o in a.option_strings if o in taken]
+                if clash or a.dest in dests:
+                    raise ValueError(f"its option {clash[0] if clash else a.option_strings[0]} clashes with "
+                                     f"{taken[clash[0]] if clash else dests[a.dest]}'s "
+                                     f"{clash[0] if clash else 'dest ' + repr(a.dest)}")
+        except Exception as e:  # noqa: BLE001 - the plugin's own error, or a clash
+            warnings.warn(f"diffkit plugin {plugin!r}: the options of its {names[0]} domain are left out of diffkit "
+                          f"assimilate: {type(e).__name__}: {' '.join(str(e).split())}", registry.PluginWarning,
+                          stacklevel=2)
+            continue
+        before = len(parser._actions)
+        domain.add_arguments(parser.add_argument_group(title))
+        for a in parser._actions[before:]:
+            owners[a.dest] = (fn, " / ".join(names), a.option_strings[0], a.default)
+            taken.update({o: f"the {names[0]} domain" for o in a.option_strings})
+            dests[a.dest] = f"the {names[0]} domain"
+    return owners
+
+
+def check_domain_options(args, domain, owners: Mapping[str, tuple]) -> None:
+    """An error if ``args`` gives an option another domain than ``domain`` (the checkpoint's) added
+    (``owners``: what :func:`add_domain_arguments` returned)."""
+    mine = getattr(domain.add_arguments, "__func__", domain.add_arguments)
+    for dest, (fn, names, flag, default) in owners.items():
+        if fn is not mine and getattr(args, dest, default) != default:
+            raise DiffkitError(f"{flag} is an option of the {names} domain, and this checkpoint is a model of the "
+                               f"{domain.name} domain: leave it out (diffkit assimilate --help lists each domain's "
+                               f"options)")
 
 
 def guidance_options(method: str, gamma: float | None = None, zeta: float | None = None,
@@ -292,6 +415,7 @@ def run_command(args) -> int:
     if args.method == "amortised":
         check_amortised(loaded.layout)
     domain = assimilation_for(loaded.adapter)
+    check_domain_options(args, domain, getattr(args, "domain_options", {}))
     domain.check(loaded.layout)
     if domain.needs_init and args.init is None:
         raise DiffkitError(f"--init FILE is required for this {domain.name} model: the file holding the initial "
@@ -305,21 +429,14 @@ def run_command(args) -> int:
 
 def register(parser) -> None:
     """The options of ``diffkit assimilate`` (the CLI mounts it as a core command)."""
-    parser.add_argument("checkpoint", help="checkpoint file or run directory of a diffusion model (an autoregressive "
-                                           "surrogate trained on the weather or pde adapter)")
-    parser.add_argument("--obs", required=True, metavar="OBS.nc",
-                        help="observation file (CF netCDF, gridded with missing values or points; docs/observations.md)")
+    parser.add_argument("checkpoint", help="checkpoint file or run directory of a diffusion model of a domain that "
+                                           "assimilates (an autoregressive surrogate, or what the domain takes)")
+    parser.add_argument("--obs", required=True, metavar="OBS",
+                        help="observation file (CF netCDF, gridded with missing values or points, or the domain's own "
+                             "format; docs/observations.md)")
     parser.add_argument("--init", default=None, metavar="FILE",
                         help="file holding the initial states of a surrogate's rollout (the truth / data file format "
-                             "of the domain); required for surrogates")
-    parser.add_argument("--init-time", default=None, metavar="TIME",
-                        help="weather: the initial time (ISO); default one model step before the first observation")
-    parser.add_argument("--index", type=int, default=None,
-                        help="PDE: trajectory of --init to start from (default: the observation file's "
-                             "source_trajectory, else 0)")
-    parser.add_argument("--start", type=int, default=None,
-                        help="PDE: first history frame (default: the last history frame one step before the first "
-                             "observation)")
+                             "of the domain); required where the domain's rollouts start from one")
     parser.add_argument("--members", "-m", type=int, default=8, help="ensemble members (default 8)")
     parser.add_argument("--steps", "-k", type=int, default=None,
                         help="window steps (default: up to the last observation time)")
@@ -338,4 +455,5 @@ def register(parser) -> None:
                              "the reference an analysis is compared with")
     parser.add_argument("--out", required=True, help="output netCDF file (members, ensemble mean and spread)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=run_command)
+    # each installed domain's options, in a group of its own (--help lists them)
+    parser.set_defaults(func=run_command, domain_options=add_domain_arguments(parser))

@@ -11,16 +11,15 @@ are periodic), and how file times become numbers -- and this module does the res
 ``featureType``:
 
 - *gridded* (no ``featureType``): each observed variable has the dims ``(time, [extra dims,]
-  *spatial)`` of the truth file (e.g. ``(time, level, latitude, longitude)``); NaN (or the
-  ``_FillValue``) marks the points that are not observed.  The grid must be the model's (the order
-  of the coordinates may differ: a north-to-south latitude is matched value by value).  The
+  *spatial)`` of the truth file (e.g. ``(time, level, y, x)``); NaN (or the ``_FillValue``) marks
+  the points that are not observed.  The grid must be the model's (the order of the coordinates may
+  differ: a descending coordinate is matched value by value).  The
   operator is a mask (:class:`diffkit.guidance.MaskOperator`).
 - *points* (``featureType = "point"``): every variable has the one dim ``obs``; the auxiliary
-  coordinates ``time(obs)``, one per spatial axis (``latitude(obs)``, ``longitude(obs)``; ``x(obs)``)
-  and one per extra dim (``level(obs)``) place each observation.  Every observation needs a value
-  (NaN is an error).  The operator interpolates the state multilinearly at the points
-  (:class:`PointInterpolation`: bilinear on a lat-lon grid, linear on a line), across the seam of
-  periodic axes.
+  coordinates ``time(obs)``, one per spatial axis (``y(obs)``, ``x(obs)``) and one per extra dim
+  (``level(obs)``) place each observation.  Every observation needs a value (NaN is an error).  The
+  operator interpolates the state multilinearly at the points (:class:`PointInterpolation`: bilinear
+  on a 2-D grid, linear on a line), across the seam of periodic axes.
 
 In both forms the observation error is an ancillary variable named by the data variable's
 ``ancillary_variables`` attribute (``{var}_sigma_y`` as written here): the standard deviation
@@ -28,7 +27,9 @@ sigma_y of the observation error in the variable's units, a scalar or one value 
 (same dims as the variable).  It must be finite and > 0.
 
 Times must be valid times of the assimilation window: the domain gives the window's times and a
-tolerance (:meth:`ObservationGrid.check_time`); an observation at another time is an error naming it.
+tolerance (:meth:`ObservationGrid.with_window`); an observation at another time is an error naming it.
+Another format (a domain's ``Assimilation.read``, :mod:`diffkit.assimilate`): :func:`point_observations`
+makes the :class:`ObservationSet` of point observations given as arrays (a CSV of stations, say).
 """
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ from .errors import ObservationError
 from .guidance import ObservationOperator
 
 __all__ = ["ObservationError", "Axis", "ObservationGrid", "PointInterpolation", "StepObservations",
-           "ObservationSet", "read_observations", "synthetic_observations", "SIGMA_SUFFIX", "FORMS"]
+           "ObservationSet", "read_observations", "observation_window", "point_observations",
+           "synthetic_observations", "SIGMA_SUFFIX", "FORMS"]
 
 #: the name of a variable's observation-error variable is ``{var}{SIGMA_SUFFIX}``
 SIGMA_SUFFIX = "_sigma_y"
@@ -60,7 +62,7 @@ class Axis:
     ``coords``: the grid's coordinate values in the model's order (strictly monotonic, uniform where
     ``periodic``).  ``periodic``: the grid wraps: the cell between the last and the first point is part
     of the domain, and interpolation there uses both.  ``modulus``: a coordinate value is first reduced
-    modulo this (e.g. 360 for a longitude, so that -30 and 330 are the same place; the domain length
+    modulo this (e.g. 360 for an angle in degrees, so that -30 and 330 are the same place; the domain length
     for a periodic domain whose coordinates may be given unwrapped); None: values are taken as given.
     """
 
@@ -146,9 +148,8 @@ class ObservationGrid:
     """How observation files map onto a model's state ``(C, *spatial)``; the domain plugin makes one.
 
     ``channels``: per state channel, ``(variable, {extra_dim: value})`` -- the file variable and the
-    values of its extra dims (e.g. ``("potential_vorticity", {"level": 1.0})``; ``{}`` for a variable
-    without).  ``axes``: the spatial axes in the model's order.  ``time_key``: decoded file times ->
-    float keys in the units of ``window`` (e.g. hours since 1970; a PDE's nondimensional time).
+    values of its extra dims (e.g. ``("q", {"level": 1.0})``; ``{}`` for a variable without).  ``axes``: the spatial axes in the model's order.  ``time_key``: decoded file times ->
+    float keys in the units of ``window`` (e.g. hours since 1970, or a nondimensional time).
     ``window``: the keys of the valid times of the states being estimated, in order; ``tolerance``:
     how close an observation time must be to one of them.  ``format_time``: a key as text for messages.
     ``units``: per file variable, its units in the model (checked against the file's ``units``).
@@ -212,7 +213,7 @@ class ObservationGrid:
                 f"{what}: {int(bad.sum())} observation(s) at times outside the assimilation window, the first at "
                 f"{self.format_time(k)} ({where} the window's {w.size} valid time(s) {self.format_time(w[0])} .. "
                 f"{self.format_time(w[-1])}); observe at the window's valid times, or choose another window "
-                f"(--init-time / --start, --steps)")
+                f"(--steps, and the domain's options in diffkit assimilate --help)")
         return j
 
 
@@ -412,7 +413,16 @@ def read_observations(path, grid: ObservationGrid) -> ObservationSet:
     form), missing or non-positive sigma_y are each a one-line :class:`ObservationError`."""
     ds = open_observations(path)
     form = "points" if str(ds.attrs.get("featureType", "")).strip().lower() == "point" else "grid"
-    names = _data_variables(ds)
+    names = _known(_data_variables(ds), grid, path)
+    parts: dict[int, list] = {}
+    for v in names:
+        _check_units(ds, v, grid, path)
+        (_read_points if form == "points" else _read_gridded)(ds, v, grid, path, parts)
+    return _assemble(parts, form, names, grid, path)
+
+
+def _known(names: list, grid: ObservationGrid, path) -> list:
+    """``names``, unless empty or one is not a variable of the model (an error)."""
     if not names:
         raise ObservationError(f"{path} holds no observation variable; it needs one of the model's variables "
                                f"({', '.join(grid.variables)})")
@@ -420,11 +430,12 @@ def read_observations(path, grid: ObservationGrid) -> ObservationSet:
     if unknown:
         raise ObservationError(f"{path}: variable {unknown[0]!r} is not a variable of the model (its variables: "
                                f"{', '.join(grid.variables)}); rename or drop it")
+    return names
+
+
+def _assemble(parts: Mapping[int, list], form: str, names: list, grid: ObservationGrid, path) -> ObservationSet:
+    """The :class:`ObservationSet` of the per-step ``parts`` the readers collect (in their order)."""
     C, S = len(grid.channels), grid.shape
-    parts: dict[int, list] = {}
-    for v in names:
-        _check_units(ds, v, grid, path)
-        (_read_points if form == "points" else _read_gridded)(ds, v, grid, path, parts)
     steps = {}
     for k, items in sorted(parts.items()):
         if form == "grid":
@@ -446,7 +457,7 @@ def read_observations(path, grid: ObservationGrid) -> ObservationSet:
                                         torch.as_tensor(np.concatenate([s for _, _, _, s in items])), operator=op)
     if not steps:
         raise ObservationError(f"{path} holds no observation (every value is missing)")
-    return ObservationSet(steps, form, names, Path(path))
+    return ObservationSet(steps, form, list(names), Path(path))
 
 
 def _read_gridded(ds, v, grid: ObservationGrid, path, parts) -> None:
@@ -507,35 +518,73 @@ def _read_points(ds, v, grid: ObservationGrid, path, parts) -> None:
         raise ObservationError(f"{path}: variable {v!r} lacks the coordinate(s) {', '.join(miss)} along {dim!r}; a "
                                f"point observation of {v!r} needs {', '.join(f'{n}({dim})' for n in need)}")
     vals = np.asarray(da.values, dtype=np.float64)
+    _add_points(parts, grid, v, ds[grid.time_name].values, [ds[a.name].values for a in grid.axes],
+                [ds[d].values for d in extra], vals, _sigma_of(ds, v, vals.shape, path), path)
+
+
+def _add_points(parts, grid: ObservationGrid, v: str, times, pos, ext, vals, sig, path) -> None:
+    """Check the point observations of variable ``v`` (one entry per observation: file ``times``, the
+    positions per axis, the extra-dim values ``ext`` per extra dim of ``v``) and add them to ``parts``."""
+    vals = np.asarray(vals, dtype=np.float64)
     if not np.isfinite(vals).all():
         bad = np.flatnonzero(~np.isfinite(vals))
         raise ObservationError(f"{path}: variable {v!r} holds NaN or inf at {bad.size} of {vals.size} observations "
                                f"(the first is obs {int(bad[0])}); in the points form every observation needs a "
                                f"finite value: drop the missing ones")
-    sig = _sigma_of(ds, v, vals.shape, path)
+    sig = np.broadcast_to(np.asarray(sig, dtype=np.float64), vals.shape)
     _check_sigma(sig, v, path)
-    keys = np.asarray(grid.time_key(ds[grid.time_name].values), dtype=np.float64)
+    keys = np.asarray(grid.time_key(np.asarray(times)), dtype=np.float64).ravel()
     if not np.isfinite(keys).all():
         raise ObservationError(f"{path}: the time of {int((~np.isfinite(keys)).sum())} observation(s) is missing")
     k_of = grid.step_of(keys, f"{path}: variable {v!r}")
-    pos = [np.asarray(ds[a.name].values, dtype=np.float64) for a in grid.axes]
+    pos = [np.asarray(p, dtype=np.float64) for p in pos]
     for d, p in zip(grid.axes, pos):
         if not np.isfinite(p).all():
             raise ObservationError(f"{path}: the {d.name} of {int((~np.isfinite(p)).sum())} observation(s) of {v!r} "
                                    f"is missing")
-    ext = [np.asarray(ds[d].values, dtype=np.float64) for d in extra]
-    ch = np.empty(vals.size, np.int64)
-    combos: dict = {}
-    for n in range(vals.size):
-        key = tuple(float(e[n]) for e in ext)
-        if key not in combos:
-            combos[key] = grid.channel_of(v, dict(zip(extra, key)), f"{path}")
-        ch[n] = combos[key]
+    extra = grid.extra_dims(v)
+    ext = [np.asarray(e, dtype=np.float64) for e in ext]
+    at = [tuple(float(e[n]) for e in ext) for n in range(vals.size)]
+    combos = {key: grid.channel_of(v, dict(zip(extra, key)), f"{path}") for key in dict.fromkeys(at)}
+    ch = np.array([combos[key] for key in at], dtype=np.int64)
     # the operator of the step checks the positions (one error for the file, not per step)
     PointInterpolation(grid.axes, ch, pos, len(grid.channels), what=f"{path}: variable {v!r}")
     for k in np.unique(k_of):
         sel = k_of == k
         parts.setdefault(int(k), []).append((ch[sel], [p[sel] for p in pos], vals[sel], sig[sel]))
+
+
+def point_observations(path, grid: ObservationGrid, *, variable, time, position: Mapping[str, Any], value, sigma,
+                       selectors: Mapping[str, Any] | None = None) -> ObservationSet:
+    """Point observations as arrays, one entry per observation (what a domain's ``Assimilation.read`` of
+    its own point format, a CSV of stations say, returns), checked and placed on ``grid``'s window as
+    the points form of a netCDF file is: the :class:`ObservationSet` of :func:`read_observations`, bit
+    for bit, for the same observations in the same order.  ``variable``: names; ``time``: as a decoded
+    netCDF time coordinate (numbers, datetime64; ``grid.time_key`` makes them keys); ``position``:
+    ``{axis name: coordinates}``; ``value``, ``sigma`` (sigma_y, or a scalar): in the variable's units;
+    ``selectors``: ``{extra dim: values}`` for variables with extra dims; ``path``: for messages."""
+    variable = np.asarray(variable).astype(str).ravel()
+    n = variable.size
+    missing = [a.name for a in grid.axes if a.name not in position]
+    if missing:
+        raise ObservationError(f"{path}: no {', '.join(missing)} position; point observations need "
+                               f"{', '.join(a.name for a in grid.axes)}")
+    arrays = {"time": time, "value": value, "sigma": np.broadcast_to(sigma, (n,)) if np.ndim(sigma) == 0 else sigma,
+              **{a.name: position[a.name] for a in grid.axes}, **dict(selectors or {})}
+    arrays = {k: np.asarray(a).ravel() for k, a in arrays.items()}
+    for what, a in arrays.items():
+        if a.size != n:
+            raise ObservationError(f"{path}: {a.size} {what} value(s) for {n} observation(s); give one per observation")
+    names = _known(list(dict.fromkeys(variable.tolist())), grid, path)
+    parts: dict[int, list] = {}
+    for v in names:
+        sel = variable == v
+        extra = grid.extra_dims(v)
+        if any(d not in arrays for d in extra):
+            raise ObservationError(f"{path}: variable {v!r} needs selectors {{{', '.join(extra)}: values}}")
+        _add_points(parts, grid, v, arrays["time"][sel], [arrays[a.name][sel] for a in grid.axes],
+                    [arrays[d][sel] for d in extra], arrays["value"][sel], arrays["sigma"][sel], path)
+    return _assemble(parts, "points", names, grid, path)
 
 
 # ----------------------------------------------------------------------------- synthetic observations
@@ -589,10 +638,7 @@ def synthetic_observations(values: np.ndarray, *, variables: Sequence[tuple[str,
     if not (sig_c > 0).all():
         raise ObservationError("a variable of the truth is constant (climatological std 0): relative noise is 0 there; "
                                "give --obs-noise-absolute")
-    order: list[str] = []
-    for v, _ in variables:
-        if v not in order:
-            order.append(v)
+    order = list(dict.fromkeys(v for v, _ in variables))
     extra_of = {v: list(sel) for v, sel in variables}
     extra_coords = dict(extra_coords or {})
     var_attrs = {k: dict(a) for k, a in (var_attrs or {}).items()}
@@ -651,12 +697,7 @@ def synthetic_observations(values: np.ndarray, *, variables: Sequence[tuple[str,
         for ax in axes:
             c = ax.values
             lo, hi = min(c[0], c[-1]), max(c[0], c[-1])
-            if ax.periodic and ax.period:
-                hi = lo + ax.period
-                p = rng.uniform(lo, hi, n)
-            else:
-                p = rng.uniform(lo, hi, n)
-            pos.append(p)
+            pos.append(rng.uniform(lo, lo + ax.period if ax.periodic and ax.period else hi, n))
     else:
         grids = np.meshgrid(*(ax.values[::int(stride)] for ax in axes), indexing="ij")
         pos = [g.ravel() for g in grids]

@@ -270,6 +270,50 @@ def test_assimilate_bad_file_error_is_one_line_in_a_subprocess(ks):
         assert "sigma_y of 'u' holds" in p.stderr and "<= 0" in p.stderr
 
 
+def test_a_plugins_csv_reader_gives_the_netcdf_analysis_bit_for_bit(ks, capsys, clean_registry):
+    """A third-party plugin adapter (tests/_stations_plugin.py: the pde trajectory adapter under the name
+    "stations") whose domain reads a CSV of stations through Assimilation.read_times / read, and netCDF as
+    the pde domain: trained through ``diffkit train``, its analysis from the CSV equals the one from the
+    equivalent points netCDF bit for bit with the same seed; it takes the pde domain's --index."""
+    from diffkit import registry
+    from _stations_plugin import StationsPlugin, write_csv
+
+    registry.register_plugin(StationsPlugin(), "stations_plugin")
+    root = ks["root"]
+    cfg = TOML.format(run=(root / "srun").as_posix(), data=ks["data"].as_posix())
+    (root / "scfg.toml").write_text(cfg.replace('adapter = "pde"', 'adapter = "stations"').replace("steps = 150",
+                                                                                                  "steps = 3"))
+    state = capture_rng_state(cuda=False)
+    try:
+        assert main(["train", str(root / "scfg.toml"), *RUN]) == 0
+    finally:
+        restore_rng_state(state)
+    nc = _points_file(ks, "stations")
+    csv = write_csv(nc, root / "stations.csv", ["x"])
+    outs = {}
+    for name, path in (("nc", nc), ("csv", csv)):
+        outs[name] = root / f"stations_{name}.nc"
+        capsys.readouterr()
+        assert main(["assimilate", str(root / "srun"), "--obs", str(path), "--init", str(ks["data"]), "--index", "7",
+                     "--members", "2", "--method", "reconstruction", "--seed", "5", "--out", str(outs[name]),
+                     *RUN]) == 0
+        assert "16 observation(s) at 2 step(s) (points form" in capsys.readouterr().out
+    with xr.open_dataset(outs["nc"]) as a, xr.open_dataset(outs["csv"]) as b:
+        assert a.attrs["observations"] == str(nc) and b.attrs["observations"] == str(csv)
+        assert a.attrs["init_index"] == b.attrs["init_index"] == 7 and b.attrs["n_observations"] == 16
+        assert list(a.data_vars) == list(b.data_vars) and "u_ensemble_mean" in a
+        for v in a.data_vars:
+            np.testing.assert_array_equal(a[v].values, b[v].values, err_msg=v)
+
+
+def test_another_domains_option_is_a_one_line_error(ks, capsys):
+    rc = main(["assimilate", str(ks["run"]), "--obs", str(ks["obs"]), "--init", str(ks["data"]), "--init-time",
+               "2000-01-01", "--out", str(ks["root"] / "never.nc"), *RUN])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1, err
+    assert "--init-time is an option of the weather domain, and this checkpoint is a model of the pde domain" in err
+
+
 # ============================================================================= weather (QG quick setting)
 WEATHER_TOML = """\
 run_dir = "{run}"

@@ -16,8 +16,7 @@ import numpy as np
 
 from diffkit.assimilate import Assimilation, GuidedRollout, analysis_attrs, ensemble_statistics, label_analysis
 from diffkit.errors import ObservationError
-from diffkit.observations import (Axis, ObservationGrid, observation_window, open_observations, read_observations,
-                                  synthetic_observations)
+from diffkit.observations import Axis, ObservationGrid, synthetic_observations
 
 __all__ = ["PDEAssimilation", "observation_grid", "make_observations"]
 
@@ -121,13 +120,29 @@ class PDEAssimilation(Assimilation):
     amortised = True
 
     @classmethod
+    def add_arguments(cls, group) -> None:
+        group.add_argument("--index", type=int, default=None,
+                           help="trajectory of --init to start from (default: the observation file's "
+                                "source_trajectory, else 0)")
+        group.add_argument("--start", type=int, default=None,
+                           help="first history frame (default: the last history frame one step before the first "
+                                "observation)")
+
+    @classmethod
     def grid(cls, layout) -> ObservationGrid:
         return observation_grid(layout)
 
     @classmethod
+    def _index(cls, args) -> int:
+        """``--index``, else the observation file's ``source_trajectory`` (:meth:`metadata`), else 0."""
+        if args.index is not None:
+            return args.index
+        return int(cls.metadata(args.obs).get("source_trajectory", 0))
+
+    @classmethod
     def run(cls, loaded, args, guide):
         if getattr(loaded.layout, "window", None) is not None:
-            return _run_amortised(loaded, args)
+            return _run_amortised(cls, loaded, args)
         from diffkit.adapters import atomic_to_netcdf
 
         from .adapter import open_trajectories, spec_from_layout, upgrade_layout
@@ -137,10 +152,9 @@ class PDEAssimilation(Assimilation):
         model.layout = upgrade_layout(model.layout)
         layout = model.layout
         spec = spec_from_layout(layout)
-        grid = observation_grid(layout)
-        keys = observation_window(args.obs, grid)
-        attrs = open_observations(args.obs).attrs
-        index = args.index if args.index is not None else int(attrs.get("source_trajectory", 0))
+        grid = cls.grid(layout)
+        keys = cls.read_times(args.obs, grid)
+        index = cls._index(args)
         start = args.start
         if start is None:
             ds = open_trajectories(args.init, lazy=True)
@@ -153,7 +167,7 @@ class PDEAssimilation(Assimilation):
         ic = initial_condition(args.init, layout, index=index, start=start)
         steps = args.steps if args.steps is not None else max(1, int(math.ceil((keys[-1] - ic.t0) / ic.dt - 1e-6)))
         window = ic.t0 + ic.dt * np.arange(1, steps + 1)
-        obs = read_observations(args.obs, grid.with_window(window, 1e-6 * max(1.0, abs(ic.dt))))
+        obs = cls.read(args.obs, grid.with_window(window, 1e-6 * max(1.0, abs(ic.dt))))
         guided = GuidedRollout(model, {} if args.no_guidance else obs.steps, guide)
         pred = rollout(guided, ic.history, steps, members=args.members,
                        scalars=None if ic.scalars is None else ic.scalars[None], sampler=args.sampler, nfe=args.nfe,
@@ -240,7 +254,7 @@ def _as_autoregressive(layout):
                   attrs=dict(layout.attrs), coord_attrs=layout.coord_attrs, autoregressive=spec)
 
 
-def _run_amortised(loaded, args):
+def _run_amortised(cls, loaded, args):
     """``--method amortised`` with a window model trained with universal-amortised conditioning: the
     trajectory from the initial state (fully observed) over the window, every state conditioned on its
     gridded observations (:func:`diffkit.window.sample_trajectory`, autoregressive composition).
@@ -260,10 +274,9 @@ def _run_amortised(loaded, args):
                                f"assimilates with --method amortised, not {args.method}")
     check_amortised(layout)
     ar = _as_autoregressive(layout)
-    grid = observation_grid(ar)
-    keys = observation_window(args.obs, grid)
-    attrs = open_observations(args.obs).attrs
-    index = args.index if args.index is not None else int(attrs.get("source_trajectory", 0))
+    grid = cls.grid(ar)
+    keys = cls.read_times(args.obs, grid)
+    index = cls._index(args)
     ds = open_trajectories(args.init, lazy=True)
     if not 0 <= index < ds.sizes["trajectory"]:
         raise ObservationError(f"--index {index} is out of range: {args.init} has {ds.sizes['trajectory']} "
@@ -275,7 +288,7 @@ def _run_amortised(loaded, args):
     ic = initial_condition(args.init, ar, index=index, start=start)
     steps = args.steps if args.steps is not None else max(1, int(math.ceil((keys[-1] - ic.t0) / ic.dt - 1e-6)))
     window = ic.t0 + ic.dt * np.arange(1, steps + 1)
-    obs = read_observations(args.obs, grid.with_window(window, 1e-6 * max(1.0, abs(ic.dt))))
+    obs = cls.read(args.obs, grid.with_window(window, 1e-6 * max(1.0, abs(ic.dt))))
     if obs.form != "grid":
         raise ObservationError(f"{args.obs}: amortised conditioning takes gridded observations (values and a mask on "
                                f"the model's grid); give the gridded form, or use --method mmps / reconstruction / dps "

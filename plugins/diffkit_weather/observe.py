@@ -18,8 +18,7 @@ import numpy as np
 
 from diffkit.assimilate import Assimilation, GuidedRollout, analysis_attrs, ensemble_statistics, label_analysis
 from diffkit.errors import ObservationError
-from diffkit.observations import (Axis, ObservationGrid, observation_window, read_observations,
-                                  synthetic_observations)
+from diffkit.observations import Axis, ObservationGrid, synthetic_observations
 
 __all__ = ["WeatherAssimilation", "observation_grid", "make_observations", "time_keys"]
 
@@ -162,6 +161,11 @@ class WeatherAssimilation(Assimilation):
     name = "weather"
 
     @classmethod
+    def add_arguments(cls, group) -> None:
+        group.add_argument("--init-time", default=None, metavar="TIME",
+                           help="the initial time (ISO); default one model step before the first observation")
+
+    @classmethod
     def grid(cls, layout) -> ObservationGrid:
         return observation_grid(layout)
 
@@ -173,8 +177,8 @@ class WeatherAssimilation(Assimilation):
 
         fc = load_forecaster(args.checkpoint, device=next(loaded.model.parameters()).device)
         layout = fc.layout
-        grid = observation_grid(layout)
-        keys = observation_window(args.obs, grid)
+        grid = cls.grid(layout)
+        keys = cls.read_times(args.obs, grid)
         lead = float(layout.autoregressive.step)
         init = args.init_time or _fmt_key(float(keys[0]) - lead)
         opts = fc.data_options
@@ -182,7 +186,7 @@ class WeatherAssimilation(Assimilation):
         t0 = float(time_keys(ist.times)[0])
         steps = args.steps if args.steps is not None else max(1, int(math.ceil((keys[-1] - t0) / lead - 1e-6)))
         window = t0 + lead * np.arange(1, steps + 1)
-        obs = read_observations(args.obs, grid.with_window(window, 1e-3))
+        obs = cls.read(args.obs, grid.with_window(window, 1e-3))
         guided = GuidedRollout(fc.model, {} if args.no_guidance else obs.steps, guide)
         pred = forecast(guided, None, ist, steps=steps, members=args.members, seed=args.seed, sampler=args.sampler,
                         nfe=args.nfe, progress=not args.no_progress, config=fc.config)
