@@ -140,6 +140,8 @@ class Trainer:
         self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.net = self.model.net
         self.ddp = None
+        #: trainer.strategy = "fsdp" under torchrun: the network and its EMA are sharded (FSDP2)
+        self.fsdp, self._sharded = self.dist.world > 1 and tc.strategy == "fsdp", False
         self._wrap_net()
         # the parameter lists, once: walking the module tree costs ~0.1 ms a step (clip, EMA)
         self._params, self._ema_params = list(self.net.parameters()), list(self.ema.net.parameters())
@@ -164,7 +166,14 @@ class Trainer:
         """The network the Denoiser calls: DDP's wrapper of ``self.net`` under torchrun, compiled
         if ``trainer.compile``."""
         net = self.net
-        if self.dist.world > 1:
+        if self.fsdp:
+            if not self._sharded:  # in place, once: the EMA too, shard for shard (see _update_ema)
+                from .distributed import shard
+
+                shard(self.net, self.device)
+                shard(self.ema.net, self.device)
+                self._sharded = True
+        elif self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = net = DDP(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -187,10 +196,18 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Everything a checkpoint holds.  Under FSDP the full weights and optimizer state, gathered to
+        rank 0 (the same format as unsharded training): a collective, so every rank calls it."""
+        if self.fsdp:
+            from .distributed import full_state
+
+            (model, optim), (ema, _) = full_state(self.net, self.opt), full_state(self.ema.net)
+        else:
+            model, ema, optim = self.net.state_dict(), self.ema.net.state_dict(), self.opt.state_dict()
         return {
-            "model": self.net.state_dict(),
-            "ema": self.ema.net.state_dict(),
-            "optimizer": self.opt.state_dict(),
+            "model": model,
+            "ema": ema,
+            "optimizer": optim,
             "scheduler": self.sched.state_dict(),
             "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
             "rng": capture_rng_state(),
@@ -213,9 +230,15 @@ class Trainer:
             return
         path, ck = got
         self._check_same_model(ck, path)
-        self.net.load_state_dict(ck["model"])
-        self.ema.net.load_state_dict(ck["ema"])
-        self.opt.load_state_dict(ck["optimizer"])
+        if self.fsdp:  # every rank read the full checkpoint and keeps its shard
+            from .distributed import load_full_state
+
+            load_full_state(self.net, ck["model"], self.opt, ck["optimizer"])
+            load_full_state(self.ema.net, ck["ema"])
+        else:
+            self.net.load_state_dict(ck["model"])
+            self.ema.net.load_state_dict(ck["ema"])
+            self.opt.load_state_dict(ck["optimizer"])
         self._apply_fused_flag()
         self.sched.load_state_dict(ck["scheduler"])
         self.step, self.epoch, self.batch_in_epoch = int(ck["step"]), int(ck["epoch"]), int(ck["batch_in_epoch"])
@@ -315,6 +338,10 @@ class Trainer:
                       + ", ".join(f"loss.{k} = {v!r}" for k, v in changes.items()))
 
     def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes the checkpoint (under FSDP every rank must call this: the weights are gathered)."""
+        if self.fsdp:
+            state = self.state_dict()
+            return self.ckpts.save(self.step, state) if self.dist.main else None
         if not self.dist.main:
             return None
         return self.ckpts.save(self.step, self.state_dict())
@@ -428,8 +455,8 @@ class Trainer:
                     if self.dist.main:
                         _append_jsonl(log_path, {"step": self.step, "val_loss": v})
                         last["val_loss"] = v
-                if tc.snapshot_every and self.step % tc.snapshot_every == 0 and self.dist.main:
-                    self.snapshot()
+                if tc.snapshot_every and self.step % tc.snapshot_every == 0 and (self.dist.main or self.fsdp):
+                    self.snapshot()  # (every rank samples a sharded EMA; rank 0 writes)
                 if tc.ckpt_every and self.step % tc.ckpt_every == 0:
                     self.save_checkpoint()
                 if self._stop and self.dist.world == 1:  # (several ranks: agreed at the top of the loop)
@@ -540,7 +567,9 @@ class Trainer:
         self._watch(self.step + 1, total, data_ok)
         if check:
             self._raise_if_diverged()
-        if tc.grad_clip is not None:
+        if tc.grad_clip is not None and self.fsdp:  # (the norm of sharded gradients: torch's, over all shards)
+            torch.nn.utils.clip_grad_norm_(self._params, tc.grad_clip)
+        elif tc.grad_clip is not None:
             self._clip_grad_norm(tc.grad_clip)
         self.opt.step()
         self.sched.step()
@@ -566,7 +595,10 @@ class Trainer:
         d = tc.ema_decay
         if tc.ema_warmup:
             d = min(d, (1 + self.step) / (10 + self.step))
-        torch._foreach_lerp_(self._ema_params, self._params, 1.0 - d)
+        ema, params = self._ema_params, self._params
+        if self.fsdp:  # the EMA is sharded as the model is: each rank updates its own shards
+            ema, params = [p.to_local() for p in ema], [p.to_local() for p in params]
+        torch._foreach_lerp_(ema, params, 1.0 - d)
         for be, b in zip(self.ema.net.buffers(), self.net.buffers()):
             be.copy_(b)
 
@@ -620,6 +652,8 @@ class Trainer:
 
             x = sample(self.ema.bind(cond, sc.guidance if labels is not None else None), (n, *self.layout.sample_shape),
                        sampler=sc.sampler, nfe=sc.nfe, spacing=sc.spacing, generator=g, device=self.device)
+        if not self.dist.main:
+            return None
         out = self.run_dir / "snapshots" / f"step-{self.step:09d}.nc"
         from .adapters import decode_samples
 
