@@ -29,6 +29,13 @@ def diffkit_adapters():
 
 
 @hookimpl
+def diffkit_commands():
+    from .observe import register_data
+
+    return {"data images": register_data}
+
+
+@hookimpl
 def diffkit_quickstarts():
     from .quickstart import quickstart
 
