@@ -33,13 +33,8 @@ except ImportError:  # editable install made before the plugins existed
     import diffkit_weather as W
 
 
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    for var in ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    registry.refresh()
-    yield
-    registry.refresh()
+#: every test starts and ends with a freshly discovered registry (conftest.py's clean_registry)
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 # ============================================================================= diffkit's adapters

@@ -26,13 +26,8 @@ BUILTINS = [("schedule", n) for n in ("alpha_bar", "cosine", "linear", "sigmoid"
            [("adapter", "mixture")]
 
 
-@pytest.fixture(autouse=True)
-def clean_registry(monkeypatch):
-    for var in ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    registry.refresh()
-    yield
-    registry.refresh()
+#: every test starts and ends with a freshly discovered registry (conftest.py's clean_registry)
+pytestmark = pytest.mark.usefixtures("clean_registry")
 
 
 def console_script() -> str:
