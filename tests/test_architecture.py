@@ -169,6 +169,7 @@ TESTED_IN: dict[str, tuple[str, ...]] = {
     "plugins/diffkit_pde/periodic1d.py": ("test_pde_simulators.py", "test_etdrk4.py"),  # what the simulators share:
     "plugins/diffkit_pde/conventions.py": ("test_pde_simulators.py",),    # the 1-D engine, batching, seeding, dtypes
     "plugins/diffkit_pde/plots.py": ("test_figures.py", "test_pde_metrics.py"),
+    "plugins/diffkit_images/observe.py": ("test_images_assimilate.py",),   # data images --observe-from, assimilate's images side
     "plugins/diffkit_pde/observe.py": ("test_assimilate.py",),            # data pde --observe-from, assimilate's PDE side
     "plugins/diffkit_weather/observe.py": ("test_assimilate.py", "test_weather_qg.py"),  # data weather qg --observe-from
     "plugins/diffkit_weather/plots.py": ("test_weather_evaluate.py", "test_weather_evaluate_checks.py"),
