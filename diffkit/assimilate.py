@@ -34,8 +34,8 @@ import torch
 from .errors import DiffkitError
 from .observations import ObservationSet, StepObservations
 
-__all__ = ["METHODS", "DEFAULTS", "Assimilation", "GuidedRollout", "assimilation_for", "guidance_options",
-           "model_space", "check_amortised", "ensemble_statistics_attrs"]
+__all__ = ["METHODS", "DEFAULTS", "Assimilation", "GuidedRollout", "assimilation_for", "add_domain_arguments",
+           "check_domain_options", "guidance_options", "model_space", "check_amortised", "ensemble_statistics_attrs"]
 
 #: the methods of ``diffkit assimilate --method``
 METHODS = ("mmps", "reconstruction", "dps", "amortised")
