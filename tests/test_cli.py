@@ -20,7 +20,7 @@ import diffkit
 from diffkit import registry
 from diffkit.cli import main
 
-ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
+from _registry_helpers import ENV_VARS  # the plugin switches a subprocess must not inherit
 BUILTINS = [("schedule", n) for n in ("alpha_bar", "cosine", "linear", "sigmoid")] + \
            [("sampler", n) for n in ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun", "unipc")] + [("metric", "sliced_wasserstein")] + \
            [("adapter", "mixture")]

@@ -35,7 +35,7 @@ from diffkit.errors import CheckpointError
 from diffkit.model import load_for_sampling
 from diffkit.train import Trainer, TrainingDiverged
 
-ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
+from _registry_helpers import ENV_VARS  # the plugin switches a subprocess must not inherit
 N_DATA, BATCH = 2000, 64
 TINY = [
     "model.options={hidden=32,depth=2}",

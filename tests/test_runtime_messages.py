@@ -25,7 +25,7 @@ from diffkit.cli import main
 from diffkit.config import Config, apply_overrides
 from diffkit.train import Trainer
 
-ENV_VARS = ("DIFFKIT_DISABLE_PLUGIN_AUTOLOAD", "DIFFKIT_PLUGINS")
+from _registry_helpers import ENV_VARS  # the plugin switches a subprocess must not inherit
 TINY = ["model.options={hidden=32,depth=2}", "data.options={n=2000}", "data.batch_size=64", "trainer.val_every=0"]
 #: what torch.save raises when the disk fills up under it (torch 2.x, measured on a full 1 MiB tmpfs)
 TORCH_SHORT_WRITE = "[enforce fail at inline_container.cc:672] . unexpected pos 832 vs 726"
