@@ -193,6 +193,8 @@ EXAMPLE_TESTS = {
     "gmm2d.py": ["tests/test_docs_examples.py::test_gmm2d_example_learns_the_mixture",
                  "tests/test_docs_examples.py::test_gmm2d_untrained_model_is_far_from_truth"],
     "pde_ks.py": ["tests/test_docs_examples.py::test_pde_ks_example_runs_end_to_end"],
+    "assimilate_pde.py": ["tests/test_assimilate_examples.py::test_assimilate_pde_example_beats_the_prior"],
+    "assimilate_weather.py": ["tests/test_assimilate_examples.py::test_assimilate_weather_example_beats_the_prior"],
     "weather_qg.py": ["tests/test_weather_examples.py::test_weather_qg_example_runs_end_to_end"],
     "weather_storm.py": ["tests/test_weather_examples.py::test_weather_storm_example_runs_end_to_end",
                          "tests/test_weather_examples.py::test_weather_storm_example_without_the_files_says_how_to_install"],
