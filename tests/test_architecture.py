@@ -186,7 +186,6 @@ UNTESTED: dict[str, str] = {
                              "load every built-in plugin through its entry point",
     # a gap, not a design: sliced_wasserstein / mean_std_error are only used as measures
     # (test_guidance.py), never checked against a reference
-    "diffkit/metrics.py": "KNOWN GAP (issue 16): no direct test yet",
 }
 
 
