@@ -118,6 +118,21 @@ def test_group_norm_silu_module_matches_and_shares_the_state_dict():
     torch.testing.assert_close(out.float(), exact.bfloat16().float(), rtol=0, atol=0)
 
 
+@pytest.mark.slow
+def test_group_norm_silu_with_film_is_one_kernel_under_torch_compile():
+    """Inductor emits norm statistics, FiLM and SiLU as a single generated kernel (CPU code here)."""
+    from torch._inductor.utils import run_and_get_code
+
+    m = GroupNormSiLU(4, 16)
+    _randomize(m)
+    x, sc, sh = torch.randn(2, 16, 8, 8), torch.randn(2, 16), torch.randn(2, 16)
+    torch._dynamo.reset()
+    out, codes = run_and_get_code(torch.compile(lambda a, b, c: m(a, b, c)), x, sc, sh)
+    kernels = set(re.findall(r"\b(cpp_fused_\w+|triton_\w+)\s*=", "\n".join(codes)))
+    assert len(kernels) == 1 and "group_norm" in next(iter(kernels)) and "silu" in next(iter(kernels)), kernels
+    torch.testing.assert_close(out, m(x, sc, sh), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("shape,periodic", [((16, 12), ()), ((7, 8), ("y",)), ((8, 8, 4), ())])
 def test_unet_fused_norm_act_equals_the_unfused_net(shape, periodic):
     lay, plain, fused = _pair(shape, periodic, fused_norm_act=True)

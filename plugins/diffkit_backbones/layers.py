@@ -64,8 +64,9 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None
     """``silu(group_norm(x) * (1 + scale) + shift)`` in float32, cast back to ``x.dtype`` once.
 
     ``scale`` and ``shift`` (FiLM, optional) are ``(B, C)``.  One chain of float32 element-wise
-    ops after the group statistics, which ``torch.compile`` emits as one fused kernel (the
-    reduction and the normalise-modulate-activate pass); in float32 it is exactly the unfused
+    ops after the group statistics, which ``torch.compile`` emits as a single kernel (the
+    statistics and the normalise-modulate-activate pass; checked for inductor's CPU code in
+    tests/test_backbones_fastpaths.py); in float32 it is exactly the unfused
     ``F.silu(F.group_norm(x, ...) * (1 + scale) + shift)``, under bf16/fp16 it rounds once
     instead of after each op.
     """
