@@ -80,10 +80,10 @@ def test_targets_pass_and_fail_at_the_thresholds(gpu):
 def test_smoke_run_writes_complete_json_and_markdown(tmp_path):
     md, js = tmp_path / "gpu.md", tmp_path / "gpu.json"
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    r = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--peak-tflops", "1",
-                        "--markdown", str(md), "--json", str(js)],
-                       capture_output=True, text=True, timeout=1500, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--peak-tflops", "1",
+                           "--markdown", str(md), "--json", str(js)],
+                          capture_output=True, text=True, timeout=1500, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(js.read_text())
     assert res["smoke"] is True and res["peak_tflops"] == 1.0
     assert set(res["params"]) == {"unet", "dit"}
@@ -128,4 +128,4 @@ def test_smoke_run_writes_complete_json_and_markdown(tmp_path):
     assert text.count("\n| ddim |") == 4 and text.count("\n| dpmpp_2m |") == 4
     assert text.count("\n- **") == len(names)
     for t in res["targets"]:
-        assert f"target {t['status']}: {t['name']}" in r.stdout
+        assert f"target {t['status']}: {t['name']}" in proc.stdout
