@@ -202,6 +202,7 @@ EXAMPLE_TESTS = {
                         "tests/test_plugin_template.py::test_the_templates_own_tests_pass"],
     "images_digits.py": ["tests/test_images_examples.py::test_images_digits_example_learns_the_classes",
                          "tests/test_images_examples.py::test_images_digits_example_untrained_is_at_chance"],
+    "assimilate_images.py": ["tests/test_images_assimilate.py::test_assimilate_images_example_inpaints_better_than_the_prior"],
     "images_folder.py": ["tests/test_images_examples.py::test_images_folder_example_writes_the_demo_folder_and_learns_it",
                          "tests/test_images_examples.py::test_images_folder_example_on_a_flat_user_folder_is_unconditional"],
 }

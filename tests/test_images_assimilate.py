@@ -6,6 +6,9 @@ unconditional UNet through the CLI and are in the slow lane.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -131,3 +134,132 @@ def test_data_images_writes_held_out_digits(tmp_path, capsys):
         assert o["L"].shape == (2, 8, 8) and int(np.isfinite(o["L"].values).sum()) == 2 * 16
     assert main(["data", "images", "--obs-fraction", "0.2", "--out", str(tmp_path / "x.nc")]) == 1
     assert "--obs-fraction makes observations of a truth file: give --observe-from" in capsys.readouterr().err
+
+
+# ============================================================================= end to end (slow: trains a model)
+RUN = ["--no-progress", "--device", "cpu"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """examples/assimilate_images.py --quick (~40 s): an unconditional UNet trained 300 steps on the
+    digits; 12 of its held-out digits with 25 % of their pixels observed (sigma_y = 0.05 x the pixels'
+    std); the reconstruction-guidance analysis and the prior ensemble (--no-guidance), 4 members each."""
+    import importlib.util
+
+    root = tmp_path_factory.mktemp("images_assim")
+    spec = importlib.util.spec_from_file_location("assimilate_images", ROOT / "examples" / "assimilate_images.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    report = mod.main(["--quick", "--no-progress", "--out", str(root)])
+    return {"root": root, "run": root / "run", "truth": root / "truth.nc", "obs": root / "obs.nc",
+            "prior": root / "prior.nc", "report": report}
+
+
+@pytest.mark.slow
+def test_assimilate_images_example_inpaints_better_than_the_prior(digits):
+    """Measured (seed 0): ensemble-mean RMSE 4.04 vs the prior's 4.81 (0..16 scale), unobserved pixels 4.64 vs
+    4.92, spread/skill 0.93; on a 1000-step, 16-channel model 4.21 vs 4.97, 4.84 vs 5.12."""
+    r = digits["report"]
+    a, p = r["analysis"], r["prior"]
+    assert a["rmse"] < 0.92 * p["rmse"] and a["rmse_unobserved"] < p["rmse_unobserved"], r
+    assert 0.5 < a["spread_skill"] < 1.5, r
+    assert (digits["root"] / "analysis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((digits["root"] / "report.json").read_text()) == r
+
+
+def rmse(path, truth, obs):
+    """``(all, unobserved, observed pixels)`` RMSE of the ensemble mean of ``path`` against the truth."""
+    with xr.open_dataset(path) as a, xr.open_dataset(truth) as t, xr.open_dataset(obs) as o:
+        err = a["L_ensemble_mean"].values - t["L"].values
+        seen = np.isfinite(o["L"].values)
+    return tuple(float(np.sqrt((e ** 2).mean())) for e in (err, err[~seen], err[seen]))
+
+
+def _check_analysis(out, method):
+    with xr.open_dataset(out) as ds:
+        assert ds["L"].dims == ("image", "member", "y", "x") and ds["L"].shape == (12, 4, 8, 8)
+        assert ds["member"].attrs["standard_name"] == "realization"
+        assert ds["L_ensemble_mean"].attrs["cell_methods"] == "member: mean"
+        np.testing.assert_allclose(ds["L_ensemble_mean"].values, ds["L"].values.mean(1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ds["L_ensemble_spread"].values, ds["L"].values.std(1, ddof=1), rtol=1e-4, atol=1e-4)
+        assert ds.attrs["method"] == method and ds.attrs["n_observations"] == 12 * 16
+        assert ds.attrs["observation_form"] == "grid" and ds.attrs["title"] == "diffkit analysis"
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _analysis(digits, method, capsys):
+    """The analysis of ``method`` (run once per module) and the command's output."""
+    out = digits["root"] / f"a_{method}.nc"
+    if out not in digits:
+        capsys.readouterr()
+        rc = main(["assimilate", str(digits["run"]), "--obs", str(digits["obs"]), "--members", "4", "--method",
+                   method, "--out", str(out), *RUN])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        digits[out] = captured
+    return out, digits[out]
+
+
+@pytest.mark.slow
+def test_assimilate_images_dps_beats_the_prior_ensemble(digits, capsys):
+    """Measured: RMSE 4.19 vs the prior's 4.81, unobserved pixels 4.52 vs 4.92."""
+    out, captured = _analysis(digits, "dps", capsys)
+    assert "analysis (dps): 4 member(s) of 12 image(s)" in captured.out
+    _check_analysis(out, "dps")
+    _check_analysis(digits["root"] / "analysis.nc", "reconstruction")      # the example's, through the same CLI
+    a_all, a_un, _ = rmse(out, digits["truth"], digits["obs"])
+    p_all, p_un, _ = rmse(digits["prior"], digits["truth"], digits["obs"])
+    assert a_all < 0.92 * p_all and a_un < p_un, (a_all, p_all, a_un, p_un)
+
+
+@pytest.mark.slow
+def test_assimilate_images_mmps_fits_the_observed_pixels(digits, capsys):
+    """Measured: observed pixels' RMSE 0.42 vs the prior's 4.49 (sigma_y 0.30); its safeguard engaged and
+    said so (the UNet's Tweedie covariance is not positive definite)."""
+    out, captured = _analysis(digits, "mmps", capsys)
+    assert "analysis (mmps)" in captured.out and "warning: mmps: the denoiser's covariance" in captured.err
+    _check_analysis(out, "mmps")
+    a_obs = rmse(out, digits["truth"], digits["obs"])[2]
+    p_obs = rmse(digits["prior"], digits["truth"], digits["obs"])[2]
+    assert a_obs < 0.2 * p_obs, (a_obs, p_obs)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="measured: MMPS with this small UNet (and with a 1000-step, 16-channel one) "
+                                       "blows the unobserved pixels up (RMSE 10.0 and 7.2 vs the prior's 4.9 and 5.1, "
+                                       "spread 18 and 13 on a 0..16 scale); its CG met negative curvature in 58-64 "
+                                       "of each image's 160 member-steps (33-38 at the first iteration: reconstruction's covariance "
+                                       "instead), so the Tweedie covariance of this UNet is far from PSD")
+def test_assimilate_images_mmps_beats_the_prior_on_unobserved_pixels(digits, capsys):
+    out, _ = _analysis(digits, "mmps", capsys)
+    assert rmse(out, digits["truth"], digits["obs"])[1] < rmse(digits["prior"], digits["truth"], digits["obs"])[1]
+
+
+#: where the command says it otherwise than read_observations (it checks the image dim first)
+CLI_FRAGMENT = {"no image dim": "no 'image' coordinate; an images observation file numbers its images along 'image'"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(BAD))
+def test_assimilate_rejects_bad_observation_files(digits, name, capsys):
+    edit, fragment = BAD[name]
+    fragment = CLI_FRAGMENT.get(name, fragment)
+    with xr.open_dataset(digits["obs"]) as o:
+        bad = edit(o.load())
+    path = digits["root"] / f"bad_{name.replace(' ', '_')}.nc"
+    bad.to_netcdf(path)
+    out = digits["root"] / "never.nc"
+    capsys.readouterr()
+    assert main(["assimilate", str(digits["run"]), "--obs", str(path), "--members", "2", "--out", str(out), *RUN]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("diffkit assimilate: error:") and fragment in err, err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_options_of_surrogates_are_refused(digits, capsys):
+    assert main(["assimilate", str(digits["run"]), "--obs", str(digits["obs"]), "--init", str(digits["truth"]),
+                 "--out", str(digits["root"] / "never.nc"), *RUN]) == 1
+    assert "--init does not apply to images models" in capsys.readouterr().err

@@ -26,7 +26,8 @@ import numpy as np
 
 from diffkit.assimilate import Assimilation, analysis_attrs, ensemble_statistics, label_analysis
 from diffkit.errors import DiffkitError, ObservationError
-from diffkit.observations import Axis, ObservationGrid, observation_window, read_observations, synthetic_observations
+from diffkit.observations import (Axis, ObservationGrid, observation_window, open_observations, read_observations,
+                                  synthetic_observations)
 
 __all__ = ["ImagesAssimilation", "observation_grid", "held_out_images", "truth_dataset", "make_observations",
            "IMAGE"]
@@ -131,8 +132,6 @@ def make_observations(truth, *, images: str | None = None, variables=None, fract
     ``images`` a ``START:STOP`` range of them, default all); see
     :func:`diffkit.observations.synthetic_observations`.  The climatological std of a channel is its std
     over every image and pixel of the file."""
-    from diffkit.observations import open_observations
-
     ds = open_observations(truth)
     chans = str(ds.attrs.get("channels", "")).split() or [v for v in ds.data_vars if ds[v].dims == (IMAGE, "y", "x")]
     if IMAGE not in ds.dims or not chans or any(c not in ds for c in chans):
@@ -207,6 +206,10 @@ class ImagesAssimilation(Assimilation):
                                "so it has no unconditional prior to guide; train with p_uncond > 0 or an "
                                "unconditional model (data.options.conditional = false)")
         grid = observation_grid(layout)
+        if IMAGE not in open_observations(args.obs).variables:
+            raise ObservationError(f"{args.obs}: no {IMAGE!r} coordinate; an images observation file numbers its "
+                                   f"images along {IMAGE!r} (gridded: dims ({IMAGE}, y, x); points: {IMAGE}(obs)), "
+                                   f"as `diffkit data images --observe-from` writes")
         keys = observation_window(args.obs, grid)
         obs = read_observations(args.obs, grid.with_window(keys, 1e-6))
         device = next(model.parameters()).device
