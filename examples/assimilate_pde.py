@@ -1,7 +1,7 @@
 """Data assimilation on Kuramoto--Sivashinsky: a diffusion surrogate guided by sparse, noisy observations.
 
-    python examples/assimilate_pde.py             # ~2 minutes on one CPU core; outputs in runs/assimilate_pde/
-    python examples/assimilate_pde.py --quick     # reduced setting used in CI (under a minute)
+    python examples/assimilate_pde.py             # ~1 min of one CPU core; outputs in runs/assimilate_pde/
+    python examples/assimilate_pde.py --quick     # reduced setting used in CI (~15 s of one core)
 
 1. simulates training trajectories and a held-out truth with the built-in ETDRK4 solver
    (what `diffkit data pde ks` does);

@@ -1,7 +1,7 @@
 """Data assimilation on a two-layer quasi-geostrophic (QG) model: a diffusion forecaster guided by stations.
 
-    python examples/assimilate_weather.py             # ~2 minutes on one CPU core; outputs in runs/assimilate_weather/
-    python examples/assimilate_weather.py --quick     # reduced setting used in CI (about a minute)
+    python examples/assimilate_weather.py             # ~1.5 min of one CPU core; outputs in runs/assimilate_weather/
+    python examples/assimilate_weather.py --quick     # reduced setting used in CI (~30 s of one core)
 
 1. simulates the QG model (what `diffkit data weather qg` does; the settings of
    examples/weather_qg.py): a spin-up that is thrown away, then a 6-hourly record on a labelled
@@ -82,8 +82,8 @@ def near_stations(stations: Path, lat: np.ndarray, lon: np.ndarray) -> np.ndarra
 
 
 def scores_near_stations(path: Path, truth_file: Path, mask: np.ndarray) -> dict:
-    """Ensemble-mean RMSE (diffkit.ensemble, over the grid at each lead, then the mean over the leads and
-    layers) at the grid points around the stations and away from them."""
+    """Ensemble-mean RMSE per layer (diffkit.ensemble: over the grid at each lead, then the mean over the
+    leads) at the grid points around the stations and away from them."""
     import xarray as xr
 
     from diffkit import ensemble
@@ -240,8 +240,8 @@ def main(argv=None) -> dict:
         for k, h in enumerate(report["lead_hours"]):
             print(f"{ch + f' +{h:g} h':<22}" + "".join(
                 f"{report[n][ch]['rmse'][k]:>14.4g}{report[n][ch]['spread_skill_ratio'][k]:>11.2f}" for n in RUNS))
-    print(f"{'mean':<22}" + "".join(f"{report[n]['mean']['rmse']:>14.4g}{report[n]['mean']['spread_skill_ratio']:>11.2f}"
-                                    for n in RUNS))
+    print(f"{'mean':<22}" + "".join(
+        f"{report[n]['mean']['rmse']:>14.4g}{report[n]['mean']['spread_skill_ratio']:>11.2f}" for n in RUNS))
     print(f"ensemble-mean RMSE per layer (mean over the leads) at the {int(near[0].sum())} grid points around the "
           f"stations and at the {int((~near[0]).sum())} others:")
     for lev in range(near.shape[0]):

@@ -34,8 +34,8 @@ def _load_example(name):
 
 def test_assimilate_pde_example_beats_the_prior(tmp_path):
     """KS quick setting (64 points, 6 members, 12 steps, 192 observations).  Measured (ensemble-mean RMSE,
-    per step then the mean over steps; 3 runs): prior 0.167, reconstruction 0.095, MMPS 0.069 (unobserved
-    points: 0.167 / 0.093 / 0.065)."""
+    per step then the mean over steps; 5 runs, the same to the last digit): prior 0.167, reconstruction
+    0.095, MMPS 0.069 (unobserved points: 0.167 / 0.093 / 0.065)."""
     mod = _load_example("assimilate_pde")
     report = mod.main(["--quick", "--no-progress", "--out", str(tmp_path)])
     for name in ("ks_train.nc", "ks_truth.nc", "obs.nc", "prior.nc", "analysis_reconstruction.nc",
@@ -54,7 +54,8 @@ def test_assimilate_pde_example_beats_the_prior(tmp_path):
 
 
 def test_assimilate_weather_example_beats_the_prior(tmp_path):
-    """QG quick setting (32^2, 6 members, 4 daily steps, 51 stations in both layers).  Measured (3 runs):
+    """QG quick setting (32^2, 6 members, 4 daily steps, 51 stations in both layers).  Measured (5 runs, the
+    same to the last digit, one thread or two):
     latitude-weighted ensemble-mean RMSE over both layers and all leads (diffkit evaluate) prior 39.28,
     MMPS 38.53; at the grid points around the stations (mean over leads) 66.1 / 14.3 -> 59.0 / 12.6 per
     layer, away from them 65.4 / 12.8 -> 65.6 / 12.7: the tiny forecaster's errors are grid-scale, which
@@ -66,7 +67,7 @@ def test_assimilate_weather_example_beats_the_prior(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     assert (tmp_path / "assimilation.png").read_bytes()[:8] == PNG
     prior, mmps = report["prior"], report["mmps"]
-    assert mmps["mean"]["rmse"] < 0.995 * prior["mean"]["rmse"], report
+    assert mmps["mean"]["rmse"] < prior["mean"]["rmse"], report                  # over the grid: 2 % better
     for lev in range(2):
         assert mmps["rmse_near_stations"][lev] < 0.95 * prior["rmse_near_stations"][lev], report
     with xr.open_dataset(tmp_path / "stations.nc") as s, xr.open_dataset(tmp_path / "mmps.nc") as a:
