@@ -133,6 +133,7 @@ def test_plugins_kind_filter(capsys):
                                                                             ("command", "data weather", "weather"),
                                                                             ("command", "forecast", "weather"),
                                                                             ("command", "evaluate", "weather"),
+                                                                            ("command", "data images", "images"),
                                                                             ("command", "quickstart", "diffkit")}
 
 
