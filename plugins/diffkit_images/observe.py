@@ -181,8 +181,9 @@ class ImagesAssimilation(Assimilation):
             raise DiffkitError("this images checkpoint models sequences (a window or an autoregressive model); "
                                "diffkit assimilate guides single images: use a model trained on the images adapter")
         if layout.cond_channels or layout.scalars:
-            raise DiffkitError(f"this model is conditioned on fields / scalars ({', '.join(layout.cond_channels + layout.scalars)}); "
-                               f"the images domain assimilates with unconditional models")
+            given = ", ".join(tuple(layout.cond_channels) + tuple(layout.scalars))
+            raise DiffkitError(f"this model is conditioned on fields / scalars ({given}); the images domain "
+                               f"assimilates with unconditional models")
 
     @classmethod
     def run(cls, loaded, args, guide):
@@ -312,10 +313,12 @@ def register_data(parser) -> None:
                         help="digits (default: scikit-learn's bundled 8x8 digits), skimage, a folder or .npy/.npz of "
                              "images, or a run directory / checkpoint of an images model (its training data's "
                              "validation split: images the model never saw)")
-    parser.add_argument("--split", choices=("val", "train"), default="val", help="split to take images from (default val)")
+    parser.add_argument("--split", choices=("val", "train"), default="val",
+                        help="split to take images from (default val)")
     parser.add_argument("--images", default="0:8", metavar="START:STOP",
                         help="which images of the split (default 0:8)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed of the observed points and the noise (default 0)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed of the observed points and the noise (default 0)")
     parser.add_argument("--out", required=True, help="output netCDF file")
     add_observe_arguments(parser)
     parser.add_argument("--obs-images", default=None, metavar="START:STOP",
