@@ -295,3 +295,18 @@ def test_options_of_surrogates_are_refused(digits, capsys):
     assert main(["assimilate", str(digits["run"]), "--obs", str(digits["obs"]), "--init", str(digits["truth"]),
                  "--out", str(digits["root"] / "never.nc"), *RUN]) == 1
     assert "--init does not apply to images models" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bad_file_error_is_one_line_in_a_subprocess(digits):
+    """Process level: the CLI as users run it prints one line and exits 1 (run 5 times when it was written)."""
+    import subprocess
+    import sys
+
+    path = digits["root"] / "bad_proc.nc"
+    with xr.open_dataset(digits["obs"]) as o:
+        o.load().assign(L_sigma_y=-o["L_sigma_y"]).to_netcdf(path)
+    p = subprocess.run([sys.executable, "-m", "diffkit", "assimilate", str(digits["run"]), "--obs", str(path),
+                        "--out", str(digits["root"] / "never.nc"), *RUN], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "sigma_y of 'L' holds" in p.stderr and "<= 0" in p.stderr
