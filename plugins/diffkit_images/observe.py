@@ -194,8 +194,9 @@ class ImagesAssimilation(Assimilation):
         from diffkit.denoiser import Regressor
         from diffkit.sampling import sample_posterior
 
-        wrong = [f for f, v in (("--init", args.init), ("--init-time", args.init_time), ("--index", args.index),
-                                ("--start", args.start), ("--steps", args.steps)) if v is not None]
+        # --init and --steps are the command's; the other domains' options are refused by the core, or absent
+        wrong = [f"--{d.replace('_', '-')}" for d in ("init", "init_time", "index", "start", "steps")
+                 if getattr(args, d, None) is not None]
         if wrong:
             raise DiffkitError(f"{wrong[0]} does not apply to images models (no rollout): each image of the "
                                f"observation file is sampled from the model given its observations; leave it out")
