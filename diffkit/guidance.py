@@ -507,8 +507,9 @@ class MMPS(GuidedDenoiser):
     Besides ``nfe`` and ``vjps`` it counts, over its calls and per sample, what the safeguard did
     (see :func:`mmps`): ``negative_curvature`` (CG met a direction along which the denoiser's
     covariance is negative), ``fallbacks`` (of those, the ones met at the first iteration, solved
-    with reconstruction guidance's covariance instead) and ``radius_stops`` (CG stopped at the
-    bound ``||u|| <= 2 ||r|| / min sigma_y^2``).  It warns once, at the first such event."""
+    with reconstruction guidance's covariance instead), ``radius_stops`` (CG stopped at the
+    bound ``||u|| <= 2 ||r|| / min sigma_y^2``) and ``overshoots`` (the update overshot the
+    observations and reconstruction guidance's was taken).  It warns once per kind of event."""
 
     method = "mmps"
 
@@ -524,7 +525,9 @@ class MMPS(GuidedDenoiser):
         self.negative_curvature = 0
         self.fallbacks = 0
         self.radius_stops = 0
+        self.overshoots = 0
         self._warned = False
+        self._warned_over = False
 
     def _guide(self, xr, x0, a, s, a_b, s_b, y, var):
         op = self.obs.operator
@@ -563,9 +566,36 @@ class MMPS(GuidedDenoiser):
                 "bound and kept their last iterate (at the first iteration: reconstruction guidance's "
                 "sigma_t^2/alpha_t^2 I covariance); the guided denoiser's .negative_curvature, .fallbacks and "
                 ".radius_stops count the samples (docs/assimilation.md)", RuntimeWarning, stacklevel=3)
-        (g,) = torch.autograd.grad(x0, xr, op.vjp(x0d, u))
+        (g,) = torch.autograd.grad(x0, xr, op.vjp(x0d, u), retain_graph=True)
         self.vjps += 1
+        # the overshoot test: for a PSD covariance P = A Cov A^T the update's fit of the observations obeys
+        # ||A delta||_{Sigma_y^-1} <= ||r||_{Sigma_y^-1} (P (P + Sigma_y)^-1 is a contraction in that norm);
+        # a learned Jacobian can break it by orders of magnitude at the noisiest steps -- those samples
+        # take reconstruction guidance's update instead (one more VJP, only when one overshoots)
+        w = torch.where(var > 0, var, torch.ones_like(var)).sqrt().expand_as(r)  # sigma_y = 0: unweighted
+        fit = op.jvp(x0d, c * g) / w
+        over = _dot(fit, fit).sqrt() > OVERSHOOT * _dot(r / w, r / w).sqrt()
+        self.overshoots += int(over.sum())
+        if bool(over.any()):
+            rec = r / (var + _per_obs((s_b / a_b) ** 2, y))
+            (g_rec,) = torch.autograd.grad(x0, xr, op.vjp(x0d, rec))
+            self.vjps += 1
+            g = torch.where(append_dims(over, g.ndim), g_rec, g)
+            if not self._warned_over:
+                self._warned_over = True
+                warnings.warn(
+                    "mmps: the update overshot the observations (||A delta|| > ||y - A D|| in the sigma_y-weighted "
+                    "norm, impossible for a positive semi-definite covariance): the denoiser's Jacobian is not a "
+                    "usable covariance at this noise level, and those samples took reconstruction guidance's update; "
+                    "the guided denoiser's .overshoots counts them (docs/assimilation.md)", RuntimeWarning,
+                    stacklevel=3)
         return x0d + c * g
+
+
+#: :class:`MMPS`'s overshoot test: an update whose sigma_y-weighted fit ``||A delta||`` exceeds this
+#: factor times ``||y - A D||`` (<= 1 for a PSD covariance, exactly) falls back to reconstruction guidance;
+#: the margin leaves truncated CG's iterates, which need not obey the bound exactly, alone
+OVERSHOOT = 1.5
 
 
 def _cg(matvec, b: torch.Tensor, iters: int, tol: float, radius: torch.Tensor | None = None):
@@ -674,6 +704,13 @@ def mmps(denoiser, obs: Observation, *, cg_iters: int = 10, cg_tol: float = 1e-6
     curvature ``p^T J p`` is the symmetric part's already, so it would cure no negative curvature.
     The guided denoiser counts the samples concerned (``.negative_curvature``, ``.fallbacks``,
     ``.radius_stops``) and warns once (a RuntimeWarning) at the first event.
+
+    **The overshoot test.**  For a PSD covariance the update ``delta = Cov A^T u`` obeys
+    ``||A delta|| <= ||y - A D||`` in the ``Sigma_y^-1``-weighted norm (``P (P + Sigma_y)^-1`` is a
+    contraction there); a non-symmetric learned Jacobian can break it by orders of magnitude even when CG
+    converged.  A sample whose update exceeds :data:`OVERSHOOT` times the bound takes reconstruction
+    guidance's update (one more VJP, only then), counted in ``.overshoots`` and warned once; on a PSD
+    covariance it cannot trigger (docs/assimilation.md has the measured before -> after).
     """
     return MMPS(denoiser, obs, cg_iters=cg_iters, cg_tol=cg_tol)
 

@@ -487,6 +487,7 @@ def test_mmps_safeguard_keeps_an_indefinite_denoiser_bounded(monkeypatch):
 
     with monkeypatch.context() as mp:
         mp.setattr(G, "_cg", _plain_cg)
+        mp.setattr(G, "OVERSHOOT", math.inf)                                         # and no overshoot test
         old = mmps(den, obs, cg_iters=d, cg_tol=0.0)(x, t)
     old_step = (old - D).flatten(1).norm(dim=1)
     assert float((old_step / bound).max()) > 1e3, old_step / bound               # the old CG diverges
@@ -494,7 +495,7 @@ def test_mmps_safeguard_keeps_an_indefinite_denoiser_bounded(monkeypatch):
     guided = mmps(den, obs, cg_iters=d, cg_tol=0.0)
     with pytest.warns(RuntimeWarning, match="not positive definite") as caught:
         out = [guided(x, tt) for tt in (t, 0.3, 0.8)]
-    assert len(caught) == 1                                                          # once per guided denoiser
+    assert sum("not positive definite" in str(w.message) for w in caught) == 1      # once per guided denoiser
     assert all(bool(torch.isfinite(o).all()) for o in out)
     step = (out[0] - D).flatten(1).norm(dim=1)
     assert bool((step <= bound * (1 + 1e-9)).all()), step / bound
@@ -533,7 +534,47 @@ def test_mmps_safeguard_leaves_the_exact_gaussian_case_unchanged(monkeypatch):
                     got = guided(x, t)
                 torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{name} t={t} iters={iters}")
                 assert guided.negative_curvature == guided.fallbacks == guided.radius_stops == 0, name
-                assert guided.vjps == ref.vjps, name
+                assert guided.overshoots == 0 and guided.vjps == ref.vjps, name
+
+
+def test_mmps_overshoot_falls_back_to_reconstruction_guidance(monkeypatch):
+    """A sample whose MMPS update overshoots the observations (sigma_y-weighted ||A delta|| above
+    OVERSHOOT x ||y - A D||, impossible for a PSD covariance) takes reconstruction guidance's update
+    ``D + (sigma^2/alpha) J^T A^T (y - A D) / (sigma_y^2 + sigma^2/alpha^2)`` instead: checked in closed
+    form for a linear denoiser (the test forced on every sample with OVERSHOOT = 0), counted, warned once;
+    with the default factor the same symmetric PSD case never triggers it."""
+    import diffkit.guidance as G
+
+    g = _gen(23)
+    d = 6
+    K = torch.randn((d, d), generator=g, dtype=DT)
+    W = K @ K.T / d + 0.1 * torch.eye(d, dtype=DT)                                   # symmetric PSD Jacobian
+    den = _LinearDenoiser(W)
+    mask = torch.zeros((1, d), dtype=torch.bool)
+    mask[0, ::2] = True
+    x = torch.randn((5, 1, d), generator=g, dtype=DT)
+    y = torch.randn((5, int(mask.sum())), generator=g, dtype=DT)
+    sigma_y = 0.05
+    obs = Observation(MaskOperator(mask), y, sigma_y)
+    t = 0.6
+    a, s = (float(v) for v in dk.cosine().coeffs(torch.tensor(t, dtype=DT)))
+    D = x.flatten(1) @ W.T
+    r = y - D[:, mask[0]]
+    full = torch.zeros_like(D)
+    full[:, mask[0]] = r / (sigma_y ** 2 + (s / a) ** 2)
+    want = D + (s * s / a) * full @ W                                                  # J^T A^T u, J = W
+    plain = mmps(den, obs)
+    plain(x, t)
+    assert plain.overshoots == 0
+    with monkeypatch.context() as mp:
+        mp.setattr(G, "OVERSHOOT", 0.0)
+        forced = mmps(den, obs)
+        with pytest.warns(RuntimeWarning, match="overshot the observations") as caught:
+            got = forced(x, t)
+            forced(x, 0.3)
+    assert sum("overshot" in str(w.message) for w in caught) == 1
+    assert forced.overshoots == 10
+    torch.testing.assert_close(got.flatten(1), want, rtol=1e-10, atol=1e-12)
 
 
 # -- bad input: one-line errors naming the problem and the fix -------------------------------------------
