@@ -8,6 +8,9 @@ every observation, or one value per observation ``(p,)``.
 - :func:`oi_window`: per-frame optimal interpolation with a climatological background, sampled from
   its posterior;
 - :func:`enkf_window`: the stochastic EnKF cycled over the window with the domain's forecast step;
+- :func:`window_guided`, :func:`amortised`: a universal-amortised window model (``diffkit.window``)
+  over the window, as a prior guided by reconstruction guidance or conditioned on the observations
+  (states ``(C, *S)``: ``mask`` has the state's shape with its variables first);
 - :func:`scores`: ensemble-mean RMSE, fair CRPS and spread/skill (``diffkit.ensemble``);
 - :func:`verdicts`, :func:`target_lines`, :func:`verdict_table`: the best diffkit row per sparsity
   against the references, as dicts, printed ``target ...: PASS/FAIL`` lines and a markdown table;
@@ -49,6 +52,57 @@ def enkf_window(forecast, starts, y, sigma, mask, inflation: float, seed: int, l
     ens = enkf(forecast, starts, obs, inflation=inflation, generator=torch.Generator().manual_seed(seed),
                localisation=localisation)
     return ens.transpose(0, 1)
+
+
+def _state_stats(layout, C: int):
+    """The window model's per-variable state statistics ``(C, *S)`` (float64): its layout's first ``C`` channels."""
+    shape = tuple(layout.sample_shape)
+    m = torch.broadcast_to(layout.mean, shape)[:C].to(torch.float64)
+    sd = torch.broadcast_to(layout.std, shape)[:C].to(torch.float64)
+    return m, sd
+
+
+def window_guided(model, cfg, y, sigma, mask, gamma: float, members: int, seed: int) -> torch.Tensor:
+    """``(M, K, C, *S)``: the amortised window model's prior over the ``K`` frames (SDA composition,
+    :class:`diffkit.window.ComposedDenoiser`, an all-zero mask) guided by reconstruction guidance on all
+    the window's observations ``y`` ``(K, p)`` at once (a smoother).  ``mask``: ``(C, *S)`` bool."""
+    from diffkit.guidance import MaskOperator, Observation, reconstruction
+    from diffkit.sampling import sample
+    from diffkit.window import ComposedDenoiser
+
+    K, C, S = y.shape[0], mask.shape[0], tuple(mask.shape[1:])
+    m, sd = _state_stats(model.layout, C)
+    sig = torch.as_tensor(sigma, dtype=torch.float64) / sd[mask]            # (p,), standardised
+    # one noise for every observation: a float (as the KS benchmark always had); else one per observation
+    sig = float(sig[0]) if bool((sig == sig[0]).all()) else sig.repeat(K).reshape(1, -1).float()
+    dev = next(model.parameters()).device
+    shape = (members, K * C, *S)
+    zeros = torch.zeros(shape, device=dev)
+    den = ComposedDenoiser(model, K, zeros, zeros.clone())
+    full = mask[None].expand(K, *mask.shape).reshape(K * C, *S).contiguous()
+    obs = Observation(MaskOperator(full), ((y - m[mask]) / sd[mask]).reshape(1, -1).float(), sig)
+    x_init = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev)
+    x = sample(reconstruction(den, obs, gamma=gamma), shape, sampler=cfg.sample.sampler,
+               nfe=cfg.sample.nfe, x_init=x_init, device=dev,
+               generator=torch.Generator(device=dev).manual_seed(seed))
+    return x.double().cpu().reshape(members, K, C, *S) * sd + m
+
+
+def amortised(model, cfg, y, mask, members: int, seed: int) -> torch.Tensor:
+    """``(M, K, C, *S)``: the amortised window model conditioned on the observations ``y`` ``(K, p)`` at
+    ``mask`` ``(C, *S)`` (:func:`diffkit.window.sample_trajectory`, SDA composition; imposed as exact)."""
+    from diffkit.window import sample_trajectory
+
+    K = y.shape[0]
+    values = torch.full((1, K, *mask.shape), float("nan"), dtype=torch.float64)
+    values[0][:, mask] = y
+    obs_mask = torch.zeros(1, K, *mask.shape, dtype=torch.bool)
+    obs_mask[0][:, mask] = True
+    noise = torch.randn((1, members, K, *mask.shape), generator=torch.Generator().manual_seed(seed))
+    dev = next(model.parameters()).device
+    x = sample_trajectory(model, values, obs_mask, members, method="sda", sampler=cfg.sample.sampler,
+                          nfe=cfg.sample.nfe, noise=noise, generator=torch.Generator(device=dev).manual_seed(seed))
+    return x[0].double().cpu()
 
 
 def scores(pred: torch.Tensor, truth: torch.Tensor) -> dict:

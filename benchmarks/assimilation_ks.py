@@ -54,7 +54,7 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # the helpers shared with assimilation_qg.py, also when loaded from a file path (tests)
     sys.path.insert(0, _HERE)
 from _assim import atomic_text as _atomic_text  # noqa: E402  (shared with assimilation_qg.py)
-from _assim import enkf_window, oi_window, scores, target_lines, verdict_table  # noqa: E402
+from _assim import amortised, enkf_window, oi_window, scores, target_lines, verdict_table, window_guided  # noqa: E402
 from _assim import verdicts as _verdicts  # noqa: E402
 
 SETTINGS = {
@@ -129,13 +129,6 @@ def train(s: dict, data: Path, run: Path, *, window: bool, seed: int, device, pr
 
 
 # ----------------------------------------------------------------------------- the methods
-def _state_stats(layout, C: int):
-    shape = tuple(layout.sample_shape)
-    m = torch.broadcast_to(layout.mean, shape)[:C].to(torch.float64)
-    sd = torch.broadcast_to(layout.std, shape)[:C].to(torch.float64)
-    return m, sd
-
-
 def ar_rollout(model, cfg, starts, y, sigma, mask, method: str | None, options: dict, seed: int) -> torch.Tensor:
     """``(M, K, nx)``: the AR surrogate from ``M`` climatological states over ``K`` frames, guided at
     every frame by its observations (``method`` None: the prior)."""
@@ -149,45 +142,6 @@ def ar_rollout(model, cfg, starts, y, sigma, mask, method: str | None, options: 
     guided = GuidedRollout(model, obs, Guide(method or "reconstruction", options))
     pred = rollout(guided, starts[:, None, None].float(), K, members=1, seed=seed, config=cfg)   # (M, 1, K, 1, x)
     return pred[:, 0, :, 0].double()
-
-
-def window_guided(model, cfg, y, sigma, mask, gamma: float, members: int, seed: int) -> torch.Tensor:
-    """``(M, K, nx)``: the window model's prior over the ``K`` frames (SDA composition, all-zero mask)
-    guided by reconstruction guidance on all observations of the window at once."""
-    from diffkit.guidance import MaskOperator, Observation, reconstruction
-    from diffkit.sampling import sample
-    from diffkit.window import ComposedDenoiser
-
-    layout = model.layout
-    K, nx = y.shape[0], mask.shape[0]
-    m, sd = _state_stats(layout, 1)
-    m, sd = float(m.reshape(-1)[0]), float(sd.reshape(-1)[0])
-    dev = next(model.parameters()).device
-    zeros = torch.zeros(members, K, nx, device=dev)
-    den = ComposedDenoiser(model, K, zeros, zeros.clone())
-    full = mask[None].expand(K, nx).contiguous()
-    obs = Observation(MaskOperator(full), ((y - m) / sd).reshape(1, -1).float(), float(sigma) / sd)
-    x_init = torch.randn((members, K, nx), generator=torch.Generator().manual_seed(seed)).to(dev)
-    x = sample(reconstruction(den, obs, gamma=gamma), (members, K, nx), sampler=cfg.sample.sampler,
-               nfe=cfg.sample.nfe, x_init=x_init, device=dev,
-               generator=torch.Generator(device=dev).manual_seed(seed))
-    return x.double().cpu() * sd + m
-
-
-def amortised(model, cfg, y, mask, members: int, seed: int) -> torch.Tensor:
-    """``(M, K, nx)``: the amortised window model conditioned on the observations (imposed as exact)."""
-    from diffkit.window import sample_trajectory
-
-    K, nx = y.shape[0], mask.shape[0]
-    values = torch.full((1, K, 1, nx), float("nan"), dtype=torch.float64)
-    values[0, :, 0, mask] = y
-    obs_mask = torch.zeros(1, K, 1, nx, dtype=torch.bool)
-    obs_mask[0, :, 0, mask] = True
-    noise = torch.randn((1, members, K, 1, nx), generator=torch.Generator().manual_seed(seed))
-    dev = next(model.parameters()).device
-    x = sample_trajectory(model, values, obs_mask, members, method="sda", sampler=cfg.sample.sampler,
-                          nfe=cfg.sample.nfe, noise=noise, generator=torch.Generator(device=dev).manual_seed(seed))
-    return x[0, :, :, 0].double().cpu()
 
 
 def oi(clim, y, sigma, mask, members: int, seed: int) -> torch.Tensor:
@@ -353,8 +307,9 @@ def main(argv=None) -> dict:
                                                           "reconstruction", {"gamma": args.gamma}, sd),
                 "AR + dps": lambda: ar_rollout(ar, ar_cfg, clim_draw(M, sd), y, sigma, mask, "dps",
                                                {"zeta": args.zeta}, sd),
-                "window + reconstruction": lambda: window_guided(win, win_cfg, y, sigma, mask, args.gamma, M, sd),
-                "amortised": lambda: amortised(win, win_cfg, y, mask, M, sd),
+                "window + reconstruction": lambda: window_guided(win, win_cfg, y, sigma, mask[None], args.gamma, M,
+                                                                 sd)[:, :, 0],
+                "amortised": lambda: amortised(win, win_cfg, y, mask[None], M, sd)[:, :, 0],
                 "OI": lambda: oi(clim, y, sigma, mask, s["enkf_members"], sd),
                 "EnKF": lambda: enkf_run(s, clim_draw(s["enkf_members"], sd + 1), y, sigma, mask,
                                          res["inflation"][stride]["best"], sd, args.localisation),

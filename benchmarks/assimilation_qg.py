@@ -8,7 +8,7 @@ streamfunction of both layers at one time, ``(2, nx, nx)``; a window is ``K`` st
 apart.  Held-out windows start every ``K * lead`` hours in the test period; the same random 5 % of the
 grid points (fixed per run by ``--seed``) are observed in both layers at every frame of a window,
 with Gaussian noise of 0.05 x each layer's climatological std.  No method knows the state before the
-window: every ensemble starts from the climatology.  Rows:
+window: every ensemble starts from the climatology (the window models' from their window prior).  Rows:
 
 1. ``AR + reconstruction`` / ``AR + dps``: the autoregressive DDPM surrogate (the weather adapter's,
    trained as ``weather_qg.py`` trains its DDPM: :func:`weather_qg.config`, history 2, residual
@@ -19,16 +19,24 @@ window: every ensemble starts from the climatology.  Rows:
 2. ``OI``: optimal interpolation per frame (:func:`_assim.oi_window`) with the climatological mean and
    covariance of the training states made homogeneous (averaged over the doubly periodic grid's
    translations: per layer pair, a block-circulant ``B``), its ensemble drawn from the posterior;
-3. ``EnKF``: the stochastic EnKF (perturbed observations, 32 members, Gaspari-Cohn localisation over
+3. ``window + reconstruction``: the KS benchmark's window rows on QG: a window model of ``k``
+   consecutive states (``lead`` hours apart, both layers; the weather adapter with ``data.window = k``),
+   SDA-composed over the ``K`` frames (:class:`diffkit.window.ComposedDenoiser`) and guided by
+   reconstruction guidance on all the window's observations at once (a smoother,
+   :func:`_assim.window_guided`), its members drawn from the window prior (no climatological starts);
+4. ``amortised``: the same network conditioned on the observations directly
+   (:func:`diffkit.window.sample_trajectory`, :func:`_assim.amortised`; the observed points are grid
+   points, their noisy values imposed as exact: diffkit.window does not model their noise).  The
+   network is Shysheya et al.'s universal model (``data.amortised = true``: trained with random masks
+   and, with probability ``1 - mask_past - mask_points - mask_both``, none -- the unconditional window
+   prior that row 3 guides), the same UNet size as the AR surrogate;
+5. ``EnKF``: the stochastic EnKF (perturbed observations, 32 members, Gaspari-Cohn localisation over
    the periodic horizontal distance, the same in both layers), with the TRUE model as the forecast
    step at the observed resolution: :func:`diffkit_weather.qg.simulate_qg` on the coarse ``nx^2``
    grid (the same equations and parameters), restarted from each member's PV (:func:`pv_of_psi`)
    for ``lead`` hours.  The truth is the fine model coarse-grained, so the coarse model has model
    error at its small scales.  Inflation and localisation radius are tuned on one validation window
    (:func:`diffkit.da_baselines.tune_inflation` per radius).
-
-The guided window model and the universal-amortised window model (rows of the KS benchmark) are
-not rows here yet.
 
 Scores (:func:`_assim.scores`, ``diffkit.ensemble``) in each layer's climatological std (the state
 divided by it, so both layers weigh alike): ensemble-mean RMSE, fair CRPS and spread/skill over
@@ -57,33 +65,34 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # the sibling benchmarks, also when loaded from a file path (tests)
     sys.path.insert(0, _HERE)
 import weather_qg as wq  # noqa: E402  (the QG data set-up and the surrogate's training config)
-from _assim import (atomic_text, enkf_window, oi_window, scores, target_lines, verdict_table,  # noqa: E402
-                    verdicts)
+from _assim import (amortised, atomic_text, enkf_window, oi_window, scores, target_lines,  # noqa: E402
+                    verdict_table, verdicts, window_guided)
 
 #: the data (weather_qg.setup_data's keys): nx_sim^2 simulated, observed on nx^2, spin-up as there; lead:
 #: hours between the window's frames (the surrogate's step and the EnKF's cycle); window: K frames;
 #: windows: held-out windows (test_years must hold them); the surrogate: UNet channels / mult, steps,
-#: batch, lr, nfe per step; members: diffkit ensemble size; the EnKF's grids: inflation x radii
+#: batch, lr, nfe per step; k / window_steps: the window model's states per window and training steps;
+#: members: diffkit ensemble size; the EnKF's grids: inflation x radii
 #: (localisation half-width in coarse grid points; at most nx / 4: a wider Gaspari-Cohn taper wraps around the
 #: periodic domain and is no longer positive definite -- radius 16 on 32^2 failed the EnKF's Cholesky)
 SETTINGS = {
     "quick": dict(nx=32, nx_sim=64, spin_nx=32, spin_up=3.0, adjust_years=0.3, pool=20, train_years=0.5,
                   val_years=0.05, test_years=0.07, lead=24, window=8, windows=2, channels=16, mult=(1, 2),
-                  steps=300, batch=16, lr=1e-3, members=8, nfe=6, enkf_members=32, inflation=(1.0, 1.1),
-                  radii=(4.0, 8.0)),
+                  steps=300, k=4, window_steps=300, batch=16, lr=1e-3, members=8, nfe=6, enkf_members=32,
+                  inflation=(1.0, 1.1), radii=(4.0, 8.0)),
     "cpu": dict(nx=32, nx_sim=64, spin_nx=32, spin_up=4.0, adjust_years=0.3, pool=60, train_years=3.0,
                 val_years=0.1, test_years=0.4, lead=24, window=8, windows=16, channels=32, mult=(1, 2, 2),
-                steps=4000, batch=16, lr=1e-3, members=16, nfe=10, enkf_members=32,
+                steps=4000, k=5, window_steps=6000, batch=16, lr=1e-3, members=16, nfe=10, enkf_members=32,
                 inflation=(1.0, 1.05, 1.1, 1.2, 1.4), radii=(2.0, 4.0, 6.0, 8.0)),
     "gpu": dict(nx=32, nx_sim=128, spin_nx=32, spin_up=5.0, adjust_years=0.3, pool=200, train_years=20.0,
                 val_years=0.1, test_years=1.5, lead=24, window=8, windows=64, channels=64, mult=(1, 2, 2, 2),
-                steps=40000, batch=64, lr=3e-4, members=32, nfe=20, enkf_members=32,
+                steps=40000, k=7, window_steps=60000, batch=64, lr=3e-4, members=32, nfe=20, enkf_members=32,
                 inflation=(1.0, 1.05, 1.1, 1.2, 1.4), radii=(2.0, 4.0, 6.0, 8.0)),
 }
 FRACTION = 0.05                   # observed share of the grid points (both layers observed there)
 NOISE = 0.05                      # observation noise std / the layer's climatological std
 SPARSITY = f"{FRACTION * 100:g}%"  # the table's one sparsity key
-DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps")
+DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised")
 ROWS = ("AR prior",) + DIFFKIT_ROWS + ("OI", "EnKF")
 TARGET_OI, TARGET_SS = 0.7, (0.8, 1.2)
 
@@ -115,6 +124,29 @@ def train(s: dict, data: Path, run: Path, sp: dict, *, seed: int, device, progre
     if fc.layout.attrs.get("lat_flipped") or fc.layout.attrs.get("lon_flipped"):
         raise RuntimeError("the model's orientation differs from the simulator's; the EnKF needs them equal")
     return fc, training_seconds(cfg.run_dir, time.time() - t0)
+
+
+def train_window(s: dict, data: Path, run: Path, sp: dict, *, seed: int, device, progress: bool):
+    """Train (or reuse) the universal-amortised window model of ``k`` states: the surrogate's config
+    (:func:`weather_qg.config`: data, UNet, trainer) with ``data.window = k``, ``data.amortised = true``,
+    the KS benchmark's mask probabilities, the history left to the window (``k - 1``) and
+    ``window_steps`` steps.  Its EMA model, config and training seconds."""
+    from diffkit.config import config_from_dict, config_to_dict
+    from diffkit.model import load_for_sampling
+    from diffkit.train import Trainer, training_seconds
+
+    d = config_to_dict(wq.config(argparse.Namespace(state="both", seed=seed), s, data, run, "diffusion", sp))
+    del d["data"]["options"]["history"]
+    d["data"].update(window=s["k"], amortised=True, mask_past=0.15, mask_points=0.45, mask_both=0.15,
+                     mask_fraction=[0.02, 0.5])
+    d["trainer"].update(steps=s["window_steps"], warmup=min(200, s["window_steps"] // 10))
+    cfg = config_from_dict(d)
+    t0 = time.time()
+    Trainer(cfg, device=device, progress=progress, resume=True).fit()
+    model, cfg, _ = load_for_sampling(run, device=device)
+    if model.layout.attrs.get("lat_flipped") or model.layout.attrs.get("lon_flipped"):
+        raise RuntimeError("the window model's orientation differs from the simulator's; the scores need them equal")
+    return model, cfg, training_seconds(run, time.time() - t0)
 
 
 def states(data: Path, fc, times) -> torch.Tensor:
@@ -274,6 +306,10 @@ def main(argv=None) -> dict:
     t_data = time.time() - t_all
     fc, t_train = train(s, data, work / "run_ar", sp, seed=args.seed, device=args.device, progress=progress)
     print(f"data {t_data:.0f} s; trained the AR surrogate ({s['steps']} steps) in {t_train:.0f} s", flush=True)
+    win, win_cfg, t_win = train_window(s, data, work / f"run_window_k{s['k']}", sp, seed=args.seed,
+                                       device=args.device, progress=progress)
+    print(f"trained the amortised window model (k = {s['k']}, {s['window_steps']} steps) in {t_win:.0f} s",
+          flush=True)
 
     train_times = sp["train_times"]
     clim_states = states(data, fc, train_times)                            # (n, 2, nx, nx)
@@ -287,6 +323,7 @@ def main(argv=None) -> dict:
                  "clim_std": clim_std.tolist(), "sigma_y": sig_layer.tolist(), "n_obs": int(mask.sum()),
                  "n_train_states": int(clim_states.shape[0]), "test_start": sp["test_start"],
                  "val_window": wq.iso(val0), "windows": [wq.iso(t) for t in starts], "train_s": t_train,
+                 "train_window_s": t_win,
                  "data_s": t_data, "options": {k: v for k, v in vars(args).items()
                                                if k not in ("markdown", "json", "workdir")}}
     print(f"QG {nx}^2 (of {s['nx_sim']}^2): climatological std per layer {clim_std.tolist()}, sigma_y "
@@ -340,6 +377,8 @@ def main(argv=None) -> dict:
                                                       {"gamma": args.gamma}, sd),
             "AR + dps": lambda: ar_rollout(fc, data, clim_times(M, sd), y, sigma, mask, "dps", {"zeta": args.zeta},
                                            sd),
+            "window + reconstruction": lambda: window_guided(win, win_cfg, y, sigma, mask, args.gamma, M, sd),
+            "amortised": lambda: amortised(win, win_cfg, y, mask, M, sd),
             "OI": lambda: oi_window(clim, y, sigma, mask, Me, sd).reshape(Me, K, 2, nx, nx),
             "EnKF": lambda: enkf_run(clim_vectors(Me, sd + 1), y, res["inflation"], res["radius"], sd),
         }
@@ -382,7 +421,8 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"# QG assimilation: diffkit vs optimal interpolation and the EnKF (`--setting {res['setting']}`)", "",
         f"Command: `python benchmarks/assimilation_qg.py {res['argv']}`  ",
         f"Total wall time: {res['wall_s'] / 60:.1f} min ({torch.get_num_threads()} torch threads): data "
-        f"{res['data_s']:.0f} s, training {res['train_s']:.0f} s (AR surrogate).", "",
+        f"{res['data_s']:.0f} s, training {res['train_s']:.0f} s (AR surrogate) + {res['train_window_s']:.0f} s "
+        f"(window model).", "",
         f"Data (`weather_qg.setup_data`, seed {o['seed']}): two-layer QG (pyqg reference set-up) simulated on "
         f"{s['nx_sim']}x{s['nx_sim']}, observed coarse-grained on {s['nx']}x{s['nx']} (streamfunction of both "
         f"layers), 6-hourly after {s['spin_up']} spin-up years; {s['train_years']} years for training "
@@ -397,6 +437,10 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"{list(s['mult'])}, history 2, residual target, lead {s['lead']} h) trained {s['steps']} steps (batch "
         f"{s['batch']}, lr {s['lr']}); dpmpp_2m with {s['nfe']} NFE per step; {s['members']} members, each from a "
         f"climatological history (training-period times); reconstruction γ = {o['gamma']:g}, DPS ζ = {o['zeta']:g}.  "
+        f"The window model (both window rows): the same UNet on windows of k = {s['k']} states {s['lead']} h apart, "
+        f"universal-amortised (masks: past 0.15, points 0.45, both 0.15, none 0.25), trained {s['window_steps']} "
+        f"steps; SDA composition over the {s['window']} frames, {s['members']} members from the window prior; "
+        f"amortised: the noisy observations imposed as exact values.  "
         f"OI: the climatological mean and covariance of the training states averaged over the grid's 2-D shifts "
         f"(block-circulant B), {s['enkf_members']} posterior samples.  EnKF: stochastic, {s['enkf_members']} members "
         f"from climatological states, the true QG model on the coarse {s['nx']}x{s['nx']} grid between frames "

@@ -77,6 +77,7 @@ def test_qg_assimilation_benchmark_quick_setting(tmp_path, capsys):
     assert set(res["table"]) == {bench.SPARSITY}
     rows = res["table"][bench.SPARSITY]
     assert set(rows) == set(bench.ROWS) - {"AR + dps"}
+    assert {"window + reconstruction", "amortised"} <= set(rows) <= set(bench.ROWS)   # the KS benchmark's rows
     for name, v in rows.items():
         assert all(math.isfinite(v[k]) for k in ("rmse", "crps", "spread_skill")), (name, v)
         assert v["members"] == (q["enkf_members"] if name in ("OI", "EnKF") else q["members"])
@@ -103,5 +104,7 @@ def test_qg_assimilation_benchmark_quick_setting(tmp_path, capsys):
     assert ss_v["met"] == (0.8 <= rows[b]["spread_skill"] <= 1.2)
     assert json.loads(js.read_text())["targets"] == res["targets"]
     text = md.read_text()
+    assert all(f"| {bench.SPARSITY} | {r} |" in text for r in ("window + reconstruction", "amortised"))
+    assert res["train_window_s"] > 0
     assert f"| {bench.SPARSITY} | EnKF |" in text and text.count("**PASS**") + text.count("**FAIL**") == 2
     assert text.count("**reported**") == 1
