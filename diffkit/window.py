@@ -73,7 +73,7 @@ from .layout import Layout, WindowSpec, window_channels
 
 __all__ = ["AmortisedDenoiser", "ComposedDenoiser", "MASK_MODES", "MaskDistribution", "WindowAdapter",
            "WindowDataset", "WindowError", "composition_starts", "sample_amortised", "sample_trajectory",
-           "window_layout", "window_options", "window_spec"]
+           "state_layout", "window_layout", "window_options", "window_spec"]
 
 #: the kinds of training masks :class:`MaskDistribution` draws
 MASK_MODES = ("past", "points", "both", "none")
@@ -212,6 +212,26 @@ def window_layout(inner: Layout, length: int, *, amortised: bool = False) -> Lay
                   cond_channels=spec.value_channels + spec.mask_channels + extra, scalars=inner.scalars,
                   num_classes=inner.num_classes, mean=stat(ar.state_mean), std=stat(ar.state_std),
                   attrs=dict(inner.attrs), coord_attrs=inner.coord_attrs, channel_attrs=chan_attrs, window=spec)
+
+
+def state_layout(layout: Layout) -> Layout:
+    """The one-step autoregressive layout of a window model's states (history 1, the window's
+    variables, step and per-variable state statistics): what a domain's readers of initial conditions
+    and writers of trajectories take, so a window model's output is written like a rollout's."""
+    from .layout import AutoregressiveSpec, history_channels
+
+    w = window_spec(layout)
+    C = w.num_variables
+    m = layout.mean.reshape(-1)[:C].tolist() if layout.mean is not None else [0.0] * C
+    sd = layout.std.reshape(-1)[:C].tolist() if layout.std is not None else [1.0] * C
+    spec = AutoregressiveSpec(variables=w.variables, history=1, step=w.step, step_units=w.step_units,
+                              frame_step=w.frame_step, state_mean=m, state_std=sd)
+    chan_attrs = {v: dict(layout.channel_attrs[f"{v}@t+0"]) for v in w.variables
+                  if f"{v}@t+0" in layout.channel_attrs}
+    return Layout(channels=tuple(w.variables), spatial=layout.spatial, shape=layout.shape, periodic=layout.periodic,
+                  coords=layout.coords, cond_channels=history_channels(w.variables, 1), scalars=layout.scalars,
+                  attrs=dict(layout.attrs), coord_attrs=layout.coord_attrs, channel_attrs=chan_attrs,
+                  autoregressive=spec)
 
 
 class WindowDataset(Dataset):

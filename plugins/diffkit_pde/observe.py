@@ -238,22 +238,6 @@ def run_observe(args) -> int:
     return 0
 
 
-def _as_autoregressive(layout):
-    """The one-step autoregressive layout of a window model's states (for reading initial conditions
-    and writing rollouts: the PDE plugin's functions take that layout)."""
-    from diffkit.layout import AutoregressiveSpec, Layout, history_channels
-
-    w = layout.window
-    C = len(w.variables)
-    m = layout.mean.reshape(-1)[:C].tolist() if layout.mean is not None else [0.0] * C
-    sd = layout.std.reshape(-1)[:C].tolist() if layout.std is not None else [1.0] * C
-    spec = AutoregressiveSpec(variables=w.variables, history=1, step=w.step, step_units=w.step_units,
-                              frame_step=w.frame_step, state_mean=m, state_std=sd)
-    return Layout(channels=tuple(w.variables), spatial=layout.spatial, shape=layout.shape, periodic=layout.periodic,
-                  coords=layout.coords, cond_channels=history_channels(w.variables, 1), scalars=layout.scalars,
-                  attrs=dict(layout.attrs), coord_attrs=layout.coord_attrs, autoregressive=spec)
-
-
 def _run_amortised(cls, loaded, args):
     """``--method amortised`` with a window model trained with universal-amortised conditioning: the
     trajectory from the initial state (fully observed) over the window, every state conditioned on its
@@ -263,7 +247,7 @@ def _run_amortised(cls, loaded, args):
 
     from diffkit.adapters import atomic_to_netcdf
     from diffkit.assimilate import check_amortised
-    from diffkit.window import sample_trajectory
+    from diffkit.window import sample_trajectory, state_layout
 
     from .adapter import open_trajectories, scalar_values
     from .surrogate import initial_condition, rollout_dataset
@@ -273,7 +257,7 @@ def _run_amortised(cls, loaded, args):
         raise ObservationError(f"this checkpoint is a window model (data.window = {layout.window.length}); it "
                                f"assimilates with --method amortised, not {args.method}")
     check_amortised(layout)
-    ar = _as_autoregressive(layout)
+    ar = state_layout(layout)
     grid = cls.grid(ar)
     keys = cls.read_times(args.obs, grid)
     index = cls._index(args)
