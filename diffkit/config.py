@@ -106,6 +106,12 @@ class DataConfig(Validated, section="data"):
     mask_fraction: tuple[float, float] = field(default=(0.01, 0.5), metadata={"check": Check(
         lambda v: 0 < v[0] <= v[1] <= 1, "[low, high] with 0 < low <= high <= 1")})
     """Range [low, high] of the fraction of observed points of a sparse mask (0 < low <= high <= 1)."""
+    mask_noise: tuple[float, float] = field(default=(0.0, 0.0), metadata={"check": Check(
+        lambda v: v[0] == v[1] == 0 or 0 < v[0] <= v[1], "[0, 0] (off) or [low, high] with 0 < low <= high")})
+    """Observation noise of amortised training: [0, 0] (off, the default) takes observations as exact; [low,
+    high] adds Gaussian noise to the sparse points of each window, its std drawn log-uniform in [low, high]
+    in units of each variable's standard deviation, and gives the model that std as input channels
+    (sigma:...), so it infers the state from noisy observations (pass their sigma_y when sampling)."""
 
     def _cross_check(self, prefix: str, source: str) -> None:
         k = lambda name: join(prefix, name)  # noqa: E731
@@ -113,6 +119,9 @@ class DataConfig(Validated, section="data"):
         if total > 1 + 1e-9:
             report(error(f"{k('mask_past')!r} + {k('mask_points')!r} + {k('mask_both')!r} in {source} must be <= 1 "
                          f"(the rest is the probability of no observation), got {total!r}", k("mask_past"), source))
+        if max(self.mask_noise) > 0 and not self.amortised:
+            report(error(f"{k('mask_noise')!r} in {source} needs amortised conditioning: set {k('amortised')!r} = true "
+                         f"(or leave {k('mask_noise')!r} at [0, 0])", k("mask_noise"), source))
         if self.amortised and self.window < 2:
             report(error(f"{k('amortised')!r} in {source} needs a window model: set {k('window')!r} to the number of "
                          f"states per window (>= 2)", k("amortised"), source))

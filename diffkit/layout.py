@@ -234,7 +234,9 @@ class WindowSpec:
     standardised with the per-variable state statistics (the layout's ``mean`` / ``std``, repeated
     per step).  With ``conditioning = "amortised"`` the first conditioning channels are the observed
     values (``obs:`` + each data channel, 0 where unobserved) and then the observation mask
-    (``mask:`` + each data channel, 1 where observed).
+    (``mask:`` + each data channel, 1 where observed); with ``noise`` also the observation-noise
+    std of each observed element (``sigma:`` + each data channel, standardised units, 0 where
+    unobserved or exact).
     """
 
     variables: tuple[str, ...]
@@ -249,6 +251,9 @@ class WindowSpec:
     """Data frames per window step."""
     conditioning: str = "none"
     """``"none"`` or ``"amortised"`` (see :data:`WINDOW_CONDITIONING`)."""
+    noise: bool = False
+    """Amortised models only: trained on noisy observations, with their noise std as input channels
+    (``data.mask_noise``), so the model infers the state from observations it does not take as exact."""
 
     def __post_init__(self):
         object.__setattr__(self, "variables", _tuple_str(self.variables, "window.variables"))
@@ -268,6 +273,11 @@ class WindowSpec:
         if self.conditioning not in WINDOW_CONDITIONING:
             raise ValueError(f"Layout.window.conditioning must be one of {', '.join(WINDOW_CONDITIONING)}, "
                              f"got {self.conditioning!r}")
+        if not isinstance(self.noise, bool):
+            raise ValueError(f"Layout.window.noise must be true or false, got {self.noise!r}")
+        if self.noise and self.conditioning != "amortised":
+            raise ValueError("Layout.window.noise = true needs conditioning = \"amortised\" (noisy observations are "
+                             "an input of amortised models only)")
 
     @property
     def num_variables(self) -> int:
@@ -287,6 +297,16 @@ class WindowSpec:
     def mask_channels(self) -> tuple[str, ...]:
         """The conditioning channels of the observation mask (``()`` unless amortised)."""
         return tuple(f"mask:{c}" for c in self.channels) if self.conditioning == "amortised" else ()
+
+    @property
+    def noise_channels(self) -> tuple[str, ...]:
+        """The conditioning channels of the observation-noise std (``()`` unless ``noise``)."""
+        return tuple(f"sigma:{c}" for c in self.channels) if self.noise else ()
+
+    @property
+    def observation_channels(self) -> tuple[str, ...]:
+        """Every conditioning channel of the observations: values, mask and (with ``noise``) noise std."""
+        return self.value_channels + self.mask_channels + self.noise_channels
 
     def to_dict(self) -> dict:
         return _spec_to_dict(self)
@@ -409,9 +429,9 @@ class Layout:
             if self.channels != win.channels:
                 raise ValueError(f"Layout.channels must be the window's channels {list(win.channels)} "
                                  f"(diffkit.layout.window_channels), got {list(self.channels)}")
-            wc = win.value_channels + win.mask_channels
+            wc = win.observation_channels
             if self.cond_channels[:len(wc)] != wc:
-                raise ValueError(f"Layout.cond_channels must begin with the amortised window's value and mask "
+                raise ValueError(f"Layout.cond_channels must begin with the amortised window's value, mask (and noise) "
                                  f"channels {list(wc)}, got {list(self.cond_channels[:len(wc)])}")
 
     # -- derived -------------------------------------------------------------------------

@@ -98,6 +98,9 @@ class MaskDistribution:
     points: float = 0.25
     both: float = 0.25
     fraction: tuple[float, float] = (0.01, 0.5)
+    noise: tuple[float, float] = (0.0, 0.0)
+    """``(0, 0)``: observations exact; ``(low, high)``: the sparse points of a mask get Gaussian noise
+    of std log-uniform in ``[low, high]`` (standardised units), one std per window."""
 
     def __post_init__(self):
         probs = (self.past, self.points, self.both)
@@ -108,12 +111,22 @@ class MaskDistribution:
         if not 0 < lo <= hi <= 1:
             raise WindowError(f"mask fraction must be (low, high) with 0 < low <= high <= 1, got {self.fraction!r}")
         object.__setattr__(self, "fraction", (lo, hi))
+        nlo, nhi = (float(v) for v in self.noise)
+        if not ((nlo == nhi == 0) or (0 < nlo <= nhi and math.isfinite(nhi))):
+            raise WindowError(f"mask noise must be (0, 0) (exact observations) or (low, high) with 0 < low <= high, "
+                              f"got {self.noise!r}")
+        object.__setattr__(self, "noise", (nlo, nhi))
 
     @classmethod
     def from_config(cls, data_cfg) -> "MaskDistribution":
         """From the ``[data]`` section (``mask_past``, ``mask_points``, ``mask_both``, ``mask_fraction``)."""
         return cls(past=data_cfg.mask_past, points=data_cfg.mask_points, both=data_cfg.mask_both,
-                   fraction=tuple(data_cfg.mask_fraction))
+                   fraction=tuple(data_cfg.mask_fraction), noise=tuple(getattr(data_cfg, "mask_noise", (0.0, 0.0))))
+
+    @property
+    def noisy(self) -> bool:
+        """Whether sparse points get observation noise (``noise != (0, 0)``)."""
+        return self.noise[1] > 0
 
     @property
     def probabilities(self) -> dict[str, float]:
@@ -124,6 +137,24 @@ class MaskDistribution:
     def draw(self, length: int, state_shape, generator: torch.Generator | None = None
              ) -> tuple[torch.Tensor, str]:
         """One mask of shape ``(length, *state_shape)`` (float, 1 = observed) and its mode."""
+        mask, mode, _ = self._draw(length, state_shape, generator)
+        return mask, mode
+
+    def draw_noisy(self, length: int, state_shape, generator: torch.Generator | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """One mask as :meth:`draw`, the observation-noise std of each element (0 where unobserved and
+        at the observed past states, which are exact; the window's one std at its sparse points) and
+        the mode.  Draws the mask exactly as :meth:`draw` does, then the std."""
+        mask, mode, j = self._draw(length, state_shape, generator)
+        sigma = torch.zeros_like(mask)
+        if self.noisy and mode in ("points", "both"):
+            lo, hi = self.noise
+            s = math.exp(math.log(lo) + float(torch.rand((), generator=generator, dtype=torch.float64))
+                         * (math.log(hi) - math.log(lo)))
+            sigma[j:] = s * mask[j:]
+        return mask, sigma, mode
+
+    def _draw(self, length: int, state_shape, generator) -> tuple[torch.Tensor, str, int]:
         if length < 2:
             raise WindowError(f"a window needs at least 2 states to hold observed and unobserved ones, got {length}")
         shape = (int(length), *(int(s) for s in state_shape))
@@ -146,7 +177,7 @@ class MaskDistribution:
             mask[j:] = (torch.rand((length - j, *shape[1:]), generator=generator) < f).to(mask.dtype)
         if bool(mask.all()):  # nothing left to predict: the last state is not observed
             mask[-1] = 0
-        return mask, mode
+        return mask, mode, j
 
 
 def _mask_generator(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -185,8 +216,9 @@ def window_options(adapter_cls, options: Mapping[str, Any], length: int) -> dict
     return out
 
 
-def window_layout(inner: Layout, length: int, *, amortised: bool = False) -> Layout:
-    """The layout of windows of ``length`` states built from an autoregressive adapter's layout."""
+def window_layout(inner: Layout, length: int, *, amortised: bool = False, noise: bool = False) -> Layout:
+    """The layout of windows of ``length`` states built from an autoregressive adapter's layout
+    (``noise``: an amortised model of noisy observations, :attr:`~diffkit.layout.WindowSpec.noise`)."""
     ar = inner.autoregressive
     if ar is None:
         raise WindowError(f"window models are built from an adapter serving trajectories as autoregressive pairs "
@@ -198,7 +230,8 @@ def window_layout(inner: Layout, length: int, *, amortised: bool = False) -> Lay
                           f"+ data.options.horizon = {length} (or leave both unset)")
     C, nd = ar.num_variables, inner.ndim
     spec = WindowSpec(variables=ar.variables, length=length, step=ar.step, step_units=ar.step_units,
-                      frame_step=ar.frame_step, conditioning="amortised" if amortised else "none")
+                      frame_step=ar.frame_step, conditioning="amortised" if amortised else "none",
+                      noise=bool(amortised and noise))
     stat = lambda v: torch.tensor(list(v) * length, dtype=torch.float32).reshape(-1, *[1] * nd)  # noqa: E731
     w = inner.weights
     if w is not None and w.ndim == 1 + nd and w.shape[0] == inner.num_channels and w.shape[0] > 1:
@@ -209,7 +242,7 @@ def window_layout(inner: Layout, length: int, *, amortised: bool = False) -> Lay
                   if v in inner.channel_attrs}
     return Layout(channels=window_channels(ar.variables, length), spatial=inner.spatial, shape=inner.shape,
                   periodic=inner.periodic, coords=inner.coords, weights=w,
-                  cond_channels=spec.value_channels + spec.mask_channels + extra, scalars=inner.scalars,
+                  cond_channels=spec.observation_channels + extra, scalars=inner.scalars,
                   num_classes=inner.num_classes, mean=stat(ar.state_mean), std=stat(ar.state_std),
                   attrs=dict(inner.attrs), coord_attrs=inner.coord_attrs, channel_attrs=chan_attrs, window=spec)
 
@@ -273,10 +306,18 @@ class WindowDataset(Dataset):
         fields = []
         if self.masks is not None:
             k, C = self.layout.window.length, ar.num_variables
-            m, _ = self.masks.draw(k, (C, *self.inner.shape), _mask_generator(self.seed, self.epoch, i))
-            m = m.reshape(x.shape)
-            fields += [x * m, m]
-            out["weight"] = 1 - m
+            g = _mask_generator(self.seed, self.epoch, i)
+            if self.layout.window.noise:  # noisy sparse points, their std as input; the loss covers them too
+                m, sig, _ = self.masks.draw_noisy(k, (C, *self.inner.shape), g)
+                m, sig = m.reshape(x.shape), sig.reshape(x.shape)
+                y = x + sig * torch.randn(x.shape, generator=g, dtype=x.dtype)
+                fields += [y * m, m, sig]
+                out["weight"] = 1 - m * (sig == 0).to(m.dtype)
+            else:
+                m, _ = self.masks.draw(k, (C, *self.inner.shape), g)
+                m = m.reshape(x.shape)
+                fields += [x * m, m]
+                out["weight"] = 1 - m
         if extra is not None and extra.shape[0]:
             fields.append(extra.to(x.dtype))
         if fields:
@@ -299,7 +340,8 @@ class WindowAdapter(Adapter):
         self.name = getattr(inner, "name", type(inner).__name__)
         self.masks = (masks or MaskDistribution()) if amortised else None
         self.seed = int(seed)
-        self._layout = window_layout(inner.layout, self.length, amortised=self.amortised)
+        self._layout = window_layout(inner.layout, self.length, amortised=self.amortised,
+                                     noise=self.masks is not None and self.masks.noisy)
 
     @classmethod
     def from_config(cls, inner: Adapter, cfg) -> "WindowAdapter":
@@ -321,22 +363,37 @@ def _model_device(model) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def _noise_input(model, values: torch.Tensor, mask: torch.Tensor, sigma: torch.Tensor | None):
+    """``(exact, fields)``: where observations are imposed (observed with zero noise) and the model's
+    noise-std input channels (``[]`` unless its window spec has ``noise``); an error if noisy
+    observations are given to a model that takes observations as exact."""
+    noisy = bool(getattr(getattr(model.layout, "window", None), "noise", False))
+    sig = torch.zeros_like(values) if sigma is None else torch.where(mask > 0, sigma.to(values), 0.0)
+    if not noisy and bool((sig > 0).any()):
+        raise WindowError("this model takes observations as exact (trained without data.mask_noise): give no "
+                          "observation noise (sigma=None), or train with data.mask_noise = [low, high]")
+    return (mask > 0) & (sig <= 0), ([sig] if noisy else [])
+
+
 class AmortisedDenoiser:
     """``D(x, t)`` of an amortised window model conditioned on standardised observed ``values`` and
     their ``mask`` (both ``(B, k * C, *S)``; ``extra`` the layout's other fields / scalars / labels as a
-    :class:`~diffkit.denoiser.Cond`): the network's estimate where unobserved, the observed value where
-    observed (the exact conditional expectation there)."""
+    :class:`~diffkit.denoiser.Cond`; ``sigma`` the observations' noise std, standardised, for models
+    trained with noisy observations): the network's estimate where unobserved or observed with noise,
+    the observed value where observed exactly (the exact conditional expectation there)."""
 
-    def __init__(self, model, values: torch.Tensor, mask: torch.Tensor, extra: Cond | None = None):
+    def __init__(self, model, values: torch.Tensor, mask: torch.Tensor, extra: Cond | None = None,
+                 sigma: torch.Tensor | None = None):
         self.model, self.schedule = model, model.schedule
         self.mask = mask
         self.values = torch.where(mask > 0, values, torch.zeros_like(values))
+        self.exact, noise = _noise_input(model, values, mask, sigma)
         ex = extra or Cond()
-        f = [self.values, mask] + ([ex.fields.to(values)] if ex.fields is not None else [])
+        f = [self.values, mask, *noise] + ([ex.fields.to(values)] if ex.fields is not None else [])
         self.cond = Cond(torch.cat(f, 1), ex.scalars, ex.labels)
 
     def _impose(self, x0):
-        return torch.where(self.mask > 0, self.values.to(x0.dtype), x0)
+        return torch.where(self.exact, self.values.to(x0.dtype), x0)
 
     def __call__(self, x, t):
         return self._impose(self.model(x, t, self.cond))
@@ -358,10 +415,11 @@ def composition_starts(length: int, k: int) -> torch.Tensor:
 class ComposedDenoiser:
     """SDA's composition (see the module doc): the denoiser of trajectories ``(B, L * C, *S)`` from a
     window model of ``k`` states, evaluated on all ``L - k + 1`` windows in one batch.  For an amortised
-    model, ``values`` / ``mask`` (``(B, L * C, *S)``, standardised) give each window its observations."""
+    model, ``values`` / ``mask`` (``(B, L * C, *S)``, standardised) give each window its observations
+    (``sigma``, same shape: their noise std, for models trained with noisy observations)."""
 
     def __init__(self, model, length: int, values: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 extra: Cond | None = None):
+                 extra: Cond | None = None, sigma: torch.Tensor | None = None):
         spec = window_spec(model.layout)
         self.model, self.schedule, self.spec = model, model.schedule, spec
         self.k, self.C, self.L = spec.length, spec.num_variables, int(length)
@@ -375,6 +433,7 @@ class ComposedDenoiser:
                 raise WindowError("an amortised window model needs values and mask (an all-zero mask: no observation)")
             self.mask = mask
             self.values = torch.where(mask > 0, values, torch.zeros_like(values))
+            self.exact, self.noise = _noise_input(model, values, mask, sigma)
         starts = composition_starts(self.L, self.k)
         self._win = starts  # (L,) window of each state
         self._pos = torch.arange(self.L) - starts  # position of each state in its window
@@ -391,7 +450,7 @@ class ComposedDenoiser:
         rep = lambda v: None if v is None else v.repeat_interleave(self.n_win, 0)  # noqa: E731
         fields = []
         if self.amortised:
-            fields += [self._windows(self.values), self._windows(self.mask)]
+            fields += [self._windows(v) for v in (self.values, self.mask, *self.noise)]
         if ex.fields is not None:
             fields.append(rep(ex.fields))
         cond = Cond(torch.cat(fields, 1) if fields else None, rep(ex.scalars), rep(ex.labels))
@@ -417,7 +476,7 @@ class ComposedDenoiser:
         out = y[:, self._win.to(x.device), self._pos.to(x.device)]  # (B, L, C, *S)
         out = out.reshape(x.shape)
         if self.amortised:
-            out = torch.where(self.mask > 0, self.values.to(out.dtype), out)
+            out = torch.where(self.exact, self.values.to(out.dtype), out)
         return out
 
 
@@ -444,8 +503,9 @@ def _check_amortised(model, what: str) -> WindowSpec:
 
 
 def _observations(layout: Layout, spec: WindowSpec, values, mask, n_states: int | None, standardized: bool,
-                  what: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Checked ``(N, n, C, *S)`` values / mask -> standardised, flattened ``(N, n * C, *S)`` pair."""
+                  what: str, sigma=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Checked ``(N, n, C, *S)`` values / mask / noise std -> standardised, flattened ``(N, n * C, *S)``
+    values, mask and noise std (None when ``sigma`` is None)."""
     C, S = spec.num_variables, tuple(layout.shape)
     values, mask = torch.as_tensor(values), torch.as_tensor(mask)
     if values.ndim != 3 + len(S) or tuple(values.shape[2:]) != (C, *S) or (n_states and values.shape[1] != n_states):
@@ -469,7 +529,29 @@ def _observations(layout: Layout, spec: WindowSpec, values, mask, n_states: int 
         values = _standardize(layout, C, values)
     values = torch.where(mask, values, torch.zeros_like(values))
     N, n = values.shape[:2]
-    return values.reshape(N, n * C, *S), mask.reshape(N, n * C, *S).to(torch.float64)
+    sig = None if sigma is None else _sigma(layout, spec, sigma, mask, standardized, what).reshape(N, n * C, *S)
+    return values.reshape(N, n * C, *S), mask.reshape(N, n * C, *S).to(torch.float64), sig
+
+
+def _sigma(layout: Layout, spec: WindowSpec, sigma, mask: torch.Tensor, standardized: bool, what: str) -> torch.Tensor:
+    """The observations' noise std (a number, or broadcastable to the values ``(N, n, C, *S)``) checked
+    and standardised (divided by each variable's state std unless ``standardized``); 0 where unobserved."""
+    sig = torch.as_tensor(sigma, dtype=torch.float64)
+    try:
+        sig = torch.broadcast_to(sig, mask.shape)
+    except RuntimeError:
+        raise ShapeError(f"{what} sigma has shape {tuple(sig.shape)}, not broadcastable to the values' "
+                         f"{tuple(mask.shape)}; give a number or one std per value") from None
+    bad = mask & ~(torch.isfinite(sig) & (sig >= 0))
+    if bool(bad.any()):
+        raise ObservationError(f"{what} sigma holds {int(bad.sum())} negative, NaN or inf entries where observed; "
+                               f"give each observation's noise std (>= 0; 0 = exact)")
+    if bool((mask & (sig > 0)).any()) and not spec.noise:
+        raise WindowError(f"{what} this model takes observations as exact (trained without data.mask_noise): give "
+                          f"sigma=None, or train with data.mask_noise = [low, high] to assimilate noisy observations")
+    if not standardized:
+        sig = sig / _state_stats(layout, spec.num_variables, sig)[1]
+    return torch.where(mask, sig, torch.zeros_like(sig))
 
 
 def _state_stats(layout: Layout, C: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,7 +567,7 @@ def _standardize(layout: Layout, C: int, x: torch.Tensor) -> torch.Tensor:
 
 
 def _extra_cond(layout: Layout, spec: WindowSpec, N: int, fields, scalars, labels, device) -> Cond:
-    n_extra = len(layout.cond_channels) - len(spec.value_channels) - len(spec.mask_channels)
+    n_extra = len(layout.cond_channels) - len(spec.observation_channels)
     if n_extra and fields is None:
         raise ShapeError(f"this model is also conditioned on the fields {list(layout.cond_channels[-n_extra:])}: "
                          f"pass them as fields= ({N}, {n_extra}, *{layout.shape}), standardised as the adapter serves them")
@@ -509,9 +591,10 @@ def _draw(model, den, shape, *, sampler, nfe, spacing, generator, progress, dtyp
 
 
 def _sample_windows(model, values, mask, extra: Cond, *, sampler, nfe, spacing, generator, progress, dtype,
-                    device, options, noise=None) -> torch.Tensor:
-    """Standardised windows ``(B, k C, *S)`` given standardised per-row values / mask of that shape."""
-    den = AmortisedDenoiser(model, values.to(device, dtype), mask.to(device, dtype), extra)
+                    device, options, noise=None, sigma=None) -> torch.Tensor:
+    """Standardised windows ``(B, k C, *S)`` given standardised per-row values / mask (/ noise std) of that shape."""
+    den = AmortisedDenoiser(model, values.to(device, dtype), mask.to(device, dtype), extra,
+                            None if sigma is None else sigma.to(device, dtype))
     x = _draw(model, den, tuple(values.shape), sampler=sampler, nfe=nfe, spacing=spacing, generator=generator,
               progress=progress, dtype=dtype, device=device, options=options, noise=noise)
     return den._impose(x)
@@ -520,7 +603,7 @@ def _sample_windows(model, values, mask, extra: Cond, *, sampler, nfe, spacing, 
 def sample_amortised(model, values, mask, members: int = 1, *, sampler: str = "dpmpp_2m", nfe: int = 20,
                      spacing: str | None = None, generator: torch.Generator | None = None, fields=None,
                      scalars=None, labels=None, standardized: bool = False, noise: torch.Tensor | None = None,
-                     progress: bool = False, dtype=torch.float32, **options) -> torch.Tensor:
+                     progress: bool = False, dtype=torch.float32, sigma=None, **options) -> torch.Tensor:
     """``members`` windows per condition from an amortised window model, given observations.
 
     ``model`` is a :class:`~diffkit.denoiser.Denoiser` (or a :func:`~diffkit.model.load_model` result)
@@ -533,22 +616,26 @@ def sample_amortised(model, values, mask, members: int = 1, *, sampler: str = "d
     ``scalars`` / ``labels`` are the layout's other conditions, ``(N, ...)``, as the adapter serves them.
     The sampler (``sampler``, ``nfe``, ``spacing``, its ``options``) runs the
     :class:`AmortisedDenoiser`; the noise comes from ``generator`` (or the initial state is ``noise``,
-    ``(N, members, k, C, *S)`` standard normal).  Returns ``(N, members, k, C, *S)`` in the units of
-    ``values``; observed entries equal the observations exactly.
+    ``(N, members, k, C, *S)`` standard normal).  ``sigma``: the observations' noise std (a number or
+    one per value, in the units of ``values``; 0 = exact), for models trained with ``data.mask_noise``
+    (:attr:`~diffkit.layout.WindowSpec.noise`); ``None`` takes them as exact.  Returns
+    ``(N, members, k, C, *S)`` in the units of ``values``; entries observed exactly equal the
+    observations.
     """
     model = _unwrap(model)
     spec = _check_amortised(model, "sample_amortised")
     layout = model.layout
     if not isinstance(members, int) or isinstance(members, bool) or members < 1:
         raise WindowError(f"members must be an integer >= 1, got {members!r}")
-    v, m = _observations(layout, spec, values, mask, spec.length, standardized, "sample_amortised:")
+    v, m, sig = _observations(layout, spec, values, mask, spec.length, standardized, "sample_amortised:", sigma)
     N, S, C, k = v.shape[0], tuple(layout.shape), spec.num_variables, spec.length
     device = _model_device(model)
     extra = _extra_cond(layout, spec, N, fields, scalars, labels, device).repeat_interleave(members)
     _check_noise(noise, (N, members, k, C, *S))
     x = _sample_windows(model, v.repeat_interleave(members, 0), m.repeat_interleave(members, 0), extra,
                         sampler=sampler, nfe=nfe, spacing=spacing, generator=generator, progress=progress,
-                        dtype=dtype, device=device, options=options, noise=noise)
+                        dtype=dtype, device=device, options=options, noise=noise,
+                        sigma=None if sig is None else sig.repeat_interleave(members, 0))
     return _physical(layout, x.reshape(N, members, k, C, *S), standardized)
 
 
@@ -570,7 +657,7 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
                       method: str = "sda", overlap: int | None = None, sampler: str = "dpmpp_2m", nfe: int = 20,
                       spacing: str | None = None, generator: torch.Generator | None = None, fields=None,
                       scalars=None, labels=None, standardized: bool = False, noise: torch.Tensor | None = None,
-                      progress: bool = False, dtype=torch.float32, **options) -> torch.Tensor:
+                      progress: bool = False, dtype=torch.float32, sigma=None, **options) -> torch.Tensor:
     """``members`` trajectories of ``L >= k`` states per condition from a window model of ``k`` states.
 
     ``values`` / ``mask``: ``(N, L, C, *S)`` observations as in :func:`sample_amortised` (amortised
@@ -580,7 +667,8 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
     observations informing all states) or ``"autoregressive"`` (amortised models: windows in
     sequence, each conditioned on the last ``overlap`` states drawn, default ``k // 2``, and on its
     own observations).  ``noise`` (``"sda"`` only): the initial state, ``(N, members, L, C, *S)``
-    standard normal.  Returns ``(N, members, L, C, *S)``.
+    standard normal.  ``sigma``: the observations' noise std, as in :func:`sample_amortised` (states
+    already drawn enter the next window as exact).  Returns ``(N, members, L, C, *S)``.
     """
     model = _unwrap(model)
     spec = window_spec(model.layout)
@@ -599,10 +687,11 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
         N = next((int(torch.as_tensor(a).shape[0]) for a in (fields, scalars, labels) if a is not None), 1)
         v = torch.zeros((N, L * C, *S), dtype=torch.float64)
         m = torch.zeros_like(v)
+        sig = None
     else:
         if not amortised:
             _check_amortised(model, "sample_trajectory with observations")
-        v, m = _observations(layout, spec, values, mask, None, standardized, "sample_trajectory:")
+        v, m, sig = _observations(layout, spec, values, mask, None, standardized, "sample_trajectory:", sigma)
         N, L = v.shape[0], v.shape[1] // C
         if length is not None and int(length) != L:
             raise WindowError(f"length={length} but the observations cover {L} states")
@@ -611,15 +700,16 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
     device = _model_device(model)
     extra = _extra_cond(layout, spec, N, fields, scalars, labels, device).repeat_interleave(members)
     v, m = v.repeat_interleave(members, 0).to(device, dtype), m.repeat_interleave(members, 0).to(device, dtype)
+    sig = sig if sig is None else sig.repeat_interleave(members, 0).to(device, dtype)
     kw = dict(sampler=sampler, nfe=nfe, spacing=spacing, generator=generator, progress=progress, dtype=dtype,
               device=device, options=options)
     B = N * members
     if method == "sda":
-        den = ComposedDenoiser(model, L, v if amortised else None, m if amortised else None, extra)
+        den = ComposedDenoiser(model, L, v if amortised else None, m if amortised else None, extra, sig)
         _check_noise(noise, (N, members, L, C, *S))
         x = _draw(model, den, (B, L * C, *S), noise=noise, **kw)
         if amortised:
-            x = torch.where(m > 0, v, x)
+            x = torch.where(den.exact, v, x)
         return _physical(layout, x.reshape(N, members, L, C, *S), standardized)
     _check_amortised(model, "sample_trajectory(method='autoregressive')")
     if noise is not None:
@@ -630,12 +720,18 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
         raise WindowError(f"overlap must be an integer in 1..{k - 1} (states shared by consecutive windows), got {overlap!r}")
     traj = torch.zeros((B, L, C, *S), dtype=dtype, device=device)
     vv, mm = v.reshape(B, L, C, *S), m.reshape(B, L, C, *S)
+    ss = None if sig is None else sig.reshape(B, L, C, *S)
     done, s = 0, 0
     while done < L:
         s = min(s, L - k)
         wv, wm = vv[:, s:s + k].clone(), mm[:, s:s + k].clone()
-        wv[:, :done - s], wm[:, :done - s] = traj[:, s:done], 1  # the states already drawn, as observed
-        x = _sample_windows(model, wv.reshape(B, k * C, *S), wm.reshape(B, k * C, *S), extra, **kw)
+        wv[:, :done - s], wm[:, :done - s] = traj[:, s:done], 1  # the states already drawn, as observed exactly
+        ws = None
+        if ss is not None:
+            ws = ss[:, s:s + k].clone()
+            ws[:, :done - s] = 0
+            ws = ws.reshape(B, k * C, *S)
+        x = _sample_windows(model, wv.reshape(B, k * C, *S), wm.reshape(B, k * C, *S), extra, sigma=ws, **kw)
         traj[:, done:s + k] = x.reshape(B, k, C, *S)[:, done - s:]
         done, s = s + k, s + k - o
     return _physical(layout, traj.reshape(N, members, L, C, *S), standardized)

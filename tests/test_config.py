@@ -450,6 +450,7 @@ RULES = {
     "data.mask_points": (-0.5, "a probability in [0, 1]"),
     "data.mask_both": (2.0, "a probability in [0, 1]"),
     "data.mask_fraction": ((0.6, 0.5), "[low, high] with 0 < low <= high <= 1"),
+    "data.mask_noise": ((0.3, 0.1), "[0, 0] (off) or [low, high] with 0 < low <= high"),
     "model.schedule": ({"T": 10}, "a schedule name or a table with a 'name' key, like {name = \"cosine\"}"),
     "loss.p_mean": (float("inf"), "finite"),
     "loss.p_std": (0.0, "> 0 and finite"),

@@ -79,6 +79,8 @@ class ExactWindowGaussian:
         assert bool((a == a[0]).all()), "one time per call"
         a, s = float(a[0]), float(s[0])
         xf = x.reshape(B, n).double()
+        if self.layout.window.noise:
+            return self._noisy(xf, cond, a, s).reshape(x.shape).to(x.dtype)
         if self.layout.window.conditioning == "amortised":
             f = cond.fields[:, :2 * x.shape[1]].reshape(B, 2, n).double()
             vals, mask = f[:, 0], f[:, 1] > 0.5
@@ -103,12 +105,29 @@ class ExactWindowGaussian:
             out[rows] = r
         return out.reshape(x.shape).to(x.dtype)
 
+    def _noisy(self, xf, cond, a: float, s: float):
+        """``E[x0 | x_t, y]`` with ``y = x0[mask] + sigma * eps`` (sigma = 0: exact), row by row: the
+        posterior ``N(mu, Sc)`` given ``y``, then the Gaussian denoiser of that posterior."""
+        B, n = xf.shape
+        f = cond.fields[:, :3 * n].reshape(B, 3, n).double()
+        out = torch.empty_like(xf)
+        eye = torch.eye(n, dtype=torch.float64)
+        for b in range(B):
+            O = f[b, 1] > 0.5
+            G = self.cov[:, O] @ torch.linalg.inv(self.cov[O][:, O] + torch.diag(f[b, 2][O] ** 2))
+            mu, Sc = G @ f[b, 0][O], self.cov - G @ self.cov[O]
+            out[b] = mu + a * Sc @ torch.linalg.solve(a * a * Sc + s * s * eye, xf[b] - a * mu)
+        return out
 
-def window_model(k: int, phi: float, K: torch.Tensor, *, amortised: bool) -> ExactWindowGaussian:
+
+def window_model(k: int, phi: float, K: torch.Tensor, *, amortised: bool, noise: bool = False,
+                 mean: float = 0.0, std: float = 1.0) -> ExactWindowGaussian:
+    """The exact window model; ``mean`` / ``std``: the layout's physical units (the model works in standardised ones)."""
     n_space = K.shape[0]
-    spec = WindowSpec(("u",), k, conditioning="amortised" if amortised else "none")
+    spec = WindowSpec(("u",), k, conditioning="amortised" if amortised else "none", noise=noise)
+    stats = {} if (mean, std) == (0.0, 1.0) else {"mean": torch.full((k, 1), mean), "std": torch.full((k, 1), std)}
     lay = Layout(channels=spec.channels, spatial=("x",), shape=(n_space,), window=spec,
-                 cond_channels=spec.value_channels + spec.mask_channels)
+                 cond_channels=spec.observation_channels, **stats)
     return ExactWindowGaussian(lay, ar1_cov(k, phi, K))
 
 
@@ -192,6 +211,40 @@ def test_window_amortised_items_hold_values_mask_and_weight(tmp_path):
     assert any(not torch.equal(again[i]["fields"], ds[i]["fields"]) for i in range(len(ds)))
 
 
+def test_window_noisy_amortised_items_hold_noisy_values_sigma_and_weight(tmp_path):
+    """data.mask_noise: the same masks as without it (same seed), the sparse points observed with noise of one
+    std per window in [low, high], that std as input channels, and the loss on every element not observed
+    exactly (the noisy points included); the observed past states stay exact."""
+    path, _ = _traj_file(tmp_path / "t.nc", n=8, T=12, shape=(16,))
+    inner = TrajectoryAdapter(str(path), history=1, horizon=3, val_fraction=0.25)
+    dist = MaskDistribution(0.3, 0.3, 0.3, fraction=(0.2, 0.6), noise=(0.05, 0.5))
+    wa = WindowAdapter(inner, 4, amortised=True, masks=dist, seed=5)
+    L = wa.layout
+    assert L.window.noise and L.cond_channels == L.window.value_channels + L.window.mask_channels + tuple(
+        f"sigma:u@t+{j}" for j in range(4))
+    ds = wa.dataset("train")
+    exact = WindowAdapter(inner, 4, amortised=True, masks=MaskDistribution(0.3, 0.3, 0.3, fraction=(0.2, 0.6)),
+                          seed=5).dataset("train")
+    z, n_noisy = [], 0
+    for i in range(len(ds)):
+        it = ds[i]
+        x, f, w = it["x"], it["fields"], it["weight"]
+        v, m, sg = f[:4], f[4:8], f[8:]
+        torch.testing.assert_close(m, exact[i]["fields"][4:])  # the mask draw is unchanged
+        assert not bool(sg[m == 0].any()) and bool((sg >= 0).all())
+        levels = sg[sg > 0].unique()
+        assert levels.numel() <= 1 and bool(((levels >= 0.05) & (levels <= 0.5 + 1e-6)).all())
+        ex = (m > 0) & (sg == 0)
+        torch.testing.assert_close(v[ex], x[ex])  # exact entries: the state
+        torch.testing.assert_close(w, 1 - ex.to(w.dtype))
+        if levels.numel():
+            n_noisy += 1
+            z.append(((v - x)[sg > 0] / sg[sg > 0]).double())
+    z = torch.cat(z)
+    assert n_noisy > 5 and z.numel() > 100
+    assert abs(float(z.mean())) < 4 / math.sqrt(z.numel()) and abs(float(z.std()) - 1) < 0.15
+
+
 @pytest.mark.parametrize("amortised", [False, True])
 def test_window_adapter_passes_the_adapter_contract_check(tmp_path, amortised):
     from diffkit.testing import check_adapter
@@ -216,11 +269,15 @@ def test_window_config_keys_are_validated():
                                      "mask_both": 0.1, "mask_fraction": [0.05, 0.2]}})
     assert cfg.data.window == 4 and cfg.data.amortised
     assert MaskDistribution.from_config(cfg.data) == MaskDistribution(0.5, 0.2, 0.1, (0.05, 0.2))
+    noisy = config_from_dict({"data": {"window": 3, "amortised": True, "mask_noise": [0.01, 0.2]}})
+    assert MaskDistribution.from_config(noisy.data).noise == (0.01, 0.2) and MaskDistribution.from_config(noisy.data).noisy
     for bad, msg in [({"window": 1}, "'data.window'.*0 \\(off\\) or a number of states >= 2"),
                      ({"amortised": True}, "'data.amortised'.*needs a window model"),
                      ({"mask_past": 0.6, "mask_points": 0.6}, "must be <= 1"),
                      ({"mask_both": 1.5}, "'data.mask_both'.*probability"),
-                     ({"mask_fraction": [0.5, 0.1]}, "'data.mask_fraction'.*0 < low <= high <= 1")]:
+                     ({"mask_fraction": [0.5, 0.1]}, "'data.mask_fraction'.*0 < low <= high <= 1"),
+                     ({"window": 3, "amortised": True, "mask_noise": [0.2, 0.1]}, "'data.mask_noise'.*0 < low <= high"),
+                     ({"window": 3, "mask_noise": [0.1, 0.2]}, "'data.mask_noise'.*needs amortised conditioning")]:
         with pytest.raises(ConfigError, match=msg) as ei:
             config_from_dict({"data": bad})
         assert "\n" not in str(ei.value)
@@ -269,6 +326,8 @@ def test_mask_distribution_rejects_bad_probabilities():
         MaskDistribution(0.5, 0.5, 0.5)
     with pytest.raises(WindowError, match="0 < low <= high <= 1"):
         MaskDistribution(fraction=(0.0, 0.5))
+    with pytest.raises(WindowError, match=r"mask noise must be \(0, 0\) .* or \(low, high\)"):
+        MaskDistribution(noise=(0.0, 0.5))
 
 
 # ============================================================================= 3. layout round trip
@@ -284,7 +343,7 @@ def test_layout_window_declaration_round_trips_through_checkpoint(tmp_path):
     old = {k: v for k, v in lay.replace(window=None, cond_channels=()).to_dict().items() if k != "window"}
     assert Layout.from_dict(old).window is None
     # the declaration is checked
-    with pytest.raises(ValueError, match="must begin with the amortised window's value and mask channels"):
+    with pytest.raises(ValueError, match=r"must begin with the amortised window's value, mask \(and noise\) channels"):
         Layout(channels=spec.channels, spatial=("x",), shape=(4,), window=spec)
     with pytest.raises(ValueError, match="must be the window's channels"):
         Layout(channels=("u", "v"), spatial=("x",), shape=(4,), window=WindowSpec(("u", "v"), 2))
@@ -292,6 +351,16 @@ def test_layout_window_declaration_round_trips_through_checkpoint(tmp_path):
         WindowSpec(("u",), 1)
     with pytest.raises(ValueError, match="conditioning must be one of none, amortised"):
         WindowSpec(("u",), 2, conditioning="guided")
+    with pytest.raises(ValueError, match="noise = true needs conditioning"):
+        WindowSpec(("u",), 2, noise=True)
+    # a noise-aware window declaration round-trips; one saved before the noise field loads as exact
+    ns = WindowSpec(("u", "v"), 3, conditioning="amortised", noise=True)
+    nl = Layout(channels=ns.channels, spatial=("x",), shape=(4,), cond_channels=ns.observation_channels,
+                window=ns)
+    assert Layout.from_dict(nl.to_dict()).window == ns and ns.noise_channels[0] == "sigma:u@t+0"
+    d = lay.to_dict()
+    d["window"] = {k: v for k, v in d["window"].items() if k != "noise"}
+    assert Layout.from_dict(d).window.noise is False
 
 
 # ============================================================================= 4. exact references
@@ -328,6 +397,69 @@ def test_amortised_sampler_reproduces_gaussian_conditional(kind):
     assert bool(((x[:, U].mean(0) - mean_ref).abs() < 5 * sd / math.sqrt(M) + 5e-3).all())
     se = ((cov_ref.diag()[:, None] * cov_ref.diag()[None] + cov_ref**2) / M).sqrt()
     assert bool(((torch.cov(x[:, U].T) - cov_ref).abs() < 5 * se + 2e-2).all())
+
+
+def _noisy_posterior(S: torch.Tensor, obs: torch.Tensor, y: torch.Tensor, sig: torch.Tensor):
+    """Closed form of ``x ~ N(0, S)`` given ``y = x[obs] + sig * eps`` (``sig`` 0: exact): mean and covariance of every entry."""
+    G = S[:, obs] @ torch.linalg.inv(S[obs][:, obs] + torch.diag(sig[obs] ** 2))
+    return G @ y[obs], S - G @ S[obs]
+
+
+@pytest.mark.parametrize("mean,std", [(0.0, 1.0), (5.0, 0.01)])
+def test_amortised_sampler_with_noisy_observations_matches_gaussian_posterior(mean, std):
+    """A model trained with noisy observations (WindowSpec.noise, data.mask_noise) given an exact past state
+    and three noisy points (sigma 0.3 / 0.1 / 0.5 model units, one per value, in physical units): the
+    closed-form posterior, at unit scale and at std 0.01 around 5 (sigma_y standardised with the state std);
+    the exactly observed state is kept, the noisy points are not (they have posterior spread)."""
+    k, phi = 4, 0.7
+    model = window_model(k, phi, K3, amortised=True, noise=True, mean=mean, std=std)
+    n = k * 3
+    mask = torch.zeros(k, 3, dtype=torch.bool)
+    mask[0] = True
+    sig = torch.zeros(k, 3, dtype=torch.float64)
+    for (i, j), v in zip([(1, 2), (2, 1), (3, 0)], (0.3, 0.1, 0.5)):
+        mask[i, j], sig[i, j] = True, v
+    y = torch.randn(k, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    mean_ref, cov_ref = _noisy_posterior(model.cov, mask.flatten(), y.flatten(), sig.flatten())
+    values = torch.where(mask, mean + std * y, torch.full_like(y, float("nan")))[None, :, None]
+    m, s = mask[None, :, None], (std * sig)[None, :, None]
+    mu, cov = pushed_moments(lambda z: sample_amortised(model, values, m, n + 1, sampler="heun", nfe=199, sigma=s,
+                                                        noise=z.reshape(1, n + 1, k, 1, 3), dtype=torch.float64), n)
+    # mean: 0.0069 at Heun 99, 199 and 399 NFE alike (the sampler's N(0, I) start against the exact
+    # marginal at t = T, alpha_T = 6e-4; the exact-observation case has 0.0038), covariance 0.0019 at 199
+    assert float(((mu - mean) / std - mean_ref).abs().max()) < 1e-2
+    assert float((cov / std**2 - cov_ref).abs().max()) < 5e-3
+    exact, noisy = mask.flatten() & (sig.flatten() == 0), sig.flatten() > 0
+    assert torch.equal(mu[exact], values.flatten()[exact]) and not bool(cov[exact].any())
+    assert bool((cov.diag()[noisy] / std**2 > 0.5 * cov_ref.diag()[noisy]).all())
+    # sigma = 0 everywhere (or None) is the exact conditional of the exact-observation models
+    mean0, _ = conditional(model.cov, mask.flatten(), y.flatten())
+    z0 = torch.zeros(1, 1, k, 1, 3, dtype=torch.float64)
+    for s0 in (None, 0.0):
+        x = sample_amortised(model, values, m, 1, sampler="heun", nfe=99, sigma=s0, noise=z0, dtype=torch.float64)
+        assert float(((x.flatten() - mean) / std)[~mask.flatten()].sub(mean0).abs().max()) < 1e-2
+
+
+def test_sda_composition_with_noisy_amortised_observations_matches_posterior():
+    """SDA's composition of a noise-aware amortised window model, three points observed with noise 0.3:
+    the whole trajectory's closed-form posterior (as the exact-observation test, same tolerance)."""
+    L, k, phi = 10, 7, 0.5
+    K1 = torch.ones(1, 1, dtype=torch.float64)
+    model = window_model(k, phi, K1, amortised=True, noise=True)
+    S = ar1_cov(L, phi, K1)
+    mask = torch.zeros(L, dtype=torch.bool)
+    mask[[1, 4, 8]] = True
+    y = torch.tensor([0.0, 1.2, 0, 0, -0.8, 0, 0, 0, 0.5, 0], dtype=torch.float64)
+    mean_ref, cov_ref = _noisy_posterior(S, mask, y, torch.full((L,), 0.3, dtype=torch.float64))
+    vals, m = y.reshape(1, L, 1, 1), mask.reshape(1, L, 1, 1)
+    mean, cov = pushed_moments(lambda z: sample_trajectory(model, vals, m, L + 1, sampler="heun", nfe=199, sigma=0.3,
+                                                           noise=z.reshape(1, L + 1, L, 1, 1), dtype=torch.float64), L)
+    assert float((mean - mean_ref).abs().max()) < 0.02
+    assert float((cov - cov_ref).abs().max()) < 0.02
+    # the autoregressive composition passes sigma on too: the noisy points are not imposed
+    x = sample_trajectory(model, vals, m, 2, method="autoregressive", sigma=0.3, nfe=5,
+                          generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert x.shape == (1, 2, L, 1, 1) and not bool((x[0, :, mask] == y[mask]).any())
 
 
 def test_autoregressive_window_composition_reproduces_markov_gaussian_joint():
@@ -443,6 +575,7 @@ def test_composition_takes_each_state_from_its_most_central_window():
 def test_window_sampling_bad_inputs_are_one_line_errors():
     prior = window_model(3, 0.5, K3, amortised=False)
     amort = window_model(3, 0.5, K3, amortised=True)
+    noisy = window_model(3, 0.5, K3, amortised=True, noise=True)
     v, m = torch.zeros(1, 3, 1, 3), torch.ones(1, 3, 1, 3)
     cases = [
         (lambda: sample_amortised(prior, v, m, 2), WindowError, "trained with amortised conditioning"),
@@ -451,6 +584,12 @@ def test_window_sampling_bad_inputs_are_one_line_errors():
         (lambda: sample_amortised(amort, v, m * 0.5, 2), ObservationError, "only 0 .* and 1"),
         (lambda: sample_amortised(amort, v * float("nan"), m, 2), NonFiniteError, "where the mask says observed"),
         (lambda: sample_amortised(amort, v, m, 0), WindowError, "members must be an integer >= 1"),
+        (lambda: sample_amortised(amort, v, m, 1, sigma=0.1), WindowError,
+         "takes observations as exact .* data.mask_noise"),
+        (lambda: sample_amortised(noisy, v, m, 1, sigma=-0.1), ObservationError, "negative, NaN or inf"),
+        (lambda: sample_amortised(noisy, v, m, 1, sigma=torch.ones(2, 2)), ShapeError, "sigma has shape"),
+        (lambda: sample_trajectory(amort, torch.zeros(1, 5, 1, 3), torch.ones(1, 5, 1, 3), sigma=0.1), WindowError,
+         "takes observations as exact"),
         (lambda: sample_trajectory(amort, length=5, method="kalman"), WindowError, "method must be one of sda"),
         (lambda: sample_trajectory(amort, length=5, method="autoregressive", overlap=3), WindowError,
          r"overlap must be an integer in 1..2"),
@@ -478,9 +617,11 @@ def test_window_sampling_bad_inputs_are_one_line_errors():
 
 
 # ============================================================================= 6. end to end
-def test_window_amortised_training_resumes_bitwise_exactly(tmp_path):
+@pytest.mark.parametrize("noise", [False, True])
+def test_window_amortised_training_resumes_bitwise_exactly(tmp_path, noise):
     """8 steps in one go equal 4 steps, a checkpoint (mid-epoch) and 4 more in a fresh trainer: the masks
-    are a function of (seed, epoch, item), so the resumed run draws the same ones (3 steps per epoch)."""
+    (and, with data.mask_noise, the observation noise) are a function of (seed, epoch, item), so the
+    resumed run draws the same ones (3 steps per epoch)."""
     import dataclasses
 
     from diffkit.train import Trainer
@@ -489,7 +630,7 @@ def test_window_amortised_training_resumes_bitwise_exactly(tmp_path):
     cfg = config_from_dict({
         "run_dir": str(tmp_path / "full"),
         "data": {"adapter": "pde", "batch_size": 4, "val_fraction": 0.25, "window": 3, "amortised": True,
-                 "options": {"path": str(path)}},
+                 "mask_noise": [0.05, 0.5] if noise else [0.0, 0.0], "options": {"path": str(path)}},
         "model": {"backbone": "unet", "options": TINY_UNET},
         "trainer": {"steps": 8, "lr": 1e-3, "warmup": 1, "val_every": 0, "ckpt_every": 4, "log_every": 100,
                     "deterministic": True},
@@ -497,7 +638,7 @@ def test_window_amortised_training_resumes_bitwise_exactly(tmp_path):
     state = capture_rng_state(cuda=False)
     try:
         full = Trainer(cfg, device="cpu", progress=False)
-        assert len(full.train_set) == 12
+        assert len(full.train_set) == 12 and full.model.layout.window.noise == noise
         full.fit()
         ckpt = tmp_path / "full" / "checkpoints" / "ckpt-000000004.pt"
         resumed = Trainer(dataclasses.replace(cfg, run_dir=str(tmp_path / "resumed")), device="cpu", progress=False,
