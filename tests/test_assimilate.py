@@ -230,13 +230,17 @@ def test_amortised_needs_an_amortised_checkpoint(ks, capsys):
     assert rc == 1 and "was not trained with amortised conditioning" in err and "data.amortised = true" in err
 
 
-def test_amortised_window_model_conditions_on_the_observations(ks, capsys):
+@pytest.mark.parametrize("noise", [False, True])
+def test_amortised_window_model_conditions_on_the_observations(ks, capsys, noise):
     """--method amortised with a window model trained with universal-amortised conditioning (diffkit.window):
     the trajectory from the initial state, every observed value reproduced exactly (amortised conditioning
-    takes observations as exact); the same checkpoint with a guidance method is a one-line error."""
-    root = ks["root"]
+    takes observations as exact); the same checkpoint with a guidance method is a one-line error.  A model
+    trained on noisy observations (data.mask_noise) gets the file's sigma_y instead and does not copy them."""
+    root = ks["root"] / f"noise{int(noise)}"
+    root.mkdir(exist_ok=True)
     cfg = TOML.format(run=(root / "arun").as_posix(), data=ks["data"].as_posix())
-    cfg = cfg.replace('adapter = "pde"', 'adapter = "pde"\nwindow = 4\namortised = true')
+    cfg = cfg.replace('adapter = "pde"', 'adapter = "pde"\nwindow = 4\namortised = true'
+                      + ('\nmask_noise = [0.01, 0.2]' if noise else ''))
     cfg = cfg.replace("history = 1\n", "").replace('target = "residual"\n', "").replace("steps = 150", "steps = 20")
     (root / "acfg.toml").write_text(cfg)
     state = capture_rng_state(cuda=False)
@@ -248,13 +252,18 @@ def test_amortised_window_model_conditions_on_the_observations(ks, capsys):
     common = ["assimilate", str(root / "arun"), "--obs", str(ks["obs"]), "--init", str(ks["data"]), "--members", "3"]
     capsys.readouterr()
     assert main([*common, "--method", "amortised", "--out", str(out), *RUN]) == 0
-    assert "taken as exact (amortised conditioning" in capsys.readouterr().out
+    said = capsys.readouterr().out
     with xr.open_dataset(out) as a, xr.open_dataset(ks["obs"]) as o:
         seen = np.isfinite(o["u"].values)
         assert a["u"].shape == (3, 8, 32) and a.attrs["method"] == "amortised"
-        np.testing.assert_allclose(a["u"].values[:, seen], np.broadcast_to(o["u"].values[seen], (3, seen.sum())),
-                                   rtol=0, atol=1e-5)
         assert np.all(a["u_ensemble_spread"].values[~seen] > 0)                   # unobserved points vary
+        if noise:  # estimated from noisy observations, not copied: spread at the observed points too
+            assert "with their sigma_y" in said and "data.mask_noise" in a.attrs["amortised_note"]
+            assert np.isfinite(a["u"].values).all() and np.all(a["u_ensemble_spread"].values[seen] > 0)
+        else:
+            assert "taken as exact (amortised conditioning" in said
+            np.testing.assert_allclose(a["u"].values[:, seen],
+                                       np.broadcast_to(o["u"].values[seen], (3, seen.sum())), rtol=0, atol=1e-5)
     assert main([*common, "--method", "mmps", "--out", str(root / "never.nc"), *RUN]) == 1
     assert "it assimilates with --method amortised, not mmps" in capsys.readouterr().err
 

@@ -242,7 +242,8 @@ def _run_amortised(cls, loaded, args):
     """``--method amortised`` with a window model trained with universal-amortised conditioning: the
     trajectory from the initial state (fully observed) over the window, every state conditioned on its
     gridded observations (:func:`diffkit.window.sample_trajectory`, autoregressive composition).
-    Amortised conditioning treats observations as exact: sigma_y is read and recorded, not used."""
+    A model trained with ``data.mask_noise`` gets each observation's sigma_y; one trained on exact
+    observations takes them as exact (sigma_y is read and recorded, not used)."""
     import torch
 
     from diffkit.adapters import atomic_to_netcdf
@@ -282,10 +283,14 @@ def _run_amortised(cls, loaded, args):
     values = torch.full((1, L, C, *S), float("nan"), dtype=torch.float64)
     mask = torch.zeros((1, L, C, *S), dtype=torch.bool)
     values[0, 0], mask[0, 0] = ic.history[-1].to(torch.float64), True
+    noisy = bool(layout.window.noise)
+    sigma = torch.zeros((1, L, C, *S), dtype=torch.float64) if noisy else None
     if not args.no_guidance:
         for k, st in obs.steps.items():
             values[0, 1 + k][st.mask] = st.y
             mask[0, 1 + k] = st.mask
+            if noisy:
+                sigma[0, 1 + k][st.mask] = st.sigma.to(torch.float64)
     scal = None
     if layout.scalars:
         a = layout.attrs
@@ -298,19 +303,20 @@ def _run_amortised(cls, loaded, args):
     method = "autoregressive" if L > layout.window.length else "sda"
     pred = sample_trajectory(loaded.model, values, mask, args.members, length=L, method=method,
                              sampler=args.sampler or sc.sampler, nfe=args.nfe or sc.nfe, generator=g, scalars=scal,
-                             progress=not args.no_progress)[0, :, 1:].to(torch.float32)
+                             progress=not args.no_progress, sigma=sigma)[0, :, 1:].to(torch.float32)
     lo, hi = obs.sigma_range()
-    a = analysis_attrs(args, obs, sc, "amortised",
-                       details={"amortised_note": "amortised conditioning takes the observations as exact: sigma_y "
-                                                  "is not used", "composition": method},
+    note = ("a model trained on noisy observations (data.mask_noise): each observation's sigma_y is an input"
+            if noisy else "amortised conditioning takes the observations as exact: sigma_y is not used")
+    a = analysis_attrs(args, obs, sc, "amortised", details={"amortised_note": note, "composition": method},
                        init={"init_index": index, "init_start": start})
     out_ds = rollout_dataset(pred, ar, ic, attrs=a)
     _add_statistics(out_ds, ar.channels, prior=args.no_guidance)
     out = atomic_to_netcdf(out_ds, args.out)
     what = "prior ensemble (no observations)" if args.no_guidance else "analysis (amortised)"
+    how = (f"with their sigma_y {lo:g}..{hi:g} (a noise-aware amortised model)" if noisy else
+           f"taken as exact (amortised conditioning; sigma_y {lo:g}..{hi:g} not used)")
     return out, (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of trajectory {index} from frame "
-                 f"{start} to {out}; {obs.count} observation(s) at {len(obs.steps)} step(s) taken as exact "
-                 f"(amortised conditioning; sigma_y {lo:g}..{hi:g} not used)")
+                 f"{start} to {out}; {obs.count} observation(s) at {len(obs.steps)} step(s) {how}")
 
 
 #: what ``diffkit assimilate`` uses for checkpoints of the ``pde`` adapter (:func:`diffkit.assimilate.assimilation_for`)
