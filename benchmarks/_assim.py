@@ -88,9 +88,11 @@ def window_guided(model, cfg, y, sigma, mask, gamma: float, members: int, seed: 
     return x.double().cpu().reshape(members, K, C, *S) * sd + m
 
 
-def amortised(model, cfg, y, mask, members: int, seed: int) -> torch.Tensor:
+def amortised(model, cfg, y, mask, members: int, seed: int, sigma=None) -> torch.Tensor:
     """``(M, K, C, *S)``: the amortised window model conditioned on the observations ``y`` ``(K, p)`` at
-    ``mask`` ``(C, *S)`` (:func:`diffkit.window.sample_trajectory`, SDA composition; imposed as exact)."""
+    ``mask`` ``(C, *S)`` (:func:`diffkit.window.sample_trajectory`, SDA composition).  A model trained
+    with ``data.mask_noise`` gets their noise std ``sigma`` (a number, or ``(p,)`` per observation);
+    one trained on exact observations imposes them as exact (``sigma`` is not given to it)."""
     from diffkit.window import sample_trajectory
 
     K = y.shape[0]
@@ -98,10 +100,16 @@ def amortised(model, cfg, y, mask, members: int, seed: int) -> torch.Tensor:
     values[0][:, mask] = y
     obs_mask = torch.zeros(1, K, *mask.shape, dtype=torch.bool)
     obs_mask[0][:, mask] = True
+    sig = None
+    if sigma is not None and model.layout.window.noise:
+        sig = torch.zeros(1, K, *mask.shape, dtype=torch.float64)
+        sig[0][:, mask] = torch.as_tensor(sigma, dtype=torch.float64).expand(K, -1) if torch.as_tensor(
+            sigma).ndim else float(sigma)
     noise = torch.randn((1, members, K, *mask.shape), generator=torch.Generator().manual_seed(seed))
     dev = next(model.parameters()).device
     x = sample_trajectory(model, values, obs_mask, members, method="sda", sampler=cfg.sample.sampler,
-                          nfe=cfg.sample.nfe, noise=noise, generator=torch.Generator(device=dev).manual_seed(seed))
+                          nfe=cfg.sample.nfe, noise=noise, generator=torch.Generator(device=dev).manual_seed(seed),
+                          sigma=sig)
     return x[0].double().cpu()
 
 

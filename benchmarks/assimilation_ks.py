@@ -17,6 +17,9 @@ ensemble starts from the climatology (or, for the window models, from the window
    noise).  Rows 2 and 3 use the same network: Shysheya et al.'s universal model, trained with
    random masks and, with probability ``1 - mask_past - mask_points - mask_both``, none -- the
    unconditional window prior that row 2 guides (an all-zero mask);
+   ``amortised + noise``: the same training with ``data.mask_noise = [0.01, 0.2]`` (noisy sparse
+   points, their std as input; a second network), given the observations with their sigma_y --
+   row 3 side by side shows what modelling the noise changes;
 4. ``OI``: optimal interpolation per frame (:func:`diffkit.da_baselines.optimal_interpolation`) with
    the climatological mean and covariance of the training frames, made homogeneous (averaged over the
    periodic grid's shifts: a circulant ``B``), its ensemble drawn from ``N(x_a, B - K H B)``;
@@ -72,7 +75,9 @@ SETTINGS = {
 }
 STRIDES = (4, 8, 16, 32)
 NOISE = 0.05                      # observation noise std / climatological std
-DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised")
+DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise")
+#: the noise-aware amortised model's training range of observation-noise std (state-std units; sigma_y is 0.05)
+MASK_NOISE = (0.01, 0.2)
 ROWS = ("AR prior",) + DIFFKIT_ROWS + ("OI", "EnKF")
 TARGET_OI, TARGET_ENKF, TARGET_SS = 0.7, 1.5, (0.8, 1.2)
 
@@ -99,8 +104,10 @@ def load_u(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(ds["u"].values, dtype=np.float64))   # (traj, time, x)
 
 
-def train(s: dict, data: Path, run: Path, *, window: bool, seed: int, device, progress: bool):
-    """Train (or reuse, ``resume=True``) the AR surrogate or the amortised window model; its EMA model."""
+def train(s: dict, data: Path, run: Path, *, window: bool, seed: int, device, progress: bool,
+          mask_noise: tuple[float, float] = (0.0, 0.0)):
+    """Train (or reuse, ``resume=True``) the AR surrogate or the amortised window model (``mask_noise``:
+    trained on noisy observations); its EMA model."""
     from diffkit.config import config_from_dict
     from diffkit.model import load_for_sampling
     from diffkit.train import Trainer
@@ -109,7 +116,7 @@ def train(s: dict, data: Path, run: Path, *, window: bool, seed: int, device, pr
                 "options": {"path": str(data), "frame_step": s["frame_step"]}}
     if window:
         data_cfg.update(window=s["k"], amortised=True, mask_past=0.15, mask_points=0.45, mask_both=0.15,
-                        mask_fraction=[0.02, 0.5])
+                        mask_fraction=[0.02, 0.5], mask_noise=list(mask_noise))
     else:
         data_cfg["options"].update(history=1, target="residual")
     steps = s["window_steps"] if window else s["steps"]
@@ -268,8 +275,12 @@ def main(argv=None) -> dict:
                              seed=args.seed, device=args.device, progress=progress)
     win, win_cfg, t_win = train(s, work / f"ks_train_seed{args.seed}.nc", work / "run_window", window=True,
                                 seed=args.seed, device=args.device, progress=progress)
-    res["train_s"] = {"AR": t_ar, "window": t_win}
-    print(f"trained: AR surrogate {t_ar:.0f} s, amortised window model (k = {s['k']}) {t_win:.0f} s", flush=True)
+    win_n, win_n_cfg, t_win_n = train(s, work / f"ks_train_seed{args.seed}.nc", work / "run_window_noise",
+                                      window=True, seed=args.seed, device=args.device, progress=progress,
+                                      mask_noise=MASK_NOISE)
+    res["train_s"] = {"AR": t_ar, "window": t_win, "window_noise": t_win_n}
+    print(f"trained: AR surrogate {t_ar:.0f} s, amortised window models (k = {s['k']}) {t_win:.0f} s (exact "
+          f"observations) + {t_win_n:.0f} s (noisy)", flush=True)
 
     def clim_draw(n, seed):
         g = torch.Generator().manual_seed(seed)
@@ -310,6 +321,7 @@ def main(argv=None) -> dict:
                 "window + reconstruction": lambda: window_guided(win, win_cfg, y, sigma, mask[None], args.gamma, M,
                                                                  sd)[:, :, 0],
                 "amortised": lambda: amortised(win, win_cfg, y, mask[None], M, sd)[:, :, 0],
+                "amortised + noise": lambda: amortised(win_n, win_n_cfg, y, mask[None], M, sd, sigma)[:, :, 0],
                 "OI": lambda: oi(clim, y, sigma, mask, s["enkf_members"], sd),
                 "EnKF": lambda: enkf_run(s, clim_draw(s["enkf_members"], sd + 1), y, sigma, mask,
                                          res["inflation"][stride]["best"], sd, args.localisation),
@@ -356,7 +368,8 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"# KS assimilation: diffkit vs optimal interpolation and the EnKF (`--setting {res['setting']}`)", "",
         f"Command: `python benchmarks/assimilation_ks.py {res['argv']}`  ",
         f"Total wall time: {res['wall_s'] / 60:.1f} min ({torch.get_num_threads()} torch threads), training "
-        f"{res['train_s']['AR']:.0f} s (AR surrogate) + {res['train_s']['window']:.0f} s (window model).", "",
+        f"{res['train_s']['AR']:.0f} s (AR surrogate) + {res['train_s']['window']:.0f} s (window model) + "
+        f"{res['train_s'].get('window_noise', 0):.0f} s (noise-aware window model).", "",
         f"Data: KS with L = {s['L']:g} (fixed), nx = {s['nx']}, {s['train_traj']} training trajectories x "
         f"{s['train_frames']} frames (seed {o['seed']}), 1 validation trajectory (seed offset {o['val_seed']}), "
         f"{s['test_traj']} held-out trajectories (seed offset {o['test_seed']}).  Window: {s['window']} frames "
@@ -365,7 +378,8 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"state before the window (climatological starts).", "",
         f"Models: UNet channels {s['channels']}, mult {list(s['mult'])}; AR surrogate (history 1, residual target) "
         f"{s['steps']} steps; amortised window model (k = {s['k']} states, masks: past 0.15, points 0.45, both 0.15, "
-        f"none 0.25) {s['window_steps']} steps, used for both window rows; dpmpp_2m with {s['nfe']} NFE per sample; "
+        f"none 0.25) {s['window_steps']} steps, used for the window + reconstruction and amortised rows; the same "
+        f"with observation noise (data.mask_noise = {list(MASK_NOISE)}) for the amortised + noise row; dpmpp_2m with {s['nfe']} NFE per sample; "
         f"{s['members']} members; reconstruction γ = {o['gamma']:g}, DPS ζ = {o['zeta']:g}.  OI: the climatological "
         f"mean and covariance of the training frames averaged over the grid's shifts (circulant B), "
         f"{s['enkf_members']} posterior samples.  EnKF: stochastic, "

@@ -30,6 +30,9 @@ window: every ensemble starts from the climatology (the window models' from thei
    network is Shysheya et al.'s universal model (``data.amortised = true``: trained with random masks
    and, with probability ``1 - mask_past - mask_points - mask_both``, none -- the unconditional window
    prior that row 3 guides), the same UNet size as the AR surrogate;
+   ``amortised + noise``: the same training with ``data.mask_noise = [0.01, 0.2]`` (noisy sparse
+   points, their std as input; a second network) given the observations with their sigma_y, side by
+   side with row 4;
 5. ``EnKF``: the stochastic EnKF (perturbed observations, 32 members, Gaspari-Cohn localisation over
    the periodic horizontal distance, the same in both layers), with the TRUE model as the forecast
    step at the observed resolution: :func:`diffkit_weather.qg.simulate_qg` on the coarse ``nx^2``
@@ -98,7 +101,9 @@ SETTINGS = {
 FRACTION = 0.05                   # observed share of the grid points (both layers observed there)
 NOISE = 0.05                      # observation noise std / the layer's climatological std
 SPARSITY = f"{FRACTION * 100:g}%"  # the table's one sparsity key
-DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised")
+DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise")
+#: the noise-aware amortised model's training range of observation-noise std (state-std units; sigma_y is 0.05)
+MASK_NOISE = (0.01, 0.2)
 ROWS = ("AR prior",) + DIFFKIT_ROWS + ("OI", "EnKF")
 TARGET_OI, TARGET_SS = 0.7, (0.8, 1.2)
 
@@ -132,11 +137,13 @@ def train(s: dict, data: Path, run: Path, sp: dict, *, seed: int, device, progre
     return fc, training_seconds(cfg.run_dir, time.time() - t0)
 
 
-def train_window(s: dict, data: Path, run: Path, sp: dict, *, seed: int, device, progress: bool):
+def train_window(s: dict, data: Path, run: Path, sp: dict, *, seed: int, device, progress: bool,
+                 mask_noise: tuple[float, float] = (0.0, 0.0)):
     """Train (or reuse) the universal-amortised window model of ``k`` states: the surrogate's config
     (:func:`weather_qg.config`: data, UNet, trainer) with ``data.window = k``, ``data.amortised = true``,
     the KS benchmark's mask probabilities, the history left to the window (``k - 1``) and
-    ``window_steps`` steps.  Its EMA model, config and training seconds."""
+    ``window_steps`` steps (``mask_noise``: trained on noisy observations).  Its EMA model, config and
+    training seconds."""
     from diffkit.config import config_from_dict, config_to_dict
     from diffkit.model import load_for_sampling
     from diffkit.train import Trainer, training_seconds
@@ -144,7 +151,7 @@ def train_window(s: dict, data: Path, run: Path, sp: dict, *, seed: int, device,
     d = config_to_dict(wq.config(argparse.Namespace(state="both", seed=seed), s, data, run, "diffusion", sp))
     del d["data"]["options"]["history"]
     d["data"].update(window=s["k"], amortised=True, mask_past=0.15, mask_points=0.45, mask_both=0.15,
-                     mask_fraction=[0.02, 0.5])
+                     mask_fraction=[0.02, 0.5], mask_noise=list(mask_noise))
     d["trainer"].update(steps=s["window_steps"], warmup=min(200, s["window_steps"] // 10))
     cfg = config_from_dict(d)
     t0 = time.time()
@@ -314,8 +321,10 @@ def main(argv=None) -> dict:
     print(f"data {t_data:.0f} s; trained the AR surrogate ({s['steps']} steps) in {t_train:.0f} s", flush=True)
     win, win_cfg, t_win = train_window(s, data, work / f"run_window_k{s['k']}", sp, seed=args.seed,
                                        device=args.device, progress=progress)
-    print(f"trained the amortised window model (k = {s['k']}, {s['window_steps']} steps) in {t_win:.0f} s",
-          flush=True)
+    win_n, win_n_cfg, t_win_n = train_window(s, data, work / f"run_window_k{s['k']}_noise", sp, seed=args.seed,
+                                             device=args.device, progress=progress, mask_noise=MASK_NOISE)
+    print(f"trained the amortised window models (k = {s['k']}, {s['window_steps']} steps) in {t_win:.0f} s (exact "
+          f"observations) + {t_win_n:.0f} s (noisy)", flush=True)
 
     train_times = sp["train_times"]
     clim_states = states(data, fc, train_times)                            # (n, 2, nx, nx)
@@ -329,7 +338,7 @@ def main(argv=None) -> dict:
                  "clim_std": clim_std.tolist(), "sigma_y": sig_layer.tolist(), "n_obs": int(mask.sum()),
                  "n_train_states": int(clim_states.shape[0]), "test_start": sp["test_start"],
                  "val_window": wq.iso(val0), "windows": [wq.iso(t) for t in starts], "train_s": t_train,
-                 "train_window_s": t_win,
+                 "train_window_s": t_win, "train_window_noise_s": t_win_n,
                  "data_s": t_data, "options": {k: v for k, v in vars(args).items()
                                                if k not in ("markdown", "json", "workdir")}}
     print(f"QG {nx}^2 (of {s['nx_sim']}^2): climatological std per layer {clim_std.tolist()}, sigma_y "
@@ -385,6 +394,7 @@ def main(argv=None) -> dict:
                                            sd),
             "window + reconstruction": lambda: window_guided(win, win_cfg, y, sigma, mask, args.gamma, M, sd),
             "amortised": lambda: amortised(win, win_cfg, y, mask, M, sd),
+            "amortised + noise": lambda: amortised(win_n, win_n_cfg, y, mask, M, sd, sigma),
             "OI": lambda: oi_window(clim, y, sigma, mask, Me, sd).reshape(Me, K, 2, nx, nx),
             "EnKF": lambda: enkf_run(clim_vectors(Me, sd + 1), y, res["inflation"], res["radius"], sd),
         }
@@ -428,7 +438,7 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"Command: `python benchmarks/assimilation_qg.py {res['argv']}`  ",
         f"Total wall time: {res['wall_s'] / 60:.1f} min ({torch.get_num_threads()} torch threads): data "
         f"{res['data_s']:.0f} s, training {res['train_s']:.0f} s (AR surrogate) + {res['train_window_s']:.0f} s "
-        f"(window model).", "",
+        f"(window model) + {res.get('train_window_noise_s', 0):.0f} s (noise-aware window model).", "",
         f"Data (`weather_qg.setup_data`, seed {o['seed']}): two-layer QG (pyqg reference set-up) simulated on "
         f"{s['nx_sim']}x{s['nx_sim']}, observed coarse-grained on {s['nx']}x{s['nx']} (streamfunction of both "
         f"layers), 6-hourly after {s['spin_up']} spin-up years; {s['train_years']} years for training "
@@ -446,7 +456,8 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"The window model (both window rows): the same UNet on windows of k = {s['k']} states {s['lead']} h apart, "
         f"universal-amortised (masks: past 0.15, points 0.45, both 0.15, none 0.25), trained {s['window_steps']} "
         f"steps; SDA composition over the {s['window']} frames, {s['members']} members from the window prior; "
-        f"amortised: the noisy observations imposed as exact values.  "
+        f"amortised: the noisy observations imposed as exact values; amortised + noise: a second such network "
+        f"trained with observation noise (data.mask_noise = {list(MASK_NOISE)}), given σ_y.  "
         f"OI: the climatological mean and covariance of the training states averaged over the grid's 2-D shifts "
         f"(block-circulant B), {s['enkf_members']} posterior samples.  EnKF: stochastic, {s['enkf_members']} members "
         f"from climatological states, the true QG model on the coarse {s['nx']}x{s['nx']} grid between frames "
