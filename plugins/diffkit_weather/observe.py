@@ -9,6 +9,11 @@ layout's axis is periodic; longitudes are taken modulo 360).  The analysis is wr
 ``diffkit forecast`` writes a forecast from the initial time (``member``, ``init_time``,
 ``lead_time``, ``valid_time``), plus ``{var}_ensemble_mean`` / ``{var}_ensemble_spread``, so
 ``diffkit evaluate`` scores it against the truth like a forecast.
+
+With a window model trained with universal-amortised conditioning (``data.window = k``,
+``data.amortised = true``) ``--method amortised`` samples the trajectory from the state at
+``--init-time`` over the window, every state conditioned on its gridded observations
+(:func:`diffkit.window.sample_trajectory`), and writes it the same way (:func:`_run_amortised`).
 """
 from __future__ import annotations
 
@@ -159,6 +164,7 @@ class WeatherAssimilation(Assimilation):
     lead before the first observation) over the observation window, written as a forecast."""
 
     name = "weather"
+    amortised = True
 
     @classmethod
     def add_arguments(cls, group) -> None:
@@ -171,6 +177,8 @@ class WeatherAssimilation(Assimilation):
 
     @classmethod
     def run(cls, loaded, args, guide):
+        if getattr(loaded.layout, "window", None) is not None:
+            return _run_amortised(cls, loaded, args)
         from diffkit.adapters import atomic_to_netcdf
 
         from .forecast import forecast, forecast_dataset, initial_states, load_forecaster
@@ -195,18 +203,104 @@ class WeatherAssimilation(Assimilation):
                                details={f"guidance_{k}": v for k, v in guide.options.items()},
                                init={"objective": "diffusion"})
         ds = forecast_dataset(pred, layout, ist.times, attrs=attrs, options=opts)
-        label_analysis(ds, prior=args.no_guidance)
-        for v in list(ds.data_vars):
-            da = ds[v]
-            ds[f"{v}_ensemble_mean"], ds[f"{v}_ensemble_spread"] = ensemble_statistics(da, v, da.attrs,
-                                                                                       keep_attrs=False)
-            for s in ("_ensemble_mean", "_ensemble_spread"):
-                ds[v + s].encoding["_FillValue"] = da.encoding.get("_FillValue")
+        _add_statistics(ds, prior=args.no_guidance)
         out = atomic_to_netcdf(ds, args.out)
         what = "prior ensemble (no guidance)" if args.no_guidance else f"analysis ({guide.method})"
         return out, (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of {lead:g} h from {init} to "
                      f"{out}; {obs.count} observation(s) at {len(obs.steps)} step(s) ({obs.form} form, sigma_y "
                      f"{lo:g}..{hi:g}); score it with diffkit evaluate {out} --truth TRUTH.nc")
+
+
+def _add_statistics(ds, *, prior: bool) -> None:
+    """An analysis forecast's title / source and each variable's ensemble mean and spread (the variable's
+    units and ``_FillValue``)."""
+    label_analysis(ds, prior=prior)
+    for v in list(ds.data_vars):
+        da = ds[v]
+        ds[f"{v}_ensemble_mean"], ds[f"{v}_ensemble_spread"] = ensemble_statistics(da, v, da.attrs, keep_attrs=False)
+        for s in ("_ensemble_mean", "_ensemble_spread"):
+            ds[v + s].encoding["_FillValue"] = da.encoding.get("_FillValue")
+
+
+def _run_amortised(cls, loaded, args):
+    """``--method amortised`` with a window model of ``k`` states trained with universal-amortised
+    conditioning: the trajectory from the state at ``--init-time`` (fully observed, state 0) over the
+    window, every state conditioned on its gridded observations (:func:`diffkit.window.sample_trajectory`:
+    SDA composition for ``L <= k`` states, autoregressive windows beyond), written as the guided forecast
+    is.  Amortised conditioning treats observations as exact: sigma_y is read and recorded, not used."""
+    import torch
+
+    from diffkit.adapters import atomic_to_netcdf
+    from diffkit.assimilate import check_amortised
+    from diffkit.window import sample_trajectory, state_layout
+
+    from .forecast import forcing_scalars, forecast_dataset, initial_states
+
+    layout = loaded.layout
+    k = layout.window.length
+    if args.method != "amortised":
+        raise ObservationError(f"this checkpoint is a window model (data.window = {k}); it assimilates with "
+                               f"--method amortised, not {args.method}")
+    check_amortised(layout)
+    ar = state_layout(layout)
+    grid = cls.grid(ar)
+    keys = cls.read_times(args.obs, grid)
+    lead = float(ar.autoregressive.step)
+    init = args.init_time or _fmt_key(float(keys[0]) - lead)
+    opts = dict(loaded.config.data.options)
+    ist = initial_states(args.init, ar, init, options=opts)
+    if len(ist.times) != 1:
+        raise ObservationError(f"--init-time {init} selects {len(ist.times)} initial states of {args.init}; "
+                               f"give one time (and one member, --obs-member's of the truth)")
+    x0 = ist.history[0, -1]
+    if not bool(torch.isfinite(x0).all()):
+        raise ObservationError(f"the state at {init} in {args.init} holds {int((~torch.isfinite(x0)).sum())} NaN "
+                               f"value(s); a window model starts from a complete state: choose another --init-time")
+    t0 = float(time_keys(ist.times)[0])
+    steps = args.steps if args.steps is not None else max(1, int(math.ceil((keys[-1] - t0) / lead - 1e-6)))
+    window = t0 + lead * np.arange(1, steps + 1)
+    obs = cls.read(args.obs, grid.with_window(window, 1e-3))
+    if obs.form != "grid":
+        raise ObservationError(f"{args.obs}: amortised conditioning takes gridded observations (values and a mask on "
+                               f"the model's grid); give the gridded form (diffkit data weather qg ... --observe-from "
+                               f"TRUTH --obs-form grid), or use --method mmps / reconstruction / dps with a surrogate")
+    L = max(1 + steps, k)            # a window shorter than the model's is sampled whole, its first states kept
+    method = "autoregressive" if L > k else "sda"
+    scal = None
+    if ar.scalars:
+        if L > k:
+            raise ObservationError(f"this window model is conditioned on the forcings {', '.join(ar.scalars)} of its "
+                                   f"window's time, which a trajectory of {L} > {k} states would hold fixed: give "
+                                   f"--steps {k - 1} or less, or train it without forcings (data.options.forcings = [])")
+        # the adapter's forcings of a window are those of its latest history state, state k - 2
+        scal = forcing_scalars(ist.times, ar, (k - 2) * lead)
+    fields = ist.static[None] if ar.attrs.get("static_channels") else None
+    C, S = len(ar.channels), tuple(ar.shape)
+    values = torch.full((1, L, C, *S), float("nan"), dtype=torch.float64)
+    mask = torch.zeros((1, L, C, *S), dtype=torch.bool)
+    values[0, 0], mask[0, 0] = x0.to(torch.float64), True
+    if not args.no_guidance:
+        for j, st in obs.steps.items():
+            values[0, 1 + j][st.mask] = st.y.to(torch.float64)
+            mask[0, 1 + j] = st.mask
+    sc = loaded.config.sample
+    g = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(args.seed)
+    pred = sample_trajectory(loaded.model, values, mask, args.members, length=L, method=method,
+                             sampler=args.sampler or sc.sampler, nfe=args.nfe or sc.nfe, generator=g, fields=fields,
+                             scalars=scal, progress=not args.no_progress)[:, :, 1:1 + steps].to("cpu", torch.float32)
+    lo, hi = obs.sigma_range()
+    attrs = analysis_attrs(args, obs, sc, "amortised",
+                           details={"amortised_note": "amortised conditioning takes the observations as exact: "
+                                                      "sigma_y is not used", "composition": method,
+                                    "window_states": k},
+                           init={"objective": "diffusion"})
+    ds = forecast_dataset(pred, ar, ist.times, attrs=attrs, options=opts)
+    _add_statistics(ds, prior=args.no_guidance)
+    out = atomic_to_netcdf(ds, args.out)
+    what = "prior ensemble (no observations)" if args.no_guidance else "analysis (amortised)"
+    return out, (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of {lead:g} h from {init} to {out}; "
+                 f"{obs.count} observation(s) at {len(obs.steps)} step(s) taken as exact (amortised conditioning; "
+                 f"sigma_y {lo:g}..{hi:g} not used); score it with diffkit evaluate {out} --truth TRUTH.nc")
 
 
 def add_observe_arguments(parser) -> None:
