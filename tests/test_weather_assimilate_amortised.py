@@ -138,6 +138,21 @@ def test_the_analysis_beats_the_prior_ensemble(qg):
     np.testing.assert_allclose(np.sqrt(a[seen].mean()), np.sqrt(o[seen].mean()), rtol=1e-5)
     assert np.sqrt(o[seen].mean()) < 0.2 * np.sqrt(p[seen].mean())
     assert np.sqrt(a.mean()) < 0.95 * np.sqrt(p.mean()), (np.sqrt(a.mean()), np.sqrt(p.mean()))
+    print(f"RMSE all / observed / unobserved: analysis {np.sqrt(a.mean()):.1f} / {np.sqrt(a[seen].mean()):.1f} / "
+          f"{np.sqrt(a[~seen].mean()):.1f}, prior {np.sqrt(p.mean()):.1f} / {np.sqrt(p[seen].mean()):.1f} / "
+          f"{np.sqrt(p[~seen].mean()):.1f}")
+
+
+def test_diffkit_evaluate_scores_the_analysis(qg, capsys):
+    """The analysis reads as a forecast: diffkit evaluate scores it, its RMSE below the prior's."""
+    root, rmse = qg["root"], {}
+    for name in ("a", "p"):
+        assert main(["evaluate", str(root / f"{name}.nc"), "--truth", str(qg["data"]), "--out",
+                     str(root / f"ev_{name}"), "--no-plots"]) == 0
+        with xr.open_dataset(root / f"ev_{name}" / "scores.nc") as sc:
+            rmse[name] = float(sc["rmse"].mean())
+    assert "4 member(s), 1 init time(s), 5 lead time(s)" in capsys.readouterr().out
+    assert rmse["a"] < rmse["p"], rmse
 
 
 def _error(qg, capsys, *extra, obs=None):
