@@ -250,8 +250,8 @@ def _run_amortised(cls, loaded, args):
     opts = dict(loaded.config.data.options)
     ist = initial_states(args.init, ar, init, options=opts)
     if len(ist.times) != 1:
-        raise ObservationError(f"--init-time {init} selects {len(ist.times)} initial states of {args.init}; "
-                               f"give one time (and one member, --obs-member's of the truth)")
+        raise ObservationError(f"--init-time {init} selects {len(ist.times)} initial states of {args.init}; a window "
+                               f"model's trajectory starts from one: give one ISO time")
     x0 = ist.history[0, -1]
     if not bool(torch.isfinite(x0).all()):
         raise ObservationError(f"the state at {init} in {args.init} holds {int((~torch.isfinite(x0)).sum())} NaN "
