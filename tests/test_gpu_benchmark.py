@@ -79,11 +79,15 @@ def test_targets_pass_and_fail_at_the_thresholds(gpu):
 @pytest.mark.slow
 def test_smoke_run_writes_complete_json_and_markdown(tmp_path):
     md, js = tmp_path / "gpu.md", tmp_path / "gpu.json"
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # one thread, as conftest.py sets for the tests themselves: the tensors are tiny, and on a busy 2-core
+    # box torch's two OpenMP threads wait on each other (a 4x15x8x8 conv forward + backward took 5-130 ms
+    # instead of ~0.5 ms; smoke runs of 50-535 s instead of ~15)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS=os.environ.get("DIFFKIT_TEST_THREADS", "1"))
     proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--device", "cpu", "--peak-tflops", "1",
                            "--markdown", str(md), "--json", str(js)],
                           capture_output=True, text=True, timeout=1500, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"threads {env['OMP_NUM_THREADS']}, SMOKE" in proc.stdout  # (the header line)
     res = json.loads(js.read_text())
     assert res["smoke"] is True and res["peak_tflops"] == 1.0
     assert set(res["params"]) == {"unet", "dit"}
