@@ -2,18 +2,23 @@
 state and the EMA weights are sharded (FSDP2, ``fully_shard``; gloo on CPU), and two processes train
 the same model as DDP does, with checkpoints in the same format (the full weights, gathered).
 
-The runs (a module-scoped fixture, through the real command line, as in test_distributed.py):
+The runs (a module-scoped fixture, through the real command line, as in test_distributed.py), all
+in one ``torchrun --nproc_per_node=2`` launch: a probe calls ``diffkit.cli.main`` once per run in
+each worker (starting the launcher and importing torch twice per run cost most of the time, and
+three launches took 3x that), keeps the process group between runs and leaves it after the last:
 
-- ``ddp``: ``torchrun --nproc_per_node=2 -m diffkit train``, 12 steps, checkpoints every 6;
-- ``fsdp``: the same with ``trainer.strategy=fsdp``, through a probe that records, after ``fit()``,
-  whether each rank's parameters and EMA weights are shards;
-- ``resumed``: ``fsdp``'s run directory cut back to its step-6 checkpoint, resumed with FSDP.
+- ``ddp``: ``diffkit train``, 12 steps, checkpoints every 6;
+- ``fsdp``: the same with ``trainer.strategy=fsdp``;
+- ``resumed``: ``fsdp``'s run directory cut back to its step-6 checkpoint (as if killed between steps
+  6 and 12), resumed with FSDP by a new ``Trainer`` that has only those files.
+
+After each ``fit()`` the probe records whether each rank's parameters and EMA weights are shards;
+rank 0 prints a marker line before each run so that each run's output can be told apart.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -56,32 +61,49 @@ SETS = ["model.options={hidden=32,depth=2}", "data.options={n=1000}", "data.batc
 RTOL, ATOL = 1e-5, 1e-6
 
 PROBE = '''
-import json, os, sys
+import json, os, shutil, sys
 
-from diffkit import train
-from diffkit.cli import main
+import torch.distributed as td
 
-_fit = train.Trainer.fit
+from diffkit import cli, train
+
+plan = json.loads(open(sys.argv[1]).read())
+rank = int(os.environ["RANK"])
+_fit, _leave, current = train.Trainer.fit, cli._leave_process_group, None
 
 
 def fit(self):
     out = _fit(self)
     from torch.distributed.tensor import DTensor
 
-    res = {"rank": self.dist.rank, "fsdp": self.fsdp}
+    res = {"run": current, "rank": self.dist.rank, "fsdp": self.fsdp}
     for name, net in (("model", self.net), ("ema", self.ema.net)):
         ps = list(net.parameters())
         res[name] = {"dtensor": all(isinstance(p, DTensor) for p in ps),
                      "local": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in ps),
                      "full": sum(p.numel() for p in ps)}
-    with open(os.path.join(os.environ["PROBE_OUT"], f"rank{self.dist.rank}.json"), "w") as f:
+    with open(os.path.join(plan["probe_out"], f"{current}-rank{self.dist.rank}.json"), "w") as f:
         json.dump(res, f)
     return out
 
 
 train.Trainer.fit = fit
-raise SystemExit(main(sys.argv[1:]))
+cli._leave_process_group = td.barrier  # every rank done with the run; the group stays for the next
+for run in plan["runs"]:
+    current = run["name"]
+    if run["copy"] and rank == 0:
+        for src, dst in run["copy"]:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copy(src, dst)
+    if run["copy"]:
+        td.barrier()
+    if rank == 0:
+        print(plan["mark"] + current, flush=True)
+    if cli.main(run["argv"]) != 0:
+        raise SystemExit(f"{current}: diffkit train failed")
+_leave()
 '''
+MARK = "=== probe run: "
 
 
 def args(run_dir: str, *extra: str) -> list[str]:
@@ -93,20 +115,29 @@ def args(run_dir: str, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
+    """The three runs in one launch; ``out["stdout"][name]``: what that run printed (both ranks)."""
     root = tmp_path_factory.mktemp("fsdp")
     (root / "probe.py").write_text(textwrap.dedent(PROBE))
     (root / "probe").mkdir()
-    out = {"root": root}
-    out["ddp"] = torchrun(["-m", "diffkit"], args("ddp"), root)
-    out["fsdp"] = torchrun(["probe.py"], args("fsdp", "--set", "trainer.strategy=fsdp"), root,
-                           PROBE_OUT=str(root / "probe"))
-    src, dst = root / "fsdp", root / "resumed"  # killed between steps 6 and 12
-    (dst / "checkpoints").mkdir(parents=True)
-    shutil.copy(src / "config.toml", dst / "config.toml")
-    name = f"ckpt-{EVERY:09d}.pt"
-    shutil.copy(src / "checkpoints" / name, dst / "checkpoints" / name)
-    out["resumed"] = torchrun(["-m", "diffkit"], args("resumed", "--set", "trainer.strategy=fsdp", "--resume"), root)
-    return out
+    fsdp = ("--set", "trainer.strategy=fsdp")
+    name = f"ckpt-{EVERY:09d}.pt"  # "resumed": fsdp's run directory as a kill between steps 6 and 12 leaves it
+    cut = [(root / "fsdp" / "config.toml", root / "resumed" / "config.toml"),
+           (root / "fsdp" / "checkpoints" / name, root / "resumed" / "checkpoints" / name)]
+    plan = {"probe_out": str(root / "probe"), "mark": MARK,
+            "runs": [{"name": "ddp", "argv": args("ddp"), "copy": []},
+                     {"name": "fsdp", "argv": args("fsdp", *fsdp), "copy": []},
+                     {"name": "resumed", "argv": args("resumed", *fsdp, "--resume"),
+                      "copy": [[str(a), str(b)] for a, b in cut]}]}
+    (root / "plan.json").write_text(json.dumps(plan))
+    p = torchrun(["probe.py"], ["plan.json"], root, timeout=600)
+    head, *parts = p.stdout.split(MARK)
+    stdout = dict(part.split("\n", 1) for part in parts)
+    assert list(stdout) == ["ddp", "fsdp", "resumed"], p.stdout
+    return {"root": root, "stdout": stdout, "launch": p}
+
+
+def probe(root: Path, run: str) -> list[dict]:
+    return [json.loads((root / "probe" / f"{run}-rank{r}.json").read_text()) for r in range(2)]
 
 
 def same(a: dict, b: dict, what: str) -> None:
@@ -130,13 +161,16 @@ def structure(v):
 
 @pytest.mark.slow
 def test_fsdp_shards_the_model_and_the_ema_on_every_rank(runs):
-    res = [json.loads((runs["root"] / "probe" / f"rank{r}.json").read_text()) for r in range(2)]
-    for r in res:
-        assert r["fsdp"]
-        for name in ("model", "ema"):
-            assert r[name]["dtensor"], (r["rank"], name)
-            assert r[name]["local"] < r[name]["full"], (r["rank"], name)  # a shard, not a replica
-    assert sum(r["model"]["local"] for r in res) == res[0]["model"]["full"]
+    for run in ("fsdp", "resumed"):
+        res = probe(runs["root"], run)
+        for r in res:
+            assert r["fsdp"]
+            for name in ("model", "ema"):
+                assert r[name]["dtensor"], (run, r["rank"], name)
+                assert r[name]["local"] < r[name]["full"], (run, r["rank"], name)  # a shard, not a replica
+        assert sum(r["model"]["local"] for r in res) == res[0]["model"]["full"]
+    for r in probe(runs["root"], "ddp"):  # what the probe sees without FSDP: full replicas
+        assert not r["fsdp"] and not r["model"]["dtensor"] and r["model"]["local"] == r["model"]["full"]
 
 
 @pytest.mark.slow
@@ -171,7 +205,9 @@ def test_fsdp_checkpoints_have_the_format_of_unsharded_ones(runs):
 @pytest.mark.slow
 def test_an_fsdp_run_resumes_from_its_checkpoint(runs):
     root = runs["root"]
-    assert runs["resumed"].stdout.count("resumed from") == 1, runs["resumed"].stdout
+    out = runs["stdout"]
+    assert out["resumed"].count("resumed from") == 1, out["resumed"]
+    assert "resumed from" not in out["ddp"] + out["fsdp"]
     same(ckpt(root / "fsdp", STEPS), ckpt(root / "resumed", STEPS), "resumed at 6 vs uninterrupted")
 
 
