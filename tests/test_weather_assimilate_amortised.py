@@ -52,7 +52,7 @@ WINDOW = "2000-01-05T00:00,2000-01-06T00:00"
 INIT = "2000-01-04T18:00"
 SHORT = "2000-01-05T00:00,2000-01-05T06:00"
 VAR = "streamfunction"
-STEPS = 250
+STEPS = 150
 
 #: the module's fixture trains a window model through the CLI
 pytestmark = pytest.mark.slow
@@ -131,8 +131,8 @@ def _errors(path, data, obs):
 def test_the_analysis_beats_the_prior_ensemble(qg):
     """Ensemble-mean RMSE vs the truth over the window: the analysis's below the same-seed prior's (the window
     model from the same initial state, no observations).  At the observed points the analysis is the
-    observations (their error exactly); this few-second model does not yet improve the unobserved points
-    (measured 153.4 vs the prior's 152.8; not asserted)."""
+    observations (their error exactly); this few-second model does not improve the unobserved points
+    (measured 174.9 for both; not asserted)."""
     a, o, seen = _errors(qg["root"] / "a.nc", qg["data"], qg["grid"])
     p, _, _ = _errors(qg["root"] / "p.nc", qg["data"], qg["grid"])
     np.testing.assert_allclose(np.sqrt(a[seen].mean()), np.sqrt(o[seen].mean()), rtol=1e-5)
