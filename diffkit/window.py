@@ -453,7 +453,15 @@ class ComposedDenoiser:
             fields += [self._windows(v) for v in (self.values, self.mask, *self.noise)]
         if ex.fields is not None:
             fields.append(rep(ex.fields))
-        cond = Cond(torch.cat(fields, 1) if fields else None, rep(ex.scalars), rep(ex.labels))
+        sc = ex.scalars
+        if sc is not None and sc.ndim == 3:  # each window's own scalars (B, n_win, S), windows of a row consecutive
+            if sc.shape[1] != self.n_win:
+                raise ShapeError(f"per-window scalars have {sc.shape[1]} windows, the trajectory of {self.L} states "
+                                 f"has {self.n_win} (one per start state 0..{self.n_win - 1})")
+            sc = sc.reshape(-1, sc.shape[-1])
+        else:
+            sc = rep(sc)
+        cond = Cond(torch.cat(fields, 1) if fields else None, sc, rep(ex.labels))
         return cond if cond.given else None
 
     def __call__(self, x, t):
@@ -666,7 +674,10 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
     (:class:`ComposedDenoiser`: every state's estimate from the window it is most central in, all
     observations informing all states) or ``"autoregressive"`` (amortised models: windows in
     sequence, each conditioned on the last ``overlap`` states drawn, default ``k // 2``, and on its
-    own observations).  ``noise`` (``"sda"`` only): the initial state, ``(N, members, L, C, *S)``
+    own observations).  ``scalars`` are ``(N, n_scalars)``, the same for every window, or
+    ``(N, L - k + 1, n_scalars)``: the scalars of the window starting at each state (time-dependent
+    forcings; both methods start windows only at states ``0 .. L - k``).
+    ``noise`` (``"sda"`` only): the initial state, ``(N, members, L, C, *S)``
     standard normal.  ``sigma``: the observations' noise std, as in :func:`sample_amortised` (states
     already drawn enter the next window as exact).  Returns ``(N, members, L, C, *S)``.
     """
@@ -698,6 +709,11 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
     if L < k:
         raise WindowError(f"a trajectory of {L} states is shorter than the model's window of {k} states")
     device = _model_device(model)
+    if scalars is not None and torch.as_tensor(scalars).ndim == 3:
+        sh = tuple(torch.as_tensor(scalars).shape)
+        if sh != (N, L - k + 1, len(layout.scalars)):
+            raise ShapeError(f"per-window scalars have shape {sh}, expected ({N}, {L - k + 1}, {len(layout.scalars)}) "
+                             f"= (conditions, windows starting at states 0..{L - k}, scalars {list(layout.scalars)})")
     extra = _extra_cond(layout, spec, N, fields, scalars, labels, device).repeat_interleave(members)
     v, m = v.repeat_interleave(members, 0).to(device, dtype), m.repeat_interleave(members, 0).to(device, dtype)
     sig = sig if sig is None else sig.repeat_interleave(members, 0).to(device, dtype)
@@ -731,7 +747,10 @@ def sample_trajectory(model, values=None, mask=None, members: int = 1, *, length
             ws = ss[:, s:s + k].clone()
             ws[:, :done - s] = 0
             ws = ws.reshape(B, k * C, *S)
-        x = _sample_windows(model, wv.reshape(B, k * C, *S), wm.reshape(B, k * C, *S), extra, sigma=ws, **kw)
+        ex = extra
+        if ex.scalars is not None and ex.scalars.ndim == 3:  # the window starting at state s: its own scalars
+            ex = Cond(ex.fields, ex.scalars[:, s], ex.labels)
+        x = _sample_windows(model, wv.reshape(B, k * C, *S), wm.reshape(B, k * C, *S), ex, sigma=ws, **kw)
         traj[:, done:s + k] = x.reshape(B, k, C, *S)[:, done - s:]
         done, s = s + k, s + k - o
     return _physical(layout, traj.reshape(N, members, L, C, *S), standardized)

@@ -25,6 +25,7 @@ mask_past = 0.3
 mask_points = 0.3
 mask_both = 0.3
 mask_fraction = [0.02, 0.5]
+mask_noise = {mask_noise}
 [data.options]
 path = ["{data}"]
 {forcings}[model]
@@ -65,9 +66,11 @@ def qg(tmp_path_factory):
     assert main(["data", "weather", "qg", "--years", "0.03", "--spin-up-years", "0.01", "--nx", "16", "--fields",
                  "psi", "--out", str(data), *RUN]) == 0
     # the window model (no forcings), and one trained for 2 steps with the default forcings (time of day / year)
-    for run, steps, forcings in (("run", STEPS, "forcings = []\n"), ("run_forced", 2, "")):
+    # and noisy observations (data.mask_noise)
+    for run, steps, forcings, noise in (("run", STEPS, "forcings = []\n", "[0, 0]"),
+                                        ("run_forced", 2, "", "[0.01, 0.2]")):
         (root / f"{run}.toml").write_text(WINDOW_TOML.format(run=(root / run).as_posix(), data=data.as_posix(),
-                                                             steps=steps, forcings=forcings))
+                                                             steps=steps, forcings=forcings, mask_noise=noise))
         state = capture_rng_state(cuda=False)
         try:
             assert main(["train", str(root / f"{run}.toml"), *RUN]) == 0
@@ -198,17 +201,22 @@ def test_a_window_shorter_than_the_models_is_one_sda_window(qg, capsys):
     assert _reproduces(out, qg["short"], 2)["composition"] == "sda"
 
 
-def test_a_model_with_forcings_takes_one_window_and_refuses_longer_ones(qg, capsys):
+def test_a_noise_aware_model_with_forcings_gives_each_window_its_own(qg, capsys):
     """The forcings (sin/cos of the time of day and of the year) of a window are those of its state k - 2, as the
-    adapter serves them; a longer trajectory would hold them fixed over several windows: a one-line error."""
+    adapter serves them: one window, and a longer trajectory of autoregressive windows, each with its own time's
+    forcings (diffkit.window's per-window scalars; the mechanism is tested exactly in tests/test_window.py).
+    This model was trained with data.mask_noise: it gets the file's sigma_y and does not copy the observations."""
     run = str(qg["root"] / "run_forced")
-    out = qg["root"] / "forced.nc"
-    assert main(["assimilate", run, "--obs", str(qg["short"]), "--init", str(qg["data"]), "--members", "2",
-                 "--method", "amortised", "--out", str(out), *RUN]) == 0
-    _reproduces(out, qg["short"], 2)
-    capsys.readouterr()
-    assert main(["assimilate", run, "--obs", str(qg["grid"]), "--init", str(qg["data"]), "--members", "2",
-                 "--method", "amortised", "--out", str(qg["root"] / "never.nc"), *RUN]) == 1
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "conditioned on the forcings sin_time_of_day" in err, err
-    assert "--steps 3 or less" in err and "data.options.forcings = []" in err
+    for obs, steps, how in ((qg["short"], 2, "sda"), (qg["grid"], 5, "autoregressive")):
+        out = qg["root"] / f"forced_{how}.nc"
+        capsys.readouterr()
+        assert main(["assimilate", run, "--obs", str(obs), "--init", str(qg["data"]), "--init-time", INIT,
+                     "--members", "2", "--method", "amortised", "--out", str(out), *RUN]) == 0
+        assert "with their sigma_y" in capsys.readouterr().out
+        with xr.open_dataset(out) as a, xr.open_dataset(obs) as o:
+            assert a.sizes["lead_time"] == steps and a.attrs["composition"] == how
+            assert "data.mask_noise" in a.attrs["amortised_note"]
+            y = o[VAR].transpose("time", "level", "latitude", "longitude").values
+            x = a[VAR].values[:, 0]
+            seen = np.isfinite(y)
+            assert np.isfinite(x).all() and not np.any(x[:, seen] == y[seen])   # estimated, not imposed

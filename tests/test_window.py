@@ -548,6 +548,46 @@ def test_sda_composed_window_prior_with_mmps_guidance_matches_posterior():
     assert float((mean - mean_ref).abs().max()) < 0.04 and float((cov - cov_ref).abs().max()) < 0.025
 
 
+class ScalarEcho:
+    """A window 'model' whose clean estimate is its scalar condition everywhere: shows which window's
+    scalars each state of a composed trajectory got."""
+
+    def __init__(self, k: int):
+        spec = WindowSpec(("u",), k, conditioning="amortised")
+        self.layout = Layout(channels=spec.channels, spatial=("x",), shape=(2,), window=spec,
+                             cond_channels=spec.observation_channels, scalars=("f",))
+        self.schedule = SCHED
+
+    def parameters(self):
+        return iter(())
+
+    def __call__(self, x, t, cond=None):
+        return cond.scalars[:, :1, None].to(x.dtype).expand_as(x).clone()
+
+
+def test_trajectory_windows_take_their_own_scalars():
+    """sample_trajectory's per-window scalars (N, L - k + 1, S), e.g. the forcings of each window's time:
+    SDA gives each state the scalars of the window it is most central in, the autoregressive method
+    those of the window that drew it; a (N, S) tensor is every window's; a wrong shape is a one-line error."""
+    k, L = 3, 7
+    model = ScalarEcho(k)
+    per = torch.arange(L - k + 1, dtype=torch.float64).reshape(1, L - k + 1, 1) * 10   # window s -> 10 s
+    x = sample_trajectory(model, length=L, members=2, scalars=per, sampler="ddim", nfe=3,
+                          generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    want = (10 * composition_starts(L, k)).to(torch.float64)
+    assert torch.equal(x[0, :, :, 0, 0], want.expand(2, L)) and torch.equal(x[..., 0], x[..., 1])
+    x = sample_trajectory(model, length=L, members=2, method="autoregressive", overlap=1, scalars=per, nfe=3,
+                          generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    # windows start at 0, 2, 4 (k - overlap = 2 apart): states 0-2 from window 0, 3-4 from 2, 5-6 from 4
+    assert x[0, 0, :, 0, 0].tolist() == [0.0, 0.0, 0.0, 20.0, 20.0, 40.0, 40.0]
+    same = sample_trajectory(model, length=L, scalars=torch.full((1, 1), 5.0), nfe=3, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(0))
+    assert bool((same == 5).all())
+    with pytest.raises(ShapeError, match=r"per-window scalars have shape \(1, 4, 1\), expected \(1, 5, 1\)") as ei:
+        sample_trajectory(model, length=L, scalars=per[:, :4], nfe=3)
+    assert "\n" not in str(ei.value)
+
+
 def test_composition_takes_each_state_from_its_most_central_window():
     assert composition_starts(8, 3).tolist() == [0, 0, 1, 2, 3, 4, 5, 5]
     assert composition_starts(6, 4).tolist() == [0, 0, 1, 2, 2, 2]

@@ -226,8 +226,10 @@ def _run_amortised(cls, loaded, args):
     """``--method amortised`` with a window model of ``k`` states trained with universal-amortised
     conditioning: the trajectory from the state at ``--init-time`` (fully observed, state 0) over the
     window, every state conditioned on its gridded observations (:func:`diffkit.window.sample_trajectory`:
-    SDA composition for ``L <= k`` states, autoregressive windows beyond), written as the guided forecast
-    is.  Amortised conditioning treats observations as exact: sigma_y is read and recorded, not used."""
+    SDA composition for ``L <= k`` states, autoregressive windows beyond, each window with the forcings of
+    its own time), written as the guided forecast is.  A model trained with ``data.mask_noise`` gets each
+    observation's sigma_y; one trained on exact observations takes them as exact (sigma_y is read and
+    recorded, not used)."""
     import torch
 
     from diffkit.adapters import atomic_to_netcdf
@@ -267,40 +269,42 @@ def _run_amortised(cls, loaded, args):
     L = max(1 + steps, k)            # a window shorter than the model's is sampled whole, its first states kept
     method = "autoregressive" if L > k else "sda"
     scal = None
-    if ar.scalars:
-        if L > k:
-            raise ObservationError(f"this window model is conditioned on the forcings {', '.join(ar.scalars)} of its "
-                                   f"window's time, which a trajectory of {L} > {k} states would hold fixed: give "
-                                   f"--steps {k - 1} or less, or train it without forcings (data.options.forcings = [])")
-        # the adapter's forcings of a window are those of its latest history state, state k - 2
-        scal = forcing_scalars(ist.times, ar, (k - 2) * lead)
+    if ar.scalars:  # the adapter's forcings of a window are those of its latest history state, state k - 2
+        scal = torch.stack([forcing_scalars(ist.times, ar, (s + k - 2) * lead) for s in range(L - k + 1)], 1)
     fields = ist.static[None] if ar.attrs.get("static_channels") else None
     C, S = len(ar.channels), tuple(ar.shape)
     values = torch.full((1, L, C, *S), float("nan"), dtype=torch.float64)
     mask = torch.zeros((1, L, C, *S), dtype=torch.bool)
     values[0, 0], mask[0, 0] = x0.to(torch.float64), True
+    noisy = bool(layout.window.noise)
+    sigma = torch.zeros((1, L, C, *S), dtype=torch.float64) if noisy else None
     if not args.no_guidance:
         for j, st in obs.steps.items():
             values[0, 1 + j][st.mask] = st.y.to(torch.float64)
             mask[0, 1 + j] = st.mask
+            if noisy:
+                sigma[0, 1 + j][st.mask] = st.sigma.to(torch.float64)
     sc = loaded.config.sample
     g = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(args.seed)
     pred = sample_trajectory(loaded.model, values, mask, args.members, length=L, method=method,
                              sampler=args.sampler or sc.sampler, nfe=args.nfe or sc.nfe, generator=g, fields=fields,
-                             scalars=scal, progress=not args.no_progress)[:, :, 1:1 + steps].to("cpu", torch.float32)
+                             scalars=scal, progress=not args.no_progress,
+                             sigma=sigma)[:, :, 1:1 + steps].to("cpu", torch.float32)
     lo, hi = obs.sigma_range()
+    note = ("a model trained on noisy observations (data.mask_noise): each observation's sigma_y is an input"
+            if noisy else "amortised conditioning takes the observations as exact: sigma_y is not used")
     attrs = analysis_attrs(args, obs, sc, "amortised",
-                           details={"amortised_note": "amortised conditioning takes the observations as exact: "
-                                                      "sigma_y is not used", "composition": method,
-                                    "window_states": k},
+                           details={"amortised_note": note, "composition": method, "window_states": k},
                            init={"objective": "diffusion"})
     ds = forecast_dataset(pred, ar, ist.times, attrs=attrs, options=opts)
     _add_statistics(ds, prior=args.no_guidance)
     out = atomic_to_netcdf(ds, args.out)
     what = "prior ensemble (no observations)" if args.no_guidance else "analysis (amortised)"
+    how = (f"with their sigma_y {lo:g}..{hi:g} (a noise-aware amortised model)" if noisy else
+           f"taken as exact (amortised conditioning; sigma_y {lo:g}..{hi:g} not used)")
     return out, (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of {lead:g} h from {init} to {out}; "
-                 f"{obs.count} observation(s) at {len(obs.steps)} step(s) taken as exact (amortised conditioning; "
-                 f"sigma_y {lo:g}..{hi:g} not used); score it with diffkit evaluate {out} --truth TRUTH.nc")
+                 f"{obs.count} observation(s) at {len(obs.steps)} step(s) {how}; score it with diffkit evaluate {out} "
+                 f"--truth TRUTH.nc")
 
 
 def add_observe_arguments(parser) -> None:
