@@ -88,11 +88,13 @@ def window_guided(model, cfg, y, sigma, mask, gamma: float, members: int, seed: 
     return x.double().cpu().reshape(members, K, C, *S) * sd + m
 
 
-def amortised(model, cfg, y, mask, members: int, seed: int, sigma=None) -> torch.Tensor:
+def amortised(model, cfg, y, mask, members: int, seed: int, sigma=None, sampler: str | None = None,
+              nfe: int | None = None) -> torch.Tensor:
     """``(M, K, C, *S)``: the amortised window model conditioned on the observations ``y`` ``(K, p)`` at
     ``mask`` ``(C, *S)`` (:func:`diffkit.window.sample_trajectory`, SDA composition).  A model trained
     with ``data.mask_noise`` gets their noise std ``sigma`` (a number, or ``(p,)`` per observation);
-    one trained on exact observations imposes them as exact (``sigma`` is not given to it)."""
+    one trained on exact observations imposes them as exact (``sigma`` is not given to it).  ``sampler`` /
+    ``nfe`` override the run's ``[sample]`` section."""
     from diffkit.window import sample_trajectory
 
     K = y.shape[0]
@@ -107,8 +109,8 @@ def amortised(model, cfg, y, mask, members: int, seed: int, sigma=None) -> torch
             sigma).ndim else float(sigma)
     noise = torch.randn((1, members, K, *mask.shape), generator=torch.Generator().manual_seed(seed))
     dev = next(model.parameters()).device
-    x = sample_trajectory(model, values, obs_mask, members, method="sda", sampler=cfg.sample.sampler,
-                          nfe=cfg.sample.nfe, noise=noise, generator=torch.Generator(device=dev).manual_seed(seed),
+    x = sample_trajectory(model, values, obs_mask, members, method="sda", sampler=sampler or cfg.sample.sampler,
+                          nfe=nfe or cfg.sample.nfe, noise=noise, generator=torch.Generator(device=dev).manual_seed(seed),
                           sigma=sig)
     return x[0].double().cpu()
 

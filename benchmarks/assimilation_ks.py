@@ -20,6 +20,10 @@ ensemble starts from the climatology (or, for the window models, from the window
    ``amortised + noise``: the same training with ``data.mask_noise = [0.01, 0.2]`` (noisy sparse
    points, their std as input; a second network), given the observations with their sigma_y --
    row 3 side by side shows what modelling the noise changes;
+   ``amortised, ddpm`` / ``amortised + noise, ddpm``: the same two networks sampled with the
+   stochastic DDPM (ancestral) sampler at the setting's ``stochastic_nfe`` instead of the
+   deterministic dpmpp_2m at ``nfe`` (noise injected at every step corrects the SDA composition's
+   inconsistencies between windows, as SDA's Langevin corrector does);
 4. ``OI``: optimal interpolation per frame (:func:`diffkit.da_baselines.optimal_interpolation`) with
    the climatological mean and covariance of the training frames, made homogeneous (averaged over the
    periodic grid's shifts: a circulant ``B``), its ensemble drawn from ``N(x_a, B - K H B)``;
@@ -65,17 +69,20 @@ SETTINGS = {
     # cycle; window: K frames assimilated; k: states per window of the window model
     "quick": dict(nx=32, L=22.0, burn_in=50.0, train_traj=8, train_frames=60, test_traj=2, frame_step=2, window=8,
                   k=4, channels=8, mult=(1, 2), res_blocks=1, steps=150, window_steps=200, batch=16, lr=2e-3,
-                  members=8, nfe=6, enkf_members=32, inflation=(1.0, 1.15, 1.3, 1.5)),
+                  members=8, nfe=6, stochastic_nfe=12, enkf_members=32, inflation=(1.0, 1.15, 1.3, 1.5)),
     "cpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=128, train_frames=200, test_traj=16, frame_step=2,
                 window=16, k=5, channels=32, mult=(1, 2, 2), res_blocks=1, steps=4000, window_steps=6000, batch=32,
-                lr=1e-3, members=16, nfe=10, enkf_members=32, inflation=(1.0, 1.02, 1.05, 1.1, 1.2, 1.4)),
+                lr=1e-3, members=16, nfe=10, stochastic_nfe=100, enkf_members=32,
+                inflation=(1.0, 1.02, 1.05, 1.1, 1.2, 1.4)),
     "gpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=1024, train_frames=200, test_traj=64, frame_step=2,
                 window=16, k=7, channels=64, mult=(1, 2, 2, 4), res_blocks=2, steps=40000, window_steps=60000,
-                batch=128, lr=3e-4, members=32, nfe=20, enkf_members=32, inflation=(1.0, 1.02, 1.05, 1.1, 1.2, 1.4)),
+                batch=128, lr=3e-4, members=32, nfe=20, stochastic_nfe=200, enkf_members=32,
+                inflation=(1.0, 1.02, 1.05, 1.1, 1.2, 1.4)),
 }
 STRIDES = (4, 8, 16, 32)
 NOISE = 0.05                      # observation noise std / climatological std
-DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise")
+DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise",
+                "amortised, ddpm", "amortised + noise, ddpm")
 #: the noise-aware amortised model's training range of observation-noise std (state-std units; sigma_y is 0.05)
 MASK_NOISE = (0.01, 0.2)
 ROWS = ("AR prior",) + DIFFKIT_ROWS + ("OI", "EnKF")
@@ -322,6 +329,10 @@ def main(argv=None) -> dict:
                                                                  sd)[:, :, 0],
                 "amortised": lambda: amortised(win, win_cfg, y, mask[None], M, sd)[:, :, 0],
                 "amortised + noise": lambda: amortised(win_n, win_n_cfg, y, mask[None], M, sd, sigma)[:, :, 0],
+                "amortised, ddpm": lambda: amortised(win, win_cfg, y, mask[None], M, sd, sampler="ddpm",
+                                                     nfe=s["stochastic_nfe"])[:, :, 0],
+                "amortised + noise, ddpm": lambda: amortised(win_n, win_n_cfg, y, mask[None], M, sd, sigma,
+                                                             sampler="ddpm", nfe=s["stochastic_nfe"])[:, :, 0],
                 "OI": lambda: oi(clim, y, sigma, mask, s["enkf_members"], sd),
                 "EnKF": lambda: enkf_run(s, clim_draw(s["enkf_members"], sd + 1), y, sigma, mask,
                                          res["inflation"][stride]["best"], sd, args.localisation),
@@ -379,7 +390,9 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"Models: UNet channels {s['channels']}, mult {list(s['mult'])}; AR surrogate (history 1, residual target) "
         f"{s['steps']} steps; amortised window model (k = {s['k']} states, masks: past 0.15, points 0.45, both 0.15, "
         f"none 0.25) {s['window_steps']} steps, used for the window + reconstruction and amortised rows; the same "
-        f"with observation noise (data.mask_noise = {list(MASK_NOISE)}) for the amortised + noise row; dpmpp_2m with {s['nfe']} NFE per sample; "
+        f"with observation noise (data.mask_noise = {list(MASK_NOISE)}) for the amortised + noise rows; the ', ddpm' "
+        f"rows sample them with the stochastic DDPM sampler at {s['stochastic_nfe']} NFE; otherwise dpmpp_2m with "
+        f"{s['nfe']} NFE per sample; "
         f"{s['members']} members; reconstruction γ = {o['gamma']:g}, DPS ζ = {o['zeta']:g}.  OI: the climatological "
         f"mean and covariance of the training frames averaged over the grid's shifts (circulant B), "
         f"{s['enkf_members']} posterior samples.  EnKF: stochastic, "

@@ -32,7 +32,8 @@ window: every ensemble starts from the climatology (the window models' from thei
    prior that row 3 guides), the same UNet size as the AR surrogate;
    ``amortised + noise``: the same training with ``data.mask_noise = [0.01, 0.2]`` (noisy sparse
    points, their std as input; a second network) given the observations with their sigma_y, side by
-   side with row 4;
+   side with row 4; ``amortised, ddpm`` / ``amortised + noise, ddpm``: both sampled with the stochastic
+   DDPM sampler at ``stochastic_nfe`` (as in the KS benchmark);
 5. ``EnKF``: the stochastic EnKF (perturbed observations, 32 members, Gaspari-Cohn localisation over
    the periodic horizontal distance, the same in both layers), with the TRUE model as the forecast
    step at the observed resolution: :func:`diffkit_weather.qg.simulate_qg` on the coarse ``nx^2``
@@ -81,27 +82,28 @@ from _assim import (amortised, atomic_text, enkf_window, oi_window, scores, targ
 SETTINGS = {
     "quick": dict(nx=32, nx_sim=64, spin_nx=32, spin_up=3.0, adjust_years=0.3, pool=20, train_years=0.5,
                   val_years=0.05, test_years=0.07, lead=24, window=8, windows=2, channels=16, mult=(1, 2),
-                  steps=300, k=4, window_steps=300, batch=16, lr=1e-3, members=8, nfe=6, enkf_members=32,
-                  inflation=(1.0, 1.1), radii=(4.0, 8.0)),
+                  steps=300, k=4, window_steps=300, batch=16, lr=1e-3, members=8, nfe=6, stochastic_nfe=12,
+                  enkf_members=32, inflation=(1.0, 1.1), radii=(4.0, 8.0)),
     # the test suite's end-to-end run (tests/test_assimilation_qg_benchmark.py): quick with a shorter
     # record, half the training and one window, to keep CI's suite short; no reported number comes from it
     "ci": dict(nx=32, nx_sim=64, spin_nx=32, spin_up=3.0, adjust_years=0.3, pool=20, train_years=0.25,
                val_years=0.05, test_years=0.04, lead=24, window=8, windows=1, channels=16, mult=(1, 2),
-               steps=150, k=4, window_steps=150, batch=16, lr=1e-3, members=8, nfe=6, enkf_members=32,
-               inflation=(1.0, 1.1), radii=(4.0, 8.0)),
+               steps=150, k=4, window_steps=150, batch=16, lr=1e-3, members=8, nfe=6, stochastic_nfe=12,
+               enkf_members=32, inflation=(1.0, 1.1), radii=(4.0, 8.0)),
     "cpu": dict(nx=32, nx_sim=64, spin_nx=32, spin_up=4.0, adjust_years=0.3, pool=60, train_years=3.0,
                 val_years=0.1, test_years=0.4, lead=24, window=8, windows=16, channels=32, mult=(1, 2, 2),
-                steps=4000, k=5, window_steps=6000, batch=16, lr=1e-3, members=16, nfe=10, enkf_members=32,
-                inflation=(1.0, 1.05, 1.1, 1.2, 1.4), radii=(2.0, 4.0, 6.0, 8.0)),
+                steps=4000, k=5, window_steps=6000, batch=16, lr=1e-3, members=16, nfe=10, stochastic_nfe=100,
+                enkf_members=32, inflation=(1.0, 1.05, 1.1, 1.2, 1.4), radii=(2.0, 4.0, 6.0, 8.0)),
     "gpu": dict(nx=32, nx_sim=128, spin_nx=32, spin_up=5.0, adjust_years=0.3, pool=200, train_years=20.0,
                 val_years=0.1, test_years=1.5, lead=24, window=8, windows=64, channels=64, mult=(1, 2, 2, 2),
-                steps=40000, k=7, window_steps=60000, batch=64, lr=3e-4, members=32, nfe=20, enkf_members=32,
-                inflation=(1.0, 1.05, 1.1, 1.2, 1.4), radii=(2.0, 4.0, 6.0, 8.0)),
+                steps=40000, k=7, window_steps=60000, batch=64, lr=3e-4, members=32, nfe=20, stochastic_nfe=200,
+                enkf_members=32, inflation=(1.0, 1.05, 1.1, 1.2, 1.4), radii=(2.0, 4.0, 6.0, 8.0)),
 }
 FRACTION = 0.05                   # observed share of the grid points (both layers observed there)
 NOISE = 0.05                      # observation noise std / the layer's climatological std
 SPARSITY = f"{FRACTION * 100:g}%"  # the table's one sparsity key
-DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise")
+DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise",
+                "amortised, ddpm", "amortised + noise, ddpm")
 #: the noise-aware amortised model's training range of observation-noise std (state-std units; sigma_y is 0.05)
 MASK_NOISE = (0.01, 0.2)
 ROWS = ("AR prior",) + DIFFKIT_ROWS + ("OI", "EnKF")
@@ -395,6 +397,10 @@ def main(argv=None) -> dict:
             "window + reconstruction": lambda: window_guided(win, win_cfg, y, sigma, mask, args.gamma, M, sd),
             "amortised": lambda: amortised(win, win_cfg, y, mask, M, sd),
             "amortised + noise": lambda: amortised(win_n, win_n_cfg, y, mask, M, sd, sigma),
+            "amortised, ddpm": lambda: amortised(win, win_cfg, y, mask, M, sd, sampler="ddpm",
+                                                 nfe=s["stochastic_nfe"]),
+            "amortised + noise, ddpm": lambda: amortised(win_n, win_n_cfg, y, mask, M, sd, sigma, sampler="ddpm",
+                                                         nfe=s["stochastic_nfe"]),
             "OI": lambda: oi_window(clim, y, sigma, mask, Me, sd).reshape(Me, K, 2, nx, nx),
             "EnKF": lambda: enkf_run(clim_vectors(Me, sd + 1), y, res["inflation"], res["radius"], sd),
         }
@@ -457,7 +463,8 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"universal-amortised (masks: past 0.15, points 0.45, both 0.15, none 0.25), trained {s['window_steps']} "
         f"steps; SDA composition over the {s['window']} frames, {s['members']} members from the window prior; "
         f"amortised: the noisy observations imposed as exact values; amortised + noise: a second such network "
-        f"trained with observation noise (data.mask_noise = {list(MASK_NOISE)}), given σ_y.  "
+        f"trained with observation noise (data.mask_noise = {list(MASK_NOISE)}), given σ_y; ', ddpm': sampled with "
+        f"the stochastic DDPM sampler at {s['stochastic_nfe']} NFE.  "
         f"OI: the climatological mean and covariance of the training states averaged over the grid's 2-D shifts "
         f"(block-circulant B), {s['enkf_members']} posterior samples.  EnKF: stochastic, {s['enkf_members']} members "
         f"from climatological states, the true QG model on the coarse {s['nx']}x{s['nx']} grid between frames "
