@@ -13,8 +13,8 @@ ensemble starts from the climatology (or, for the window models, from the window
    frames (:class:`diffkit.window.ComposedDenoiser`) guided by reconstruction guidance on all
    the window's observations at once (a smoother);
 3. ``amortised``: the universal-amortised window model (:func:`diffkit.window.sample_trajectory`,
-   SDA composition), observations imposed as exact values (diffkit.window does not model their
-   noise).  Rows 2 and 3 use the same network: Shysheya et al.'s universal model, trained with
+   SDA composition), observations imposed as exact values (a model trained on exact observations).
+   Rows 2 and 3 use the same network: Shysheya et al.'s universal model, trained with
    random masks and, with probability ``1 - mask_past - mask_points - mask_both``, none -- the
    unconditional window prior that row 2 guides (an all-zero mask);
    ``amortised + noise``: the same training with ``data.mask_noise = [0.01, 0.2]`` (noisy sparse

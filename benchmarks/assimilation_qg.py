@@ -26,7 +26,7 @@ window: every ensemble starts from the climatology (the window models' from thei
    :func:`_assim.window_guided`), its members drawn from the window prior (no climatological starts);
 4. ``amortised``: the same network conditioned on the observations directly
    (:func:`diffkit.window.sample_trajectory`, :func:`_assim.amortised`; the observed points are grid
-   points, their noisy values imposed as exact: diffkit.window does not model their noise).  The
+   points, their noisy values imposed as exact: a model trained on exact observations).  The
    network is Shysheya et al.'s universal model (``data.amortised = true``: trained with random masks
    and, with probability ``1 - mask_past - mask_points - mask_both``, none -- the unconditional window
    prior that row 3 guides), the same UNet size as the AR surrogate;

@@ -32,9 +32,13 @@ first ``2 k C`` conditioning channels (``obs:...``, ``mask:...``) and is trained
 elements only (item ``weight = 1 - m``).  One model then forecasts (observe past states) and
 assimilates (observe sparse points), and at sampling time the observed elements are imposed: the
 denoiser's estimate there is the observed value (:class:`AmortisedDenoiser`), which is the exact
-conditional expectation, so the noisy state stays consistent with training.  Observations are
-treated as exact (no observation noise).  Masks are a function of ``(seed, epoch, item)``, so a
-resumed run draws the same ones.
+conditional expectation, so the noisy state stays consistent with training.  By default
+observations are treated as exact; with ``noise`` (``data.mask_noise = [low, high]``,
+:meth:`MaskDistribution.draw_noisy`) the sparse points of a training window are observed with
+Gaussian noise of one std per window, that std is a third set of conditioning channels
+(``sigma:...``), the loss covers the noisy points too, and at sampling time only exactly observed
+elements are imposed (``sigma=`` of the sampling functions).  Masks (and the noise) are a function
+of ``(seed, epoch, item)``, so a resumed run draws the same ones.
 
 **Long trajectories** of ``L > k`` states (:func:`sample_trajectory`):
 
