@@ -35,7 +35,8 @@ from .errors import DiffkitError
 from .observations import ObservationSet, StepObservations
 
 __all__ = ["METHODS", "DEFAULTS", "Assimilation", "GuidedRollout", "assimilation_for", "add_domain_arguments",
-           "check_domain_options", "guidance_options", "model_space", "check_amortised", "ensemble_statistics_attrs"]
+           "check_domain_options", "guidance_options", "model_space", "check_amortised", "ensemble_statistics_attrs",
+           "AmortisedConditions", "amortised_conditions", "check_window_method"]
 
 #: the methods of ``diffkit assimilate --method``
 METHODS = ("mmps", "reconstruction", "dps", "amortised")
@@ -344,6 +345,71 @@ def check_amortised(layout) -> None:
         spec = None
     if spec is None or getattr(spec, "conditioning", None) != "amortised":
         raise DiffkitError(f"this checkpoint was not trained with amortised conditioning: {how}")
+
+
+@dataclass
+class AmortisedConditions:
+    """The observations of a window model's trajectory of ``L`` states, as
+    :func:`diffkit.window.sample_trajectory` takes them (physical, ``(1, L, C, *S)``): state 0 the
+    initial state, fully observed and exact; state ``1 + j`` the gridded observations of window step
+    ``j``; ``sigma`` their noise std for a noise-aware model (``None`` otherwise: taken as exact)."""
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    sigma: torch.Tensor | None
+
+    @property
+    def noisy(self) -> bool:
+        return self.sigma is not None
+
+    @property
+    def note(self) -> str:
+        """The analysis file's ``amortised_note``: how the observations were used."""
+        return ("a model trained on noisy observations (data.mask_noise): each observation's sigma_y is an input"
+                if self.noisy else "amortised conditioning takes the observations as exact: sigma_y is not used")
+
+    def how(self, obs: ObservationSet) -> str:
+        """How the observations were used, for the command's one-line summary."""
+        lo, hi = obs.sigma_range()
+        return (f"with their sigma_y {lo:g}..{hi:g} (a noise-aware amortised model)" if self.noisy else
+                f"taken as exact (amortised conditioning; sigma_y {lo:g}..{hi:g} not used)")
+
+
+def amortised_conditions(layout, args, obs: ObservationSet, first: torch.Tensor, length: int,
+                         hint: str = "") -> AmortisedConditions:
+    """The conditions of ``diffkit assimilate --method amortised`` for a window model of ``layout``
+    (checked first with :func:`check_window_method`): the observations must be gridded (a one-line
+    error otherwise; ``hint``: how the domain makes them so); ``first`` ``(C, *S)`` is the initial
+    state and ``length`` the number of states (initial state included).  With ``--no-guidance``
+    only the initial state is observed (the prior)."""
+    from .errors import ObservationError
+
+    if obs.form != "grid":
+        raise ObservationError(f"{args.obs}: amortised conditioning takes gridded observations (values and a mask on "
+                               f"the model's grid); give the gridded form{hint}, or use --method mmps / reconstruction "
+                               f"/ dps with a surrogate")
+    shape = (1, int(length), *first.shape)
+    values = torch.full(shape, float("nan"), dtype=torch.float64)
+    mask = torch.zeros(shape, dtype=torch.bool)
+    values[0, 0], mask[0, 0] = first.to(torch.float64), True
+    sigma = torch.zeros(shape, dtype=torch.float64) if layout.window.noise else None
+    if not args.no_guidance:
+        for j, st in obs.steps.items():
+            values[0, 1 + j][st.mask] = st.y.to(torch.float64)
+            mask[0, 1 + j] = st.mask
+            if sigma is not None:
+                sigma[0, 1 + j][st.mask] = st.sigma.to(torch.float64)
+    return AmortisedConditions(values, mask, sigma)
+
+
+def check_window_method(layout, method: str) -> None:
+    """A one-line error unless a window model's ``--method`` is amortised and the model amortised."""
+    from .errors import ObservationError
+
+    if method != "amortised":
+        raise ObservationError(f"this checkpoint is a window model (data.window = {layout.window.length}); it "
+                           f"assimilates with --method amortised, not {method}")
+    check_amortised(layout)
 
 
 def ensemble_statistics_attrs(variable: str, what: str, attrs: Mapping[str, Any], dim: str = "member") -> dict:

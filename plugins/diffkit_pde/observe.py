@@ -247,17 +247,14 @@ def _run_amortised(cls, loaded, args):
     import torch
 
     from diffkit.adapters import atomic_to_netcdf
-    from diffkit.assimilate import check_amortised
+    from diffkit.assimilate import amortised_conditions, check_window_method
     from diffkit.window import sample_trajectory, state_layout
 
     from .adapter import open_trajectories, scalar_values
     from .surrogate import initial_condition, rollout_dataset
 
     layout = loaded.layout
-    if args.method != "amortised":
-        raise ObservationError(f"this checkpoint is a window model (data.window = {layout.window.length}); it "
-                               f"assimilates with --method amortised, not {args.method}")
-    check_amortised(layout)
+    check_window_method(layout, args.method)
     ar = state_layout(layout)
     grid = cls.grid(ar)
     keys = cls.read_times(args.obs, grid)
@@ -274,23 +271,8 @@ def _run_amortised(cls, loaded, args):
     steps = args.steps if args.steps is not None else max(1, int(math.ceil((keys[-1] - ic.t0) / ic.dt - 1e-6)))
     window = ic.t0 + ic.dt * np.arange(1, steps + 1)
     obs = cls.read(args.obs, grid.with_window(window, 1e-6 * max(1.0, abs(ic.dt))))
-    if obs.form != "grid":
-        raise ObservationError(f"{args.obs}: amortised conditioning takes gridded observations (values and a mask on "
-                               f"the model's grid); give the gridded form, or use --method mmps / reconstruction / dps "
-                               f"with a surrogate")
-    C, S = len(ar.channels), tuple(layout.shape)
     L = 1 + steps
-    values = torch.full((1, L, C, *S), float("nan"), dtype=torch.float64)
-    mask = torch.zeros((1, L, C, *S), dtype=torch.bool)
-    values[0, 0], mask[0, 0] = ic.history[-1].to(torch.float64), True
-    noisy = bool(layout.window.noise)
-    sigma = torch.zeros((1, L, C, *S), dtype=torch.float64) if noisy else None
-    if not args.no_guidance:
-        for k, st in obs.steps.items():
-            values[0, 1 + k][st.mask] = st.y
-            mask[0, 1 + k] = st.mask
-            if noisy:
-                sigma[0, 1 + k][st.mask] = st.sigma.to(torch.float64)
+    cond = amortised_conditions(layout, args, obs, ic.history[-1], L)
     scal = None
     if layout.scalars:
         a = layout.attrs
@@ -301,22 +283,17 @@ def _run_amortised(cls, loaded, args):
     sc = loaded.config.sample
     g = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(args.seed)
     method = "autoregressive" if L > layout.window.length else "sda"
-    pred = sample_trajectory(loaded.model, values, mask, args.members, length=L, method=method,
+    pred = sample_trajectory(loaded.model, cond.values, cond.mask, args.members, length=L, method=method,
                              sampler=args.sampler or sc.sampler, nfe=args.nfe or sc.nfe, generator=g, scalars=scal,
-                             progress=not args.no_progress, sigma=sigma)[0, :, 1:].to(torch.float32)
-    lo, hi = obs.sigma_range()
-    note = ("a model trained on noisy observations (data.mask_noise): each observation's sigma_y is an input"
-            if noisy else "amortised conditioning takes the observations as exact: sigma_y is not used")
-    a = analysis_attrs(args, obs, sc, "amortised", details={"amortised_note": note, "composition": method},
+                             progress=not args.no_progress, sigma=cond.sigma)[0, :, 1:].to(torch.float32)
+    a = analysis_attrs(args, obs, sc, "amortised", details={"amortised_note": cond.note, "composition": method},
                        init={"init_index": index, "init_start": start})
     out_ds = rollout_dataset(pred, ar, ic, attrs=a)
     _add_statistics(out_ds, ar.channels, prior=args.no_guidance)
     out = atomic_to_netcdf(out_ds, args.out)
     what = "prior ensemble (no observations)" if args.no_guidance else "analysis (amortised)"
-    how = (f"with their sigma_y {lo:g}..{hi:g} (a noise-aware amortised model)" if noisy else
-           f"taken as exact (amortised conditioning; sigma_y {lo:g}..{hi:g} not used)")
     return out, (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of trajectory {index} from frame "
-                 f"{start} to {out}; {obs.count} observation(s) at {len(obs.steps)} step(s) {how}")
+                 f"{start} to {out}; {obs.count} observation(s) at {len(obs.steps)} step(s) {cond.how(obs)}")
 
 
 #: what ``diffkit assimilate`` uses for checkpoints of the ``pde`` adapter (:func:`diffkit.assimilate.assimilation_for`)

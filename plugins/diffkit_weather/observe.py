@@ -233,17 +233,14 @@ def _run_amortised(cls, loaded, args):
     import torch
 
     from diffkit.adapters import atomic_to_netcdf
-    from diffkit.assimilate import check_amortised
+    from diffkit.assimilate import amortised_conditions, check_window_method
     from diffkit.window import sample_trajectory, state_layout
 
     from .forecast import forcing_scalars, forecast_dataset, initial_states
 
     layout = loaded.layout
     k = layout.window.length
-    if args.method != "amortised":
-        raise ObservationError(f"this checkpoint is a window model (data.window = {k}); it assimilates with "
-                               f"--method amortised, not {args.method}")
-    check_amortised(layout)
+    check_window_method(layout, args.method)
     ar = state_layout(layout)
     grid = cls.grid(ar)
     keys = cls.read_times(args.obs, grid)
@@ -262,48 +259,29 @@ def _run_amortised(cls, loaded, args):
     steps = args.steps if args.steps is not None else max(1, int(math.ceil((keys[-1] - t0) / lead - 1e-6)))
     window = t0 + lead * np.arange(1, steps + 1)
     obs = cls.read(args.obs, grid.with_window(window, 1e-3))
-    if obs.form != "grid":
-        raise ObservationError(f"{args.obs}: amortised conditioning takes gridded observations (values and a mask on "
-                               f"the model's grid); give the gridded form (diffkit data weather qg ... --observe-from "
-                               f"TRUTH --obs-form grid), or use --method mmps / reconstruction / dps with a surrogate")
     L = max(1 + steps, k)            # a window shorter than the model's is sampled whole, its first states kept
     method = "autoregressive" if L > k else "sda"
     scal = None
     if ar.scalars:  # the adapter's forcings of a window are those of its latest history state, state k - 2
         scal = torch.stack([forcing_scalars(ist.times, ar, (s + k - 2) * lead) for s in range(L - k + 1)], 1)
+    cond = amortised_conditions(layout, args, obs, x0, L, hint=" (diffkit data weather qg ... --observe-from TRUTH "
+                                                              "--obs-form grid)")
     fields = ist.static[None] if ar.attrs.get("static_channels") else None
-    C, S = len(ar.channels), tuple(ar.shape)
-    values = torch.full((1, L, C, *S), float("nan"), dtype=torch.float64)
-    mask = torch.zeros((1, L, C, *S), dtype=torch.bool)
-    values[0, 0], mask[0, 0] = x0.to(torch.float64), True
-    noisy = bool(layout.window.noise)
-    sigma = torch.zeros((1, L, C, *S), dtype=torch.float64) if noisy else None
-    if not args.no_guidance:
-        for j, st in obs.steps.items():
-            values[0, 1 + j][st.mask] = st.y.to(torch.float64)
-            mask[0, 1 + j] = st.mask
-            if noisy:
-                sigma[0, 1 + j][st.mask] = st.sigma.to(torch.float64)
     sc = loaded.config.sample
     g = torch.Generator(device=next(loaded.model.parameters()).device).manual_seed(args.seed)
-    pred = sample_trajectory(loaded.model, values, mask, args.members, length=L, method=method,
+    pred = sample_trajectory(loaded.model, cond.values, cond.mask, args.members, length=L, method=method,
                              sampler=args.sampler or sc.sampler, nfe=args.nfe or sc.nfe, generator=g, fields=fields,
                              scalars=scal, progress=not args.no_progress,
-                             sigma=sigma)[:, :, 1:1 + steps].to("cpu", torch.float32)
-    lo, hi = obs.sigma_range()
-    note = ("a model trained on noisy observations (data.mask_noise): each observation's sigma_y is an input"
-            if noisy else "amortised conditioning takes the observations as exact: sigma_y is not used")
+                             sigma=cond.sigma)[:, :, 1:1 + steps].to("cpu", torch.float32)
     attrs = analysis_attrs(args, obs, sc, "amortised",
-                           details={"amortised_note": note, "composition": method, "window_states": k},
+                           details={"amortised_note": cond.note, "composition": method, "window_states": k},
                            init={"objective": "diffusion"})
     ds = forecast_dataset(pred, ar, ist.times, attrs=attrs, options=opts)
     _add_statistics(ds, prior=args.no_guidance)
     out = atomic_to_netcdf(ds, args.out)
     what = "prior ensemble (no observations)" if args.no_guidance else "analysis (amortised)"
-    how = (f"with their sigma_y {lo:g}..{hi:g} (a noise-aware amortised model)" if noisy else
-           f"taken as exact (amortised conditioning; sigma_y {lo:g}..{hi:g} not used)")
     return out, (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of {lead:g} h from {init} to {out}; "
-                 f"{obs.count} observation(s) at {len(obs.steps)} step(s) {how}; score it with diffkit evaluate {out} "
+                 f"{obs.count} observation(s) at {len(obs.steps)} step(s) {cond.how(obs)}; score it with diffkit evaluate {out} "
                  f"--truth TRUTH.nc")
 
 
