@@ -105,8 +105,7 @@ def amortised(model, cfg, y, mask, members: int, seed: int, sigma=None, sampler:
     sig = None
     if sigma is not None and model.layout.window.noise:
         sig = torch.zeros(1, K, *mask.shape, dtype=torch.float64)
-        sig[0][:, mask] = torch.as_tensor(sigma, dtype=torch.float64).expand(K, -1) if torch.as_tensor(
-            sigma).ndim else float(sigma)
+        sig[0][:, mask] = torch.as_tensor(sigma, dtype=torch.float64)   # a number or (p,): broadcast over frames
     noise = torch.randn((1, members, K, *mask.shape), generator=torch.Generator().manual_seed(seed))
     dev = next(model.parameters()).device
     x = sample_trajectory(model, values, obs_mask, members, method="sda", sampler=sampler or cfg.sample.sampler,
