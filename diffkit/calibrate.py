@@ -1,4 +1,21 @@
-"""Tuning the perturbed-initial-condition ensemble of a regression model.
+"""Calibrating ensembles on validation data: the spread scale of any ensemble, and the
+perturbed-initial-condition ensemble of a regression model.
+
+**Spread scale** (:func:`spread_scale`, :func:`scale_spread`).  An ensemble whose spread does not
+match its error (spread/skill, :func:`diffkit.ensemble.spread_skill_ratio`, away from 1) can be
+recalibrated by scaling every member's anomaly about the ensemble mean,
+``x_m' = xbar + s (x_m - xbar)``: the ensemble mean, and so its RMSE, are unchanged and the spread
+is multiplied by exactly ``s`` (the root of the mean variance is homogeneous of degree 1 in ``s``,
+whatever the weights, mask and order of the square root), so ``s = 1 / (spread/skill)`` measured on
+validation data makes the validation spread/skill exactly 1.  It is the post-hoc counterpart of an
+EnKF's multiplicative inflation (:mod:`diffkit.da_baselines`, whose inflation acts before the
+analysis) and is as good as the validation data are like the data it is applied to: the same
+method, model, observation density and lead.  ``dims`` left out of the reduction (e.g. the channel
+dim) give one scale per remaining index, which :func:`scale_spread` broadcasts back.  A linear
+rescaling keeps each member's mean-plus-anomaly structure but not necessarily its physical
+consistency for large ``s``; the scale is reported so that a user sees how far from 1 it is.
+
+**Perturbed initial conditions.**
 
 A regression (MSE) model gives an ensemble only from perturbed initial conditions
 (:mod:`diffkit.rollout`: ``perturb``, the standard deviation in standardised units, and
@@ -39,7 +56,7 @@ from . import ensemble as E
 from .errors import ShapeError
 from .rollout import _unwrap, autoregressive_spec, resolve_perturb_length, rollout
 
-__all__ = ["METRICS", "PerturbationTuning", "tune_perturbation", "block_means"]
+__all__ = ["METRICS", "PerturbationTuning", "tune_perturbation", "block_means", "spread_scale", "scale_spread"]
 
 #: the selection criteria of :func:`tune_perturbation` (smaller is better)
 METRICS = ("crps", "crps_multiscale", "spread_skill")
@@ -190,3 +207,73 @@ def tune_perturbation(model, history: torch.Tensor, truth: torch.Tensor, *, step
                       f"optimum may lie beyond it; extend amplitudes past {best['amplitude']:g}", stacklevel=2)
     return PerturbationTuning(table=table, amplitude=best["amplitude"], length=best["length"], metric=metric,
                               lead=steps, members=members, scales=sc)
+
+
+# ----------------------------------------------------------------------------- spread scale
+def spread_scale(forecast, truth, *, member_dim: int = 0, weights=None, mask=None, dims=None, sample_dims=(),
+                 sqrt_first: bool = True) -> torch.Tensor:
+    """The anomaly scale ``s = 1 / (spread/skill)`` that calibrates ``forecast`` against ``truth``: after
+    :func:`scale_spread` by ``s`` its :func:`diffkit.ensemble.spread_skill_ratio` (same arguments) is
+    exactly 1 and its ensemble mean unchanged (see the module doc).  The arguments are those of the
+    :mod:`diffkit.ensemble` metrics; the result is float64 with the layout's shape (the forecast without
+    its member dim, broadcast against the truth) with every reduced dim of size 1 and the leading
+    size-1 dims dropped (a 0-d tensor when every dim is reduced), so it broadcasts against any
+    forecast of that layout from the right.  A one-line error where the ensemble has no spread or the ensemble
+    mean no error (no scale makes the ratio 1) or the ratio is not finite."""
+    ratio = E.spread_skill_ratio(forecast, truth, member_dim=member_dim, weights=weights, mask=mask, dims=dims,
+                                 sample_dims=sample_dims, sqrt_first=sqrt_first)
+    bad = ~torch.isfinite(ratio) | (ratio <= 0)
+    if bool(bad.any()):
+        v = float(ratio[bad].flatten()[0])
+        why = ("the ensemble has no spread (identical members)" if v == 0 else
+               "the ensemble mean has no error (or there is no valid point)" if math.isinf(v) or math.isnan(v) else
+               "the ratio is not positive")
+        raise ValueError(f"spread/skill is {v:g} on the calibration data: {why}; no spread scale calibrates it -- "
+                         f"use data where the members differ and the mean misses the truth")
+    # the reduced dims back as size 1, so that the scale broadcasts against the layout from the right
+    fc = torch.as_tensor(forecast)
+    md = E._dim(member_dim, fc.ndim, "member_dim")
+    layout = torch.broadcast_shapes(fc.shape[:md] + fc.shape[md + 1:], torch.as_tensor(truth).shape)
+    nd = len(layout)
+    sd = E._dims(sample_dims, nd, "sample_dims")
+    rd = tuple(d for d in range(nd) if d not in sd) if dims is None else E._dims(dims, nd, "dims")
+    keep = [n if d not in set(rd) | set(sd) else 1 for d, n in enumerate(layout)]
+    while keep and keep[0] == 1:       # leading size-1 dims are implied by broadcasting
+        keep.pop(0)
+    return (1.0 / ratio).reshape(keep)
+
+
+def scale_spread(forecast, scale, *, member_dim: int = 0) -> torch.Tensor:
+    """``xbar + scale * (x - xbar)`` over the members at ``member_dim``: the ensemble with its anomalies
+    scaled (its mean unchanged).  ``scale``: a number > 0 or a tensor of them that broadcasts against
+    the forecast without its member dim (aligned from the right, as :func:`spread_scale` returns it).
+    Keeps the forecast's dtype and device."""
+    x = torch.as_tensor(forecast)
+    if x.ndim < 1:
+        raise ShapeError("scale_spread needs a forecast with a member dim, got a scalar")
+    md = member_dim + x.ndim if member_dim < 0 else member_dim
+    if not 0 <= md < x.ndim:
+        raise ShapeError(f"member_dim {member_dim} is out of range for a forecast of {x.ndim} dims")
+    s = torch.as_tensor(scale, dtype=torch.float64)
+    if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
+        raise ValueError(f"the spread scale must be finite and > 0 (1: unchanged), got {scale!r}")
+    layout = x.shape[:md] + x.shape[md + 1:]
+    try:
+        torch.broadcast_shapes(layout, s.shape)
+    except RuntimeError:
+        raise ShapeError(f"the spread scale of shape {tuple(s.shape)} does not broadcast against the forecast "
+                         f"without its member dim {tuple(layout)}") from None
+    if not x.is_floating_point():
+        x = x.to(torch.float64)
+    s = s.to(device=x.device, dtype=x.dtype)
+    mean = x.mean(md, keepdim=True)
+    return mean + _at_layout(s, x.ndim, md) * (x - mean)
+
+
+def _at_layout(s: torch.Tensor, ndim: int, md: int) -> torch.Tensor:
+    """``s`` (aligned from the right against the layout: the forecast of ``ndim`` dims without dim ``md``)
+    with a size-1 dim inserted where the member dim sits, so that it broadcasts against the forecast."""
+    after = ndim - 1 - md                  # layout dims after the member dim
+    if s.ndim <= after:
+        return s
+    return s.unsqueeze(s.ndim - after)
