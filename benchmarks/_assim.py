@@ -124,10 +124,25 @@ def scores(pred: torch.Tensor, truth: torch.Tensor) -> dict:
                 spread_skill=float(spread_skill_ratio(pred, truth, **kw)))
 
 
+def best_row(rows: dict) -> str:
+    """The row of lowest RMSE; among rows within a relative 1e-9 of it (a recalibrated row has its raw
+    row's ensemble mean, so the same RMSE up to rounding) the one whose spread/skill is closest to 1
+    (smallest ``|log(spread/skill)|``), then the first."""
+    lo = min(v["rmse"] for v in rows.values())
+    tied = [r for r, v in rows.items() if v["rmse"] <= lo * (1 + 1e-9)]
+
+    def off(r):
+        ss = rows[r].get("spread_skill")
+        return abs(math.log(ss)) if ss is not None and math.isfinite(ss) and ss > 0 else math.inf
+
+    return min(tied, key=off)
+
+
 def verdicts(table: dict, diffkit_rows, references, spread_skill: tuple[float, float], key: str = "stride") -> list[dict]:
     """Per sparsity (the keys of ``table``, named ``key`` in the output): the best of ``diffkit_rows`` by
-    RMSE, its RMSE over each reference row's (``references``: ``(row, target)``; target None: reported,
-    no verdict, ``met`` None) and its spread/skill against the interval ``spread_skill``."""
+    RMSE (:func:`best_row`: ties go to the better spread/skill), its RMSE over each reference row's
+    (``references``: ``(row, target)``; target None: reported, no verdict, ``met`` None) and its
+    spread/skill against the interval ``spread_skill``."""
     out = []
     for sparsity, rows in table.items():
         avail = {r: v for r, v in rows.items() if r in diffkit_rows and v.get("rmse") is not None
@@ -135,7 +150,7 @@ def verdicts(table: dict, diffkit_rows, references, spread_skill: tuple[float, f
         if not avail:
             out.append({key: sparsity, "best": None, "met": False, "what": "no diffkit method available"})
             continue
-        best = min(avail, key=lambda r: avail[r]["rmse"])
+        best = best_row(avail)
         b = avail[best]
         checks = []
         for ref, target in references:

@@ -24,6 +24,12 @@ ensemble starts from the climatology (or, for the window models, from the window
    stochastic DDPM (ancestral) sampler at the setting's ``stochastic_nfe`` instead of the
    deterministic dpmpp_2m at ``nfe`` (noise injected at every step corrects the SDA composition's
    inconsistencies between windows, as SDA's Langevin corrector does);
+   ``amortised, calibrated`` / ``amortised, ddpm, calibrated``: the same members as the row named,
+   their anomalies about the ensemble mean scaled by the row's spread scale
+   (:func:`diffkit.calibrate.spread_scale`: ``1 / (spread/skill)``) measured per sparsity on the
+   validation trajectory (the EnKF's inflation data, other sampling seeds): the ensemble mean and RMSE
+   are the raw row's, the spread is recalibrated -- the post-hoc counterpart of the EnKF's tuned
+   inflation.  Among rows of equal RMSE the verdict takes the one with spread/skill closest to 1;
 4. ``OI``: optimal interpolation per frame (:func:`diffkit.da_baselines.optimal_interpolation`) with
    the climatological mean and covariance of the training frames, made homogeneous (averaged over the
    periodic grid's shifts: a circulant ``B``), its ensemble drawn from ``N(x_a, B - K H B)``;
@@ -81,8 +87,10 @@ SETTINGS = {
 }
 STRIDES = (4, 8, 16, 32)
 NOISE = 0.05                      # observation noise std / climatological std
+#: the rows recalibrated on the validation trajectory (``diffkit.calibrate.spread_scale``): ``"R, calibrated"``
+CALIBRATED = ("amortised", "amortised, ddpm")
 DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise",
-                "amortised, ddpm", "amortised + noise, ddpm")
+                "amortised, ddpm", "amortised + noise, ddpm") + tuple(f"{r}, calibrated" for r in CALIBRATED)
 #: the noise-aware amortised model's training range of observation-noise std (state-std units; sigma_y is 0.05)
 MASK_NOISE = (0.01, 0.2)
 ROWS = ("AR prior",) + DIFFKIT_ROWS + ("OI", "EnKF")
@@ -310,6 +318,48 @@ def main(argv=None) -> dict:
               + ", ".join(f"{k:g}: {v:.3f}" for k, v in sc.items()) + f" -> {best:g}", flush=True)
 
     rows = [r for r in ROWS if not (r == "AR + dps" and args.zeta == 0)]
+
+    def methods(y, mask, sd: int, stride: int) -> dict:
+        """Each sampled row's ensemble ``(M, K, nx)`` for observations ``y`` at ``mask`` (every ``stride``-th
+        point), seeded by ``sd``."""
+        return {
+            "AR prior": lambda: ar_rollout(ar, ar_cfg, clim_draw(M, sd), y, sigma, mask, None, {}, sd),
+            "AR + reconstruction": lambda: ar_rollout(ar, ar_cfg, clim_draw(M, sd), y, sigma, mask,
+                                                      "reconstruction", {"gamma": args.gamma}, sd),
+            "AR + dps": lambda: ar_rollout(ar, ar_cfg, clim_draw(M, sd), y, sigma, mask, "dps", {"zeta": args.zeta},
+                                           sd),
+            "window + reconstruction": lambda: window_guided(win, win_cfg, y, sigma, mask[None], args.gamma, M,
+                                                             sd)[:, :, 0],
+            "amortised": lambda: amortised(win, win_cfg, y, mask[None], M, sd)[:, :, 0],
+            "amortised + noise": lambda: amortised(win_n, win_n_cfg, y, mask[None], M, sd, sigma)[:, :, 0],
+            "amortised, ddpm": lambda: amortised(win, win_cfg, y, mask[None], M, sd, sampler="ddpm",
+                                                 nfe=s["stochastic_nfe"])[:, :, 0],
+            "amortised + noise, ddpm": lambda: amortised(win_n, win_n_cfg, y, mask[None], M, sd, sigma,
+                                                         sampler="ddpm", nfe=s["stochastic_nfe"])[:, :, 0],
+            "OI": lambda: oi(clim, y, sigma, mask, s["enkf_members"], sd),
+            "EnKF": lambda: enkf_run(s, clim_draw(s["enkf_members"], sd + 1), y, sigma, mask,
+                                     res["inflation"][stride]["best"], sd, args.localisation),
+        }
+
+    # the spread scale of each CALIBRATED row, per sparsity, on the validation trajectory (the EnKF's
+    # inflation data: the same observations), with its own seeds
+    from diffkit.calibrate import scale_spread, spread_scale
+
+    res["spread_scale"] = {}
+    cal_secs = {}
+    for stride in STRIDES:
+        y, mask = observe(val_truth, stride, sigma, args.seed + 7 * stride)
+        res["spread_scale"][stride] = {}
+        for r in CALIBRATED:
+            t0 = time.time()
+            v = methods(y, mask, args.seed + 50_000 + stride, stride)[r]()
+            sc = float(spread_scale(v[None], val_truth[None], member_dim=1, sample_dims=(0, 1)))
+            cal_secs[(stride, r)] = time.time() - t0
+            res["spread_scale"][stride][r] = sc
+        print(f"spread scale (stride {stride}, validation): "
+              + ", ".join(f"{r}: {v:.3f}" for r, v in res["spread_scale"][stride].items()), flush=True)
+
+    sampled = [r for r in rows if not r.endswith(", calibrated")]
     preds = {st: {r: [] for r in rows} for st in STRIDES}
     secs = {st: {r: 0.0 for r in rows} for st in STRIDES}
     truths = []
@@ -318,29 +368,15 @@ def main(argv=None) -> dict:
         truths.append(truth)
         for stride in STRIDES:
             y, mask = observe(truth, stride, sigma, args.seed + 1000 * (i + 1) + stride)
-            sd = args.seed + 100 * i + stride
-            todo = {
-                "AR prior": lambda: ar_rollout(ar, ar_cfg, clim_draw(M, sd), y, sigma, mask, None, {}, sd),
-                "AR + reconstruction": lambda: ar_rollout(ar, ar_cfg, clim_draw(M, sd), y, sigma, mask,
-                                                          "reconstruction", {"gamma": args.gamma}, sd),
-                "AR + dps": lambda: ar_rollout(ar, ar_cfg, clim_draw(M, sd), y, sigma, mask, "dps",
-                                               {"zeta": args.zeta}, sd),
-                "window + reconstruction": lambda: window_guided(win, win_cfg, y, sigma, mask[None], args.gamma, M,
-                                                                 sd)[:, :, 0],
-                "amortised": lambda: amortised(win, win_cfg, y, mask[None], M, sd)[:, :, 0],
-                "amortised + noise": lambda: amortised(win_n, win_n_cfg, y, mask[None], M, sd, sigma)[:, :, 0],
-                "amortised, ddpm": lambda: amortised(win, win_cfg, y, mask[None], M, sd, sampler="ddpm",
-                                                     nfe=s["stochastic_nfe"])[:, :, 0],
-                "amortised + noise, ddpm": lambda: amortised(win_n, win_n_cfg, y, mask[None], M, sd, sigma,
-                                                             sampler="ddpm", nfe=s["stochastic_nfe"])[:, :, 0],
-                "OI": lambda: oi(clim, y, sigma, mask, s["enkf_members"], sd),
-                "EnKF": lambda: enkf_run(s, clim_draw(s["enkf_members"], sd + 1), y, sigma, mask,
-                                         res["inflation"][stride]["best"], sd, args.localisation),
-            }
-            for r in rows:
+            todo = methods(y, mask, args.seed + 100 * i + stride, stride)
+            for r in sampled:
                 t0 = time.time()
                 preds[stride][r].append(todo[r]())
                 secs[stride][r] += time.time() - t0
+            for r in CALIBRATED:   # the same members, their anomalies scaled: no sampling
+                preds[stride][f"{r}, calibrated"].append(scale_spread(preds[stride][r][-1],
+                                                                      res["spread_scale"][stride][r]))
+                secs[stride][f"{r}, calibrated"] = secs[stride][r] + cal_secs[(stride, r)]
         print(f"trajectory {i + 1}/{s['test_traj']} done ({(time.time() - t_all) / 60:.1f} min)", flush=True)
     truth = torch.stack(truths)
     table = {}
@@ -392,7 +428,10 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"none 0.25) {s['window_steps']} steps, used for the window + reconstruction and amortised rows; the same "
         f"with observation noise (data.mask_noise = {list(MASK_NOISE)}) for the amortised + noise rows; the ', ddpm' "
         f"rows sample them with the stochastic DDPM sampler at {s['stochastic_nfe']} NFE; otherwise dpmpp_2m with "
-        f"{s['nfe']} NFE per sample; "
+        f"{s['nfe']} NFE per sample; the ', calibrated' rows are the named row's members with their anomalies "
+        f"scaled by the spread scale (diffkit.calibrate.spread_scale) measured on the validation trajectory ("
+        + "; ".join(f"stride {k}: " + ", ".join(f"{r} {v:.3f}" for r, v in d.items())
+                    for k, d in res.get("spread_scale", {}).items()) + "); "
         f"{s['members']} members; reconstruction γ = {o['gamma']:g}, DPS ζ = {o['zeta']:g}.  OI: the climatological "
         f"mean and covariance of the training frames averaged over the grid's shifts (circulant B), "
         f"{s['enkf_members']} posterior samples.  EnKF: stochastic, "
