@@ -35,6 +35,7 @@ from .errors import DiffkitError
 from .observations import ObservationSet, StepObservations
 
 __all__ = ["METHODS", "DEFAULTS", "Assimilation", "GuidedRollout", "assimilation_for", "add_domain_arguments",
+           "apply_spread_scale",
            "check_domain_options", "guidance_options", "model_space", "check_amortised", "ensemble_statistics_attrs",
            "AmortisedConditions", "amortised_conditions", "check_window_method"]
 
@@ -422,6 +423,23 @@ def ensemble_statistics_attrs(variable: str, what: str, attrs: Mapping[str, Any]
     return a
 
 
+def apply_spread_scale(ds, variables, *, dim: str = "member") -> None:
+    """Scale each of ``variables``' member anomalies about the ensemble mean by the dataset's
+    ``spread_scale`` attribute (recorded by :func:`analysis_attrs` from ``--spread-scale``; absent or 1:
+    unchanged), in place, before the ensemble statistics are computed: the mean is unchanged and the
+    spread multiplied by the scale (:func:`diffkit.calibrate.scale_spread`'s rule on a DataArray, NaN
+    kept where it is)."""
+    scale = float(ds.attrs.get("spread_scale", 1.0))
+    if scale == 1.0:
+        return
+    for v in variables:
+        da = ds[v]
+        mean = da.mean(dim)
+        out = (mean + scale * (da - mean)).transpose(*da.dims).astype(da.dtype)
+        out.attrs, out.encoding = dict(da.attrs), dict(da.encoding)
+        ds[v] = out
+
+
 def ensemble_statistics(da, variable: str, attrs: Mapping[str, Any], *, dim: str = "member", keep_attrs=None):
     """The ensemble mean and spread (std over ``dim``, ddof 1; NaN with one member) of ``da`` with
     :func:`ensemble_statistics_attrs` of ``attrs``; ``keep_attrs`` goes to the mean (xarray's)."""
@@ -437,13 +455,15 @@ def analysis_attrs(args, obs, sample, method: str, *, details: Mapping[str, Any]
     """The global attributes an analysis file of ``diffkit assimilate`` records (the domains' ``run``):
     checkpoint, observations and their form / count / sigma_y range, the method (``"none (prior)"``
     with ``--no-guidance``) and its ``details``, the initial state's file and ``init`` keys, seed,
-    sampler and NFE (``sample``: the run's ``[sample]`` section, unless given) and the command."""
+    sampler and NFE (``sample``: the run's ``[sample]`` section, unless given), ``--spread-scale``
+    (``spread_scale``, where not 1: :func:`apply_spread_scale` applies it) and the command."""
     lo, hi = obs.sigma_range()
     return {"checkpoint": str(args.checkpoint), "observations": str(args.obs), "observation_form": obs.form,
             "n_observations": obs.count, "observed_steps": len(obs.steps), "sigma_y_range": f"{lo:g}..{hi:g}",
             "method": "none (prior)" if args.no_guidance else method, **(details or {}),
             **({"init_file": str(args.init)} if args.init is not None else {}), **(init or {}), "seed": args.seed,
             "sampler": args.sampler or sample.sampler, "nfe": args.nfe or sample.nfe,
+            **({"spread_scale": float(args.spread_scale)} if getattr(args, "spread_scale", 1.0) != 1.0 else {}),
             "command": " ".join(["diffkit", *getattr(args, "argv", ["assimilate", str(args.checkpoint)])])}
 
 
@@ -464,6 +484,10 @@ def run_command(args) -> int:
         raise ValueError(f"--members must be >= 1, got {args.members}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not (math.isfinite(args.spread_scale) and args.spread_scale > 0):
+        raise ValueError(f"--spread-scale must be a finite number > 0 (1: the ensemble as sampled), got "
+                         f"{args.spread_scale:g}; measure it on validation data: 1 / the spread/skill diffkit "
+                         f"evaluate reports")
     if not 0 <= args.seed < 2 ** 63:
         raise ValueError(f"--seed must be in 0..{2 ** 63 - 1}, got {args.seed}")
     from .constants import MAX_NFE
@@ -516,6 +540,11 @@ def register(parser) -> None:
     parser.add_argument("--sampler", default=None, help="sampler (default: the run's sample.sampler)")
     parser.add_argument("--nfe", type=int, default=None, help="denoiser evaluations per step (default: the run's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same analysis")
+    parser.add_argument("--spread-scale", type=float, default=1.0, metavar="S",
+                        help="scale every member's anomaly about the ensemble mean by S before writing (the mean is "
+                             "unchanged, the spread times S): the recalibration diffkit.calibrate.spread_scale "
+                             "measures on validation data, 1 / the spread/skill `diffkit evaluate` reports for "
+                             "analyses of the same set-up (default 1: as sampled)")
     parser.add_argument("--no-guidance", action="store_true",
                         help="sample the prior ensemble (the same rollout, observations only checked and recorded): "
                              "the reference an analysis is compared with")

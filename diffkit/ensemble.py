@@ -386,13 +386,26 @@ class Dispersion:
     extremes: float | None
     reason: str
 
+    @property
+    def spread_scale(self) -> float:
+        """``1 / spread_skill``: scaling every member's anomaly about the ensemble mean by it (which leaves
+        the mean, and so the skill, unchanged) makes this mean spread/skill exactly 1
+        (:func:`diffkit.calibrate.scale_spread`); NaN when undetermined."""
+        r = self.spread_skill
+        return 1.0 / r if math.isfinite(r) and r > 0 else math.nan
+
     def __str__(self) -> str:
         if not self.leads:
             return f"{self.verdict}: {self.reason}"
         ss = f"spread/skill {self.spread_skill:.2f}"
         ss += f" (mean of {self.leads} leads, {self.lo:.2f}..{self.hi:.2f})" if self.leads > 1 else ""
         rk = "" if self.extremes is None else f", extreme rank bins {self.extremes:.2f}x uniform"
-        return f"{self.verdict}: {ss}{rk}; {self.reason}"
+        fix = ""
+        if self.reason.startswith("spread/skill") and self.verdict != "well-dispersed" and \
+                math.isfinite(self.spread_scale) and " but " not in self.reason:
+            fix = (f"; scaling the members' anomalies by {self.spread_scale:.3g} makes it 1 (diffkit.calibrate; "
+                   f"measure the scale on validation data, not on the data scored)")
+        return f"{self.verdict}: {ss}{rk}; {self.reason}{fix}"
 
 
 def rank_summary(counts) -> tuple[np.ndarray, float]:

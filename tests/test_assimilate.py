@@ -447,3 +447,27 @@ def test_weather_rejects_bad_station_files(qg, name, edit, fragment, capsys):
                "--out", str(qg["root"] / "never.nc"), *RUN])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and fragment in err, err
+
+
+def test_spread_scale_recalibrates_the_analysis_members(ks, capsys):
+    """--spread-scale S: the same seed's analysis with every member's anomaly about the ensemble mean
+    times S -- the mean (and its RMSE) unchanged, the spread times S, S recorded; a bad S is a one-line error."""
+    common = ["assimilate", str(ks["run"]), "--obs", str(ks["obs"]), "--init", str(ks["data"]), "--members", "4",
+              "--method", "reconstruction", "--seed", "3"]
+    raw, cal = ks["root"] / "raw.nc", ks["root"] / "cal.nc"
+    assert main([*common, "--out", str(raw), *RUN]) == 0
+    assert main([*common, "--spread-scale", "0.5", "--out", str(cal), *RUN]) == 0
+    with xr.open_dataset(raw) as r, xr.open_dataset(cal) as c:
+        assert "spread_scale" not in r.attrs and c.attrs["spread_scale"] == 0.5
+        x, y = r["u"].values.astype(np.float64), c["u"].values.astype(np.float64)
+        m = x.mean(0)
+        np.testing.assert_allclose(y, m + 0.5 * (x - m), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(c["u_ensemble_mean"].values, r["u_ensemble_mean"].values, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(c["u_ensemble_spread"].values, 0.5 * r["u_ensemble_spread"].values, rtol=1e-4,
+                                   atol=1e-6)
+    capsys.readouterr()
+    for bad in ("0", "-1", "nan"):
+        assert main([*common, "--spread-scale", bad, "--out", str(ks["root"] / "never.nc"), *RUN]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "--spread-scale must be a finite number > 0" in err and "\n" not in err
+    assert not (ks["root"] / "never.nc").exists()

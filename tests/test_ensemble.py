@@ -363,3 +363,16 @@ def test_dispersion_verdict_rule_edges_and_rank_histogram_shape():
         E.dispersion_verdict([1.0], band=(1.2, 0.8))
     with pytest.raises(ShapeError, match="M \\+ 1 >= 2 bins"):
         E.rank_summary([5])
+
+
+def test_dispersion_verdict_names_the_spread_scale_that_calibrates():
+    # the mean over leads of the ratios times the scale is exactly 1: scaling the anomalies scales every ratio
+    d = E.dispersion_verdict([0.4, 0.6])
+    assert d.spread_scale == pytest.approx(2.0) and "scaling the members' anomalies by 2 makes it 1" in str(d)
+    d = E.dispersion_verdict([2.5])
+    assert d.spread_scale == pytest.approx(0.4) and "by 0.4 makes it 1" in str(d)
+    # no suggestion where the ratio is in the band (a histogram verdict is not a scale problem) or undetermined
+    assert "scaling" not in str(E.dispersion_verdict([1.0]))
+    assert "scaling" not in str(E.dispersion_verdict([1.0], [300] + [100] * 7 + [300]))
+    d = E.dispersion_verdict([float("nan")])
+    assert math.isnan(d.spread_scale) and "scaling" not in str(d)

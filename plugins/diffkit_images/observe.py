@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from diffkit.assimilate import Assimilation, analysis_attrs, ensemble_statistics, label_analysis
+from diffkit.assimilate import Assimilation, analysis_attrs, apply_spread_scale, ensemble_statistics, label_analysis
 from diffkit.errors import DiffkitError, ObservationError
 from diffkit.observations import (Axis, ObservationGrid, observation_window, open_observations, read_observations,
                                   synthetic_observations)
@@ -266,6 +266,7 @@ def _analysis_dataset(x, layout, keys, attrs, *, prior: bool):
     for i, c in enumerate(layout.channels):
         va = {"long_name": f"pixel value, channel {c}"}
         ds[c] = xr.DataArray(x[:, :, i].astype(np.float32), dims=(IMAGE, "member", "y", "x"), attrs=va)
+        apply_spread_scale(ds, [c])
         ds[f"{c}_ensemble_mean"], ds[f"{c}_ensemble_spread"] = ensemble_statistics(ds[c], c, {"units": "1", **va})
     label_analysis(ds, prior=prior)
     return ds

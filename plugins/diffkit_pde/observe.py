@@ -14,7 +14,8 @@ import math
 
 import numpy as np
 
-from diffkit.assimilate import Assimilation, GuidedRollout, analysis_attrs, ensemble_statistics, label_analysis
+from diffkit.assimilate import (Assimilation, GuidedRollout, analysis_attrs, apply_spread_scale, ensemble_statistics,
+                                label_analysis)
 from diffkit.errors import ObservationError
 from diffkit.observations import Axis, ObservationGrid, synthetic_observations
 
@@ -191,8 +192,10 @@ class PDEAssimilation(Assimilation):
 
 
 def _add_statistics(ds, variables, *, prior: bool) -> None:
-    """An analysis rollout's title / source and each variable's ensemble mean and spread (units, or "1")."""
+    """An analysis rollout's title / source, its members' ``--spread-scale`` and each variable's ensemble mean
+    and spread (units, or "1")."""
     label_analysis(ds, prior=prior)
+    apply_spread_scale(ds, variables)
     for v in variables:
         da = ds[v]
         ds[f"{v}_ensemble_mean"], ds[f"{v}_ensemble_spread"] = ensemble_statistics(

@@ -21,7 +21,8 @@ import math
 
 import numpy as np
 
-from diffkit.assimilate import Assimilation, GuidedRollout, analysis_attrs, ensemble_statistics, label_analysis
+from diffkit.assimilate import (Assimilation, GuidedRollout, analysis_attrs, apply_spread_scale, ensemble_statistics,
+                                label_analysis)
 from diffkit.errors import ObservationError
 from diffkit.observations import Axis, ObservationGrid, synthetic_observations
 
@@ -212,9 +213,10 @@ class WeatherAssimilation(Assimilation):
 
 
 def _add_statistics(ds, *, prior: bool) -> None:
-    """An analysis forecast's title / source and each variable's ensemble mean and spread (the variable's
-    units and ``_FillValue``)."""
+    """An analysis forecast's title / source, its members' ``--spread-scale`` and each variable's ensemble
+    mean and spread (the variable's units and ``_FillValue``)."""
     label_analysis(ds, prior=prior)
+    apply_spread_scale(ds, list(ds.data_vars))
     for v in list(ds.data_vars):
         da = ds[v]
         ds[f"{v}_ensemble_mean"], ds[f"{v}_ensemble_spread"] = ensemble_statistics(da, v, da.attrs, keep_attrs=False)
