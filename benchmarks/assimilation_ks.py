@@ -27,7 +27,8 @@ ensemble starts from the climatology (or, for the window models, from the window
    ``amortised, calibrated`` / ``amortised, ddpm, calibrated``: the same members as the row named,
    their anomalies about the ensemble mean scaled by the row's spread scale
    (:func:`diffkit.calibrate.spread_scale`: ``1 / (spread/skill)``) measured per sparsity on the
-   validation trajectory (the EnKF's inflation data, other sampling seeds): the ensemble mean and RMSE
+   setting's ``val_traj`` validation trajectories (the first of them is the EnKF's inflation data; other
+   sampling seeds): the ensemble mean and RMSE
    are the raw row's, the spread is recalibrated -- the post-hoc counterpart of the EnKF's tuned
    inflation.  Among rows of equal RMSE the verdict takes the one with spread/skill closest to 1;
 4. ``OI``: optimal interpolation per frame (:func:`diffkit.da_baselines.optimal_interpolation`) with
@@ -73,21 +74,21 @@ from _assim import verdicts as _verdicts  # noqa: E402
 SETTINGS = {
     # nx / L: grid and (fixed) domain length; frame_step: 0.2 output intervals per model step / EnKF
     # cycle; window: K frames assimilated; k: states per window of the window model
-    "quick": dict(nx=32, L=22.0, burn_in=50.0, train_traj=8, train_frames=60, test_traj=2, frame_step=2, window=8,
+    "quick": dict(nx=32, L=22.0, burn_in=50.0, train_traj=8, train_frames=60, test_traj=2, val_traj=2, frame_step=2, window=8,
                   k=4, channels=8, mult=(1, 2), res_blocks=1, steps=150, window_steps=200, batch=16, lr=2e-3,
                   members=8, nfe=6, stochastic_nfe=12, enkf_members=32, inflation=(1.0, 1.15, 1.3, 1.5)),
-    "cpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=128, train_frames=200, test_traj=16, frame_step=2,
+    "cpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=128, train_frames=200, test_traj=16, val_traj=8, frame_step=2,
                 window=16, k=5, channels=32, mult=(1, 2, 2), res_blocks=1, steps=4000, window_steps=6000, batch=32,
                 lr=1e-3, members=16, nfe=10, stochastic_nfe=100, enkf_members=32,
                 inflation=(1.0, 1.02, 1.05, 1.1, 1.2, 1.4)),
-    "gpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=1024, train_frames=200, test_traj=64, frame_step=2,
+    "gpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=1024, train_frames=200, test_traj=64, val_traj=16, frame_step=2,
                 window=16, k=7, channels=64, mult=(1, 2, 2, 4), res_blocks=2, steps=40000, window_steps=60000,
                 batch=128, lr=3e-4, members=32, nfe=20, stochastic_nfe=200, enkf_members=32,
                 inflation=(1.0, 1.02, 1.05, 1.1, 1.2, 1.4)),
 }
 STRIDES = (4, 8, 16, 32)
 NOISE = 0.05                      # observation noise std / climatological std
-#: the rows recalibrated on the validation trajectory (``diffkit.calibrate.spread_scale``): ``"R, calibrated"``
+#: the rows recalibrated on the validation trajectories (``diffkit.calibrate.spread_scale``): ``"R, calibrated"``
 CALIBRATED = ("amortised", "amortised, ddpm")
 DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise",
                 "amortised, ddpm", "amortised + noise, ddpm") + tuple(f"{r}, calibrated" for r in CALIBRATED)
@@ -270,13 +271,14 @@ def main(argv=None) -> dict:
     fs, K, M = s["frame_step"], s["window"], s["members"]
     frames = fs * K + 1
     files = {"train": (s["train_traj"], s["train_frames"], args.seed),
-             "val": (1, frames, args.seed + args.val_seed), "test": (s["test_traj"], frames, args.seed + args.test_seed)}
+             "val": (s["val_traj"], frames, args.seed + args.val_seed),
+             "test": (s["test_traj"], frames, args.seed + args.test_seed)}
     u = {}
     for name, (n, T, seed) in files.items():
         p = work / f"ks_{name}_seed{seed}.nc"
-        if not p.exists():
+        if not p.exists() or load_u(p).shape[0] < n:   # trajectory i is the same whatever n (diffkit_pde's seeding)
             simulate(p, s, n, T, seed)
-        u[name] = load_u(p)
+        u[name] = load_u(p)[:n]
     clim_states = u["train"].reshape(-1, s["nx"])
     clim = homogeneous(gaussian_statistics(clim_states))
     clim_std = float(u["train"].std())
@@ -341,19 +343,21 @@ def main(argv=None) -> dict:
                                      res["inflation"][stride]["best"], sd, args.localisation),
         }
 
-    # the spread scale of each CALIBRATED row, per sparsity, on the validation trajectory (the EnKF's
-    # inflation data: the same observations), with its own seeds
+    # the spread scale of each CALIBRATED row, per sparsity, on the validation trajectories (the first is
+    # the EnKF's inflation data, with the same observations), with their own sampling seeds
     from diffkit.calibrate import scale_spread, spread_scale
 
     res["spread_scale"] = {}
     cal_secs = {}
+    vals = [u["val"][j, fs::fs][:K] for j in range(s["val_traj"])]
     for stride in STRIDES:
-        y, mask = observe(val_truth, stride, sigma, args.seed + 7 * stride)
+        obs = [observe(v, stride, sigma, args.seed + 7 * stride + 100_000 * j) for j, v in enumerate(vals)]
         res["spread_scale"][stride] = {}
         for r in CALIBRATED:
             t0 = time.time()
-            v = methods(y, mask, args.seed + 50_000 + stride, stride)[r]()
-            sc = float(spread_scale(v[None], val_truth[None], member_dim=1, sample_dims=(0, 1)))
+            ens = torch.stack([methods(y, mask, args.seed + 50_000 + 100 * j + stride, stride)[r]()
+                               for j, (y, mask) in enumerate(obs)])
+            sc = float(spread_scale(ens, torch.stack(vals), member_dim=1, sample_dims=(0, 1)))
             cal_secs[(stride, r)] = time.time() - t0
             res["spread_scale"][stride][r] = sc
         print(f"spread scale (stride {stride}, validation): "
@@ -418,7 +422,8 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"{res['train_s']['AR']:.0f} s (AR surrogate) + {res['train_s']['window']:.0f} s (window model) + "
         f"{res['train_s'].get('window_noise', 0):.0f} s (noise-aware window model).", "",
         f"Data: KS with L = {s['L']:g} (fixed), nx = {s['nx']}, {s['train_traj']} training trajectories x "
-        f"{s['train_frames']} frames (seed {o['seed']}), 1 validation trajectory (seed offset {o['val_seed']}), "
+        f"{s['train_frames']} frames (seed {o['seed']}), {s['val_traj']} validation trajectories (seed offset "
+        f"{o['val_seed']}; the first tunes the EnKF inflation, all of them the spread scales), "
         f"{s['test_traj']} held-out trajectories (seed offset {o['test_seed']}).  Window: {s['window']} frames "
         f"{res['dt']:.1f} apart, every frame observed at every 4th / 8th / 16th / 32nd grid point with Gaussian noise "
         f"σ_y = {NOISE} × the climatological std ({res['clim_std']:.3f}) = {res['sigma_y']:.4f}.  No method knows the "
@@ -429,7 +434,7 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"with observation noise (data.mask_noise = {list(MASK_NOISE)}) for the amortised + noise rows; the ', ddpm' "
         f"rows sample them with the stochastic DDPM sampler at {s['stochastic_nfe']} NFE; otherwise dpmpp_2m with "
         f"{s['nfe']} NFE per sample; the ', calibrated' rows are the named row's members with their anomalies "
-        f"scaled by the spread scale (diffkit.calibrate.spread_scale) measured on the validation trajectory ("
+        f"scaled by the spread scale (diffkit.calibrate.spread_scale) measured on the validation trajectories ("
         + "; ".join(f"stride {k}: " + ", ".join(f"{r} {v:.3f}" for r, v in d.items())
                     for k, d in res.get("spread_scale", {}).items()) + "); "
         f"{s['members']} members; reconstruction γ = {o['gamma']:g}, DPS ζ = {o['zeta']:g}.  OI: the climatological "
