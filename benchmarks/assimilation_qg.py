@@ -33,7 +33,10 @@ window: every ensemble starts from the climatology (the window models' from thei
    ``amortised + noise``: the same training with ``data.mask_noise = [0.01, 0.2]`` (noisy sparse
    points, their std as input; a second network) given the observations with their sigma_y, side by
    side with row 4; ``amortised, ddpm`` / ``amortised + noise, ddpm``: both sampled with the stochastic
-   DDPM sampler at ``stochastic_nfe`` (as in the KS benchmark);
+   DDPM sampler at ``stochastic_nfe`` (as in the KS benchmark); ``amortised, calibrated`` /
+   ``amortised, ddpm, calibrated``: the named row's members, their anomalies scaled by the spread scale
+   (:func:`diffkit.calibrate.spread_scale`) measured on the setting's ``val_windows`` validation windows
+   (the first is the EnKF's tuning window), as in the KS benchmark;
 5. ``EnKF``: the stochastic EnKF (perturbed observations, 32 members, Gaspari-Cohn localisation over
    the periodic horizontal distance, the same in both layers), with the TRUE model as the forecast
    step at the observed resolution: :func:`diffkit_weather.qg.simulate_qg` on the coarse ``nx^2``
@@ -81,30 +84,40 @@ from _assim import (amortised, atomic_text, enkf_window, oi_window, scores, targ
 #: periodic domain and is no longer positive definite -- radius 16 on 32^2 failed the EnKF's Cholesky)
 SETTINGS = {
     "quick": dict(nx=32, nx_sim=64, spin_nx=32, spin_up=3.0, adjust_years=0.3, pool=20, train_years=0.5,
-                  val_years=0.05, test_years=0.07, lead=24, window=8, windows=2, channels=16, mult=(1, 2),
+                  val_years=0.05, test_years=0.07, lead=24, window=8, windows=2, val_windows=1, channels=16,
+                  mult=(1, 2),
                   steps=300, k=4, window_steps=300, batch=16, lr=1e-3, members=8, nfe=6, stochastic_nfe=12,
                   enkf_members=32, inflation=(1.0, 1.1), radii=(4.0, 8.0)),
     # the test suite's end-to-end run (tests/test_assimilation_qg_benchmark.py): quick with a shorter
     # record, half the surrogate's training, a third of the window models' and one window, to keep CI's
     # suite short (the test checks the window rows are finite only); no reported number comes from it
     "ci": dict(nx=32, nx_sim=64, spin_nx=32, spin_up=3.0, adjust_years=0.3, pool=20, train_years=0.25,
-               val_years=0.05, test_years=0.04, lead=24, window=8, windows=1, channels=16, mult=(1, 2),
+               val_years=0.05, test_years=0.04, lead=24, window=8, windows=1, val_windows=1, channels=16,
+               mult=(1, 2),
                steps=150, k=4, window_steps=100, batch=16, lr=1e-3, members=8, nfe=6, stochastic_nfe=12,
                enkf_members=32, inflation=(1.0, 1.1), radii=(4.0, 8.0)),
     "cpu": dict(nx=32, nx_sim=64, spin_nx=32, spin_up=4.0, adjust_years=0.3, pool=60, train_years=3.0,
-                val_years=0.1, test_years=0.4, lead=24, window=8, windows=16, channels=32, mult=(1, 2, 2),
+                val_years=0.1, test_years=0.4, lead=24, window=8, windows=16, val_windows=3, channels=32,
+                mult=(1, 2, 2),
                 steps=4000, k=5, window_steps=6000, batch=16, lr=1e-3, members=16, nfe=10, stochastic_nfe=100,
                 enkf_members=32, inflation=(1.0, 1.05, 1.1, 1.2, 1.4), radii=(2.0, 4.0, 6.0, 8.0)),
     "gpu": dict(nx=32, nx_sim=128, spin_nx=32, spin_up=5.0, adjust_years=0.3, pool=200, train_years=20.0,
-                val_years=0.1, test_years=1.5, lead=24, window=8, windows=64, channels=64, mult=(1, 2, 2, 2),
+                val_years=0.1, test_years=1.5, lead=24, window=8, windows=64, val_windows=3, channels=64,
+                mult=(1, 2, 2, 2),
                 steps=40000, k=7, window_steps=60000, batch=64, lr=3e-4, members=32, nfe=20, stochastic_nfe=200,
                 enkf_members=32, inflation=(1.0, 1.05, 1.1, 1.2, 1.4), radii=(2.0, 4.0, 6.0, 8.0)),
 }
+#: training checkpoints every this many steps (weather_qg.py's config saves only at the end): a cpu run
+#: stopped part-way resumes from the last one (resumed = uninterrupted, tests/test_train.py), so the
+#: hours of training can be spread over several sittings
+CKPT_EVERY = 250
 FRACTION = 0.05                   # observed share of the grid points (both layers observed there)
 NOISE = 0.05                      # observation noise std / the layer's climatological std
 SPARSITY = f"{FRACTION * 100:g}%"  # the table's one sparsity key
+#: the rows recalibrated on the validation windows (``diffkit.calibrate.spread_scale``): ``"R, calibrated"``
+CALIBRATED = ("amortised", "amortised, ddpm")
 DIFFKIT_ROWS = ("AR + reconstruction", "AR + dps", "window + reconstruction", "amortised", "amortised + noise",
-                "amortised, ddpm", "amortised + noise, ddpm")
+                "amortised, ddpm", "amortised + noise, ddpm") + tuple(f"{r}, calibrated" for r in CALIBRATED)
 #: the noise-aware amortised model's training range of observation-noise std (state-std units; sigma_y is 0.05)
 MASK_NOISE = (0.01, 0.2)
 ROWS = ("AR prior",) + DIFFKIT_ROWS + ("OI", "EnKF")
@@ -130,7 +143,11 @@ def train(s: dict, data: Path, run: Path, sp: dict, *, seed: int, device, progre
     from diffkit.train import Trainer, training_seconds
     from diffkit_weather.forecast import load_forecaster
 
-    cfg = wq.config(argparse.Namespace(state="both", seed=seed), s, data, run, "diffusion", sp)
+    from diffkit.config import config_from_dict, config_to_dict
+
+    d = config_to_dict(wq.config(argparse.Namespace(state="both", seed=seed), s, data, run, "diffusion", sp))
+    d["trainer"]["ckpt_every"] = CKPT_EVERY
+    cfg = config_from_dict(d)
     t0 = time.time()
     tr = Trainer(cfg, device=device, progress=progress, resume=True)
     tr.fit()
@@ -155,7 +172,7 @@ def train_window(s: dict, data: Path, run: Path, sp: dict, *, seed: int, device,
     del d["data"]["options"]["history"]
     d["data"].update(window=s["k"], amortised=True, mask_past=0.15, mask_points=0.45, mask_both=0.15,
                      mask_fraction=[0.02, 0.5], mask_noise=list(mask_noise))
-    d["trainer"].update(steps=s["window_steps"], warmup=min(200, s["window_steps"] // 10))
+    d["trainer"].update(steps=s["window_steps"], warmup=min(200, s["window_steps"] // 10), ckpt_every=CKPT_EVERY)
     cfg = config_from_dict(d)
     t0 = time.time()
     Trainer(cfg, device=device, progress=progress, resume=True).fit()
@@ -317,8 +334,10 @@ def main(argv=None) -> dict:
                          f"asks for {s['windows']}: raise test_years")
     starts = [np.datetime64(t) for t in sp["inits"][:s["windows"]]]        # the state before each window
     val0 = np.datetime64(sp["val_inits"][0])
-    if val0 + K * lead >= np.datetime64(sp["test_start"]):
-        raise BenchError(f"the validation period is shorter than one window of {K} x {s['lead']} h: raise val_years")
+    vw = s.get("val_windows", 1)
+    if val0 + vw * K * lead >= np.datetime64(sp["test_start"]):
+        raise BenchError(f"the validation period is shorter than {vw} window(s) of {K} x {s['lead']} h: raise "
+                         f"val_years")
     t_data = time.time() - t_all
     fc, t_train = train(s, data, work / "run_ar", sp, seed=args.seed, device=args.device, progress=progress)
     print(f"data {t_data:.0f} s; trained the AR surrogate ({s['steps']} steps) in {t_train:.0f} s", flush=True)
@@ -381,15 +400,10 @@ def main(argv=None) -> dict:
     print(f"EnKF: inflation {best[1]:g}, localisation radius {best[2]:g} grid points", flush=True)
 
     rows = [r for r in ROWS if not (r == "AR + dps" and args.zeta == 0)]
-    preds = {r: [] for r in rows}
-    secs = {r: 0.0 for r in rows}
-    truths = []
-    for i, t0 in enumerate(starts):
-        truth = states(data, fc, [t0 + j * lead for j in range(1, K + 1)])  # (K, 2, nx, nx)
-        truths.append(truth)
-        y = observe(truth, mask, sigma, args.seed + 1000 * (i + 1))
-        sd = args.seed + 100 * i
-        todo = {
+
+    def methods(y, sd: int) -> dict:
+        """Each sampled row's ensemble ``(M, K, 2, nx, nx)`` for the observations ``y``, seeded by ``sd``."""
+        return {
             "AR prior": lambda: ar_rollout(fc, data, clim_times(M, sd), y, sigma, mask, None, {}, sd),
             "AR + reconstruction": lambda: ar_rollout(fc, data, clim_times(M, sd), y, sigma, mask, "reconstruction",
                                                       {"gamma": args.gamma}, sd),
@@ -405,10 +419,40 @@ def main(argv=None) -> dict:
             "OI": lambda: oi_window(clim, y, sigma, mask, Me, sd).reshape(Me, K, 2, nx, nx),
             "EnKF": lambda: enkf_run(clim_vectors(Me, sd + 1), y, res["inflation"], res["radius"], sd),
         }
-        for r in rows:
+
+    # the spread scale of each CALIBRATED row on the validation windows (the first is the EnKF's tuning
+    # window with its observations), in climatological stds as scored, with their own sampling seeds
+    from diffkit.calibrate import scale_spread, spread_scale
+
+    val_truths = [val_truth] + [states(data, fc, [val0 + (j * K + i) * lead for i in range(1, K + 1)])
+                                for j in range(1, vw)]
+    val_obs = [y_val] + [observe(val_truths[j], mask, sigma, args.seed + 7 + 100_000 * j) for j in range(1, vw)]
+    res["spread_scale"], cal_secs = {}, {}
+    for r in CALIBRATED:
+        t1 = time.time()
+        ens = torch.stack([methods(y, args.seed + 50_000 + 100 * j)[r]() for j, y in enumerate(val_obs)])
+        res["spread_scale"][r] = float(spread_scale(ens / scale, torch.stack(val_truths) / scale, member_dim=1,
+                                                    sample_dims=(0, 1)))
+        cal_secs[r] = time.time() - t1
+    print("spread scale (validation): " + ", ".join(f"{r}: {v:.3f}" for r, v in res["spread_scale"].items()),
+          flush=True)
+
+    sampled = [r for r in rows if not r.endswith(", calibrated")]
+    preds = {r: [] for r in rows}
+    secs = {r: 0.0 for r in rows}
+    truths = []
+    for i, t0 in enumerate(starts):
+        truth = states(data, fc, [t0 + j * lead for j in range(1, K + 1)])  # (K, 2, nx, nx)
+        truths.append(truth)
+        y = observe(truth, mask, sigma, args.seed + 1000 * (i + 1))
+        todo = methods(y, args.seed + 100 * i)
+        for r in sampled:
             t1 = time.time()
             preds[r].append(todo[r]())
             secs[r] += time.time() - t1
+        for r in CALIBRATED:       # the same members, their anomalies scaled: no sampling
+            preds[f"{r}, calibrated"].append(scale_spread(preds[r][-1], res["spread_scale"][r]))
+            secs[f"{r}, calibrated"] = secs[r] + cal_secs[r]
         print(f"window {i + 1}/{s['windows']} done ({(time.time() - t_all) / 60:.1f} min)", flush=True)
     truth = torch.stack(truths) / scale
     table = {SPARSITY: {}}
@@ -449,8 +493,9 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"Data (`weather_qg.setup_data`, seed {o['seed']}): two-layer QG (pyqg reference set-up) simulated on "
         f"{s['nx_sim']}x{s['nx_sim']}, observed coarse-grained on {s['nx']}x{s['nx']} (streamfunction of both "
         f"layers), 6-hourly after {s['spin_up']} spin-up years; {s['train_years']} years for training "
-        f"({res['n_train_states']} states, also the climatology), {s['val_years']} for validation (one window, "
-        f"from {res['val_window']}: the EnKF's tuning), then the held-out test period from {res['test_start']}: "
+        f"({res['n_train_states']} states, also the climatology), {s['val_years']} for validation "
+        f"({s.get('val_windows', 1)} window(s) from {res['val_window']}: the first tunes the EnKF, all of them the "
+        f"spread scales), then the held-out test period from {res['test_start']}: "
         f"{s['windows']} windows of {s['window']} frames {s['lead']} h apart (windows start {', '.join(res['windows'])}).  "
         f"Observations: the same {res['n_obs'] // 2} random grid points ({FRACTION:.0%} of {s['nx']}x{s['nx']}, "
         f"seed {o['seed']}) in both layers at every frame ({res['n_obs']} values per frame), Gaussian noise "
@@ -465,7 +510,9 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"steps; SDA composition over the {s['window']} frames, {s['members']} members from the window prior; "
         f"amortised: the noisy observations imposed as exact values; amortised + noise: a second such network "
         f"trained with observation noise (data.mask_noise = {list(MASK_NOISE)}), given σ_y; ', ddpm': sampled with "
-        f"the stochastic DDPM sampler at {s['stochastic_nfe']} NFE.  "
+        f"the stochastic DDPM sampler at {s['stochastic_nfe']} NFE; ', calibrated': the named row's members with "
+        f"their anomalies scaled by the spread scale measured on the validation windows (diffkit.calibrate."
+        f"spread_scale: " + ", ".join(f"{r} {v:.3f}" for r, v in res.get("spread_scale", {}).items()) + ").  "
         f"OI: the climatological mean and covariance of the training states averaged over the grid's 2-D shifts "
         f"(block-circulant B), {s['enkf_members']} posterior samples.  EnKF: stochastic, {s['enkf_members']} members "
         f"from climatological states, the true QG model on the coarse {s['nx']}x{s['nx']} grid between frames "
