@@ -74,15 +74,15 @@ from _assim import verdicts as _verdicts  # noqa: E402
 SETTINGS = {
     # nx / L: grid and (fixed) domain length; frame_step: 0.2 output intervals per model step / EnKF
     # cycle; window: K frames assimilated; k: states per window of the window model
-    "quick": dict(nx=32, L=22.0, burn_in=50.0, train_traj=8, train_frames=60, test_traj=2, val_traj=2, frame_step=2, window=8,
-                  k=4, channels=8, mult=(1, 2), res_blocks=1, steps=150, window_steps=200, batch=16, lr=2e-3,
+    "quick": dict(nx=32, L=22.0, burn_in=50.0, train_traj=8, train_frames=60, test_traj=2, val_traj=2, frame_step=2,
+                  window=8, k=4, channels=8, mult=(1, 2), res_blocks=1, steps=150, window_steps=200, batch=16, lr=2e-3,
                   members=8, nfe=6, stochastic_nfe=12, enkf_members=32, inflation=(1.0, 1.15, 1.3, 1.5)),
     "cpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=128, train_frames=200, test_traj=16, val_traj=8, frame_step=2,
                 window=16, k=5, channels=32, mult=(1, 2, 2), res_blocks=1, steps=4000, window_steps=6000, batch=32,
                 lr=1e-3, members=16, nfe=10, stochastic_nfe=100, enkf_members=32,
                 inflation=(1.0, 1.02, 1.05, 1.1, 1.2, 1.4)),
-    "gpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=1024, train_frames=200, test_traj=64, val_traj=16, frame_step=2,
-                window=16, k=7, channels=64, mult=(1, 2, 2, 4), res_blocks=2, steps=40000, window_steps=60000,
+    "gpu": dict(nx=64, L=22.0, burn_in=100.0, train_traj=1024, train_frames=200, test_traj=64, val_traj=16,
+                frame_step=2, window=16, k=7, channels=64, mult=(1, 2, 2, 4), res_blocks=2, steps=40000, window_steps=60000,
                 batch=128, lr=3e-4, members=32, nfe=20, stochastic_nfe=200, enkf_members=32,
                 inflation=(1.0, 1.02, 1.05, 1.1, 1.2, 1.4)),
 }

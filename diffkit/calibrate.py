@@ -218,8 +218,8 @@ def spread_scale(forecast, truth, *, member_dim: int = 0, weights=None, mask=Non
     :mod:`diffkit.ensemble` metrics; the result is float64 with the layout's shape (the forecast without
     its member dim, broadcast against the truth) with every reduced dim of size 1 and the leading
     size-1 dims dropped (a 0-d tensor when every dim is reduced), so it broadcasts against any
-    forecast of that layout from the right.  A one-line error where the ensemble has no spread or the ensemble
-    mean no error (no scale makes the ratio 1) or the ratio is not finite."""
+    forecast of that layout from the right.  A one-line error where the ensemble has no spread or the
+    ensemble mean no error (no scale makes the ratio 1) or the ratio is not finite."""
     ratio = E.spread_skill_ratio(forecast, truth, member_dim=member_dim, weights=weights, mask=mask, dims=dims,
                                  sample_dims=sample_dims, sqrt_first=sqrt_first)
     bad = ~torch.isfinite(ratio) | (ratio <= 0)
@@ -251,9 +251,7 @@ def scale_spread(forecast, scale, *, member_dim: int = 0) -> torch.Tensor:
     x = torch.as_tensor(forecast)
     if x.ndim < 1:
         raise ShapeError("scale_spread needs a forecast with a member dim, got a scalar")
-    md = member_dim + x.ndim if member_dim < 0 else member_dim
-    if not 0 <= md < x.ndim:
-        raise ShapeError(f"member_dim {member_dim} is out of range for a forecast of {x.ndim} dims")
+    md = E._dim(member_dim, x.ndim, "member_dim")
     s = torch.as_tensor(scale, dtype=torch.float64)
     if not bool(torch.isfinite(s).all()) or bool((s <= 0).any()):
         raise ValueError(f"the spread scale must be finite and > 0 (1: unchanged), got {scale!r}")
