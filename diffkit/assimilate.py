@@ -423,21 +423,19 @@ def ensemble_statistics_attrs(variable: str, what: str, attrs: Mapping[str, Any]
     return a
 
 
-def apply_spread_scale(ds, variables, *, dim: str = "member") -> None:
-    """Scale each of ``variables``' member anomalies about the ensemble mean by the dataset's
-    ``spread_scale`` attribute (recorded by :func:`analysis_attrs` from ``--spread-scale``; absent or 1:
-    unchanged), in place, before the ensemble statistics are computed: the mean is unchanged and the
-    spread multiplied by the scale (:func:`diffkit.calibrate.scale_spread`'s rule on a DataArray, NaN
-    kept where it is)."""
-    scale = float(ds.attrs.get("spread_scale", 1.0))
+def apply_spread_scale(members: torch.Tensor, args, *, member_dim: int = 0) -> torch.Tensor:
+    """The sampled ``members`` (member dim at ``member_dim``) with ``--spread-scale`` applied: every
+    member's anomaly about the ensemble mean times ``args.spread_scale``
+    (:func:`diffkit.calibrate.scale_spread`; 1 or absent: returned as is).  The domains call it on the
+    sampled tensor before anything is computed from it, so the file's members, mean, spread and any
+    score against a truth are those of the recalibrated ensemble; :func:`analysis_attrs` records the
+    scale."""
+    scale = float(getattr(args, "spread_scale", 1.0))
     if scale == 1.0:
-        return
-    for v in variables:
-        da = ds[v]
-        mean = da.mean(dim)
-        out = (mean + scale * (da - mean)).transpose(*da.dims).astype(da.dtype)
-        out.attrs, out.encoding = dict(da.attrs), dict(da.encoding)
-        ds[v] = out
+        return members
+    from .calibrate import scale_spread
+
+    return scale_spread(members, scale, member_dim=member_dim)
 
 
 def ensemble_statistics(da, variable: str, attrs: Mapping[str, Any], *, dim: str = "member", keep_attrs=None):

@@ -465,6 +465,10 @@ def test_spread_scale_recalibrates_the_analysis_members(ks, capsys):
         np.testing.assert_allclose(c["u_ensemble_mean"].values, r["u_ensemble_mean"].values, rtol=0, atol=1e-5)
         np.testing.assert_allclose(c["u_ensemble_spread"].values, 0.5 * r["u_ensemble_spread"].values, rtol=1e-4,
                                    atol=1e-6)
+        # the scores against the truth in --init are those of the recalibrated members
+        np.testing.assert_allclose(c["ensemble_spread_skill_ratio"].values,
+                                   0.5 * r["ensemble_spread_skill_ratio"].values, rtol=1e-4)
+        np.testing.assert_allclose(c["ensemble_mean_rmse"].values, r["ensemble_mean_rmse"].values, rtol=1e-5)
     capsys.readouterr()
     for bad in ("0", "-1", "nan"):
         assert main([*common, "--spread-scale", bad, "--out", str(ks["root"] / "never.nc"), *RUN]) == 1

@@ -107,25 +107,16 @@ def test_spread_scale_errors_are_one_line():
     assert out.dtype == torch.float64 and out.tolist() == [[0.5, 1.5], [1.5, 0.5]]
 
 
-def test_apply_spread_scale_on_an_analysis_dataset():
-    import numpy as np
-    import xarray as xr
+def test_apply_spread_scale_is_scale_spread_of_the_command_option():
+    from argparse import Namespace
 
     from diffkit.assimilate import apply_spread_scale
 
-    g = np.random.default_rng(0)
-    x = (0.01 * g.standard_normal((3, 5, 4))).astype(np.float32)     # (time, member, x): member not first
-    x[1, :, 2] = np.nan
-    ds = xr.Dataset({"u": (("time", "member", "x"), x, {"units": "m"})}, attrs={"spread_scale": 0.25})
-    ds["u"].encoding["_FillValue"] = -9.0
-    apply_spread_scale(ds, ["u"])
-    u = ds["u"]
-    assert u.dims == ("time", "member", "x") and u.dtype == np.float32 and u.attrs == {"units": "m"}
-    assert u.encoding["_FillValue"] == -9.0
-    m = x.mean(1, keepdims=True)
-    np.testing.assert_allclose(u.values, m + 0.25 * (x - m), rtol=1e-6, atol=1e-9)
-    assert np.isnan(u.values[1, :, 2]).all()
-    before = ds["u"].values.copy()
-    del ds.attrs["spread_scale"]
-    apply_spread_scale(ds, ["u"])                                    # no scale recorded: unchanged
-    np.testing.assert_array_equal(ds["u"].values, before)
+    g = torch.Generator().manual_seed(0)
+    x = 0.01 * torch.randn(3, 5, 4, generator=g)                     # (N, M, X): member dim 1
+    assert apply_spread_scale(x, Namespace(spread_scale=1.0), member_dim=1) is x
+    assert apply_spread_scale(x, Namespace(), member_dim=1) is x     # an older namespace: as sampled
+    y = apply_spread_scale(x, Namespace(spread_scale=0.25), member_dim=1)
+    m = x.mean(1, keepdim=True)
+    torch.testing.assert_close(y, m + 0.25 * (x - m))
+    assert y.dtype == x.dtype

@@ -311,3 +311,19 @@ def test_bad_file_error_is_one_line_in_a_subprocess(digits):
                         "--out", str(digits["root"] / "never.nc"), *RUN], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "sigma_y of 'L' holds" in p.stderr and "<= 0" in p.stderr
+
+
+@pytest.mark.slow
+def test_spread_scale_recalibrates_the_prior_members(digits):
+    """--spread-scale on the images domain: the example's prior (same seed) with every member's anomaly
+    about the ensemble mean times 2, the mean unchanged, the scale recorded."""
+    out = digits["root"] / "prior_x2.nc"
+    assert main(["assimilate", str(digits["run"]), "--obs", str(digits["obs"]), "--members", "4", "--seed", "0",
+                 "--no-guidance", "--spread-scale", "2", "--out", str(out), *RUN]) == 0
+    with xr.open_dataset(digits["prior"]) as p, xr.open_dataset(out) as c:
+        x = p["L"].values.astype(np.float64)
+        m = x.mean(1, keepdims=True)
+        np.testing.assert_allclose(c["L"].values, m + 2 * (x - m), rtol=0, atol=1e-4)
+        np.testing.assert_allclose(c["L_ensemble_spread"].values, 2 * p["L_ensemble_spread"].values, rtol=1e-4,
+                                   atol=1e-4)
+        assert c.attrs["spread_scale"] == 2.0 and "spread_scale" not in p.attrs

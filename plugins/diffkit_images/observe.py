@@ -230,7 +230,8 @@ class ImagesAssimilation(Assimilation):
                                      method=None if args.no_guidance else guide, layout=layout, sampler=sampler,
                                      nfe=nfe, generator=g, device=device, progress=not args.no_progress)
             zs.append(z[0].float().cpu())
-        x = torch.stack([layout.denormalize(z) for z in zs]).numpy()          # (N, M, C, H, W) physical
+        x = apply_spread_scale(torch.stack([layout.denormalize(z) for z in zs]), args, member_dim=1).numpy()
+        #   (N, M, C, H, W) physical
         a = analysis_attrs(args, obs, sc, guide.method, details={f"guidance_{k}": v for k, v in guide.options.items()})
         ds = _analysis_dataset(x, layout, keys, a, prior=args.no_guidance)
         out = atomic_to_netcdf(cf_output(ds, title=ds.attrs["title"], command=a["command"]), args.out)
@@ -266,7 +267,6 @@ def _analysis_dataset(x, layout, keys, attrs, *, prior: bool):
     for i, c in enumerate(layout.channels):
         va = {"long_name": f"pixel value, channel {c}"}
         ds[c] = xr.DataArray(x[:, :, i].astype(np.float32), dims=(IMAGE, "member", "y", "x"), attrs=va)
-        apply_spread_scale(ds, [c])
         ds[f"{c}_ensemble_mean"], ds[f"{c}_ensemble_spread"] = ensemble_statistics(ds[c], c, {"units": "1", **va})
     label_analysis(ds, prior=prior)
     return ds

@@ -173,6 +173,7 @@ class PDEAssimilation(Assimilation):
         pred = rollout(guided, ic.history, steps, members=args.members,
                        scalars=None if ic.scalars is None else ic.scalars[None], sampler=args.sampler, nfe=args.nfe,
                        seed=args.seed, progress=not args.no_progress, config=loaded.config)
+        pred = apply_spread_scale(pred, args, member_dim=-(layout.ndim + 3))    # (members, steps, C, *S)
         lo, hi = obs.sigma_range()
         a = analysis_attrs(args, obs, loaded.config.sample, guide.method,
                            details={f"guidance_{k}": v for k, v in guide.options.items()},
@@ -192,10 +193,8 @@ class PDEAssimilation(Assimilation):
 
 
 def _add_statistics(ds, variables, *, prior: bool) -> None:
-    """An analysis rollout's title / source, its members' ``--spread-scale`` and each variable's ensemble mean
-    and spread (units, or "1")."""
+    """An analysis rollout's title / source and each variable's ensemble mean and spread (units, or "1")."""
     label_analysis(ds, prior=prior)
-    apply_spread_scale(ds, variables)
     for v in variables:
         da = ds[v]
         ds[f"{v}_ensemble_mean"], ds[f"{v}_ensemble_spread"] = ensemble_statistics(
@@ -289,6 +288,7 @@ def _run_amortised(cls, loaded, args):
     pred = sample_trajectory(loaded.model, cond.values, cond.mask, args.members, length=L, method=method,
                              sampler=args.sampler or sc.sampler, nfe=args.nfe or sc.nfe, generator=g, scalars=scal,
                              progress=not args.no_progress, sigma=cond.sigma)[0, :, 1:].to(torch.float32)
+    pred = apply_spread_scale(pred, args)                                      # (members, steps, C, *S)
     a = analysis_attrs(args, obs, sc, "amortised", details={"amortised_note": cond.note, "composition": method},
                        init={"init_index": index, "init_start": start})
     out_ds = rollout_dataset(pred, ar, ic, attrs=a)

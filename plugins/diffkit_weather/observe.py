@@ -199,6 +199,7 @@ class WeatherAssimilation(Assimilation):
         guided = GuidedRollout(fc.model, {} if args.no_guidance else obs.steps, guide)
         pred = forecast(guided, None, ist, steps=steps, members=args.members, seed=args.seed, sampler=args.sampler,
                         nfe=args.nfe, progress=not args.no_progress, config=fc.config)
+        pred = apply_spread_scale(pred, args, member_dim=1)                     # (N, M, K, C, lat, lon)
         lo, hi = obs.sigma_range()
         attrs = analysis_attrs(args, obs, fc.config.sample, guide.method,
                                details={f"guidance_{k}": v for k, v in guide.options.items()},
@@ -213,10 +214,9 @@ class WeatherAssimilation(Assimilation):
 
 
 def _add_statistics(ds, *, prior: bool) -> None:
-    """An analysis forecast's title / source, its members' ``--spread-scale`` and each variable's ensemble
-    mean and spread (the variable's units and ``_FillValue``)."""
+    """An analysis forecast's title / source and each variable's ensemble mean and spread (the variable's
+    units and ``_FillValue``)."""
     label_analysis(ds, prior=prior)
-    apply_spread_scale(ds, list(ds.data_vars))
     for v in list(ds.data_vars):
         da = ds[v]
         ds[f"{v}_ensemble_mean"], ds[f"{v}_ensemble_spread"] = ensemble_statistics(da, v, da.attrs, keep_attrs=False)
@@ -275,6 +275,7 @@ def _run_amortised(cls, loaded, args):
                              sampler=args.sampler or sc.sampler, nfe=args.nfe or sc.nfe, generator=g, fields=fields,
                              scalars=scal, progress=not args.no_progress,
                              sigma=cond.sigma)[:, :, 1:1 + steps].to("cpu", torch.float32)
+    pred = apply_spread_scale(pred, args, member_dim=1)                         # (1, M, K, C, lat, lon)
     attrs = analysis_attrs(args, obs, sc, "amortised",
                            details={"amortised_note": cond.note, "composition": method, "window_states": k},
                            init={"objective": "diffusion"})
