@@ -456,9 +456,13 @@ def test_spread_scale_recalibrates_the_analysis_members(ks, capsys):
               "--method", "reconstruction", "--seed", "3"]
     raw, cal = ks["root"] / "raw.nc", ks["root"] / "cal.nc"
     assert main([*common, "--out", str(raw), *RUN]) == 0
+    capsys.readouterr()
     assert main([*common, "--spread-scale", "0.5", "--out", str(cal), *RUN]) == 0
+    said = capsys.readouterr().out                  # the summary names the calibration and its scale
+    assert "ensemble-mean RMSE vs the truth" in said and "; u: " in said and "spread/skill" in said
     with xr.open_dataset(raw) as r, xr.open_dataset(cal) as c:
         assert "spread_scale" not in r.attrs and c.attrs["spread_scale"] == 0.5
+        assert c.attrs["calibration_u"] in said
         x, y = r["u"].values.astype(np.float64), c["u"].values.astype(np.float64)
         m = x.mean(0)
         np.testing.assert_allclose(y, m + 0.5 * (x - m), rtol=0, atol=1e-5)

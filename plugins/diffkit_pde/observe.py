@@ -185,11 +185,22 @@ class PDEAssimilation(Assimilation):
         msg = (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of trajectory {index} from frame "
                f"{start} to {out}; {obs.count} observation(s) at {len(obs.steps)} step(s) ({obs.form} form, "
                f"sigma_y {lo:g}..{hi:g})")
-        if "ensemble_mean_rmse" in ds:
-            r = np.asarray(ds["ensemble_mean_rmse"].values, dtype=float)
-            if np.isfinite(r).any():
-                msg += f"; ensemble-mean RMSE vs the truth in {args.init}: {np.nanmean(r):.4g} (mean over steps)"
-        return out, msg
+        return out, msg + _truth_summary(ds, args.init)
+
+
+def _truth_summary(ds, init) -> str:
+    """What the command adds to its summary where ``--init`` holds the truth of the window: the
+    ensemble-mean RMSE (mean over steps) and each variable's calibration line (spread/skill, and the
+    spread scale that would make it 1: the number ``--spread-scale`` takes, measured on validation runs)."""
+    msg = ""
+    if "ensemble_mean_rmse" in ds:
+        r = np.asarray(ds["ensemble_mean_rmse"].values, dtype=float)
+        if np.isfinite(r).any():
+            msg += f"; ensemble-mean RMSE vs the truth in {init}: {np.nanmean(r):.4g} (mean over steps)"
+    for k in sorted(ds.attrs):
+        if k.startswith("calibration_"):
+            msg += f"; {k[len('calibration_'):]}: {ds.attrs[k]}"
+    return msg
 
 
 def _add_statistics(ds, variables, *, prior: bool) -> None:
@@ -296,7 +307,8 @@ def _run_amortised(cls, loaded, args):
     out = atomic_to_netcdf(out_ds, args.out)
     what = "prior ensemble (no observations)" if args.no_guidance else "analysis (amortised)"
     return out, (f"wrote the {what}: {args.members} member(s) x {steps} step(s) of trajectory {index} from frame "
-                 f"{start} to {out}; {obs.count} observation(s) at {len(obs.steps)} step(s) {cond.how(obs)}")
+                 f"{start} to {out}; {obs.count} observation(s) at {len(obs.steps)} step(s) {cond.how(obs)}"
+                 + _truth_summary(out_ds, args.init))
 
 
 #: what ``diffkit assimilate`` uses for checkpoints of the ``pde`` adapter (:func:`diffkit.assimilate.assimilation_for`)
