@@ -424,18 +424,10 @@ def ensemble_statistics_attrs(variable: str, what: str, attrs: Mapping[str, Any]
 
 
 def apply_spread_scale(members: torch.Tensor, args, *, member_dim: int = 0) -> torch.Tensor:
-    """The sampled ``members`` (member dim at ``member_dim``) with ``--spread-scale`` applied: every
-    member's anomaly about the ensemble mean times ``args.spread_scale``
-    (:func:`diffkit.calibrate.scale_spread`; 1 or absent: returned as is).  The domains call it on the
-    sampled tensor before anything is computed from it, so the file's members, mean, spread and any
-    score against a truth are those of the recalibrated ensemble; :func:`analysis_attrs` records the
-    scale."""
-    scale = float(getattr(args, "spread_scale", 1.0))
-    if scale == 1.0:
-        return members
-    from .calibrate import scale_spread
+    """:func:`diffkit.calibrate.apply_spread_scale` (``--spread-scale``), for the domains' ``run``."""
+    from .calibrate import apply_spread_scale as apply
 
-    return scale_spread(members, scale, member_dim=member_dim)
+    return apply(members, args, member_dim=member_dim)
 
 
 def ensemble_statistics(da, variable: str, attrs: Mapping[str, Any], *, dim: str = "member", keep_attrs=None):
@@ -446,6 +438,12 @@ def ensemble_statistics(da, variable: str, attrs: Mapping[str, Any], *, dim: str
     mean = da.mean(dim, keep_attrs=keep_attrs).assign_attrs(ensemble_statistics_attrs(variable, "mean", attrs, dim))
     sd = da.std(dim, ddof=1) if da.sizes[dim] > 1 else da.isel({dim: 0}) * np.nan
     return mean, sd.assign_attrs(ensemble_statistics_attrs(variable, "standard_deviation", attrs, dim))
+
+
+def _spread_scale_attrs(args) -> dict:
+    from .calibrate import spread_scale_attrs
+
+    return spread_scale_attrs(args)
 
 
 def analysis_attrs(args, obs, sample, method: str, *, details: Mapping[str, Any] | None = None,
@@ -461,7 +459,7 @@ def analysis_attrs(args, obs, sample, method: str, *, details: Mapping[str, Any]
             "method": "none (prior)" if args.no_guidance else method, **(details or {}),
             **({"init_file": str(args.init)} if args.init is not None else {}), **(init or {}), "seed": args.seed,
             "sampler": args.sampler or sample.sampler, "nfe": args.nfe or sample.nfe,
-            **({"spread_scale": float(args.spread_scale)} if getattr(args, "spread_scale", 1.0) != 1.0 else {}),
+            **_spread_scale_attrs(args),
             "command": " ".join(["diffkit", *getattr(args, "argv", ["assimilate", str(args.checkpoint)])])}
 
 
@@ -482,10 +480,9 @@ def run_command(args) -> int:
         raise ValueError(f"--members must be >= 1, got {args.members}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if not (math.isfinite(args.spread_scale) and args.spread_scale > 0):
-        raise ValueError(f"--spread-scale must be a finite number > 0 (1: the ensemble as sampled), got "
-                         f"{args.spread_scale:g}; measure it on validation data: 1 / the spread/skill diffkit "
-                         f"evaluate reports")
+    from .calibrate import check_spread_scale
+
+    check_spread_scale(args)
     if not 0 <= args.seed < 2 ** 63:
         raise ValueError(f"--seed must be in 0..{2 ** 63 - 1}, got {args.seed}")
     from .constants import MAX_NFE
@@ -538,11 +535,9 @@ def register(parser) -> None:
     parser.add_argument("--sampler", default=None, help="sampler (default: the run's sample.sampler)")
     parser.add_argument("--nfe", type=int, default=None, help="denoiser evaluations per step (default: the run's)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same analysis")
-    parser.add_argument("--spread-scale", type=float, default=1.0, metavar="S",
-                        help="scale every member's anomaly about the ensemble mean by S before writing (the mean is "
-                             "unchanged, the spread times S): the recalibration diffkit.calibrate.spread_scale "
-                             "measures on validation data, 1 / the spread/skill `diffkit evaluate` reports for "
-                             "analyses of the same set-up (default 1: as sampled)")
+    from .calibrate import add_spread_scale_argument
+
+    add_spread_scale_argument(parser, "analysis ensemble")
     parser.add_argument("--no-guidance", action="store_true",
                         help="sample the prior ensemble (the same rollout, observations only checked and recorded): "
                              "the reference an analysis is compared with")

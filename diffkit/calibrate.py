@@ -56,7 +56,8 @@ from . import ensemble as E
 from .errors import ShapeError
 from .rollout import _unwrap, autoregressive_spec, resolve_perturb_length, rollout
 
-__all__ = ["METRICS", "PerturbationTuning", "tune_perturbation", "block_means", "spread_scale", "scale_spread"]
+__all__ = ["METRICS", "PerturbationTuning", "tune_perturbation", "block_means", "spread_scale", "scale_spread",
+           "add_spread_scale_argument", "check_spread_scale", "apply_spread_scale", "spread_scale_attrs"]
 
 #: the selection criteria of :func:`tune_perturbation` (smaller is better)
 METRICS = ("crps", "crps_multiscale", "spread_skill")
@@ -275,3 +276,43 @@ def _at_layout(s: torch.Tensor, ndim: int, md: int) -> torch.Tensor:
     if s.ndim <= after:
         return s
     return s.unsqueeze(s.ndim - after)
+
+
+# ----------------------------------------------------------------------------- the --spread-scale option
+def add_spread_scale_argument(parser, what: str = "ensemble") -> None:
+    """``--spread-scale S`` of the commands that write an ensemble (``diffkit assimilate``, and the
+    domains' ``diffkit forecast`` / ``diffkit rollout``): one option, one meaning, one check
+    (:func:`check_spread_scale`) and one application (:func:`apply_spread_scale`)."""
+    parser.add_argument("--spread-scale", type=float, default=1.0, metavar="S",
+                        help=f"scale every member's anomaly about the {what} mean by S before writing (the mean is "
+                             f"unchanged, the spread times S): the recalibration diffkit.calibrate.spread_scale "
+                             f"measures on validation data, 1 / the spread/skill reported for runs of the same "
+                             f"set-up (default 1: as sampled)")
+
+
+def check_spread_scale(args) -> None:
+    """A one-line error unless ``args.spread_scale`` (absent: 1) is a finite number > 0."""
+    v = float(getattr(args, "spread_scale", 1.0))
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"--spread-scale must be a finite number > 0 (1: the ensemble as sampled), got {v:g}; "
+                         f"measure it on validation data: 1 / the spread/skill diffkit evaluate (or the calibration "
+                         f"line) reports")
+
+
+def apply_spread_scale(members: torch.Tensor, args, *, member_dim: int = 0) -> torch.Tensor:
+    """The sampled ``members`` (member dim at ``member_dim``) with ``--spread-scale`` applied: every
+    member's anomaly about the ensemble mean times ``args.spread_scale`` (:func:`scale_spread`; 1 or
+    absent: returned as is).  The commands call it on the sampled tensor before anything is computed
+    from it, so the file's members, mean, spread and any score against a truth are those of the
+    recalibrated ensemble; they record the scale as the ``spread_scale`` attribute."""
+    check_spread_scale(args)
+    scale = float(getattr(args, "spread_scale", 1.0))
+    if scale == 1.0:
+        return members
+    return scale_spread(members, scale, member_dim=member_dim)
+
+
+def spread_scale_attrs(args) -> dict:
+    """``{"spread_scale": S}`` where ``--spread-scale`` is not 1, else ``{}``: the attribute a file records."""
+    v = float(getattr(args, "spread_scale", 1.0))
+    return {"spread_scale": v} if v != 1.0 else {}

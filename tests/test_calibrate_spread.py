@@ -120,3 +120,20 @@ def test_apply_spread_scale_is_scale_spread_of_the_command_option():
     m = x.mean(1, keepdim=True)
     torch.testing.assert_close(y, m + 0.25 * (x - m))
     assert y.dtype == x.dtype
+
+
+def test_the_spread_scale_option_parses_checks_and_records():
+    import argparse
+
+    from diffkit.calibrate import add_spread_scale_argument, check_spread_scale, spread_scale_attrs
+
+    ap = argparse.ArgumentParser()
+    add_spread_scale_argument(ap)
+    assert ap.parse_args([]).spread_scale == 1.0 and spread_scale_attrs(ap.parse_args([])) == {}
+    a = ap.parse_args(["--spread-scale", "1.5"])
+    check_spread_scale(a)
+    assert spread_scale_attrs(a) == {"spread_scale": 1.5}
+    for bad in ("0", "-2", "inf", "nan"):
+        with pytest.raises(ValueError, match="--spread-scale must be a finite number > 0") as e:
+            check_spread_scale(ap.parse_args(["--spread-scale", bad]))
+        assert "\n" not in str(e.value)

@@ -138,6 +138,18 @@ def test_train_then_rollout_from_the_command_line(cli_data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("diffkit rollout: error: --index 3 is out of range")
     assert "3 trajectories" in err and not (tmp_path / "b.nc").exists()
+    # --spread-scale: the same seed's members with their anomalies halved; the file's scores are theirs
+    half = tmp_path / "half.nc"
+    assert main([*args[:-5], "--spread-scale", "0.5", "--out", str(half), "--no-progress", "--device", "cpu"]) == 0
+    with xr.open_dataset(half) as h:
+        x = ds["u"].values.astype(np.float64)
+        m = x.mean(0, keepdims=True)
+        np.testing.assert_allclose(h["u"].values, m + 0.5 * (x - m), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(h["ensemble_spread_skill_ratio"].values,
+                                   0.5 * ds["ensemble_spread_skill_ratio"].values, rtol=1e-4)
+        assert h.attrs["spread_scale"] == 0.5 and "spread_scale" not in ds.attrs
+    assert main([*args[:-5], "--spread-scale", "-1", "--out", str(tmp_path / "n.nc"), "--no-progress"]) == 1
+    assert "--spread-scale must be a finite number > 0" in capsys.readouterr().err
 
 
 def test_rollout_rejects_a_checkpoint_not_trained_on_pde_data(cli_data, tmp_path, capsys):

@@ -297,6 +297,18 @@ def test_cli_forecast_and_evaluate_end_to_end(cli, capsys):
     assert ds.sizes["member"] == 3 and ds.sizes["init_time"] == 2 and ds.sizes["lead_time"] == 2
     assert ds.attrs["seed"] == 4 and ds.attrs["sampler"] == "dpmpp_2m" and ds.attrs["members"] == 3
     assert ds.attrs["checkpoint"] == str(cli["run"]) and "--init" in ds.attrs["command"]
+    # --spread-scale: the same seed's members, anomalies about the ensemble mean doubled, recorded
+    fc2 = root / "fc_x2.nc"
+    assert main(["forecast", str(cli["run"]), "--data", *files, "--init", cli["inits"], "--members", "3", "--steps",
+                 "2", "--out", str(fc2), "--seed", "4", "--spread-scale", "2", "--no-progress", "--device", "cpu"]) == 0
+    with xr.open_dataset(fc2) as d2:
+        assert d2.attrs["spread_scale"] == 2.0 and "--spread-scale 2.0" in d2.attrs["command"]
+        for v in cli["channels"][:1]:
+            name = v.split("@")[0]
+            x = ds[name].values.astype(np.float64)
+            m = x.mean(0, keepdims=True)
+            np.testing.assert_allclose(d2[name].values, m + 2 * (x - m), rtol=1e-5, atol=1e-3)
+    capsys.readouterr()
     ev = root / "ev"
     assert main(["evaluate", str(fc), "--truth", *files, "--out", str(ev)]) == 0
     out = capsys.readouterr().out

@@ -123,6 +123,9 @@ def register_rollout(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perturb-length", type=float, default=0.0, metavar="GRID_POINTS",
                         help="correlation length of the --perturb noise in grid points (Gaussian filter; default 0: "
                              "white noise at every grid point)")
+    from diffkit.calibrate import add_spread_scale_argument
+
+    add_spread_scale_argument(parser)
     parser.add_argument("--out", required=True, help="output netCDF file (dims member, time, x[, y])")
     parser.add_argument("--plot", default=None, metavar="PNG",
                         help="also write a space-time (1-D) or snapshot (2-D) figure and a correlation curve "
@@ -135,12 +138,14 @@ def run_rollout(args) -> int:
     import torch
 
     from diffkit.adapters import atomic_to_netcdf
+    from diffkit.calibrate import apply_spread_scale, check_spread_scale, spread_scale_attrs
     from diffkit.rollout import resolve_perturb
 
     from .surrogate import initial_condition, load_surrogate, rollout, rollout_dataset, rollout_report
 
     if not args.perturb_length >= 0 or args.perturb_length == float("inf"):
         raise ValueError(f"--perturb-length must be >= 0 and finite (grid points), got {args.perturb_length}")
+    check_spread_scale(args)
     device = resolve_device(args.device)
     sur = load_surrogate(args.checkpoint, device=device)
     ic = initial_condition(args.init, sur.layout, index=args.index, start=args.start)
@@ -151,12 +156,14 @@ def run_rollout(args) -> int:
                    scalars=None if ic.scalars is None else ic.scalars[None], sampler=args.sampler, nfe=args.nfe,
                    seed=args.seed, perturb=args.perturb, perturb_length=args.perturb_length,
                    progress=not args.no_progress)
+    pred = apply_spread_scale(pred, args, member_dim=-(sur.layout.ndim + 3))    # (members, steps, C, *S)
     perturb = resolve_perturb(args.perturb, sur.model, args.members)
     ds = rollout_dataset(pred, sur.layout, ic, attrs={
         "checkpoint": str(args.checkpoint), "init_file": str(args.init), "init_index": args.index,
         "init_start": args.start, "seed": args.seed, "objective": sur.config.model.objective,
         "sampler": args.sampler or sur.config.sample.sampler, "nfe": args.nfe or sur.config.sample.nfe,
-        "perturb": perturb, "perturb_length": float(args.perturb_length if perturb else 0.0), "command": " ".join(["diffkit", *getattr(args, "argv", ["rollout", str(args.checkpoint)])])})
+        "perturb": perturb, "perturb_length": float(args.perturb_length if perturb else 0.0),
+        **spread_scale_attrs(args), "command": " ".join(["diffkit", *getattr(args, "argv", ["rollout", str(args.checkpoint)])])})
     out = atomic_to_netcdf(ds, args.out)
     msg = f"diffkit rollout: wrote {args.members} member(s) x {steps} frame(s) to {out}"
     if "high_correlation_time_members" in ds.attrs:

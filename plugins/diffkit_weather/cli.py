@@ -138,6 +138,9 @@ def register_forecast(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--perturb-length", type=float, default=0.0, metavar="GRID_POINTS",
                         help="correlation length of the --perturb noise in grid points (Gaussian filter; default 0: "
                              "white noise at every grid point); diffkit.calibrate.tune_perturbation picks it")
+    from diffkit.calibrate import add_spread_scale_argument
+
+    add_spread_scale_argument(parser)
     parser.add_argument("--time-units", default=None,
                         help="time units for data files without CF time units (default: the run's "
                              "data.options.time_units)")
@@ -158,6 +161,9 @@ def run_forecast(args) -> int:
         raise ValueError(f"--perturb must be >= 0, got {args.perturb}")
     if not args.perturb_length >= 0 or args.perturb_length == float("inf"):
         raise ValueError(f"--perturb-length must be >= 0 and finite (grid points), got {args.perturb_length}")
+    from diffkit.calibrate import apply_spread_scale, check_spread_scale, spread_scale_attrs
+
+    check_spread_scale(args)
     device = resolve_device(args.device)
     fc = load_forecaster(args.checkpoint, device=device)
     opts = fc.data_options
@@ -169,6 +175,7 @@ def run_forecast(args) -> int:
     perturb = args.perturb
     pred = forecast(fc, None, ist, steps=args.steps, members=args.members, seed=args.seed, sampler=args.sampler,
                     nfe=args.nfe, perturb=perturb, perturb_length=args.perturb_length, progress=not args.no_progress)
+    pred = apply_spread_scale(pred, args, member_dim=1)                    # (N, M, K, C, lat, lon)
     regression = fc.objective == "regression"
     from diffkit.rollout import resolve_perturb
 
@@ -178,7 +185,7 @@ def run_forecast(args) -> int:
              "sampler": "none (regression)" if regression else (args.sampler or sc.sampler),
              "nfe": 1 if regression else (args.nfe or sc.nfe), "perturb": float(perturb),
              "perturb_length": float(args.perturb_length if perturb else 0.0),
-             "data": " ".join(map(str, args.data)),
+             "data": " ".join(map(str, args.data)), **spread_scale_attrs(args),
              "command": _forecast_command(args, inits),
              **member_attrs(ist, args.member, opts.get("member"))}
     ds = member_dataset(pred, fc.layout, ist, attrs=attrs, options=opts,
@@ -201,7 +208,8 @@ def _forecast_command(args, inits: str) -> str:
              "--members", str(args.members), "--steps", str(args.steps), "--seed", str(args.seed)]
     for flag, v in (("--member", args.member), ("--sampler", args.sampler), ("--nfe", args.nfe),
                     ("--perturb", args.perturb), ("--perturb-length", args.perturb_length or None),
-                    ("--time-units", args.time_units)):
+                    ("--time-units", args.time_units),
+                    ("--spread-scale", args.spread_scale if args.spread_scale != 1.0 else None)):
         if v is not None:
             words += [flag, str(v)]
     return shlex.join(words)
