@@ -35,7 +35,6 @@ from .errors import DiffkitError
 from .observations import ObservationSet, StepObservations
 
 __all__ = ["METHODS", "DEFAULTS", "Assimilation", "GuidedRollout", "assimilation_for", "add_domain_arguments",
-           "apply_spread_scale",
            "check_domain_options", "guidance_options", "model_space", "check_amortised", "ensemble_statistics_attrs",
            "AmortisedConditions", "amortised_conditions", "check_window_method"]
 
@@ -423,13 +422,6 @@ def ensemble_statistics_attrs(variable: str, what: str, attrs: Mapping[str, Any]
     return a
 
 
-def apply_spread_scale(members: torch.Tensor, args, *, member_dim: int = 0) -> torch.Tensor:
-    """:func:`diffkit.calibrate.apply_spread_scale` (``--spread-scale``), for the domains' ``run``."""
-    from .calibrate import apply_spread_scale as apply
-
-    return apply(members, args, member_dim=member_dim)
-
-
 def ensemble_statistics(da, variable: str, attrs: Mapping[str, Any], *, dim: str = "member", keep_attrs=None):
     """The ensemble mean and spread (std over ``dim``, ddof 1; NaN with one member) of ``da`` with
     :func:`ensemble_statistics_attrs` of ``attrs``; ``keep_attrs`` goes to the mean (xarray's)."""
@@ -440,26 +432,23 @@ def ensemble_statistics(da, variable: str, attrs: Mapping[str, Any], *, dim: str
     return mean, sd.assign_attrs(ensemble_statistics_attrs(variable, "standard_deviation", attrs, dim))
 
 
-def _spread_scale_attrs(args) -> dict:
-    from .calibrate import spread_scale_attrs
-
-    return spread_scale_attrs(args)
-
-
 def analysis_attrs(args, obs, sample, method: str, *, details: Mapping[str, Any] | None = None,
                    init: Mapping[str, Any] | None = None) -> dict:
     """The global attributes an analysis file of ``diffkit assimilate`` records (the domains' ``run``):
     checkpoint, observations and their form / count / sigma_y range, the method (``"none (prior)"``
     with ``--no-guidance``) and its ``details``, the initial state's file and ``init`` keys, seed,
     sampler and NFE (``sample``: the run's ``[sample]`` section, unless given), ``--spread-scale``
-    (``spread_scale``, where not 1: :func:`apply_spread_scale` applies it) and the command."""
+    (``spread_scale``, where not 1: :func:`diffkit.calibrate.apply_spread_scale` applies it) and the
+    command."""
+    from .calibrate import spread_scale_attrs
+
     lo, hi = obs.sigma_range()
     return {"checkpoint": str(args.checkpoint), "observations": str(args.obs), "observation_form": obs.form,
             "n_observations": obs.count, "observed_steps": len(obs.steps), "sigma_y_range": f"{lo:g}..{hi:g}",
             "method": "none (prior)" if args.no_guidance else method, **(details or {}),
             **({"init_file": str(args.init)} if args.init is not None else {}), **(init or {}), "seed": args.seed,
             "sampler": args.sampler or sample.sampler, "nfe": args.nfe or sample.nfe,
-            **_spread_scale_attrs(args),
+            **spread_scale_attrs(args),
             "command": " ".join(["diffkit", *getattr(args, "argv", ["assimilate", str(args.checkpoint)])])}
 
 

@@ -304,8 +304,8 @@ def apply_spread_scale(members: torch.Tensor, args, *, member_dim: int = 0) -> t
     member's anomaly about the ensemble mean times ``args.spread_scale`` (:func:`scale_spread`; 1 or
     absent: returned as is).  The commands call it on the sampled tensor before anything is computed
     from it, so the file's members, mean, spread and any score against a truth are those of the
-    recalibrated ensemble; they record the scale as the ``spread_scale`` attribute."""
-    check_spread_scale(args)
+    recalibrated ensemble; they record the scale as the ``spread_scale`` attribute.  The commands check
+    the option first (:func:`check_spread_scale`, before any work); :func:`scale_spread` checks it too."""
     scale = float(getattr(args, "spread_scale", 1.0))
     if scale == 1.0:
         return members

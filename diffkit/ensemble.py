@@ -385,6 +385,8 @@ class Dispersion:
     leads: int
     extremes: float | None
     reason: str
+    by_ratio: bool = False
+    """True where the mean spread/skill alone decided (outside ``band``): a spread scale fixes that."""
 
     @property
     def spread_scale(self) -> float:
@@ -401,8 +403,7 @@ class Dispersion:
         ss += f" (mean of {self.leads} leads, {self.lo:.2f}..{self.hi:.2f})" if self.leads > 1 else ""
         rk = "" if self.extremes is None else f", extreme rank bins {self.extremes:.2f}x uniform"
         fix = ""
-        if self.reason.startswith("spread/skill") and self.verdict != "well-dispersed" and \
-                math.isfinite(self.spread_scale) and " but " not in self.reason:
+        if self.by_ratio and math.isfinite(self.spread_scale):
             fix = (f"; scaling the members' anomalies by {self.spread_scale:.3g} makes it 1 (diffkit.calibrate; "
                    f"measure the scale on validation data, not on the data scored)")
         return f"{self.verdict}: {ss}{rk}; {self.reason}{fix}"
@@ -477,10 +478,10 @@ def dispersion_verdict(spread_skill, rank_counts=None, *, band=DISPERSION_BAND,
                           "no finite spread/skill (it needs at least 2 members)")
     m, lo, hi = float(r.mean()), float(r.min()), float(r.max())
     if m < lo_b:
-        v, why = "under-dispersive", f"spread/skill below {lo_b:g}"
-    elif m > hi_b:
-        v, why = "over-dispersive", f"spread/skill above {hi_b:g}"
-    elif ext is not None and ext > hi_r:
+        return Dispersion("under-dispersive", m, lo, hi, int(r.size), ext, f"spread/skill below {lo_b:g}", True)
+    if m > hi_b:
+        return Dispersion("over-dispersive", m, lo, hi, int(r.size), ext, f"spread/skill above {hi_b:g}", True)
+    if ext is not None and ext > hi_r:
         v, why = "under-dispersive", f"spread/skill in [{lo_b:g}, {hi_b:g}] but extreme rank bins above {hi_r:g}x " \
                                      f"uniform (U-shaped histogram)"
     elif ext is not None and ext < lo_r:

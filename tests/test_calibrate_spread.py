@@ -110,7 +110,7 @@ def test_spread_scale_errors_are_one_line():
 def test_apply_spread_scale_is_scale_spread_of_the_command_option():
     from argparse import Namespace
 
-    from diffkit.assimilate import apply_spread_scale
+    from diffkit.calibrate import apply_spread_scale
 
     g = torch.Generator().manual_seed(0)
     x = 0.01 * torch.randn(3, 5, 4, generator=g)                     # (N, M, X): member dim 1

@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from diffkit.assimilate import Assimilation, analysis_attrs, apply_spread_scale, ensemble_statistics, label_analysis
+from diffkit.assimilate import Assimilation, analysis_attrs, ensemble_statistics, label_analysis
 from diffkit.errors import DiffkitError, ObservationError
 from diffkit.observations import (Axis, ObservationGrid, observation_window, open_observations, read_observations,
                                   synthetic_observations)
@@ -191,6 +191,7 @@ class ImagesAssimilation(Assimilation):
 
         from diffkit.adapters import atomic_to_netcdf, cf_output
         from diffkit.assimilate import model_space
+        from diffkit.calibrate import apply_spread_scale
         from diffkit.denoiser import Regressor
         from diffkit.sampling import sample_posterior
 

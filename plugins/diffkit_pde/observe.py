@@ -14,8 +14,7 @@ import math
 
 import numpy as np
 
-from diffkit.assimilate import (Assimilation, GuidedRollout, analysis_attrs, apply_spread_scale, ensemble_statistics,
-                                label_analysis)
+from diffkit.assimilate import Assimilation, GuidedRollout, analysis_attrs, ensemble_statistics, label_analysis
 from diffkit.errors import ObservationError
 from diffkit.observations import Axis, ObservationGrid, synthetic_observations
 
@@ -145,6 +144,7 @@ class PDEAssimilation(Assimilation):
         if getattr(loaded.layout, "window", None) is not None:
             return _run_amortised(cls, loaded, args)
         from diffkit.adapters import atomic_to_netcdf
+        from diffkit.calibrate import apply_spread_scale
 
         from .adapter import open_trajectories, spec_from_layout, upgrade_layout
         from .surrogate import initial_condition, rollout, rollout_dataset
@@ -261,6 +261,7 @@ def _run_amortised(cls, loaded, args):
 
     from diffkit.adapters import atomic_to_netcdf
     from diffkit.assimilate import amortised_conditions, check_window_method
+    from diffkit.calibrate import apply_spread_scale
     from diffkit.window import sample_trajectory, state_layout
 
     from .adapter import open_trajectories, scalar_values

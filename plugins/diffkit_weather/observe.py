@@ -21,8 +21,7 @@ import math
 
 import numpy as np
 
-from diffkit.assimilate import (Assimilation, GuidedRollout, analysis_attrs, apply_spread_scale, ensemble_statistics,
-                                label_analysis)
+from diffkit.assimilate import Assimilation, GuidedRollout, analysis_attrs, ensemble_statistics, label_analysis
 from diffkit.errors import ObservationError
 from diffkit.observations import Axis, ObservationGrid, synthetic_observations
 
@@ -181,6 +180,7 @@ class WeatherAssimilation(Assimilation):
         if getattr(loaded.layout, "window", None) is not None:
             return _run_amortised(cls, loaded, args)
         from diffkit.adapters import atomic_to_netcdf
+        from diffkit.calibrate import apply_spread_scale
 
         from .forecast import forecast, forecast_dataset, initial_states, load_forecaster
 
@@ -236,6 +236,7 @@ def _run_amortised(cls, loaded, args):
 
     from diffkit.adapters import atomic_to_netcdf
     from diffkit.assimilate import amortised_conditions, check_window_method
+    from diffkit.calibrate import apply_spread_scale
     from diffkit.window import sample_trajectory, state_layout
 
     from .forecast import forcing_scalars, forecast_dataset, initial_states
