@@ -153,7 +153,17 @@ def gmm_problem(operator: str, *, seed: int = 0, sigma_y: float = 0.1):
     def exact(n, generator):
         return sample_mixture(logw, pm, pc, n, generator).reshape(n, *SHAPE)
 
+    exact.posterior = (logw, pm, pc)  # the closed-form mixture, for mode weights
     return den, obs, exact
+
+
+def mode_fractions(x, posterior) -> torch.Tensor:
+    """The fraction of samples ``x`` whose most probable posterior component is each component: ``(K,)``."""
+    logw, pm, pc = posterior
+    xf = x.flatten(1).to(DT)
+    lp = torch.stack([logw[k] + torch.distributions.MultivariateNormal(pm[k], pc[k]).log_prob(xf)
+                      for k in range(len(logw))], 1)
+    return torch.bincount(lp.argmax(1), minlength=len(logw)).to(DT) / xf.shape[0]
 
 
 def sw2(a, b, seed=123):

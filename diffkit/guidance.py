@@ -432,18 +432,44 @@ class GuidedDenoiser:
         self.vjps = 0
 
     def __call__(self, x: torch.Tensor, t, **extra_args) -> torch.Tensor:
+        return self._evaluate(x, t, extra_args, False)[0]
+
+    def twisted(self, x: torch.Tensor, t, **extra_args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(guided x0, prior x0, log_twist)`` at ``x_t``: the guided estimate ``__call__`` returns, the
+        wrapped denoiser's own ``D(x_t)``, and the ``(B,)`` log of the method's approximation of
+        ``p(y | x_t)`` (its *twisting function*, up to a constant common to the batch).  This is what
+        :func:`diffkit.smc.twisted_smc` weights particles with; it costs what a call costs, plus
+        ``n_obs`` vector-Jacobian products for MMPS (the log-determinant of its covariance)."""
+        out, x0, lt = self._evaluate(x, t, extra_args, True)
+        if lt is None:
+            raise TypeError(f"the {self.method} guidance gives no log p(y | x_t) approximation (its _guide sets "
+                            f"no _log_twist), which twisted SMC needs; use mmps, reconstruction or dps")
+        return out, x0, lt
+
+    def log_likelihood(self, x0: torch.Tensor) -> torch.Tensor:
+        """The exact ``(B,)`` ``log N(y; A(x0), Sigma_y)`` of samples ``x0``; needs ``sigma_y > 0``."""
+        y, var = self.obs.values(x0)
+        if bool((var == 0).any()):
+            raise ObservationError("the exact likelihood of noise-free observations (sigma_y = 0) is not a density; "
+                                   "give sigma_y > 0 (e.g. the instrument's error) for twisted SMC")
+        r = y - self.obs.predict(x0, y)
+        return (-0.5 * (r * r / var + torch.log(2 * math.pi * var))).flatten(1).sum(1)
+
+    def _evaluate(self, x, t, extra_args, twist: bool):
         if torch.is_inference_mode_enabled():
             raise RuntimeError(f"{self.method} guidance differentiates through the denoiser, which "
                                "torch.inference_mode() forbids; sample under torch.no_grad() instead")
         B = x.shape[0]
         a, s = self.schedule.coeffs(as_batch_time(t, B, device=x.device))
         y, var = self.obs.values(x)
+        self._twist, self._log_twist = twist, None
         with torch.enable_grad():
             xr = x.detach().requires_grad_(True)
             x0 = self.denoiser(xr, t, **extra_args)
             self.nfe += 1
             out = self._guide(xr, x0, bcast(a, x), bcast(s, x), a.to(x.dtype), s.to(x.dtype), y, var)
-        return out.detach()
+        lt, self._twist, self._log_twist = self._log_twist, False, None
+        return out.detach(), x0.detach(), (None if lt is None else lt.detach())
 
     def _guide(self, xr, x0, a, s, a_b, s_b, y, var):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -475,6 +501,8 @@ class DPS(GuidedDenoiser):
         (g,) = torch.autograd.grad(sq.sum(), xr)
         self.vjps += 1
         step = self.zeta / sq.detach().sqrt().clamp_min(torch.finfo(sq.dtype).tiny)
+        # the log-likelihood whose gradient this is: -(zeta/||r||) grad ||r||^2 = grad (-2 zeta ||r||)
+        self._log_twist = -2 * self.zeta * sq.detach().sqrt()
         return x0.detach() - (s * s / a) * bcast(step, xr) * g
 
 
@@ -498,6 +526,7 @@ class Reconstruction(GuidedDenoiser):
         v = var + self.gamma * _per_obs((s_b / a_b) ** 2, y)
         (g,) = torch.autograd.grad((-0.5 * r * r / v).sum(), xr)
         self.vjps += 1
+        self._log_twist = (-0.5 * (r.detach() ** 2 / v + torch.log(v))).flatten(1).sum(1)
         return x0.detach() + (s * s / a) * g
 
 
@@ -566,6 +595,8 @@ class MMPS(GuidedDenoiser):
                 "bound and kept their last iterate (at the first iteration: reconstruction guidance's "
                 "sigma_t^2/alpha_t^2 I covariance); the guided denoiser's .negative_curvature, .fallbacks and "
                 ".radius_stops count the samples (docs/assimilation.md)", RuntimeWarning, stacklevel=3)
+        if self._twist:
+            self._log_twist = self._mmps_log_twist(matvec, r, u, first, var, _per_obs((s_b / a_b) ** 2, y))
         (g,) = torch.autograd.grad(x0, xr, op.vjp(x0d, u), retain_graph=True)
         self.vjps += 1
         # the overshoot test: for a PSD covariance P = A Cov A^T the update's fit of the observations obeys
@@ -590,6 +621,26 @@ class MMPS(GuidedDenoiser):
                     "the guided denoiser's .overshoots counts them (docs/assimilation.md)", RuntimeWarning,
                     stacklevel=3)
         return x0d + c * g
+
+    def _mmps_log_twist(self, matvec, r, u, first, var, rec_var):
+        """``log N(y; A D, M)`` up to a constant, ``M = Sigma_y + A Cov A^T`` built column by column
+        (``n_obs`` VJPs): ``-r^T u / 2 - log det M / 2`` with CG's ``u``.  Samples whose ``M`` is not
+        positive definite (a learned Jacobian), or that took reconstruction guidance's step, take
+        reconstruction guidance's twist ``N(y; A D, Sigma_y + sigma_t^2/alpha_t^2 I)``."""
+        B, n = r.shape[0], _numel(r.shape[1:])
+        cols = []
+        for j in range(n):
+            e = torch.zeros((B, n), dtype=r.dtype, device=r.device)
+            e[:, j] = 1
+            cols.append(matvec(e.reshape(r.shape))[0].flatten(1))
+        M = torch.stack(cols, 2)
+        M = 0.5 * (M + M.transpose(1, 2))
+        L, info = torch.linalg.cholesky_ex(M)
+        bad = first | (info != 0)
+        logdet = 2 * torch.log(torch.diagonal(L, dim1=1, dim2=2).where(~bad[:, None], torch.ones_like(M[:, 0])).abs()).sum(1)
+        v_rec = var + rec_var
+        rec = (-0.5 * (r * r / v_rec + torch.log(v_rec))).flatten(1).sum(1)
+        return torch.where(bad, rec, -0.5 * _dot(r, u) - 0.5 * logdet).detach()
 
 
 #: :class:`MMPS`'s overshoot test: an update whose sigma_y-weighted fit ``||A delta||`` exceeds this

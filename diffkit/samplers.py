@@ -103,6 +103,20 @@ def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, var
     churn_noise = _check_noise(churn_noise)
     g = _Grid(denoiser, ts, x)
     kw = extra_args or {}
+    coef = _coef(_ddpm_rows(g, variance, churn_noise), x, capturable)
+    for i in range(g.n):
+        x0 = g.call(x, i, kw)
+        k_x0, k_x, k_z = coef[i]
+        x = k_x0 * x0 + k_x * x  # mu~(x_t, x0)
+        if i < g.n - 1:  # no noise on the last step
+            x = x + k_z * _noise(x, generator)
+        _report(callback, g, i, x, x0)
+    return x
+
+
+def _ddpm_rows(g: _Grid, variance: str = "small", churn_noise: float = 1.0) -> list[tuple[float, float, float]]:
+    """``(k_x0, k_x, k_z)`` of every ancestral DDPM step of grid ``g``: ``x_s = k_x0 x0 + k_x x_t + k_z z``
+    (also the transition kernel of :func:`diffkit.smc.twisted_smc`)."""
     rows = []  # the coefficients of every step, before the loop
     for i in range(g.n):
         a_t, s_t, a_s, s_s = g.a[i], g.s[i], g.a[i + 1], g.s[i + 1]
@@ -115,15 +129,7 @@ def ddpm(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, var
         # x_s ~ N(mu~, beta~ I) ("small") or N(mu~, beta I) ("large"); S_noise scales the std
         var = beta * s_s**2 / s_t**2 if variance == "small" else beta
         rows.append((a_s * beta / s_t**2, (a_t / a_s) * s_s**2 / s_t**2, math.sqrt(var) * churn_noise))
-    coef = _coef(rows, x, capturable)
-    for i in range(g.n):
-        x0 = g.call(x, i, kw)
-        k_x0, k_x, k_z = coef[i]
-        x = k_x0 * x0 + k_x * x  # mu~(x_t, x0)
-        if i < g.n - 1:  # no noise on the last step
-            x = x + k_z * _noise(x, generator)
-        _report(callback, g, i, x, x0)
-    return x
+    return rows
 
 
 @sampler_info(order=1, stochastic=False)  # stochastic only with eta > 0
