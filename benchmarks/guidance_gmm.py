@@ -1,6 +1,6 @@
 """Guided sampling against exact posteriors: MMPS, reconstruction guidance and DPS on a Gaussian mixture.
 
-    python benchmarks/guidance_gmm.py [--n 2000] [--nfe 10 20 50] [--seeds 0] [--sweep] [--markdown FILE]
+    python benchmarks/guidance_gmm.py [--n 2000] [--nfe 10 20 50] [--seeds 0] [--sweep] [--smc [NFE ...]] [--markdown FILE]
 
 The prior is a Gaussian mixture with isotropic components (K = 4, samples of shape (1, 2, 2), so
 d = 4), whose exact denoiser E[x0 | x_t] is :class:`diffkit.GaussianMixtureDenoiser`.  With a
@@ -19,6 +19,10 @@ whole measurement on other draws of the mixture, the operator and ``y``; ``--swe
 ratios of DPS over ``zeta`` and of reconstruction guidance over ``gamma`` (NFE 20, first seed).  Each row also gives the
 distance of the unguided prior samples (how far "no guidance" is) and the cost per denoiser
 call in vector-Jacobian products.
+
+``--smc [NFE ...]`` adds twisted SMC (:func:`diffkit.smc.twisted_smc`) over each method at those NFEs
+(default 20 100 400): its sliced W2, that of exact samples with the same duplicates, the modes'
+weights against the closed form and the final effective sample size.
 
 The helpers (exact full-covariance Gaussian denoiser, closed-form posteriors, operator matrices)
 are also used by ``tests/test_guidance.py``.
@@ -208,6 +212,57 @@ def run(n=2000, nfes=(10, 20, 50), operators=("mask", "dense"), seed=0):
     return rows
 
 
+def duplicated_exact(x, exact, generator):
+    """Exact samples with the multiplicities of ``x``'s resampled members: as many distinct exact
+    samples as ``x`` has distinct members, each repeated as often -- what duplicates alone cost."""
+    _, counts = torch.unique(x.flatten(1), dim=0, return_counts=True)
+    fresh = exact(len(counts), generator)
+    return fresh.repeat_interleave(counts, dim=0)
+
+
+def run_smc(n=2000, nfes=(20, 100, 400), operators=("mask", "dense"), seed=0, methods=METHODS):
+    """Twisted SMC (:func:`diffkit.smc.twisted_smc`) over each guidance method: sliced W2 against the
+    floor and against exact samples with the same duplicates, the modes' weights, the final ESS."""
+    from diffkit.smc import twisted_smc
+
+    rows = []
+    for opname in operators:
+        den, obs, exact = gmm_problem(opname, seed=seed)
+        fl = floor(exact, n, seed)
+        ref = exact(n, torch.Generator().manual_seed(999))
+        w = torch.softmax(exact.posterior[0], 0)
+        plain, _ = guided_samples("mmps", den, obs, n, 20, seed=1)
+        plain_err = float((mode_fractions(plain, exact.posterior) - w).abs().max())
+        for nfe in nfes:
+            for method in methods:
+                model = get_guidance(method)(den, obs)
+                seen = {}
+                t0 = time.perf_counter()
+                x = dk.sample(model, (n, *SHAPE), sampler=twisted_smc, nfe=nfe, dtype=DT,
+                              generator=torch.Generator().manual_seed(1), callback=seen.update)
+                dt = time.perf_counter() - t0
+                dup = duplicated_exact(x, exact, torch.Generator().manual_seed(77))
+                d = sw2(x, ref)
+                rows.append({"seed": seed, "operator": opname, "nfe": nfe, "method": method, "sw2": d, "floor": fl,
+                             "ratio": d / fl, "dup_ratio": sw2(dup, ref) / fl,
+                             "mode_err": float((mode_fractions(x, exact.posterior) - w).abs().max()),
+                             "plain_mode_err": plain_err, "final_ess": float(seen["final_ess"][0]),
+                             "unique": len(torch.unique(x.flatten(1), dim=0)) / n,
+                             "vjps_per_call": model.vjps / model.nfe, "seconds": dt})
+    return rows
+
+
+def format_smc(rows) -> str:
+    lines = ["| seed | operator | NFE | twist | sliced W2 | ratio to floor | exact, same duplicates: ratio | "
+             "mode-weight error (plain MMPS at NFE 20) | final ESS | distinct members | VJPs per call | s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['seed']} | {r['operator']} | {r['nfe']} | {r['method']} | {r['sw2']:.4f} | {r['ratio']:.2f} | "
+                     f"{r['dup_ratio']:.2f} | {r['mode_err']:.3f} ({r['plain_mode_err']:.3f}) | {r['final_ess']:.0f} | "
+                     f"{100 * r['unique']:.0f} % | {r['vjps_per_call']:.1f} | {r['seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 SWEEP = {"dps": ("zeta", (0.3, 1.0, 3.0, 10.0)), "reconstruction": ("gamma", (0.1, 0.3, 1.0, 3.0))}
 
 
@@ -242,6 +297,8 @@ def main(argv=None):
     p.add_argument("--nfe", type=int, nargs="+", default=[10, 20, 50])
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="draws of the problem (mixture, operator, y)")
     p.add_argument("--sweep", action="store_true", help="also sweep DPS's zeta and reconstruction's gamma")
+    p.add_argument("--smc", type=int, nargs="*", default=None, metavar="NFE",
+                   help="also twisted SMC over each method at these NFEs (default 20 100 400)")
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -250,6 +307,9 @@ def main(argv=None):
     table = format_markdown(rows)
     if args.sweep:
         table += "\n" + sweep(args.n, 20, seed=args.seeds[0])
+    if args.smc is not None:
+        nfes = tuple(args.smc) or (20, 100, 400)
+        table += "\n" + format_smc([r for seed in args.seeds for r in run_smc(args.n, nfes, seed=seed)])
     print(table)
     print(f"total {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if args.markdown:

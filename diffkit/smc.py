@@ -55,6 +55,21 @@ def _ess(logw: torch.Tensor) -> torch.Tensor:
     return 1.0 / (w * w).sum(1)
 
 
+def _check_shared(denoiser, extra_args, G: int, P: int) -> None:
+    """Resampling moves ``x`` alone: refuse members that carry their own conditioning (a bound ``cond``
+    or an ``extra_args`` tensor that differs within an observation's group of particles)."""
+    cond = getattr(getattr(denoiser, "denoiser", None), "cond", None)
+    parts = [(f"cond.{k}", getattr(cond, k, None)) for k in ("fields", "scalars", "labels")]
+    parts += [(f"extra_args[{k!r}]", v) for k, v in (extra_args or {}).items()]
+    for name, v in parts:
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == G * P and P > 1:
+            grouped = v.reshape(G, P, *v.shape[1:])
+            if not bool((grouped == grouped[:, :1]).all()):
+                raise ValueError(f"the members carry their own {name} (e.g. an autoregressive rollout's histories), "
+                                 f"which resampling the members would mismatch; twisted SMC needs members that "
+                                 f"differ in x alone (one conditioning per observation)")
+
+
 @sampler_info(order=1, stochastic=True)
 def twisted_smc(denoiser, x, ts, *, extra_args=None, generator=None, callback=None, ess_threshold: float = 0.5):
     """Twisted SMC (Wu et al. 2023) over a guided denoiser: the sampler signature of :mod:`diffkit.samplers`.
@@ -64,7 +79,8 @@ def twisted_smc(denoiser, x, ts, *, extra_args=None, generator=None, callback=No
     members into ``n`` groups of ``B / n`` particles, each group resampled on its own.
     ``ess_threshold`` in ``[0, 1]``: a group is resampled when its effective sample size falls below
     this fraction of its particles (``0``: only at the end; ``1``: at every step).  The callback's dict
-    adds ``ess`` (``(n,)``, before any resampling at that step) and ``resampled`` (how many groups were).
+    adds ``ess`` (``(n,)``, before any resampling at that step) and ``resampled`` (how many groups were);
+    the last step's adds ``final_ess``, that of the weights the returned members are drawn with.
     With ``diffkit.sample(guided, shape, sampler=twisted_smc, nfe=N)``: ``N`` guided calls, DDPM's
     grid.  The module docstring gives the algorithm and what it is exact for.
     """
@@ -82,6 +98,7 @@ def twisted_smc(denoiser, x, ts, *, extra_args=None, generator=None, callback=No
     if B % G:
         raise ValueError(f"{B} particles cannot be split among {G} observations; give a multiple of {G} members")
     P = B // G
+    _check_shared(denoiser, extra_args, G, P)
     from .samplers import _ddpm_rows
 
     g = _Grid(denoiser, ts, x)
@@ -119,7 +136,10 @@ def twisted_smc(denoiser, x, ts, *, extra_args=None, generator=None, callback=No
             x = x0p
             logw = logw + loglik(x).to(torch.float64).reshape(G, P) - prev
         if callback is not None:
-            callback({"i": i, "n": g.n, "t": g.t[i], "t_next": g.t[i + 1], "x": x, "x0": x0g, "ess": ess,
-                      "resampled": n_redo})
+            info = {"i": i, "n": g.n, "t": g.t[i], "t_next": g.t[i + 1], "x": x, "x0": x0g, "ess": ess,
+                    "resampled": n_redo}
+            if i == g.n - 1:
+                info["final_ess"] = _ess(logw)  # of the weights the members are drawn with
+            callback(info)
     final = systematic_resample(logw, generator)
     return x[(final + offset).flatten()]

@@ -318,7 +318,8 @@ def test_gmm_posterior_sliced_w2_is_measured_for_each_method(gmm_measurement):
 
 @pytest.mark.xfail(strict=True, reason="measured: MMPS is 3.7x (mask) and 17x (dense) the two-sample floor on "
                                        "this mixture at NFE 20 (its Gaussian approximation of p(y | x_t) is "
-                                       "biased for a multimodal prior); docs/bench/guidance.md")
+                                       "biased for a multimodal prior); twisted SMC over MMPS meets it "
+                                       "(tests/test_smc.py); docs/bench/guidance.md")
 def test_gmm_posterior_mmps_within_twice_the_floor(gmm_measurement):
     """Issue 15's target: MMPS within 2x the two-sample floor at NFE >= 20 on a mixture prior."""
     op, fl, got = gmm_measurement
