@@ -98,6 +98,11 @@ def twisted_smc(denoiser, x, ts, *, extra_args=None, generator=None, callback=No
     if B % G:
         raise ValueError(f"{B} particles cannot be split among {G} observations; give a multiple of {G} members")
     P = B // G
+    if bool((obs.sigma_y == 0).any()):
+        from .errors import ObservationError
+
+        raise ObservationError("twisted SMC weights the last step by the exact likelihood, which noise-free "
+                               "observations (sigma_y = 0) do not have; give sigma_y > 0 (e.g. the instrument's error)")
     _check_shared(denoiser, extra_args, G, P)
     from .samplers import _ddpm_rows
 
@@ -141,5 +146,10 @@ def twisted_smc(denoiser, x, ts, *, extra_args=None, generator=None, callback=No
             if i == g.n - 1:
                 info["final_ess"] = _ess(logw)  # of the weights the members are drawn with
             callback(info)
+    if not bool(torch.isfinite(logw).any(1).all()):
+        from .errors import NonFiniteError
+
+        raise NonFiniteError("twisted SMC: every particle of an observation's group has a non-finite weight (NaN "
+                             "or inf in the samples or the guidance); check the denoiser's output and sigma_y")
     final = systematic_resample(logw, generator)
     return x[(final + offset).flatten()]

@@ -233,6 +233,13 @@ def test_twisted_smc_errors_are_one_line_and_name_the_fix():
     with pytest.raises(TypeError, match="gives no log p"):
         dk.sample(NoTwist(den, obs), (4, 1, 4), sampler=twisted_smc, nfe=4, dtype=DT)
 
+    def nan_den(x, t):
+        return den(x, t) * float("nan")
+
+    nan_den.schedule = den.schedule
+    with pytest.raises(dk.NonFiniteError, match="non-finite weight"):
+        dk.sample(mmps(nan_den, obs), (4, 1, 4), sampler=twisted_smc, nfe=4, dtype=DT)
+
 
 def test_members_with_their_own_conditioning_are_refused():
     """Resampling moves x alone: a denoiser bound to per-member conditioning (an autoregressive
