@@ -12,6 +12,8 @@ every observation, or one value per observation ``(p,)``.
   over the window, as a prior guided by reconstruction guidance or conditioned on the observations
   (states ``(C, *S)``: ``mask`` has the state's shape with its variables first);
 - :func:`scores`: ensemble-mean RMSE, fair CRPS and spread/skill (``diffkit.ensemble``);
+  :func:`split_rmse` the RMSE at the observed and at the unobserved points, :func:`noise_rms` that of
+  the observations themselves (what a method that imposes them exactly scores at the observed points);
 - :func:`verdicts`, :func:`target_lines`, :func:`verdict_table`: the best diffkit row per sparsity
   against the references, as dicts, printed ``target ...: PASS/FAIL`` lines and a markdown table;
 - :func:`atomic_text`: write a text file atomically.
@@ -122,6 +124,23 @@ def scores(pred: torch.Tensor, truth: torch.Tensor) -> dict:
     kw = dict(member_dim=1, sample_dims=(0, 1))
     return dict(rmse=float(ensemble_mean_rmse(pred, truth, **kw)), crps=float(crps(pred, truth, **kw)),
                 spread_skill=float(spread_skill_ratio(pred, truth, **kw)))
+
+
+def split_rmse(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The ensemble-mean RMSE of ``(N, M, K, *state)`` against ``(N, K, *state)`` at the points where the
+    boolean ``mask`` ``(*state)`` is true (observed) and where it is false, as :func:`scores` roots it."""
+    from diffkit.ensemble import ensemble_mean_rmse
+
+    kw = dict(member_dim=1, sample_dims=(0, 1))
+    return dict(rmse_observed=float(ensemble_mean_rmse(pred[..., mask], truth[..., mask], **kw)),
+                rmse_unobserved=float(ensemble_mean_rmse(pred[..., ~mask], truth[..., ~mask], **kw)))
+
+
+def noise_rms(y: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> float:
+    """The RMS of the realised observation errors ``y - truth`` (``y`` ``(N, K, p)`` in ``mask``'s flat order,
+    ``truth`` ``(N, K, *state)``), rooted per (window, frame) as :func:`scores` roots the RMSE."""
+    d = y.to(torch.float64) - truth[..., mask].to(torch.float64)
+    return float(d.pow(2).mean(-1).sqrt().mean())
 
 
 def best_row(rows: dict) -> str:

@@ -68,7 +68,8 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # the helpers shared with assimilation_qg.py, also when loaded from a file path (tests)
     sys.path.insert(0, _HERE)
 from _assim import atomic_text as _atomic_text  # noqa: E402  (shared with assimilation_qg.py)
-from _assim import amortised, enkf_window, oi_window, scores, target_lines, verdict_table, window_guided  # noqa: E402
+from _assim import (amortised, enkf_window, noise_rms, oi_window, scores, split_rmse, target_lines,  # noqa: E402
+                    verdict_table, window_guided)
 from _assim import verdicts as _verdicts  # noqa: E402
 
 SETTINGS = {
@@ -366,12 +367,14 @@ def main(argv=None) -> dict:
     sampled = [r for r in rows if not r.endswith(", calibrated")]
     preds = {st: {r: [] for r in rows} for st in STRIDES}
     secs = {st: {r: 0.0 for r in rows} for st in STRIDES}
-    truths = []
+    truths, ys, masks = [], {st: [] for st in STRIDES}, {}
     for i in range(s["test_traj"]):
         truth = u["test"][i, fs::fs][:K]                                       # frames fs, 2 fs, ..., K fs
         truths.append(truth)
         for stride in STRIDES:
             y, mask = observe(truth, stride, sigma, args.seed + 1000 * (i + 1) + stride)
+            ys[stride].append(y)
+            masks[stride] = mask
             todo = methods(y, mask, args.seed + 100 * i + stride, stride)
             for r in sampled:
                 t0 = time.time()
@@ -384,23 +387,27 @@ def main(argv=None) -> dict:
         print(f"trajectory {i + 1}/{s['test_traj']} done ({(time.time() - t_all) / 60:.1f} min)", flush=True)
     truth = torch.stack(truths)
     table = {}
+    res["noise_rms"] = {str(st): noise_rms(torch.stack(ys[st]), truth, masks[st]) for st in STRIDES}
     for stride in STRIDES:
         table[stride] = {}
         for r in rows:
             sc = scores(torch.stack(preds[stride][r]), truth)
+            sc.update(split_rmse(torch.stack(preds[stride][r]), truth, masks[stride]))
             sc["members"] = int(preds[stride][r][0].shape[0])
             sc["seconds"] = secs[stride][r]
             table[stride][r] = sc
     res["table"] = {str(k): v for k, v in table.items()}
     res["targets"] = verdicts(table)
     res["wall_s"] = time.time() - t_all
-    print(f"\n{'stride':>6} {'obs/frame':>9} {'method':<24} {'members':>7} {'RMSE':>7} {'CRPS':>7} {'spr/skill':>9} "
-          f"{'s':>6}")
+    print(f"\n{'stride':>6} {'obs/frame':>9} {'method':<24} {'members':>7} {'RMSE':>7} {'obs.':>7} {'unobs.':>7} "
+          f"{'CRPS':>7} {'spr/skill':>9} {'s':>6}")
     for stride in STRIDES:
         for r in rows:
             v = table[stride][r]
-            print(f"{stride:6d} {s['nx'] // stride:9d} {r:<24} {v['members']:7d} {v['rmse']:7.3f} {v['crps']:7.3f} "
+            print(f"{stride:6d} {s['nx'] // stride:9d} {r:<24} {v['members']:7d} {v['rmse']:7.3f} "
+                  f"{v['rmse_observed']:7.3f} {v['rmse_unobserved']:7.3f} {v['crps']:7.3f} "
                   f"{v['spread_skill']:9.2f} {v['seconds']:6.1f}")
+    print("observation noise RMS (realised): " + ", ".join(f"stride {k}: {v:.4f}" for k, v in res["noise_rms"].items()))
     for line in target_lines(res["targets"], "stride"):
         print(line)
     print(f"total {res['wall_s'] / 60:.1f} min", flush=True)
@@ -446,14 +453,18 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         + ", inflation per sparsity (validation RMSE): "
         + "; ".join(f"stride {k}: {v['best']:g}" for k, v in res["inflation"].items()) + ".", "",
         "Scores (`diffkit.ensemble`): ensemble-mean RMSE, fair CRPS, spread/skill, over every frame of the window "
-        "and every grid point (root per trajectory and frame, then the mean).", "",
-        "| stride | obs / frame | method | members | RMSE | CRPS | spread/skill | seconds |",
-        "|---|---|---|---|---|---|---|---|",
+        "and every grid point (root per trajectory and frame, then the mean); the RMSE also at the observed and "
+        "at the unobserved points alone.  The observations' own error (the realised noise's RMS, what a method "
+        "that imposes them exactly scores at the observed points): "
+        + ", ".join(f"stride {k}: {v:.4f}" for k, v in res.get("noise_rms", {}).items()) + ".", "",
+        "| stride | obs / frame | method | members | RMSE | RMSE observed / unobserved | CRPS | spread/skill | seconds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for stride, tab in res["table"].items():
         for r in rows:
             v = tab[r]
-            lines.append(f"| {stride} | {s['nx'] // int(stride)} | {r} | {v['members']} | {v['rmse']:.3f} | "
+            split = (f"{v['rmse_observed']:.3f} / {v['rmse_unobserved']:.3f}" if "rmse_observed" in v else "")
+            lines.append(f"| {stride} | {s['nx'] // int(stride)} | {r} | {v['members']} | {v['rmse']:.3f} | {split} | "
                          f"{v['crps']:.3f} | {v['spread_skill']:.2f} | {v['seconds']:.1f} |")
     lines += [""] + verdict_table(res["targets"], "stride")
     others = [k for k in SETTINGS if k != res["setting"]]

@@ -72,7 +72,8 @@ _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:  # the sibling benchmarks, also when loaded from a file path (tests)
     sys.path.insert(0, _HERE)
 import weather_qg as wq  # noqa: E402  (the QG data set-up and the surrogate's training config)
-from _assim import (amortised, atomic_text, enkf_window, oi_window, scores, target_lines,  # noqa: E402
+from _assim import (amortised, atomic_text, enkf_window, noise_rms, oi_window, scores, split_rmse,  # noqa: E402
+                    target_lines,
                     verdict_table, verdicts, window_guided)
 
 #: the data (weather_qg.setup_data's keys): nx_sim^2 simulated, observed on nx^2, spin-up as there; lead:
@@ -442,11 +443,12 @@ def main(argv=None) -> dict:
     sampled = [r for r in rows if not r.endswith(", calibrated")]
     preds = {r: [] for r in rows}
     secs = {r: 0.0 for r in rows}
-    truths = []
+    truths, ys = [], []
     for i, t0 in enumerate(starts):
         truth = states(data, fc, [t0 + j * lead for j in range(1, K + 1)])  # (K, 2, nx, nx)
         truths.append(truth)
         y = observe(truth, mask, sigma, args.seed + 1000 * (i + 1))
+        ys.append(y)
         todo = methods(y, args.seed + 100 * i)
         for r in sampled:
             t1 = time.time()
@@ -458,19 +460,23 @@ def main(argv=None) -> dict:
         print(f"window {i + 1}/{s['windows']} done ({(time.time() - t_all) / 60:.1f} min)", flush=True)
     truth = torch.stack(truths) / scale
     table = {SPARSITY: {}}
+    res["noise_rms"] = noise_rms(torch.stack(ys) / scale.expand(mask.shape)[mask], truth, mask)
     for r in rows:
         sc = scores(torch.stack(preds[r]) / scale, truth)
+        sc.update(split_rmse(torch.stack(preds[r]) / scale, truth, mask))
         sc["members"] = int(preds[r][0].shape[0])
         sc["seconds"] = secs[r]
         table[SPARSITY][r] = sc
     res["table"] = table
     res["targets"] = verdicts(table, DIFFKIT_ROWS, (("OI", TARGET_OI), ("EnKF", None)), TARGET_SS, key="observed")
     res["wall_s"] = time.time() - t_all
-    print(f"\n{'method':<24} {'members':>7} {'RMSE':>7} {'CRPS':>7} {'spr/skill':>9} {'s':>6}")
+    print(f"\n{'method':<24} {'members':>7} {'RMSE':>7} {'obs.':>7} {'unobs.':>7} {'CRPS':>7} {'spr/skill':>9} "
+          f"{'s':>6}")
     for r in rows:
         v = table[SPARSITY][r]
-        print(f"{r:<24} {v['members']:7d} {v['rmse']:7.3f} {v['crps']:7.3f} {v['spread_skill']:9.2f} "
-              f"{v['seconds']:6.1f}")
+        print(f"{r:<24} {v['members']:7d} {v['rmse']:7.3f} {v['rmse_observed']:7.3f} {v['rmse_unobserved']:7.3f} "
+              f"{v['crps']:7.3f} {v['spread_skill']:9.2f} {v['seconds']:6.1f}")
+    print(f"observation noise RMS (realised, climatological stds): {res['noise_rms']:.4f}")
     for line in target_lines(res["targets"], "observed"):
         print(line)
     print(f"total {res['wall_s'] / 60:.1f} min", flush=True)
@@ -524,14 +530,17 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         f"{res['radius']:g}.", "",
         "Scores (`diffkit.ensemble`) in units of each layer's climatological std: ensemble-mean RMSE, fair CRPS, "
         "spread/skill, over every frame of the window and every grid point of both layers (root per window and "
-        "frame, then the mean).", "",
-        "| observed | method | members | RMSE | CRPS | spread/skill | seconds |",
-        "|---|---|---|---|---|---|---|",
+        "frame, then the mean); the RMSE also at the observed and at the unobserved points alone.  The "
+        "observations' own error (the realised noise's RMS, what a method that imposes them exactly scores at the "
+        "observed points): " + (f"{res['noise_rms']:.4f}." if "noise_rms" in res else "not recorded."), "",
+        "| observed | method | members | RMSE | RMSE observed / unobserved | CRPS | spread/skill | seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for sparsity, tab in res["table"].items():
         for r in rows:
             v = tab[r]
-            lines.append(f"| {sparsity} | {r} | {v['members']} | {v['rmse']:.3f} | {v['crps']:.3f} | "
+            split = (f"{v['rmse_observed']:.3f} / {v['rmse_unobserved']:.3f}" if "rmse_observed" in v else "")
+            lines.append(f"| {sparsity} | {r} | {v['members']} | {v['rmse']:.3f} | {split} | {v['crps']:.3f} | "
                          f"{v['spread_skill']:.2f} | {v['seconds']:.1f} |")
     lines += [""] + verdict_table(res["targets"], "observed")
     others = [k for k in SETTINGS if k != res["setting"]]

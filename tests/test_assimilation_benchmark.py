@@ -69,6 +69,13 @@ def test_ks_assimilation_benchmark_quick_setting(tmp_path, capsys):
         assert v["best"] == best
         if v["what"] == "RMSE / OI":
             assert v["met"] == (rows[best]["rmse"] <= 0.7 * rows["OI"]["rmse"])
+    # the RMSE at the observed / unobserved points: the amortised model trained on exact observations imposes
+    # them exactly, so at the observed points its ensemble mean scores the observations' own realised noise
+    for s in bench.STRIDES:
+        rows = table[str(s)]
+        for r in ("amortised", "amortised, ddpm", "amortised, calibrated"):
+            assert rows[r]["rmse_observed"] == pytest.approx(res["noise_rms"][str(s)], rel=1e-4), (s, r)
+        assert all(math.isfinite(v["rmse_unobserved"]) for v in rows.values())
     assert json.loads(js.read_text())["targets"] == res["targets"]
     text = md.read_text()
     assert "| 32 | 1 | EnKF |" in text and text.count("**PASS**") + text.count("**FAIL**") == len(lines)

@@ -88,6 +88,10 @@ def test_qg_assimilation_benchmark_ci_setting(tmp_path, capsys):
     # OI and the guided surrogate use them (measured on this one window with the ci setting's 100-step
     # surrogate: prior 0.954, OI 0.944, AR + reconstruction 0.928; the EnKF, 0.967, beats the prior only
     # over the quick setting's windows)
+    # the amortised model trained on exact observations imposes them: at the observed points its ensemble
+    # mean scores the observations' realised noise (benchmarks/_assim.split_rmse and noise_rms)
+    for r in ("amortised", "amortised, ddpm", "amortised, calibrated"):
+        assert rows[r]["rmse_observed"] == pytest.approx(res["noise_rms"], rel=1e-4), r
     prior = rows["AR prior"]["rmse"]
     assert 0.8 < prior < 1.2
     assert rows["OI"]["rmse"] < prior and rows["AR + reconstruction"]["rmse"] < prior, rows
