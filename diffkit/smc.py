@@ -27,8 +27,6 @@ weights of a handful of particles in high dimension degenerate: the callback rep
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .grids import _Grid, _noise, sampler_info
