@@ -456,14 +456,14 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         "and every grid point (root per trajectory and frame, then the mean); the RMSE also at the observed and "
         "at the unobserved points alone.  The observations' own error (the realised noise's RMS, what a method "
         "that imposes them exactly scores at the observed points): "
-        + ", ".join(f"stride {k}: {v:.4f}" for k, v in res.get("noise_rms", {}).items()) + ".", "",
+        + ", ".join(f"stride {k}: {v:.4f}" for k, v in res["noise_rms"].items()) + ".", "",
         "| stride | obs / frame | method | members | RMSE | RMSE observed / unobserved | CRPS | spread/skill | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for stride, tab in res["table"].items():
         for r in rows:
             v = tab[r]
-            split = (f"{v['rmse_observed']:.3f} / {v['rmse_unobserved']:.3f}" if "rmse_observed" in v else "")
+            split = f"{v['rmse_observed']:.3f} / {v['rmse_unobserved']:.3f}"
             lines.append(f"| {stride} | {s['nx'] // int(stride)} | {r} | {v['members']} | {v['rmse']:.3f} | {split} | "
                          f"{v['crps']:.3f} | {v['spread_skill']:.2f} | {v['seconds']:.1f} |")
     lines += [""] + verdict_table(res["targets"], "stride")

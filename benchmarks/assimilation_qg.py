@@ -532,14 +532,14 @@ def write_markdown(res: dict, path: Path, rows) -> None:
         "spread/skill, over every frame of the window and every grid point of both layers (root per window and "
         "frame, then the mean); the RMSE also at the observed and at the unobserved points alone.  The "
         "observations' own error (the realised noise's RMS, what a method that imposes them exactly scores at the "
-        "observed points): " + (f"{res['noise_rms']:.4f}." if "noise_rms" in res else "not recorded."), "",
+        f"observed points): {res['noise_rms']:.4f}.", "",
         "| observed | method | members | RMSE | RMSE observed / unobserved | CRPS | spread/skill | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for sparsity, tab in res["table"].items():
         for r in rows:
             v = tab[r]
-            split = (f"{v['rmse_observed']:.3f} / {v['rmse_unobserved']:.3f}" if "rmse_observed" in v else "")
+            split = f"{v['rmse_observed']:.3f} / {v['rmse_unobserved']:.3f}"
             lines.append(f"| {sparsity} | {r} | {v['members']} | {v['rmse']:.3f} | {split} | {v['crps']:.3f} | "
                          f"{v['spread_skill']:.2f} | {v['seconds']:.1f} |")
     lines += [""] + verdict_table(res["targets"], "observed")

@@ -222,18 +222,9 @@ def test_mmps_narrow_prior_keeps_its_scale():
     """A prior of std 0.01 in model units (diffkit.GaussianDenoiser), half of it observed with
     sigma_y = 0.01: unobserved values come back with std 0.01 and observed ones with the posterior
     std 0.01/sqrt(2), each within 4 %, and the posterior means within Monte-Carlo error."""
-    shape, s, sy = (1, 16), 0.01, 0.01
-    g = _gen(4)
-    mean = 0.3 + 0.01 * torch.randn(shape, generator=g, dtype=DT)
-    den = dk.GaussianDenoiser(dk.cosine(), mean, s)
-    mask = torch.zeros(shape, dtype=torch.bool)
-    mask[0, ::2] = True
-    truth = mean + s * torch.randn(shape, generator=g, dtype=DT)
-    y = truth[mask][None] + sy * torch.randn((1, 8), generator=g, dtype=DT)
-    x = dk.sample(mmps(den, Observation(MaskOperator(mask), y, sy)), (N_MC, *shape), nfe=30, dtype=DT,
-                  generator=_gen(5))
-    post_sd = 1.0 / math.sqrt(1 / s**2 + 1 / sy**2)
-    post_mean = (mean[mask] / s**2 + y[0] / sy**2) * post_sd**2
+    s = 0.01
+    den, obs, mask, mean, post_mean, post_sd = bench.narrow_masked_problem(_gen(4), std=s, sigma_y=0.01)
+    x = dk.sample(mmps(den, obs), (N_MC, *mask.shape), nfe=30, dtype=DT, generator=_gen(5))
     ratio_obs = x[:, mask].std(0) / post_sd
     ratio_free = x[:, ~mask].std(0) / s
     assert float((ratio_obs - 1).abs().max()) < 0.04, ratio_obs

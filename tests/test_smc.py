@@ -137,18 +137,9 @@ def test_smc_keeps_a_narrow_posterior_at_its_scale():
     within 8 Monte-Carlo sd (about 2000 effective members).  The margins are the DDPM chain's: its
     own std at NFE 200 is 2-3.5 % low (measured over 5 seeds: mean ratios 0.97-0.99, means within
     5.2 sd), which the weights do not correct -- they correct the guidance, not the chain."""
-    shape, s, sy = (1, 16), 0.01, 0.01
-    g = _gen(5)
-    mean = 0.3 + 0.01 * torch.randn(shape, generator=g, dtype=DT)
-    den = dk.GaussianDenoiser(dk.cosine(), mean, s)
-    mask = torch.zeros(shape, dtype=torch.bool)
-    mask[0, ::2] = True
-    truth = mean + s * torch.randn(shape, generator=g, dtype=DT)
-    y = truth[mask][None] + sy * torch.randn((1, 8), generator=g, dtype=DT)
-    x = dk.sample(mmps(den, Observation(MaskOperator(mask), y, sy)), (4000, *shape), sampler=twisted_smc, nfe=200,
-                  dtype=DT, generator=_gen(6))
-    post_sd = 1.0 / math.sqrt(1 / s**2 + 1 / sy**2)
-    post_mean = (mean[mask] / s**2 + y[0] / sy**2) * post_sd**2
+    s = 0.01
+    den, obs, mask, mean, post_mean, post_sd = bench.narrow_masked_problem(_gen(5), std=s, sigma_y=0.01)
+    x = dk.sample(mmps(den, obs), (4000, *mask.shape), sampler=twisted_smc, nfe=200, dtype=DT, generator=_gen(6))
     for ratio in (x[:, mask].std(0) / post_sd, x[:, ~mask].std(0) / s):
         assert abs(float(ratio.mean()) - 1) < 0.045 and float((ratio - 1).abs().max()) < 0.08, ratio
     assert float((x[:, mask].mean(0) - post_mean).abs().max()) < 8 * post_sd / math.sqrt(2000)
