@@ -156,8 +156,8 @@ def add_domain_arguments(parser) -> dict:
     first; domains sharing one ``add_arguments``, a subclass and its parent, share one group).  A domain
     that fails, or whose options clash with the command's or an earlier domain's, is a
     :class:`~diffkit.registry.PluginWarning` naming its plugin, and none of its options is added.
-    Returns ``{dest: (add_arguments function, domain names, option, default)}`` of the options added."""
-    import argparse
+    Returns ``{dest: (add_arguments function, domain names, option, default)}`` of the options added
+    (:func:`diffkit.options.add_option_groups`)."""
     import warnings
 
     from . import registry
@@ -179,46 +179,22 @@ def add_domain_arguments(parser) -> dict:
             continue
         if fn is not None and fn is not Assimilation.add_arguments.__func__:
             hooks.setdefault(fn, []).append((_domain_name(domain, comp.name), comp.plugin, domain))
-    taken = {o: "the command" for a in parser._actions for o in a.option_strings}
-    dests = {a.dest: "the command" for a in parser._actions}
-    owners: dict = {}
+    from .options import Provider, add_option_groups
+
+    providers = []
     for fn, users in hooks.items():
-        names = list(dict.fromkeys(n for n, _, _ in users))
-        plugin, domain, title = users[0][1], users[0][2], f"{', '.join(names)} domain options"
-        try:  # rehearsed on a scratch parser first, so that a failing domain leaves nothing behind
-            scratch = argparse.ArgumentParser(add_help=False)
-            domain.add_arguments(scratch.add_argument_group(title))
-            for a in scratch._actions:
-                if not a.option_strings:
-                    raise ValueError(f"its argument {a.dest!r} is positional; a domain adds --options only")
-                clash = [o for o in a.option_strings if o in taken]
-                if clash or a.dest in dests:
-                    raise ValueError(f"its option {clash[0] if clash else a.option_strings[0]} clashes with "
-                                     f"{taken[clash[0]] if clash else dests[a.dest]}'s "
-                                     f"{clash[0] if clash else 'dest ' + repr(a.dest)}")
-        except Exception as e:  # noqa: BLE001 - the plugin's own error, or a clash
-            warnings.warn(f"diffkit plugin {plugin!r}: the options of its {names[0]} domain are left out of diffkit "
-                          f"assimilate: {type(e).__name__}: {' '.join(str(e).split())}", registry.PluginWarning,
-                          stacklevel=2)
-            continue
-        before = len(parser._actions)
-        domain.add_arguments(parser.add_argument_group(title))
-        for a in parser._actions[before:]:
-            owners[a.dest] = (fn, " / ".join(names), a.option_strings[0], a.default)
-            taken.update({o: f"the {names[0]} domain" for o in a.option_strings})
-            dests[a.dest] = f"the {names[0]} domain"
-    return owners
+        names = tuple(dict.fromkeys(n for n, _, _ in users))
+        providers.append(Provider(fn, names, users[0][1], users[0][2].add_arguments))
+    return add_option_groups(parser, providers, command="diffkit assimilate", kind="domain")
 
 
 def check_domain_options(args, domain, owners: Mapping[str, tuple]) -> None:
     """An error if ``args`` gives an option another domain than ``domain`` (the checkpoint's) added
     (``owners``: what :func:`add_domain_arguments` returned)."""
-    mine = getattr(domain.add_arguments, "__func__", domain.add_arguments)
-    for dest, (fn, names, flag, default) in owners.items():
-        if fn is not mine and getattr(args, dest, default) != default:
-            raise DiffkitError(f"{flag} is an option of the {names} domain, and this checkpoint is a model of the "
-                               f"{domain.name} domain: leave it out (diffkit assimilate --help lists each domain's "
-                               f"options)")
+    from .options import check_option_owner
+
+    check_option_owner(args, getattr(domain.add_arguments, "__func__", domain.add_arguments), owners, kind="domain",
+                       running=f"this checkpoint is a model of the {domain.name} domain", command="diffkit assimilate")
 
 
 def guidance_options(method: str, gamma: float | None = None, zeta: float | None = None,
