@@ -1,5 +1,5 @@
 """diffkit's own plugins, as pytest's ``default_plugins``: the modules whose hook implementations
-register diffkit's schedules, samplers, guidance methods, metrics, adapter and commands.
+register diffkit's schedules, samplers, guidance methods, metrics, adapter, commands and evaluator.
 
 The registry (:mod:`diffkit.registry`) loads each of them as an entry point of the ``diffkit``
 group named after its module, through the same path as an installed plugin; the components they
@@ -15,4 +15,5 @@ BUILTIN_PLUGINS = (
     "diffkit.metrics",     # diffkit_metrics: sliced_wasserstein and the ensemble_* scores
     "diffkit.adapters",    # diffkit_adapters: mixture
     "diffkit.quickstart",  # diffkit_commands: quickstart
+    "diffkit.evaluation",  # diffkit_evaluators: ensemble (diffkit evaluate's generic evaluator)
 )

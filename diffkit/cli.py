@@ -289,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "the surrogate's rollout from --init over the observation window, each step guided by that "
                     "step's observations (mmps, reconstruction, dps). Writes members, ensemble mean and spread in "
                     "the domain's forecast / rollout format. docs/observations.md"))
+    from .evaluation import register as register_evaluate  # the command and its evaluators: diffkit/evaluation.py
+
+    register_evaluate(sub.add_parser(
+        "evaluate", parents=[common], help="score an ensemble (forecast, rollout, analysis) against the truth: RMSE, "
+                                           "CRPS, spread, spread/skill, rank histograms, the dispersion verdict",
+        description="Score an ensemble file against the truth with the evaluator that claims it (the plugins' "
+                    "first: weather forecasts and analyses, PDE rollouts and analyses; then diffkit's generic one "
+                    "for any file with a member dim). Writes scores.csv, scores.nc (CF) and figures. "
+                    "docs/evaluation.md"))
     _add_plugin_commands(sub, common)
     return p
 

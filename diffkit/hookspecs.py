@@ -150,3 +150,20 @@ def diffkit_quickstarts() -> dict:
     :class:`~diffkit.quickstart.Section` of the report: a title, a paragraph, a table of metrics
     and the files it wrote.  Import heavy modules inside ``run``.
     """
+
+
+@hookspec
+def diffkit_evaluators() -> dict:
+    """Register evaluators of ``diffkit evaluate``: ``{name: Evaluator subclass}``.
+
+    A subclass of :class:`diffkit.evaluation.Evaluator` with the class methods
+    ``can_evaluate(ds) -> bool`` (whether it scores the forecast file, opened lazily as an
+    :class:`xarray.Dataset`: decide from dims and attributes), ``add_arguments(group)`` (its
+    ``--options``, in a group "NAME evaluator options"; giving one while another evaluator runs is
+    an error) and ``run(args) -> int`` (score ``args.forecast`` against ``args.truth``, write into
+    ``args.out``, print a summary).  The command asks the plugins' evaluators first and diffkit's
+    generic ``ensemble`` one last; two plugin evaluators that claim one file are an error asking
+    for ``--evaluator NAME``.  Subclass :class:`diffkit.evaluation.EnsembleEvaluator` to reuse its
+    scoring and override only ``truth`` (the slice of the truth to score against).  See
+    :mod:`diffkit.evaluation`.
+    """

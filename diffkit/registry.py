@@ -40,7 +40,7 @@ from ._builtins import BUILTIN_PLUGINS
 from .errors import ConfigError, PluginError, UnknownComponentError
 
 ENTRY_POINT_GROUP = "diffkit"
-KINDS = ("backbone", "adapter", "schedule", "sampler", "guidance", "metric", "command", "quickstart")
+KINDS = ("backbone", "adapter", "schedule", "sampler", "guidance", "metric", "command", "quickstart", "evaluator")
 _HOOKS = {
     "backbone": "diffkit_backbones",
     "adapter": "diffkit_adapters",
@@ -50,6 +50,7 @@ _HOOKS = {
     "metric": "diffkit_metrics",
     "command": "diffkit_commands",
     "quickstart": "diffkit_quickstarts",
+    "evaluator": "diffkit_evaluators",
 }
 
 

@@ -51,6 +51,18 @@ def test_assimilate_pde_example_beats_the_prior(tmp_path):
         assert a["u"].dims == ("member", "time", "x") and a.sizes["member"] == report["members"]
         assert a.attrs["method"] == "mmps" and a.attrs["n_observations"] == int(np.isfinite(o["u"].values).sum())
         np.testing.assert_allclose(a["time"].values, o["time"].values)
+    # diffkit evaluate: the pde evaluator finds the truth trajectory (init_index) and gives the example's numbers
+    from diffkit.cli import main
+
+    for name in ("prior", "analysis_mmps"):
+        assert main(["evaluate", str(tmp_path / f"{name}.nc"), "--truth", str(tmp_path / "ks_truth.nc"), "--out",
+                     str(tmp_path / f"scores_{name}"), "--no-plots"]) == 0
+    with xr.open_dataset(tmp_path / "scores_analysis_mmps" / "scores.nc") as s:
+        assert float(s["ensemble_mean_rmse_overall"].values[0]) == pytest.approx(report["mmps"]["rmse"], rel=1e-5)
+        assert float(s["ensemble_spread_skill_ratio_overall"].values[0]) == pytest.approx(
+            report["mmps"]["spread_skill"], rel=1e-5)
+    with xr.open_dataset(tmp_path / "scores_prior" / "scores.nc") as s:
+        assert float(s["ensemble_mean_rmse_overall"].values[0]) == pytest.approx(prior["rmse"], rel=1e-5)
 
 
 def test_assimilate_weather_example_beats_the_prior(tmp_path):

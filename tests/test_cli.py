@@ -23,7 +23,7 @@ from diffkit.cli import main
 from _registry_helpers import ENV_VARS  # the plugin switches a subprocess must not inherit
 BUILTINS = [("schedule", n) for n in ("alpha_bar", "cosine", "linear", "sigmoid")] + \
            [("sampler", n) for n in ("ddim", "ddpm", "dpmpp_2m", "dpmpp_2s", "dpmpp_3m", "euler", "heun", "unipc")] + [("metric", "sliced_wasserstein")] + \
-           [("adapter", "mixture")]
+           [("adapter", "mixture"), ("evaluator", "ensemble")]
 
 
 #: every test starts and ends with a freshly discovered registry (conftest.py's clean_registry)
@@ -132,9 +132,12 @@ def test_plugins_kind_filter(capsys):
                                                                             ("command", "rollout", "pde"),
                                                                             ("command", "data weather", "weather"),
                                                                             ("command", "forecast", "weather"),
-                                                                            ("command", "evaluate", "weather"),
                                                                             ("command", "data images", "images"),
                                                                             ("command", "quickstart", "diffkit")}
+    assert main(["plugins", "--kind", "evaluator"]) == 0   # diffkit evaluate is the core's; the domains' evaluators
+    assert {(r[0], r[1], r[2]) for r in table(capsys.readouterr().out)} == {("evaluator", "ensemble", "diffkit"),
+                                                                            ("evaluator", "pde", "pde"),
+                                                                            ("evaluator", "weather", "weather")}
 
 
 def test_plugins_bad_kind_is_a_usage_error(capsys):
@@ -166,7 +169,8 @@ def test_broken_plugin_is_a_warning_and_exit_0(tmp_path):
     assert {(k, n) for k, n, _, _ in table(proc.stdout)} >= set(BUILTINS)
     quiet = run(["plugins"], tmp_path, site=site, DIFFKIT_DISABLE_PLUGIN_AUTOLOAD="1")
     assert quiet.returncode == 0 and quiet.stderr == ""
-    assert {r[0] for r in table(quiet.stdout)} == {"adapter", "schedule", "sampler", "guidance", "metric", "command"}
+    assert {r[0] for r in table(quiet.stdout)} == {"adapter", "schedule", "sampler", "guidance", "metric", "command",
+                                                   "evaluator"}
 
 
 @pytest.mark.slow

@@ -48,6 +48,7 @@ HOOK_SIGNATURES = {
     "diffkit_commands": ["register(parser: argparse.ArgumentParser) -> None", "run(args) -> int"],
     "diffkit_quickstarts": ["run(out: pathlib.Path, *, seed: int = 0, progress: bool = True) "
                             "-> diffkit.quickstart.Section"],
+    "diffkit_evaluators": ["can_evaluate(ds) -> bool", "add_arguments(group)", "run(args) -> int"],
 }
 
 

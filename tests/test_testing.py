@@ -109,8 +109,9 @@ def test_check_plugin_registers_on_builtins():
         for kind, comps in check_plugin_registers(importlib.import_module(name)).items():
             assert not set(comps) & set(got.get(kind, {})), (name, kind)
             got.setdefault(kind, {}).update(comps)
-    assert set(got) == {"adapter", "schedule", "sampler", "guidance", "metric", "command"}
+    assert set(got) == {"adapter", "schedule", "sampler", "guidance", "metric", "command", "evaluator"}
     assert set(got["sampler"]) == CORE["sampler"] and set(got["command"]) == {"quickstart"}
+    assert set(got["evaluator"]) == {"ensemble"}
 
 
 def test_check_plugin_registers_on_backbones():

@@ -65,6 +65,13 @@ def diffkit_commands():
 
 
 @hookimpl
+def diffkit_evaluators():
+    from .evaluate import PDEEvaluator
+
+    return {"pde": PDEEvaluator}
+
+
+@hookimpl
 def diffkit_quickstarts():
     from .quickstart import quickstart
 

@@ -23,7 +23,7 @@ from . import metrics
 from .adapter import GriddedAdapter, WeatherDataError
 from .decode import forecast_dataset, unstack
 from .store import check_grid
-from .cli import register_data, register_evaluate, register_forecast
+from .cli import WeatherEvaluator, register_data, register_forecast
 from . import evaluate, forecast  # the modules: forecast.forecast(...), evaluate.evaluate(...)
 from .evaluate import Evaluation
 from .forecast import Forecaster, InitialStates, initial_states, load_forecaster
@@ -56,7 +56,12 @@ def diffkit_metrics():
 
 @hookimpl
 def diffkit_commands():
-    return {"data weather": register_data, "forecast": register_forecast, "evaluate": register_evaluate}
+    return {"data weather": register_data, "forecast": register_forecast}
+
+
+@hookimpl
+def diffkit_evaluators():
+    return {"weather": WeatherEvaluator}
 
 
 @hookimpl

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from diffkit.cli import resolve_device
+from diffkit.evaluation import Evaluator
 
 SECONDS_PER_YEAR = 365 * 86400.0
 
@@ -215,25 +216,34 @@ def _forecast_command(args, inits: str) -> str:
     return shlex.join(words)
 
 
-def register_evaluate(parser: argparse.ArgumentParser) -> None:
-    """score an ensemble forecast against the truth (RMSE, CRPS, spread, spread/skill, rank histograms)"""
-    parser.add_argument("forecast", help="forecast netCDF written by `diffkit forecast`")
-    parser.add_argument("--truth", nargs="+", required=True, metavar="FILE",
-                        help="netCDF file(s) or glob(s) with the truth at every valid time of the forecast")
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output folder: scores.csv, scores.nc and the figures (*.png)")
-    parser.add_argument("--member", default=None, metavar="VALUE|all",
-                        help="on truth with a member dim (number, member, realization, ...): the truth member to "
-                             "score against, or 'all' to score against every member (each a separate case); a "
-                             "truth with several members and no choice is an error")
-    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random tie-breaking of rank histograms")
-    parser.add_argument("--time-units", default=None,
-                        help="time units for truth files without CF time units (default: those the forecast recorded)")
-    parser.set_defaults(func=run_evaluate)
+class WeatherEvaluator(Evaluator):
+    """Weather forecasts and analyses (dims member, init_time, lead_time, [level,] latitude, longitude):
+    latitude-weighted scores per lead time against truth files read at each valid time, with
+    persistence and climatology references."""
+
+    name = "weather"
+
+    @classmethod
+    def can_evaluate(cls, ds) -> bool:
+        return "init_time" in ds.dims and "lead_time" in ds.dims
+
+    @classmethod
+    def add_arguments(cls, group) -> None:
+        group.add_argument("--member", default=None, metavar="VALUE|all",
+                           help="on truth with a member dim (number, member, realization, ...): the truth member to "
+                                "score against, or 'all' to score against every member (each a separate case); a "
+                                "truth with several members and no choice is an error")
+        group.add_argument("--time-units", default=None,
+                           help="time units for truth files without CF time units (default: those the forecast "
+                                "recorded)")
+
+    @classmethod
+    def run(cls, args) -> int:
+        return run_evaluate(args)
 
 
 def run_evaluate(args) -> int:
+    """``diffkit evaluate`` of a weather forecast or analysis (:class:`WeatherEvaluator`)."""
     from .evaluate import evaluate, format_calibration, format_table
 
     truth = args.truth if len(args.truth) > 1 else args.truth[0]
