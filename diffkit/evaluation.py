@@ -92,10 +92,17 @@ def _match_index(name: str, fv: np.ndarray, tv: np.ndarray, what: str) -> np.nda
     value the truth lacks."""
     if fv.dtype.kind in "fiu" and tv.dtype.kind in "fiu":
         f, t = fv.astype(np.float64), tv.astype(np.float64)
-        scale = max(float(np.nanmax(np.abs(t))) if t.size else 0.0, 1.0)
-        d = np.abs(f[:, None] - t[None, :])
-        idx = d.argmin(1) if t.size else np.zeros(len(f), dtype=int)
-        ok = d[np.arange(len(f)), idx] <= 1e-6 * scale if t.size else np.zeros(len(f), bool)
+        if t.size:   # the nearest truth value of each forecast value, by binary search (n log n: any grid size)
+            scale = max(float(np.nanmax(np.abs(t))), 1.0)
+            order = np.argsort(t, kind="stable")
+            ts = t[order]
+            pos = np.clip(np.searchsorted(ts, f), 1, len(ts) - 1) if len(ts) > 1 else np.zeros(len(f), dtype=int)
+            left = pos - 1 if len(ts) > 1 else pos
+            near = np.where(np.abs(ts[left] - f) <= np.abs(ts[pos] - f), left, pos)
+            idx = order[near]
+            ok = np.abs(t[idx] - f) <= 1e-6 * scale
+        else:
+            idx, ok = np.zeros(len(f), dtype=int), np.zeros(len(f), dtype=bool)
     else:
         pos = {v: i for i, v in enumerate(tv.tolist())}
         idx = np.array([pos.get(v, -1) for v in fv.tolist()], dtype=int)
