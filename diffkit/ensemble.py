@@ -387,6 +387,8 @@ class Dispersion:
     reason: str
     by_ratio: bool = False
     """True where the mean spread/skill alone decided (outside ``band``): a spread scale fixes that."""
+    unit: str = "leads"
+    """What the ratios were taken over, as the report line names them (``"times"``, ``"images"``)."""
 
     @property
     def spread_scale(self) -> float:
@@ -400,7 +402,7 @@ class Dispersion:
         if not self.leads:
             return f"{self.verdict}: {self.reason}"
         ss = f"spread/skill {self.spread_skill:.2f}"
-        ss += f" (mean of {self.leads} leads, {self.lo:.2f}..{self.hi:.2f})" if self.leads > 1 else ""
+        ss += f" (mean of {self.leads} {self.unit}, {self.lo:.2f}..{self.hi:.2f})" if self.leads > 1 else ""
         rk = "" if self.extremes is None else f", extreme rank bins {self.extremes:.2f}x uniform"
         fix = ""
         if self.by_ratio and math.isfinite(self.spread_scale):
@@ -436,7 +438,7 @@ def format_rank_bins(counts, max_bins: int = 12) -> str:
 
 
 def dispersion_verdict(spread_skill, rank_counts=None, *, band=DISPERSION_BAND,
-                       rank_band=RANK_EXTREMES_BAND) -> Dispersion:
+                       rank_band=RANK_EXTREMES_BAND, unit: str = "leads") -> Dispersion:
     """Under-, well- or over-dispersive: the one verdict rule of ``diffkit evaluate``, ``diffkit rollout``
     and the quickstart.
 
@@ -457,8 +459,17 @@ def dispersion_verdict(spread_skill, rank_counts=None, *, band=DISPERSION_BAND,
     Spread/skill decides first because it is the calibration measure of record (WeatherBench 2);
     the histogram catches an ensemble whose average ratio is fine but whose tails are wrong.  A
     biased ensemble also fills one extreme bin; that counts as under-dispersion here (its spread
-    does not cover its error).  Returns a :class:`Dispersion`; ``str()`` of it is the report line.
+    does not cover its error).  Returns a :class:`Dispersion`; ``str()`` of it is the report line,
+    which calls the ratios' index ``unit`` ("leads"; ``diffkit evaluate``'s generic evaluator names
+    its cases: "times", "images").
     """
+    import dataclasses
+
+    return dataclasses.replace(_dispersion_verdict(spread_skill, rank_counts, band=band, rank_band=rank_band),
+                               unit=str(unit))
+
+
+def _dispersion_verdict(spread_skill, rank_counts, *, band, rank_band) -> Dispersion:
     lo_b, hi_b = (float(b) for b in band)
     lo_r, hi_r = (float(b) for b in rank_band)
     if not 0 < lo_b <= hi_b or not 0 <= lo_r <= 1 <= hi_r:

@@ -235,7 +235,7 @@ def score_ensemble(forecast, truth, *, case_dim: str | None = None, variables=No
             rh = E.rank_histogram(fx, tx, member_dim=0, mask=mask, dims=sp, generator=g).numpy()
             ranks.append(rh.astype(np.int32))
             ss = per.get("ensemble_spread_skill_ratio", [None])[-1]
-            d = E.dispersion_verdict(ss if ss is not None else np.full(tx.shape[0], np.nan), rh)
+            d = E.dispersion_verdict(ss if ss is not None else np.full(tx.shape[0], np.nan), rh, unit=f"{case}s")
             attrs[f"dispersion_{v}"] = d.verdict
             attrs[f"calibration_{v}"] = str(d)
             attrs[f"spread_scale_{v}"] = float(d.spread_scale)

@@ -40,7 +40,9 @@ def test_pde_evaluator_scores_the_trajectory_the_rollout_started_from(tmp_path, 
         for name in E.registered():
             np.testing.assert_allclose(s[name].values[0], ds[name].values, rtol=1e-6, err_msg=name)
         np.testing.assert_array_equal(s["rank_histogram"].values[0].sum(-1), np.full(K, 16))
-        assert s.attrs["calibration_u"].split(";")[0] == ds.attrs["calibration_u"].split(";")[0]
+        assert s.attrs["dispersion_u"] == ds.attrs["dispersion_u"]
+        assert s.attrs["calibration_u"].split(";")[0] == ds.attrs["calibration_u"].split(";")[0].replace("leads",
+                                                                                                         "times")
     # another trajectory by --select: the scores against it
     assert main(["evaluate", str(tmp_path / "rollout.nc"), "--truth", str(path), "--out", str(tmp_path / "s2"),
                  "--no-plots", "--select", "trajectory=0"]) != 0          # trajectory 0's times are not 5.3..5.9
