@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -463,10 +463,7 @@ def dispersion_verdict(spread_skill, rank_counts=None, *, band=DISPERSION_BAND,
     which calls the ratios' index ``unit`` ("leads"; ``diffkit evaluate``'s generic evaluator names
     its cases: "times", "images").
     """
-    import dataclasses
-
-    return dataclasses.replace(_dispersion_verdict(spread_skill, rank_counts, band=band, rank_band=rank_band),
-                               unit=str(unit))
+    return replace(_dispersion_verdict(spread_skill, rank_counts, band=band, rank_band=rank_band), unit=str(unit))
 
 
 def _dispersion_verdict(spread_skill, rank_counts, *, band, rank_band) -> Dispersion:

@@ -30,7 +30,7 @@ from .errors import DiffkitError
 from .hookspecs import hookimpl
 
 __all__ = ["Evaluator", "EnsembleEvaluator", "EvaluationError", "member_dim_of", "match_truth", "score_ensemble",
-           "write_scores", "format_scores", "evaluators", "register", "run_command"]
+           "select_index", "select_truth", "write_scores", "format_scores", "evaluators", "register", "run_command"]
 
 #: the dim names :func:`member_dim_of` takes for the members, besides a coordinate of standard_name realization
 MEMBER_DIMS = ("member", "realization", "number", "ensemble")
@@ -371,36 +371,40 @@ def _parse_select(items) -> dict[str, str]:
     return sel
 
 
+def select_index(truth, dim: str, val: str) -> int:
+    """The position along ``dim`` of ``--select dim=val``: by coordinate value where the dim has a
+    coordinate (numbers to a relative 1e-6, else the text), as an index otherwise; one-line errors."""
+    if dim not in truth.dims:
+        raise EvaluationError(f"--select {dim}={val}: the truth has no dim {dim!r} (its dims: "
+                              f"{', '.join(map(str, truth.dims))})")
+    if dim in truth.coords:
+        tv = np.asarray(truth[dim].values)
+        try:
+            fv = np.asarray([float(val)]) if tv.dtype.kind in "fiu" else np.asarray([val], dtype=tv.dtype)
+        except ValueError:
+            raise EvaluationError(f"--select {dim}={val}: {val!r} is not a value of {dim!r} "
+                                  f"({_fmt(tv.min())}..{_fmt(tv.max())})") from None
+        try:
+            return int(_match_index(dim, fv, tv, "--select")[0])
+        except EvaluationError:
+            rng = f"{_fmt(tv.min())}..{_fmt(tv.max())}" if tv.dtype.kind in "fiuM" else ", ".join(map(str, tv[:8]))
+            raise EvaluationError(f"--select {dim}={val}: the truth's {dim!r} has no value {val} (it holds "
+                                  f"{rng})") from None
+    try:
+        i = int(val)
+    except ValueError:
+        raise EvaluationError(f"--select {dim}={val}: {dim!r} has no coordinate, so give an index "
+                              f"0..{truth.sizes[dim] - 1}") from None
+    if not 0 <= i < truth.sizes[dim]:
+        raise EvaluationError(f"--select {dim}={val}: {dim!r} has no coordinate, so {val} is an index, and "
+                              f"it is out of range 0..{truth.sizes[dim] - 1}")
+    return i
+
+
 def select_truth(truth, select: dict[str, str]):
-    """``truth`` at ``select`` (``{dim: value}``): by coordinate value where the dim has a coordinate
-    (numbers to a relative 1e-6, else the text), by index otherwise; the dim is dropped."""
+    """``truth`` at ``select`` (``{dim: value}``, each as :func:`select_index` reads it); the dims are dropped."""
     for dim, val in select.items():
-        if dim not in truth.dims:
-            raise EvaluationError(f"--select {dim}={val}: the truth has no dim {dim!r} (its dims: "
-                                  f"{', '.join(map(str, truth.dims))})")
-        if dim in truth.coords:
-            tv = np.asarray(truth[dim].values)
-            try:
-                fv = np.asarray([float(val)]) if tv.dtype.kind in "fiu" else np.asarray([val], dtype=tv.dtype)
-            except ValueError:
-                raise EvaluationError(f"--select {dim}={val}: {val!r} is not a value of {dim!r} "
-                                      f"({_fmt(tv.min())}..{_fmt(tv.max())})") from None
-            try:
-                i = int(_match_index(dim, fv, tv, "--select")[0])
-            except EvaluationError:
-                rng = f"{_fmt(tv.min())}..{_fmt(tv.max())}" if tv.dtype.kind in "fiuM" else ", ".join(map(str, tv[:8]))
-                raise EvaluationError(f"--select {dim}={val}: the truth's {dim!r} has no value {val} (it holds "
-                                      f"{rng})") from None
-        else:
-            try:
-                i = int(val)
-            except ValueError:
-                raise EvaluationError(f"--select {dim}={val}: {dim!r} has no coordinate, so give an index "
-                                      f"0..{truth.sizes[dim] - 1}") from None
-            if not 0 <= i < truth.sizes[dim]:
-                raise EvaluationError(f"--select {dim}={val}: {dim!r} has no coordinate, so {val} is an index, and "
-                                      f"it is out of range 0..{truth.sizes[dim] - 1}")
-        truth = truth.isel({dim: i}, drop=True)
+        truth = truth.isel({dim: select_index(truth, dim, val)}, drop=True)
     return truth
 
 
@@ -573,7 +577,7 @@ def choose(path, name: str | None = None):
     with open_netcdf(path, "forecast") as ds:
         claims = [c for c in comps if _claims(c, ds)]
         dims = ", ".join(f"{d} ({n})" for d, n in ds.sizes.items())
-    plugin = [c for c in claims if c.name != EnsembleEvaluator.name or c.obj is not EnsembleEvaluator]
+    plugin = [c for c in claims if c.obj is not EnsembleEvaluator]
     if len(plugin) > 1:
         raise EvaluationError(f"{path} can be scored by the {' and the '.join(c.name for c in plugin)} evaluators: "
                               f"choose one with --evaluator NAME")

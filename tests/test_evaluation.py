@@ -159,20 +159,26 @@ def test_cli_refuses_a_file_without_members(tmp_path, capsys):
     assert "no evaluator scores" in err and "needs a member dim" in err
 
 
-def test_two_plugin_evaluators_claiming_a_file_is_an_error(tmp_path, capsys):
+def _register(name, evaluator):
+    """Register ``evaluator`` by hand as the evaluator ``name`` of a plugin ``NAME_plugin`` (clean_registry
+    undoes it)."""
     from diffkit import hookimpl, registry
 
+    class Plugin:
+        @hookimpl
+        def diffkit_evaluators(self):
+            return {name: evaluator}
+
+    registry.register_plugin(Plugin(), f"{name}_plugin")
+
+
+def test_two_plugin_evaluators_claiming_a_file_is_an_error(tmp_path, capsys):
     class Greedy(EnsembleEvaluator):
         """Claims every file with members (a test plugin)."""
 
         name = "greedy"
 
-    class Plugin:
-        @hookimpl
-        def diffkit_evaluators(self):
-            return {"greedy": Greedy}
-
-    registry.register_plugin(Plugin(), "greedy_plugin")
+    _register("greedy", Greedy)
     fc, tr = _ensemble(T=3, shape=(6,))
     f, t = _write(tmp_path, fc, tr, {"source": "diffkit rollout", "init_index": 0})
     assert main(["evaluate", str(f), "--truth", str(t), "--out", str(tmp_path / "s")]) != 0
@@ -184,8 +190,6 @@ def test_two_plugin_evaluators_claiming_a_file_is_an_error(tmp_path, capsys):
 
 
 def test_a_broken_evaluator_is_a_warning_naming_its_plugin(tmp_path, capsys):
-    from diffkit import hookimpl, registry
-
     class Broken(Evaluator):
         """Fails to look at any file (a test plugin)."""
 
@@ -195,12 +199,7 @@ def test_a_broken_evaluator_is_a_warning_naming_its_plugin(tmp_path, capsys):
         def can_evaluate(cls, ds):
             raise RuntimeError("frobnicate")
 
-    class Plugin:
-        @hookimpl
-        def diffkit_evaluators(self):
-            return {"broken": Broken}
-
-    registry.register_plugin(Plugin(), "broken_plugin")
+    _register("broken", Broken)
     fc, tr = _ensemble(T=3, shape=(6,))
     f, t = _write(tmp_path, fc, tr)
     assert main(["evaluate", str(f), "--truth", str(t), "--out", str(tmp_path / "s"), "--no-plots"]) == 0

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from diffkit.evaluation import EnsembleEvaluator, EvaluationError, select_truth
+from diffkit.evaluation import EnsembleEvaluator, EvaluationError, select_index, select_truth
 
 __all__ = ["PDEEvaluator"]
 
@@ -33,8 +33,7 @@ class PDEEvaluator(EnsembleEvaluator):
         if "trajectory" in truth.dims:
             n = truth.sizes["trajectory"]
             if "trajectory" in sel:          # the user's choice, by value as --select reads it: its position
-                probe = truth.assign(_index=("trajectory", np.arange(n)))[["_index"]]
-                i = int(select_truth(probe, {"trajectory": sel.pop("trajectory")})["_index"])
+                i = select_index(truth, "trajectory", sel.pop("trajectory"))
             elif "init_index" in forecast.attrs:
                 i = int(forecast.attrs["init_index"])
                 if not 0 <= i < n:
